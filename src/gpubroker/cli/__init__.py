@@ -1,0 +1,1 @@
+"""gpubroker's command line: thin Typer commands over the library."""

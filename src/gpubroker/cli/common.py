@@ -1,0 +1,70 @@
+"""Options and helpers shared by the commands. Imports stay light: completion runs through here."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from ..errors import GPUBrokerError, UsageError
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Config file (default: $GPUBROKER_CONFIG, ./gpubroker.yaml, ./onegpu4all.yaml, "
+        "~/.config/gpubroker/gpubroker.yaml, then the OLLAMA_UPSTREAM/COMFYUI_UPSTREAM env vars).",
+        dir_okay=False,
+    ),
+]
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="Status URL of a running broker (default: $GPUBROKER_URL, else the config's "
+        "statusPort on 127.0.0.1).",
+        envvar="GPUBROKER_URL",
+        show_envvar=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary line.")]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="Admin token for the broker (default: $GPUBROKER_TOKEN, else the config's "
+        "adminToken).",
+        envvar="GPUBROKER_TOKEN",
+        show_envvar=False,
+    ),
+]
+
+
+def not_yet(what: str, issue: str) -> NoReturn:
+    """For commands whose machinery lands later: one honest line, exit code 2."""
+    raise UsageError(f"{what} is not available in this version yet ({issue}).")
+
+
+def fail(error: GPUBrokerError) -> NoReturn:
+    typer.echo(f"gpubroker: error: {error}", err=True)
+    raise typer.Exit(error.exit_code)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(fn: F) -> F:
+    """Turn a known error inside a command into one line on stderr and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GPUBrokerError as exc:
+            fail(exc)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,157 @@
+"""The ``gpubroker`` command tree. Commands are thin: they parse, call the library, print.
+
+Heavy imports (httpx, NVML, the broker) happen inside the commands, so ``--help`` and shell
+completion stay fast and never touch a GPU or load plugins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import GPUBrokerError
+from . import admin, serve, workers
+from .common import ConfigOption, fail, friendly
+
+app = typer.Typer(
+    name="gpubroker",
+    help="One GPU, many inference services, no OOMs: a VRAM-scheduling proxy for Ollama, "
+    "ComfyUI, vLLM, llama.cpp and friends.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"gpubroker {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_version,
+                     is_eager=True),
+    ] = False,
+) -> None:  # fmt: skip
+    """One GPU, many inference services, no OOMs."""
+
+
+@app.command()
+@friendly
+def init(
+    path: Annotated[
+        Path, typer.Option("--path", "-o", help="Where to write the config.", dir_okay=False)
+    ] = Path("gpubroker.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    no_detect: Annotated[
+        bool, typer.Option("--no-detect", help="Skip probing GPUs and local services.")
+    ] = False,
+) -> None:
+    """Write a commented gpubroker.yaml, pre-filled with the GPUs and services found here."""
+    import anyio
+
+    from ..config import load_config_file
+    from ..detect import find_gpus, find_services
+    from ..initfile import build_document, render
+
+    if path.exists() and not force:
+        typer.echo(f"gpubroker: {path} already exists; use --force to overwrite it.", err=True)
+        raise typer.Exit(2)
+
+    async def detect() -> tuple:
+        if no_detect:
+            return [], (), "detection skipped"
+        typer.echo("Looking for GPUs and for services on their usual ports…", err=True)
+        services = await find_services()
+        gpus, notice = await find_gpus()
+        return services, gpus, notice
+
+    services, gpus, notice = anyio.run(detect)
+    for gpu in gpus:
+        typer.echo(f"  GPU {gpu.index}: {gpu.name} ({gpu.uuid})", err=True)
+    if notice and not no_detect:
+        typer.echo(f"  GPUs: {notice}; writing `gpus: auto`.", err=True)
+    for service in services:
+        typer.echo(f"  {service.kind} at {service.upstream} ({service.evidence})", err=True)
+    if not services and not no_detect:
+        typer.echo("  no services answered; writing Ollama and ComfyUI defaults.", err=True)
+    text = render(build_document(services, gpus, notice))
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        typer.echo(f"gpubroker: cannot write {path}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+    load_config_file(path)  # what we write must load: fail loudly here, not at `serve`
+    typer.echo(f"Wrote {path}. Next: gpubroker serve --config {path}")
+
+
+@app.command("plugins")
+@friendly
+def plugins_(
+    config: ConfigOption = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List every unload strategy, classifier and telemetry source, and who provides it."""
+    import json as jsonlib
+
+    from ..config import resolve_config
+    from ..errors import ConfigError
+    from ..plugins import create_plugins
+
+    disabled: tuple[str, ...] = ()
+    if config is not None:
+        disabled = resolve_config(config).disable_plugins
+    else:
+        with contextlib.suppress(ConfigError):  # no config is fine: list what is installed
+            disabled = resolve_config(None).disable_plugins
+    plugins = create_plugins(disabled)
+    kinds = {
+        "strategies": plugins.strategies,
+        "classifiers": plugins.classifiers,
+        "telemetry": plugins.telemetry,
+    }
+    if json_:
+        out = {
+            kind: [
+                {"name": p.name, "plugin": p.plugin, "package": p.package, "version": p.version,
+                 "description": p.description}
+                for p in found.values()
+            ]
+            for kind, found in kinds.items()
+        }  # fmt: skip
+        out["disabled"] = list(plugins.disabled)
+        typer.echo(jsonlib.dumps(out, indent=2))
+        return
+    for kind, found in kinds.items():
+        typer.echo(f"{kind}:")
+        for p in found.values():
+            typer.echo(f"  {p.name:<10} {p.package} {p.version:<12} {p.description}")
+    if plugins.disabled:
+        typer.echo(f"disabled: {', '.join(plugins.disabled)}")
+
+
+for command in (serve.serve, serve.demo, admin.status, admin.unload, admin.swap):
+    app.command()(friendly(command))
+app.add_typer(workers.app)
+
+
+def main() -> None:
+    """Console entry point: known errors become one line and an exit code, never a traceback."""
+    try:
+        app(standalone_mode=True)
+    except GPUBrokerError as exc:
+        fail(exc)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Builtin unload strategies, registered through the same hook a plugin uses.
+
+Each follows the service's own API as documented in shared/BACKENDS.md. The broker bounds every
+call with ``unloadTimeout``, so the confirmation polls below simply poll until done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import httpx
+
+from ..hookspecs import hookimpl
+from .base import Strategy
+
+POLL_INTERVAL = 0.05  # seconds between confirmation polls: short, since a swap waits on them
+
+
+class StrategyFailed(Exception):
+    """A strategy could not do what it was asked; the message says what the service answered."""
+
+
+async def _json(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> Any:
+    response = await client.request(method, url, **kwargs)
+    if response.status_code >= 400:
+        raise StrategyFailed(
+            f"{method} {url} answered {response.status_code}: {response.text[:200]}"
+        )
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise StrategyFailed(f"{method} {url} answered non-JSON: {response.text[:200]}") from None
+
+
+class OllamaStrategy(Strategy):
+    """Unload every model in ``/api/ps`` with ``keep_alive: 0``, then wait until ps is empty.
+
+    Ollama replies to ``keep_alive: 0`` at once but unloads only after its running requests end,
+    so the reply proves nothing: ``/api/ps`` is the confirmation.
+    """
+
+    name = "ollama"
+    description = "Ollama: keep_alive 0 for each loaded model, confirmed through /api/ps"
+
+    async def _loaded(self) -> list[str]:
+        data = await _json(self.client, "GET", "/api/ps")
+        return [m.get("name") or m.get("model") for m in (data or {}).get("models", [])]
+
+    async def unload(self) -> None:
+        models = await self._loaded()
+        for model in models:
+            await _json(
+                self.client, "POST", "/api/generate", json={"model": model, "keep_alive": 0}
+            )
+        while await self._loaded():
+            await anyio.sleep(POLL_INTERVAL)
+
+    async def resident(self) -> bool | None:
+        return bool(await self._loaded())
+
+
+class ComfyUIStrategy(Strategy):
+    """``POST /free`` (unload models, free memory); ``busy()`` reads ``/queue``.
+
+    ComfyUI's ``/prompt`` returns before the job runs, so the broker holds the GPU for ComfyUI
+    until ``/queue`` is empty. ``/free`` is applied by ComfyUI's worker only once it is idle, so
+    we confirm through ``/system_stats`` that torch's reserved VRAM went down.
+    """
+
+    name = "comfyui"
+    description = "ComfyUI: POST /free, busy while /queue has work, confirmed by /system_stats"
+
+    async def _reserved(self) -> int | None:
+        stats = await _json(self.client, "GET", "/system_stats")
+        devices = (stats or {}).get("devices") or []
+        if not devices or "torch_vram_total" not in devices[0]:
+            return None
+        return int(devices[0]["torch_vram_total"])
+
+    async def unload(self) -> None:
+        before = await self._reserved()
+        await _json(self.client, "POST", "/free", json={"unload_models": True, "free_memory": True})
+        if not before:
+            return
+        goal = before // 4
+        while True:
+            now = await self._reserved()
+            if now is None or now <= goal:
+                return
+            await anyio.sleep(POLL_INTERVAL)
+
+    async def busy(self) -> bool:
+        queue = await _json(self.client, "GET", "/queue") or {}
+        return bool(queue.get("queue_running") or queue.get("queue_pending"))
+
+    async def resident(self) -> bool | None:
+        reserved = await self._reserved()
+        return None if reserved is None else reserved > 0
+
+
+class VLLMStrategy(Strategy):
+    """Sleep (level 1 by default, ``sleepLevel: 2`` to drop weights too) and wake before use.
+
+    vLLM must never sleep with requests in flight (the broker drains first) and must be awake
+    before anything is forwarded: ``load()`` wakes it, level 2 in the order weights →
+    ``reload_weights`` → kv_cache, since a plain wake after level 2 serves garbage.
+    """
+
+    name = "vllm"
+    description = "vLLM: POST /sleep?level=N, wake with /wake_up (dev mode + --enable-sleep-mode)"
+
+    async def _sleeping(self) -> bool:
+        response = await self.client.get("/is_sleeping")
+        if response.status_code == 404:
+            raise StrategyFailed(
+                "vLLM has no sleep endpoints: start it with VLLM_SERVER_DEV_MODE=1 and "
+                "--enable-sleep-mode"
+            )
+        if response.status_code >= 400:
+            raise StrategyFailed(f"GET /is_sleeping answered {response.status_code}")
+        return bool(response.json().get("is_sleeping"))
+
+    async def unload(self) -> None:
+        await _json(self.client, "POST", "/sleep", params={"level": self.backend.sleep_level})
+        while not await self._sleeping():
+            await anyio.sleep(POLL_INTERVAL)
+
+    async def load(self) -> None:
+        if not await self._sleeping():
+            return
+        if self.backend.sleep_level == 2:
+            await _json(self.client, "POST", "/wake_up", params={"tags": "weights"})
+            await _json(self.client, "POST", "/collective_rpc", json={"method": "reload_weights"})
+            await _json(self.client, "POST", "/wake_up", params={"tags": "kv_cache"})
+        else:
+            await _json(self.client, "POST", "/wake_up")
+        while await self._sleeping():
+            await anyio.sleep(POLL_INTERVAL)
+
+    async def resident(self) -> bool | None:
+        try:
+            return not await self._sleeping()
+        except StrategyFailed:
+            return None
+
+
+class GenericStrategy(Strategy):
+    """``POST unloadEndpoint`` to free, ``POST loadEndpoint`` to preload; no-op when unset."""
+
+    name = "generic"
+    description = "Any service: POST unloadEndpoint / loadEndpoint when configured"
+
+    async def unload(self) -> None:
+        if self.backend.unload_endpoint:
+            await _json(self.client, "POST", self.backend.unload_endpoint)
+
+    async def load(self) -> None:
+        if self.backend.load_endpoint:
+            await _json(self.client, "POST", self.backend.load_endpoint)
+
+
+BUILTIN_STRATEGIES: tuple[type[Strategy], ...] = (
+    OllamaStrategy,
+    ComfyUIStrategy,
+    VLLMStrategy,
+    GenericStrategy,
+)
+
+
+@hookimpl
+def register_strategies(register: Callable[[type[Strategy]], None]) -> None:
+    for cls in BUILTIN_STRATEGIES:
+        register(cls)

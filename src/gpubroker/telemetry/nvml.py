@@ -1,0 +1,161 @@
+"""NVML telemetry through nvidia-ml-py. Every NVML call here is blocking: run it in a thread.
+
+Fields the driver will not give come back as ``None`` (never invented). A machine without a
+driver is not an error: ``available()`` says why in one line and the broker uses declared sizes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio.to_thread
+import pynvml
+
+from ..hookspecs import hookimpl
+from .base import GpuProcess, GpuSample, TelemetrySnapshot, TelemetrySource
+
+T = TypeVar("T")
+
+_NO_DRIVER = (
+    pynvml.NVMLError_LibraryNotFound,
+    pynvml.NVMLError_DriverNotLoaded,
+    pynvml.NVMLError_NoPermission,
+    pynvml.NVMLError_LibRmVersionMismatch,
+)
+
+
+def _maybe(fn: Callable[[], T]) -> T | None:
+    """One NVML read, or None when this GPU or driver cannot answer it."""
+    try:
+        return fn()
+    except pynvml.NVMLError:
+        return None
+
+
+def no_driver_reason(exc: pynvml.NVMLError) -> str:
+    if isinstance(exc, pynvml.NVMLError_LibraryNotFound):
+        return "no NVIDIA driver found (libnvidia-ml.so.1 is missing)"
+    if isinstance(exc, pynvml.NVMLError_DriverNotLoaded):
+        return "the NVIDIA driver is not loaded"
+    if isinstance(exc, pynvml.NVMLError_NoPermission):
+        return "no permission to read the NVIDIA driver"
+    return f"NVML is unusable: {exc}"
+
+
+def _processes(handle: Any) -> tuple[GpuProcess, ...]:
+    procs = _maybe(lambda: pynvml.nvmlDeviceGetComputeRunningProcesses(handle)) or []
+    return tuple(
+        GpuProcess(
+            pid=int(p.pid), used_memory=None if p.usedGpuMemory is None else int(p.usedGpuMemory)
+        )
+        for p in procs
+    )
+
+
+def read_gpus() -> tuple[GpuSample, ...]:
+    """Read every GPU once. Blocking; the caller must have called ``nvmlInit``."""
+    samples = []
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        mem = _maybe(lambda h=h: pynvml.nvmlDeviceGetMemoryInfo(h))
+        util = _maybe(lambda h=h: pynvml.nvmlDeviceGetUtilizationRates(h))
+        power = _maybe(lambda h=h: pynvml.nvmlDeviceGetPowerUsage(h))
+        limit = _maybe(lambda h=h: pynvml.nvmlDeviceGetEnforcedPowerLimit(h))
+        samples.append(
+            GpuSample(
+                uuid=str(pynvml.nvmlDeviceGetUUID(h)),
+                index=index,
+                name=str(pynvml.nvmlDeviceGetName(h)),
+                memory_total=None if mem is None else int(mem.total),
+                memory_used=None if mem is None else int(mem.used),
+                memory_free=None if mem is None else int(mem.free),
+                utilization=None if util is None else float(util.gpu),
+                power_draw=None if power is None else power / 1000.0,
+                power_limit=None if limit is None else limit / 1000.0,
+                temperature=_maybe(
+                    lambda h=h: float(
+                        pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)
+                    )
+                ),
+                fan=_maybe(lambda h=h: float(pynvml.nvmlDeviceGetFanSpeed(h))),
+                sm_clock=_maybe(
+                    lambda h=h: int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM))
+                ),
+                mem_clock=_maybe(
+                    lambda h=h: int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM))
+                ),
+                processes=_processes(h),
+            )
+        )
+    return tuple(samples)
+
+
+def probe_gpus() -> tuple[tuple[GpuSample, ...], str | None]:
+    """Init, read, shut down: for one-off callers such as ``gpubroker init``. Blocking."""
+    try:
+        pynvml.nvmlInit()
+    except _NO_DRIVER as exc:
+        return (), no_driver_reason(exc)
+    except pynvml.NVMLError as exc:
+        return (), f"NVML failed to start: {exc}"
+    try:
+        return read_gpus(), None
+    except pynvml.NVMLError as exc:
+        return (), f"NVML failed to read the GPUs: {exc}"
+    finally:
+        _maybe(pynvml.nvmlShutdown)
+
+
+class NvmlTelemetry(TelemetrySource):
+    """Reads NVIDIA GPUs through NVML; initialised once, shut down by ``close()``."""
+
+    name = "nvml"
+    description = "NVIDIA GPUs through NVML (nvidia-ml-py)"
+
+    _initialised = False
+    _reason: str | None = None
+
+    async def available(self) -> str | None:
+        if not self._initialised and self._reason is None:
+            self._reason = await anyio.to_thread.run_sync(self._init)
+        return self._reason
+
+    def _init(self) -> str | None:
+        try:
+            pynvml.nvmlInit()
+        except _NO_DRIVER as exc:
+            return no_driver_reason(exc)
+        except pynvml.NVMLError as exc:
+            return f"NVML failed to start: {exc}"
+        self._initialised = True
+        return None
+
+    async def sample(self) -> TelemetrySnapshot:
+        reason = await self.available()
+        if reason:
+            return TelemetrySnapshot(taken_at=time.time(), notice=reason)
+        gpus = await anyio.to_thread.run_sync(read_gpus)
+        return TelemetrySnapshot(taken_at=time.time(), gpus=gpus)
+
+    async def close(self) -> None:
+        if self._initialised:
+            self._initialised = False
+            await anyio.to_thread.run_sync(lambda: _maybe(pynvml.nvmlShutdown))
+
+
+class NoTelemetry(TelemetrySource):
+    """For machines with nothing to read: the broker runs on declared sizes."""
+
+    name = "none"
+    description = "No telemetry: declared VRAM sizes only"
+
+    async def sample(self) -> TelemetrySnapshot:
+        return TelemetrySnapshot(taken_at=time.time(), notice="telemetry is off")
+
+
+@hookimpl
+def register_telemetry_sources(register: Callable[[type[TelemetrySource]], None]) -> None:
+    register(NvmlTelemetry)
+    register(NoTelemetry)
