@@ -85,6 +85,7 @@ class Config:
     queue_timeout: float = 120.0
     unload_timeout: float = 10.0
     hold_time: float = 10.0
+    upstream_timeout: float = 600.0
     shutdown_grace: float = 30.0
     gpus: tuple[GpuSpec, ...] | Literal["auto"] = "auto"
     admin_token: str | None = None
@@ -182,11 +183,14 @@ def _path(value: object) -> str:
     raise ValueError("a URL path starting with /")
 
 
-def _choice(*options: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
-        if value in options:
-            return str(value)
-        raise ValueError("one of " + ", ".join(options))
+def _choice(*options: Any) -> Callable[[object], Any]:
+    """Accept exactly one of ``options`` (same type too: ``true`` is not ``1``)."""
+
+    def parse(value: object) -> Any:
+        for option in options:
+            if type(value) is type(option) and value == option:
+                return option
+        raise ValueError("one of " + ", ".join(str(o) for o in options))
 
     return parse
 
@@ -255,7 +259,7 @@ _BACKEND: dict[str, _Field] = {
     "pinned": _Field("pinned", _bool),
     "gpu": _Field("gpu", _gpu_list),
     "gpuPaths": _Field("gpu_paths", _gpu_paths),
-    "sleepLevel": _Field("sleep_level", _choice(1, 2)),  # type: ignore[arg-type]
+    "sleepLevel": _Field("sleep_level", _choice(1, 2)),
     "maxConcurrency": _Field("max_concurrency", _positive_int),
     "healthPath": _Field("health_path", _path),
     "command": _Field("command", _str_list),
@@ -276,6 +280,7 @@ _TOP: dict[str, _Field] = {
     "queueTimeout": _Field("queue_timeout", parse_duration),
     "unloadTimeout": _Field("unload_timeout", parse_duration),
     "holdTime": _Field("hold_time", parse_duration),
+    "upstreamTimeout": _Field("upstream_timeout", parse_duration),
     "shutdownGrace": _Field("shutdown_grace", parse_duration),
     "gpus": _Field("gpus", lambda v: v),  # parsed by _parse_gpus, which needs locations
     "adminToken": _Field("admin_token", _str),
@@ -449,6 +454,7 @@ def config_from_env(env: Mapping[str, str]) -> Config | None:
         ("comfyui", "COMFYUI_UPSTREAM", "BROKER_COMFYUI_PORT", 5002),
     ]
     backends = []
+    port_vars = []
     for name, url_var, port_var, default_port in wanted:
         url = env.get(url_var)
         if not url:
@@ -458,15 +464,27 @@ def config_from_env(env: Mapping[str, str]) -> Config | None:
         except ValueError as exc:
             raise ConfigError(f"expected {exc}, found {url!r}", source=f"${url_var}") from None
         port = _env_port(env, port_var, default_port)
-        backends.append(BackendConfig(name=name, proxy_port=port, upstream=upstream,
-                                      unload_strategy=name))  # fmt: skip
+        port_vars.append(port_var)
+        backends.append(
+            BackendConfig(name=name, proxy_port=port, upstream=upstream, unload_strategy=name)
+        )
     if not backends:
         return None
     status_port = _env_port(env, "BROKER_STATUS_PORT", DEFAULT_STATUS_PORT)
+    taken = {status_port: "BROKER_STATUS_PORT"}
+    for backend, port_var in zip(backends, port_vars, strict=True):
+        other = taken.setdefault(backend.proxy_port, port_var)
+        if other != port_var:
+            raise ConfigError(
+                f"port {backend.proxy_port} is already ${other}; give {backend.name} another port",
+                source=f"${port_var}",
+            )
     data = {"statusPort": status_port}
     cfg = parse_config(data, source="environment")
-    return Config(**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "backends"},
-                  backends=tuple(backends))  # fmt: skip
+    return Config(
+        **{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "backends"},
+        backends=tuple(backends),
+    )
 
 
 def default_config_paths(env: Mapping[str, str]) -> list[Path]:

@@ -1,0 +1,329 @@
+"""The broker: carries out the scheduler's effects and hands out leases to the proxy.
+
+The scheduler decides synchronously; this module does the I/O it asks for (idle checks, unloads,
+loads), each in its own task and each bounded in time, and feeds the outcomes back. Everything
+runs on one event loop and every scheduler call is synchronous, so the scheduler's state has one
+writer at a time without a lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .config import Config
+from .scheduler import (
+    Admit,
+    CancelSwap,
+    Effect,
+    Load,
+    Note,
+    Refuse,
+    Scheduler,
+    SwapDone,
+    SwapInfo,
+    Unload,
+    WaitIdle,
+)
+from .strategies.base import Strategy
+
+log = logging.getLogger("gpubroker.broker")
+
+IDLE_POLL = 0.1  # seconds between busy() polls while a victim drains
+HISTORY = 50  # swaps kept for the status page
+
+
+class Refused(Exception):
+    """The scheduler refused a lease; the proxy turns this into a JSON error response."""
+
+    def __init__(self, refusal: Refuse) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+
+@dataclass(slots=True)
+class Grant:
+    """An admitted lease, as the proxy sees it."""
+
+    lease: int
+    backend: str
+    queued_s: float
+    swap: SwapInfo | None
+
+
+@dataclass(slots=True)
+class _Pending:
+    backend: str
+    since: float
+    event: anyio.Event = field(default_factory=anyio.Event)
+    admit: Admit | None = None
+    refuse: Refuse | None = None
+
+
+@dataclass(slots=True)
+class LiveRequest:
+    lease: int
+    backend: str
+    path: str
+    since: float
+    admitted_at: float | None = None
+
+
+@dataclass(slots=True)
+class EvictJob:
+    done: anyio.Event = field(default_factory=anyio.Event)
+    info: SwapInfo | None = None
+
+
+class Broker:
+    """Owns the scheduler and the strategies; one per ``gpubroker serve``."""
+
+    def __init__(
+        self,
+        config: Config,
+        strategies: Mapping[str, Strategy],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.strategies = dict(strategies)
+        self.clock = clock
+        self.sched = Scheduler(
+            [(b.name, b.max_concurrency) for b in config.backends],
+            queue_timeout=config.queue_timeout,
+            hold_time=config.hold_time,
+        )
+        self.started_at = time.time()
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.live: dict[int, LiveRequest] = {}
+        self.counters: dict[str, dict[str, int]] = {
+            b.name: {"gpu": 0, "passthrough": 0, "refused": 0, "upstream_errors": 0}
+            for b in config.backends
+        }
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._pending: dict[int, _Pending] = {}
+        self._evictions: dict[int, EvictJob] = {}
+        self._idle_scopes: dict[int, list[anyio.CancelScope]] = {}
+        self._ids = itertools.count(1)
+        self._tg: TaskGroup | None = None
+        self._wake = anyio.Event()
+        self.ready = anyio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Reconcile with the services, then drive timeouts until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self.reconcile()
+            self.ready.set()
+            task_status.started()
+            await self._clock_loop()
+
+    async def reconcile(self) -> None:
+        """Ask every strategy what it holds, all at once, each bounded by ``unloadTimeout``."""
+        results: dict[str, bool | None] = {}
+
+        async def ask(name: str, strategy: Strategy) -> None:
+            results[name] = None
+            with anyio.move_on_after(self.config.unload_timeout):
+                try:
+                    results[name] = await strategy.resident()
+                except Exception as exc:  # a service that is down is simply unknown
+                    log.info("%s: cannot tell what it holds (%s)", name, exc)
+
+        async with anyio.create_task_group() as tg:
+            for name, strategy in self.strategies.items():
+                tg.start_soon(ask, name, strategy)
+        for name in self.strategies:
+            self._apply(self.sched.reconciled(name, results[name]))
+
+    async def _clock_loop(self) -> None:
+        while True:
+            deadline = self.sched.next_deadline()
+            wait = None if deadline is None else max(0.0, deadline - self.clock())
+            with anyio.move_on_after(wait if wait is not None else float("inf")):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            self._apply(self.sched.tick(self.clock()))
+
+    # --- leases ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lease(self, backend: str, path: str = "") -> AsyncIterator[Grant]:
+        """Hold the GPU for ``backend`` for the body of the ``async with``.
+
+        Waits in the queue as long as the scheduler says; raises :class:`Refused` when refused.
+        Cancelling the waiting task (the client went away) leaves the queue cleanly.
+        """
+        lease = next(self._ids)
+        now = self.clock()
+        pending = _Pending(backend, now)
+        self._pending[lease] = pending
+        self.live[lease] = LiveRequest(lease, backend, path, time.time())
+        try:
+            self._apply(self.sched.request(lease, backend, now))
+            self._wake.set()
+            try:
+                await pending.event.wait()
+            except BaseException:
+                self._apply(self.sched.cancel(lease, self.clock()))
+                raise
+            if pending.refuse is not None:
+                self.counters[backend]["refused"] += 1
+                raise Refused(pending.refuse)
+            assert pending.admit is not None
+            self.live[lease].admitted_at = time.time()
+            self.counters[backend]["gpu"] += 1
+            try:
+                yield Grant(lease, backend, self.clock() - now, pending.admit.swap)
+            finally:
+                self._apply(self.sched.released(lease, self.clock()))
+        finally:
+            self._pending.pop(lease, None)
+            self.live.pop(lease, None)
+
+    async def evict(self, backend: str | None, *, force: bool = False) -> SwapInfo | None:
+        """Admin unload: free ``backend`` (all when None) and wait until it is done."""
+        swap_id, effects = self.sched.evict(backend, force, self.clock())
+        if swap_id is None:
+            return None
+        job = self._evictions[swap_id] = EvictJob()
+        self._apply(effects)
+        await job.done.wait()
+        return job.info
+
+    async def preload(self, backend: str) -> Grant:
+        """Admin swap: take and at once release a lease, so ``backend`` becomes the owner."""
+        async with self.lease(backend, "(swap)") as grant:
+            return grant
+
+    # --- effects --------------------------------------------------------------------------
+
+    def _apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Admit | Refuse):
+                pending = self._pending.get(effect.lease)
+                if pending is None:
+                    continue
+                if isinstance(effect, Admit):
+                    pending.admit = effect
+                else:
+                    pending.refuse = effect
+                    self._emit(
+                        "refused",
+                        effect.backend,
+                        lease=effect.lease,
+                        status=effect.status,
+                        reason=effect.code,
+                    )
+                pending.event.set()
+            elif isinstance(effect, WaitIdle):
+                self._spawn(self._wait_idle, effect)
+            elif isinstance(effect, Unload):
+                self._spawn(self._unload, effect)
+            elif isinstance(effect, Load):
+                self._spawn(self._load, effect)
+            elif isinstance(effect, CancelSwap):
+                for scope in self._idle_scopes.pop(effect.swap, []):
+                    scope.cancel()
+            elif isinstance(effect, SwapDone):
+                self._swap_done(effect)
+            elif isinstance(effect, Note):
+                self._emit(effect.kind, effect.backend, lease=effect.lease, **effect.detail)
+
+    def _spawn(self, fn: Callable[[Any], Any], effect: Effect) -> None:
+        if self._tg is None:
+            raise RuntimeError("the broker is not running")
+        self._tg.start_soon(fn, effect)
+
+    async def _wait_idle(self, effect: WaitIdle) -> None:
+        strategy = self.strategies[effect.backend]
+        with anyio.CancelScope() as scope:
+            self._idle_scopes.setdefault(effect.swap, []).append(scope)
+            while True:
+                try:
+                    with anyio.fail_after(self.config.unload_timeout):
+                        busy = await strategy.busy()
+                except Exception as exc:  # cannot ask: do not hold the GPU forever on it
+                    log.warning("%s: busy() failed (%s); treating it as idle", effect.backend, exc)
+                    busy = False
+                if not busy:
+                    break
+                await anyio.sleep(IDLE_POLL)
+        if scope.cancel_called:
+            return
+        self._apply(self.sched.idle(effect.swap, effect.backend, self.clock()))
+
+    async def _unload(self, effect: Unload) -> None:
+        error = await self._bounded(
+            self.strategies[effect.backend].unload, self.config.unload_timeout
+        )
+        if error:
+            log.warning("%s: unload failed: %s (the swap goes on)", effect.backend, error)
+        self._apply(self.sched.unloaded(effect.swap, effect.backend, error, self.clock()))
+
+    async def _load(self, effect: Load) -> None:
+        backend = self.config.backend(effect.backend)
+        error = await self._bounded(self.strategies[effect.backend].load, backend.start_timeout)
+        self._apply(self.sched.loaded(effect.swap, effect.backend, error, self.clock()))
+
+    @staticmethod
+    async def _bounded(fn: Callable[[], Any], limit: float) -> str | None:
+        try:
+            with anyio.fail_after(limit):
+                await fn()
+        except TimeoutError:
+            return f"timed out after {limit:g}s"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _swap_done(self, effect: SwapDone) -> None:
+        info = effect.info
+        self._idle_scopes.pop(effect.swap, None)
+        if info.evicted:
+            self.history.appendleft(
+                {
+                    "at": time.time(),
+                    "to": info.target,
+                    "evicted": list(info.evicted),
+                    "drainMs": round(info.drain_s * 1000, 1),
+                    "unloadMs": round(info.unload_s * 1000, 1),
+                    "loadMs": round(info.load_s * 1000, 1),
+                    "totalMs": round(info.total_s * 1000, 1),
+                    "failures": list(info.failures),
+                }
+            )
+            self._emit(
+                "swapped",
+                info.target,
+                evicted=list(info.evicted),
+                total_ms=round(info.total_s * 1000, 1),
+            )
+        job = self._evictions.pop(effect.swap, None)
+        if job is not None:
+            job.info = info
+            job.done.set()
+
+    def _emit(self, kind: str, backend: str | None, **detail: Any) -> None:
+        event = {"event": kind, "backend": backend, "at": time.time(), **detail}
+        log.debug("%s", event)
+        for listener in list(self.listeners):
+            listener(event)
+
+    # --- status ---------------------------------------------------------------------------
+
+    def record_passthrough(self, backend: str) -> None:
+        self.counters[backend]["passthrough"] += 1

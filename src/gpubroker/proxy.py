@@ -1,0 +1,304 @@
+"""The per-backend proxy: a raw ASGI app that forwards every request and WebSocket upstream.
+
+Bodies stream both ways with backpressure and are never held whole. A request its backend's
+classifier calls GPU work first takes a lease from the broker; the lease is held until the
+response body has been sent to the end, or the client has gone away. Everything else passes
+straight through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+
+from .broker import Broker, Grant, Refused
+from .classifiers.base import Classifier
+from .config import BackendConfig
+from .responses import send_error
+from .scheduler import Refuse
+from .upstream import Upstream, UpstreamError, UpstreamTimeout
+from .wsproxy import proxy_websocket
+
+log = logging.getLogger("gpubroker.proxy")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+QUEUED_BODY_LIMIT = 8 * 2**20  # bytes read ahead while queued, so a disconnect can be noticed
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+def _hop_by_hop(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    return HOP_BY_HOP | named
+
+
+def request_headers(scope: Scope, upstream_host: bytes) -> list[tuple[bytes, bytes]]:
+    """Client headers minus hop-by-hop ones, Host set to the upstream, X-Forwarded-* added."""
+    raw: list[tuple[bytes, bytes]] = scope["headers"]
+    drop = _hop_by_hop(raw) | {
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    }
+    out = [(k, v) for k, v in raw if k.lower() not in drop]
+    host = next((v for k, v in raw if k.lower() == b"host"), b"")
+    prior = b", ".join(v for k, v in raw if k.lower() == b"x-forwarded-for")
+    client = (scope.get("client") or ("", 0))[0].encode()
+    forwarded_for = prior + b", " + client if prior else client
+    out += [
+        (b"host", upstream_host),
+        (b"x-forwarded-for", forwarded_for),
+        (b"x-forwarded-proto", scope.get("scheme", "http").encode()),
+    ]
+    if host:
+        out.append((b"x-forwarded-host", host))
+    return out
+
+
+def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    drop = _hop_by_hop(headers)
+    return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+class RequestBody:
+    """The client's request body as an async iterator, with read-ahead while queued.
+
+    While a GPU request waits in the queue we read its body ahead (up to a bound), because the
+    ASGI server reports a client's disconnect only after the body messages before it.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._buffered: list[bytes] = []
+        self._size = 0
+        self.complete = False
+        self.disconnected = False
+
+    async def _next(self) -> bytes | None:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+            raise ClientGone
+        if not message.get("more_body", False):
+            self.complete = True
+        return message.get("body", b"")
+
+    async def read_ahead(self) -> None:
+        """Read and keep body chunks until complete or the bound; raise ClientGone on leave."""
+        while not self.complete and self._size < QUEUED_BODY_LIMIT:
+            chunk = await self._next()
+            if chunk:
+                self._buffered.append(chunk)
+                self._size += len(chunk)
+
+    async def wait_disconnect(self) -> None:
+        """After the body is read: return when the client goes away."""
+        while not self.disconnected:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self._buffered:
+            yield self._buffered.pop(0)
+        while not self.complete:
+            chunk = await self._next()
+            if chunk:
+                yield chunk
+
+
+class ProxyApp:
+    """One backend's proxy (ASGI). ``upstream`` does the HTTP; ``broker`` hands out leases."""
+
+    def __init__(
+        self,
+        backend: BackendConfig,
+        classifier: Classifier,
+        broker: Broker,
+        upstream: Upstream,
+    ) -> None:
+        self.backend = backend
+        self.classifier = classifier
+        self.broker = broker
+        self.upstream = upstream
+        self.name = backend.name
+        self._upstream_host = urlsplit(backend.upstream).netloc.encode()
+        self.accepting = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.http(scope, receive, send)
+        elif kind == "websocket":
+            await proxy_websocket(self.backend, scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        path: str = scope["path"]
+        body = RequestBody(receive)
+        if not self.classifier.is_gpu(method, path):
+            self.broker.record_passthrough(self.name)
+            await self.forward(scope, body, send, None)
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            grant: Grant | None = None
+            refusal: Refuse | None = None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_while_queued, body, tg.cancel_scope)
+                try:
+                    grant = await stack.enter_async_context(self.broker.lease(self.name, path))
+                except Refused as refused:
+                    refusal = refused.refusal
+                tg.cancel_scope.cancel()  # decided: stop watching; forward() reads on
+            if refusal is not None:
+                r = refusal
+                retry = (
+                    [(b"retry-after", str(round(r.retry_after)).encode())] if r.retry_after else []
+                )
+                await send_error(
+                    send,
+                    r.status,
+                    r.code,
+                    r.message,
+                    backend=self.name,
+                    retryable=r.status in (502, 503),
+                    headers=retry,
+                )
+                return
+            if grant is None:
+                return  # the client left while queued; the lease never started
+            await self.forward(scope, body, send, grant)
+
+    @staticmethod
+    async def _watch_while_queued(body: RequestBody, scope: anyio.CancelScope) -> None:
+        """Read the body ahead while queued and give up the wait if the client leaves."""
+        try:
+            await body.read_ahead()
+            if body.complete:
+                await body.wait_disconnect()
+            else:
+                return  # body larger than the read-ahead bound: cannot watch without buffering
+        except ClientGone:
+            pass
+        scope.cancel()
+
+    async def forward(
+        self, scope: Scope, body: RequestBody, send: Send, grant: Grant | None
+    ) -> None:
+        method: str = scope["method"]
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            target = target.split(b"?", 1)[0] + b"?" + scope["query_string"]
+        headers = request_headers(scope, self._upstream_host)
+        has_body = any(
+            k.lower() in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"]
+        )
+        extra: list[tuple[bytes, bytes]] = []
+        if grant is not None:
+            extra.append((b"x-gpubroker-queue-ms", str(round(grant.queued_s * 1000)).encode()))
+            if grant.swap is not None:
+                extra.append((b"x-gpubroker-swap", grant.swap.header().encode()))
+        try:
+            response = await self.upstream.open(method, target, headers, body if has_body else None)
+        except ClientGone:
+            return
+        except UpstreamTimeout as exc:
+            self.broker.counters[self.name]["upstream_errors"] += 1
+            await send_error(
+                send, 504, "upstream_timeout", str(exc), backend=self.name, retryable=True
+            )
+            return
+        except UpstreamError as exc:
+            self.broker.counters[self.name]["upstream_errors"] += 1
+            await send_error(
+                send, 502, "upstream_unreachable", str(exc), backend=self.name, retryable=True
+            )
+            return
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": response_headers(response.headers) + extra,
+                }
+            )
+            await self._stream(body, send, response)
+        finally:
+            await response.aclose()
+
+    async def _stream(self, body: RequestBody, send: Send, response: Any) -> None:
+        """Copy the response body to the client until it ends or the client leaves."""
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                await body.wait_disconnect()
+                tg.cancel_scope.cancel()
+
+            if body.complete:
+                tg.start_soon(watch)
+            try:
+                async for chunk in response.body():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except UpstreamError as exc:
+                self.broker.counters[self.name]["upstream_errors"] += 1
+                log.warning("%s: upstream failed mid-stream: %s", self.name, exc)
+                tail = _stream_error_tail(response.headers, str(exc))
+                if tail:
+                    await send({"type": "http.response.body", "body": tail, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            tg.cancel_scope.cancel()
+
+
+def _stream_error_tail(headers: list[tuple[bytes, bytes]], message: str) -> bytes:
+    """A last event telling a streaming client the upstream died, in the stream's own format."""
+    ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"").lower()
+    text = f"upstream closed the stream early: {message}"
+    if b"text/event-stream" in ctype:
+        error = json.dumps({"error": {"message": text, "type": "upstream_error"}})
+        return f"data: {error}\n\ndata: [DONE]\n\n".encode()
+    if b"ndjson" in ctype:
+        return (json.dumps({"error": text}) + "\n").encode()
+    return b""
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,51 @@
+"""Errors the broker itself answers with, as raw ASGI sends.
+
+Shape: ``{"error": code, "message": …, "backend": …, "retryable": bool}``. An upstream's own
+4xx/5xx is never wrapped: it passes through untouched.
+
+    502 upstream_unreachable   the service refused or dropped the connection
+    502 load_failed            the service could not be made ready after a swap
+    503 queue_timeout          waited past queueTimeout for the GPU (with Retry-After)
+    503 shutting_down          the broker is stopping
+    504 upstream_timeout       no response headers within upstreamTimeout
+    507 never_fits             the request can never fit on its GPU
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def error_body(code: str, message: str, backend: str | None, retryable: bool) -> bytes:
+    return json.dumps(
+        {"error": code, "message": message, "backend": backend, "retryable": retryable}
+    ).encode()
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    backend: str | None,
+    retryable: bool,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    body = error_body(code, message, backend, retryable)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

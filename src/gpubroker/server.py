@@ -1,0 +1,156 @@
+"""Wire the broker together and serve every port from one event loop, with a graceful stop.
+
+Order of shutdown, decided here rather than by Hypercorn's own signal handlers: stop accepting,
+let in-flight responses finish (up to ``shutdownGrace``), then stop the broker's tasks and close
+the upstream clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+import httpx
+
+from .broker import Broker
+from .classifiers.base import Classifier, RouteClassifier
+from .config import BackendConfig, Config
+from .errors import ConfigError
+from .plugins import Plugins, check_config_names
+from .proxy import ProxyApp
+from .serving import Listener, listen, serve
+from .status import StatusApp
+from .strategies.base import Strategy, StrategyContext
+from .upstream import Upstream
+
+log = logging.getLogger("gpubroker.server")
+
+HEALTH_INTERVAL = 10.0
+
+
+@dataclass(slots=True)
+class Endpoints:
+    """Where a running broker listens (ports may be ephemeral in tests and the demo)."""
+
+    status_url: str
+    proxies: dict[str, str] = field(default_factory=dict)
+    broker: Broker | None = None
+
+
+def make_strategy(backend: BackendConfig, config: Config, plugins: Plugins) -> Strategy:
+    client = httpx.AsyncClient(
+        base_url=backend.upstream,
+        timeout=httpx.Timeout(min(config.unload_timeout, 30.0)),
+        trust_env=False,
+    )
+    ctx = StrategyContext(backend=backend, client=client, unload_timeout=config.unload_timeout)
+    return plugins.strategies[backend.unload_strategy].cls(ctx)
+
+
+def make_classifier(backend: BackendConfig, plugins: Plugins) -> Classifier:
+    if backend.gpu_paths is not None:
+        return RouteClassifier(backend.gpu_paths)
+    return plugins.classifiers[backend.classifier_name].cls()
+
+
+def _bind(host: str, port: int, what: str) -> Listener:
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}"
+        ) from None
+
+
+async def _probe_health(status: StatusApp, config: Config) -> None:
+    """Probe each upstream now and then, so the status page can say which are down."""
+    async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+        while True:
+            for b in config.backends:
+                path = b.health_path or "/"
+                started = time.perf_counter()
+                try:
+                    response = await client.get(b.upstream + path)
+                    ok = response.status_code < 500
+                    detail: dict[str, Any] = {"code": response.status_code}
+                except httpx.HTTPError as exc:
+                    ok, detail = False, {"error": type(exc).__name__}
+                status.health[b.name] = {
+                    "status": "up" if ok else "down",
+                    "latencyMs": round((time.perf_counter() - started) * 1000, 1),
+                    "checkedAt": time.time(),
+                    **detail,
+                }
+            await anyio.sleep(HEALTH_INTERVAL)
+
+
+async def run_broker(
+    config: Config,
+    plugins: Plugins,
+    shutdown: anyio.Event,
+    *,
+    ephemeral_ports: bool = False,
+    task_status: anyio.abc.TaskStatus[Endpoints] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown`` is set, then drain and return.
+
+    With ``ephemeral_ports`` every port is chosen by the OS (tests, ``gpubroker demo``).
+    """
+    check_config_names(config, plugins)
+    strategies = {b.name: make_strategy(b, config, plugins) for b in config.backends}
+    broker = Broker(config, strategies)
+    upstreams = {
+        b.name: Upstream(b.upstream, response_timeout=config.upstream_timeout)
+        for b in config.backends
+    }
+    proxies = {
+        b.name: ProxyApp(b, make_classifier(b, plugins), broker, upstreams[b.name])
+        for b in config.backends
+    }
+    status = StatusApp(broker)
+    host = config.bind
+    listeners: dict[str, Listener] = {}
+    try:
+        listeners["status"] = _bind(
+            host, 0 if ephemeral_ports else config.status_port, "statusPort"
+        )
+        for b in config.backends:
+            listeners[b.name] = _bind(host, 0 if ephemeral_ports else b.proxy_port, b.name)
+        async with anyio.create_task_group() as tg:
+            await tg.start(broker.run)
+            stopped = anyio.Event()
+
+            async def serve_all() -> None:
+                grace = config.shutdown_grace
+                async with anyio.create_task_group() as servers:
+                    for name, app in [("status", status.app), *proxies.items()]:
+                        run = partial(serve, graceful_timeout=grace)
+                        servers.start_soon(run, app, listeners.pop(name), shutdown.wait)
+                stopped.set()
+
+            endpoints = Endpoints(
+                status_url=_url(host, listeners["status"].port),
+                proxies={b.name: _url(host, listeners[b.name].port) for b in config.backends},
+                broker=broker,
+            )
+            tg.start_soon(serve_all)
+            tg.start_soon(_probe_health, status, config)
+            task_status.started(endpoints)
+            await stopped.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        for listener in listeners.values():
+            listener.sock.close()
+        with anyio.CancelScope(shield=True):
+            for upstream in upstreams.values():
+                await upstream.aclose()
+            for strategy in strategies.values():
+                await strategy.client.aclose()
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
