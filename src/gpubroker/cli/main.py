@@ -39,10 +39,11 @@ def _version(value: bool) -> None:
 def root(
     version: Annotated[
         bool,
-        typer.Option("--version", help="Print the version and exit.", callback=_version,
-                     is_eager=True),
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_version, is_eager=True
+        ),
     ] = False,
-) -> None:  # fmt: skip
+) -> None:
     """One GPU, many inference services, no OOMs."""
 
 
@@ -123,19 +124,28 @@ def plugins_(
     if json_:
         out = {
             kind: [
-                {"name": p.name, "plugin": p.plugin, "package": p.package, "version": p.version,
-                 "description": p.description}
+                {
+                    "name": p.name,
+                    "plugin": p.plugin,
+                    "package": p.package,
+                    "version": p.version,
+                    "description": p.description,
+                }
                 for p in found.values()
             ]
             for kind, found in kinds.items()
-        }  # fmt: skip
+        }
         out["disabled"] = list(plugins.disabled)
         typer.echo(jsonlib.dumps(out, indent=2))
         return
+    width = max(
+        (len(f"{p.package} {p.version}") for f in kinds.values() for p in f.values()), default=0
+    )
     for kind, found in kinds.items():
         typer.echo(f"{kind}:")
         for p in found.values():
-            typer.echo(f"  {p.name:<10} {p.package} {p.version:<12} {p.description}")
+            provider = f"{p.package} {p.version}"
+            typer.echo(f"  {p.name:<10} {provider:<{width}}  {p.description}")
     if plugins.disabled:
         typer.echo(f"disabled: {', '.join(plugins.disabled)}")
 

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import logging
+from typing import Annotated, Any
 
 import typer
 
-from .common import ConfigOption, not_yet
+from .common import ConfigOption
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "httpcore", "hypercorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def serve(
@@ -14,12 +25,17 @@ def serve(
     check: Annotated[
         bool, typer.Option("--check", help="Validate the config, print it resolved, and exit.")
     ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every decision.")] = False,
 ) -> None:
     """Run the broker: a proxy port per backend and the status port, until Ctrl-C or SIGTERM."""
     import json
+    import signal
+
+    import anyio
 
     from ..config import describe_config, resolve_config
     from ..plugins import check_config_names, create_plugins
+    from ..server import run_broker
 
     cfg = resolve_config(config)
     plugins = create_plugins(cfg.disable_plugins)
@@ -28,9 +44,56 @@ def serve(
         typer.echo(describe_config(cfg))
         typer.echo(json.dumps(cfg.to_dict(), indent=2))
         return
-    not_yet("`gpubroker serve`", "the broker comes with the broker issue")
+    _logging(verbose)
+    typer.echo(describe_config(cfg), err=True)
+    if cfg.policy == "budget":
+        typer.echo("note: `policy: budget` is not implemented yet; running exclusive.", err=True)
+
+    async def main() -> None:
+        shutdown = anyio.Event()
+        async with anyio.create_task_group() as tg:
+
+            async def on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        typer.echo(
+                            f"{name}: stopping; in-flight requests get up to "
+                            f"{cfg.shutdown_grace:g}s to finish (again to force).",
+                            err=True,
+                        )
+                        if shutdown.is_set():
+                            tg.cancel_scope.cancel()
+                            return
+                        shutdown.set()
+
+            tg.start_soon(on_signal)
+            done = anyio.Event()
+
+            async def broker(*, task_status: anyio.abc.TaskStatus[Any]) -> None:
+                try:
+                    await run_broker(cfg, plugins, shutdown, task_status=task_status)
+                finally:
+                    done.set()
+
+            endpoints = await tg.start(broker)
+            typer.echo(f"gpubroker serving; status at {endpoints.status_url}", err=True)
+            await done.wait()  # run_broker returns once in-flight responses have drained
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    typer.echo("gpubroker stopped.", err=True)
 
 
-def demo() -> None:
-    """Run simulated Ollama, ComfyUI and vLLM on a simulated GPU behind a real broker."""
-    not_yet("`gpubroker demo`", "the broker comes with the broker issue")
+def demo(
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep serving after the workload, until Ctrl-C.")
+    ] = False,
+    requests: Annotated[
+        int, typer.Option("--requests", "-n", min=3, max=500, help="Requests in the workload.")
+    ] = 24,
+) -> None:
+    """Run simulated Ollama, ComfyUI and vLLM on a simulated 24 GiB GPU behind a real broker."""
+    from ..demo import run_demo
+
+    run_demo(keep=keep, requests=requests)

@@ -28,8 +28,12 @@ def list_(config: ConfigOption = None, url: UrlOption = None) -> None:
 
 @app.command()
 @friendly
-def start(name: NameArg = None, all_: AllOption = False, config: ConfigOption = None,
-          url: UrlOption = None) -> None:  # fmt: skip
+def start(
+    name: NameArg = None,
+    all_: AllOption = False,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+) -> None:
     """Start a managed worker (or all of them) and wait until it is healthy."""
     not_yet("`gpubroker workers start`", _WHY)
 
@@ -49,16 +53,23 @@ def stop(
 
 @app.command()
 @friendly
-def restart(name: Annotated[str, typer.Argument(help="Backend name of a managed worker.")],
-            config: ConfigOption = None, url: UrlOption = None) -> None:  # fmt: skip
+def restart(
+    name: Annotated[str, typer.Argument(help="Backend name of a managed worker.")],
+    config: ConfigOption = None,
+    url: UrlOption = None,
+) -> None:
     """Stop then start a managed worker."""
     not_yet("`gpubroker workers restart`", _WHY)
 
 
 @app.command()
 @friendly
-def ensure(name: NameArg = None, all_: AllOption = False, config: ConfigOption = None,
-           url: UrlOption = None) -> None:  # fmt: skip
+def ensure(
+    name: NameArg = None,
+    all_: AllOption = False,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+) -> None:
     """Start only what is not running; exit 0 when every named worker is ready."""
     not_yet("`gpubroker workers ensure`", _WHY)
 
