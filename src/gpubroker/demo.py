@@ -118,16 +118,18 @@ async def one(client: httpx.AsyncClient, kind: str, base: str, tally: Tally) -> 
 async def drive(urls: dict[str, str], jobs: list[str]) -> Tally:
     tally = Tally()
     limiter = anyio.Semaphore(CONCURRENCY)
-    async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
-        async with anyio.create_task_group() as tg:
-            for kind in jobs:
+    async with (
+        httpx.AsyncClient(timeout=120, trust_env=False) as client,
+        anyio.create_task_group() as tg,
+    ):
+        for kind in jobs:
 
-                async def task(kind: str = kind) -> None:
-                    async with limiter:
-                        await one(client, kind, urls[kind], tally)
+            async def task(kind: str = kind) -> None:
+                async with limiter:
+                    await one(client, kind, urls[kind], tally)
 
-                tg.start_soon(task)
-                await anyio.sleep(0.03)
+            tg.start_soon(task)
+            await anyio.sleep(0.03)
     return tally
 
 

@@ -88,8 +88,8 @@ def create_plugins(
     origin: dict[str, tuple[str, str]] = {}
     for name, module in _builtin_modules():
         if not pm.is_blocked(name):
-            pm.register(module, name=name)
             origin[name] = ("gpubroker", __version__)
+            _register(pm, module, name, origin)
     if entry_points:
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
             if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
@@ -104,18 +104,37 @@ def create_plugins(
                     f"{type(exc).__name__}: {exc}; uninstall it or disable it with "
                     f"{DISABLE_ENV}={ep.name}"
                 ) from exc
-            pm.register(plugin, name=ep.name)
             origin[ep.name] = (dist, version)
+            _register(pm, plugin, ep.name, origin)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin_name!r}: {exc}") from exc
+        raise _invalid(pm.get_name(exc.plugin) or repr(exc.plugin), exc, origin) from exc
 
     plugins = Plugins(pm=pm, disabled=blocked)
     _collect(plugins, origin, "register_strategies", plugins.strategies, Strategy)
     _collect(plugins, origin, "register_classifiers", plugins.classifiers, Classifier)
     _collect(plugins, origin, "register_telemetry_sources", plugins.telemetry, TelemetrySource)
     return plugins
+
+
+def _register(
+    pm: pluggy.PluginManager, plugin: object, name: str, origin: Mapping[str, tuple[str, str]]
+) -> None:
+    """``pm.register``, with pluggy's multi-line refusals turned into one PluginError."""
+    try:
+        pm.register(plugin, name=name)
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        raise _invalid(name, exc, origin) from exc
+
+
+def _invalid(name: str, exc: Exception, origin: Mapping[str, tuple[str, str]]) -> PluginError:
+    package, version = origin.get(name, ("?", "?"))
+    why = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return PluginError(
+        f"plugin {name!r} (package {package} {version}) is invalid: {why}; uninstall it or "
+        f"disable it with {DISABLE_ENV}={name}"
+    )
 
 
 def _collect(
@@ -127,7 +146,9 @@ def _collect(
 ) -> None:
     """Call ``hook`` plugin by plugin, so every registration knows who made it."""
     pm = plugins.pm
-    names = [pm.get_name(p) for p in pm.get_plugins()]
+    # list_name_plugin() keeps registration order (get_plugins() is a set); blocked names
+    # are listed with None.
+    names = [name for name, plugin in pm.list_name_plugin() if plugin is not None]
     # Builtins first, then third parties in load order: a plugin may replace a builtin.
     ordered = [n for n in names if n and n.startswith("builtin-")] + [
         n for n in names if n and not n.startswith("builtin-")
@@ -137,8 +158,9 @@ def _collect(
         caller = pm.subset_hook_caller(hook, remove_plugins=others)
         package, version = origin.get(plugin_name, ("?", "?"))
 
-        def register(cls: type, _plugin: str = plugin_name, _pkg: str = package,
-                     _ver: str = version) -> None:  # fmt: skip
+        def register(
+            cls: type, _plugin: str = plugin_name, _pkg: str = package, _ver: str = version
+        ) -> None:
             if not (isinstance(cls, type) and issubclass(cls, base)):
                 raise PluginError(
                     f"plugin {_plugin!r} ({_pkg}) registered {cls!r} in {hook}; "
