@@ -297,6 +297,8 @@ _GPU: dict[str, _Field] = {
 def _describe(value: object) -> str:
     if value is None:
         return "nothing"
+    if isinstance(value, bool):  # as the file spells it
+        return "true" if value else "false"
     if isinstance(value, Mapping):
         return "a mapping"
     if isinstance(value, list):

@@ -1,0 +1,1 @@
+complete --command gpubroker --no-files --arguments "(env _GPUBROKER_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) gpubroker)" --condition "env _GPUBROKER_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) gpubroker"

@@ -1,0 +1,59 @@
+"""Shared fixtures: the anyio backend, a clean environment, and real loopback servers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from gpubroker.serving import Listener, listen, serve
+
+ENV_VARS = (
+    "GPUBROKER_CONFIG",
+    "GPUBROKER_DISABLE_PLUGINS",
+    "GPUBROKER_URL",
+    "GPUBROKER_TOKEN",
+    "OLLAMA_UPSTREAM",
+    "COMFYUI_UPSTREAM",
+    "BROKER_OLLAMA_PORT",
+    "BROKER_COMFYUI_PORT",
+    "BROKER_STATUS_PORT",
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No gpubroker env vars, cwd and XDG config in ``tmp_path``: no real config is picked up."""
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@asynccontextmanager
+async def _running(app: Any) -> AsyncIterator[Listener]:
+    listener = listen("127.0.0.1", 0)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(serve, app, listener, stop.wait, graceful_timeout=1.0))
+        try:
+            yield listener
+        finally:
+            stop.set()
+
+
+@pytest.fixture
+def loopback() -> Callable[[Any], AbstractAsyncContextManager[Listener]]:
+    """``async with loopback(app) as listener``: serve an ASGI app on a free 127.0.0.1 port."""
+    return _running
