@@ -223,7 +223,9 @@ def test_load_failure_refuses_its_waiters_with_502() -> None:
     h = make()
     h.request(1, "a")
     (load,) = h.pending(Load)
-    refused = [e for e in h.feed(h.sched.loaded(load.swap, "a", "boom", 0)) if isinstance(e, Refuse)]
+    refused = [
+        e for e in h.feed(h.sched.loaded(load.swap, "a", "boom", 0)) if isinstance(e, Refuse)
+    ]
     assert [(r.lease, r.status) for r in refused] == [(1, 502)]
     assert h.sched.swap is None
 
