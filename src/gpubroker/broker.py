@@ -21,8 +21,10 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .config import Config
+from .domains import backend_gpus, capacities
 from .scheduler import (
     Admit,
+    BackendSpec,
     CancelSwap,
     Effect,
     Load,
@@ -35,6 +37,7 @@ from .scheduler import (
     WaitIdle,
 )
 from .strategies.base import Strategy
+from .telemetry.base import TelemetrySnapshot
 
 log = logging.getLogger("gpubroker.broker")
 
@@ -93,14 +96,33 @@ class Broker:
         strategies: Mapping[str, Strategy],
         *,
         clock: Callable[[], float] = time.monotonic,
+        telemetry: TelemetrySnapshot | None = None,
     ) -> None:
         self.config = config
         self.strategies = dict(strategies)
         self.clock = clock
         self.sched = Scheduler(
-            [(b.name, b.max_concurrency) for b in config.backends],
+            [
+                BackendSpec(
+                    name=b.name,
+                    gpus=backend_gpus(b, telemetry),
+                    need=b.vram,
+                    priority=b.priority,
+                    pinned=b.pinned,
+                    max_concurrency=b.max_concurrency,
+                    cost=type(self.strategies[b.name]).eviction_cost,
+                    idle_timeout=b.idle_timeout,
+                )
+                for b in config.backends
+            ],
+            capacities=capacities(config, telemetry),
+            policy=config.policy,
             queue_timeout=config.queue_timeout,
             hold_time=config.hold_time,
+            min_residency=config.min_residency
+            if config.min_residency is not None
+            else (3.0 if config.policy == "budget" else 0.0),
+            aging=config.priority_aging,
         )
         self.started_at = time.time()
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
@@ -147,7 +169,7 @@ class Broker:
             for name, strategy in self.strategies.items():
                 tg.start_soon(ask, name, strategy)
         for name in self.strategies:
-            self._apply(self.sched.reconciled(name, results[name]))
+            self._apply(self.sched.reconciled(name, results[name], self.clock()))
 
     async def _clock_loop(self) -> None:
         while True:

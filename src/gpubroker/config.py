@@ -85,6 +85,8 @@ class Config:
     queue_timeout: float = 120.0
     unload_timeout: float = 10.0
     hold_time: float = 10.0
+    min_residency: float | None = None  # None: 3s under budget, 0 under exclusive
+    priority_aging: float = 30.0
     upstream_timeout: float = 600.0
     shutdown_grace: float = 30.0
     gpus: tuple[GpuSpec, ...] | Literal["auto"] = "auto"
@@ -280,6 +282,8 @@ _TOP: dict[str, _Field] = {
     "queueTimeout": _Field("queue_timeout", parse_duration),
     "unloadTimeout": _Field("unload_timeout", parse_duration),
     "holdTime": _Field("hold_time", parse_duration),
+    "minResidency": _Field("min_residency", parse_duration),
+    "priorityAging": _Field("priority_aging", parse_duration),
     "upstreamTimeout": _Field("upstream_timeout", parse_duration),
     "shutdownGrace": _Field("shutdown_grace", parse_duration),
     "gpus": _Field("gpus", lambda v: v),  # parsed by _parse_gpus, which needs locations

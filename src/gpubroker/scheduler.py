@@ -1,4 +1,4 @@
-"""The VRAM scheduler (exclusive policy): it decides, it never does I/O.
+"""The VRAM scheduler: it decides, it never does I/O.
 
 Callers feed it events — a request arrived, a lease ended, a client left, an unload finished, the
 clock moved — and it answers with *effects* to carry out: admit or refuse a lease, wait for a
@@ -6,32 +6,62 @@ backend to go idle, unload it, load the next one. Every method is synchronous an
 without awaiting, so on one event loop there is exactly one writer at a time and no lock; and
 every decision can be replayed in a unit test with a fake clock.
 
-A backend moves through these states (one owner at a time in the exclusive policy)::
+Each GPU is a domain with a capacity. A backend needs some of it on each of its GPUs: its
+declared ``vram`` under ``policy: budget``, the whole GPU under ``policy: exclusive`` (or when
+the capacity is unknown). A request is admitted at once when its backend is resident; otherwise
+a *plan* makes room: victims (chosen by :func:`choose_victims`) are drained — no new leases,
+in-flight ones finish, ``busy()`` must say idle — then unloaded, then the target is loaded and all
+its queued requests are admitted together. Plans on disjoint GPUs run side by side.
 
-    unknown ──► absent ──► loading ──► resident ──► draining ──► unloading ──► absent
+A backend moves through these states::
+
+    unknown ──► absent ──► loading ──► resident ──► draining ──► unloading ──► absent / asleep
                   ▲                                                               │
                   └───────────────────────────────────────────────────────────────┘
-
-A swap makes ``target`` the owner: every other backend that may hold VRAM is drained (no new
-leases, in-flight ones finish, then ``busy()`` must say idle), unloaded, and then the target is
-loaded and all its queued requests are admitted together.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
+
+Policy = Literal["exclusive", "budget"]
 
 
 class State(enum.Enum):
     UNKNOWN = "unknown"  # may hold VRAM; we could not tell at start-up
     ABSENT = "absent"
+    ASLEEP = "asleep"  # freed its VRAM by sleeping; wakes faster than a cold load
     LOADING = "loading"
     RESIDENT = "resident"
-    DRAINING = "draining"  # victim of a swap: no new leases, waiting for in-flight ones
+    DRAINING = "draining"  # victim of a plan: no new leases, waiting for in-flight ones
     UNLOADING = "unloading"
+
+
+HOLDS_VRAM = frozenset(
+    {State.UNKNOWN, State.LOADING, State.RESIDENT, State.DRAINING, State.UNLOADING}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """What the scheduler knows of a backend. ``need`` in bytes per GPU; None = whole GPU.
+
+    ``cost`` ranks how cheap the backend is to evict and bring back: 1 sleeps (vLLM wakes in
+    seconds), 2 unloads (a cold load), 3 stops a process (the slowest to come back).
+    """
+
+    name: str
+    gpus: tuple[str, ...] = ("0",)
+    need: int | None = None
+    priority: int = 0
+    pinned: bool = False
+    max_concurrency: int | None = None
+    cost: int = 2
+    idle_timeout: float | None = None
 
 
 # --- effects: what the driver must do --------------------------------------------------------
@@ -39,7 +69,7 @@ class State(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class SwapInfo:
-    """What a swap did, for the ``X-GPUBroker-Swap`` header and the history."""
+    """What a plan did, for the ``X-GPUBroker-Swap`` header and the history."""
 
     target: str | None
     evicted: tuple[str, ...]
@@ -47,6 +77,7 @@ class SwapInfo:
     unload_s: float
     load_s: float
     failures: tuple[str, ...] = ()
+    reason: str = "request"
 
     @property
     def total_s(self) -> float:
@@ -76,7 +107,7 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class WaitIdle:
-    """Poll the backend's ``busy()`` until it is idle, then report ``idle(swap, backend)``."""
+    """Poll the backend's ``busy()`` until it is idle, then report ``idle(plan, backend)``."""
 
     swap: int
     backend: str
@@ -84,7 +115,7 @@ class WaitIdle:
 
 @dataclass(frozen=True, slots=True)
 class Unload:
-    """Run the backend's strategy ``unload()``; report ``unloaded(swap, backend, error)``."""
+    """Run the backend's strategy ``unload()``; report ``unloaded(plan, backend, error)``."""
 
     swap: int
     backend: str
@@ -92,7 +123,7 @@ class Unload:
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    """Run the backend's strategy ``load()``; report ``loaded(swap, backend, error)``."""
+    """Run the backend's strategy ``load()``; report ``loaded(plan, backend, error)``."""
 
     swap: int
     backend: str
@@ -100,7 +131,7 @@ class Load:
 
 @dataclass(frozen=True, slots=True)
 class CancelSwap:
-    """A swap was abandoned before anything was unloaded: stop its idle waits."""
+    """A plan was abandoned before anything was unloaded: stop its idle waits."""
 
     swap: int
 
@@ -117,7 +148,7 @@ class Note:
 
 @dataclass(frozen=True, slots=True)
 class SwapDone:
-    """A swap finished (or an eviction without a target); ``info`` has its phase timings."""
+    """A plan finished; ``info`` has its phase timings."""
 
     swap: int
     info: SwapInfo
@@ -126,20 +157,71 @@ class SwapDone:
 Effect = Admit | Refuse | WaitIdle | Unload | Load | CancelSwap | Note | SwapDone
 
 
+# --- the eviction choice: a pure function ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A resident backend that could make room, as :func:`choose_victims` sees it."""
+
+    name: str
+    frees: int  # bytes it would free on the GPU in question
+    priority: int = 0
+    cost: int = 2
+    last_used: float = 0.0
+    pinned: bool = False
+    protected: bool = False  # still inside its minimum residency: not evictable yet
+
+
+def choose_victims(shortfall: int, candidates: Sequence[Candidate]) -> list[str] | None:
+    """The cheapest set of candidates that frees at least ``shortfall`` bytes, or None.
+
+    Never a pinned or protected candidate. Lower priority goes first, then the cheaper to bring
+    back (sleep before unload before stop), then the least recently used; afterwards any victim
+    the others already cover is spared, so no more is evicted than needed.
+    """
+    if shortfall <= 0:
+        return []
+    pool = sorted(
+        (c for c in candidates if not c.pinned and not c.protected),
+        key=lambda c: (c.priority, c.cost, c.last_used, c.name),
+    )
+    chosen: list[Candidate] = []
+    freed = 0
+    for c in pool:
+        if freed >= shortfall:
+            break
+        chosen.append(c)
+        freed += c.frees
+    if freed < shortfall:
+        return None
+    for c in sorted(chosen, key=lambda c: (-c.priority, -c.cost, -c.last_used)):
+        if freed - c.frees >= shortfall:
+            chosen.remove(c)
+            freed -= c.frees
+    return [c.name for c in chosen]
+
+
 # --- state -----------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class _Slot:
-    name: str
-    max_concurrency: int | None
+    spec: BackendSpec
     state: State = State.UNKNOWN
     active: set[int] = field(default_factory=set)
     last_used: float = 0.0
+    loaded_at: float = float("-inf")
+    plan: int | None = None  # the plan this backend is a victim or target of
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def has_room(self) -> bool:
-        return self.max_concurrency is None or len(self.active) < self.max_concurrency
+        limit = self.spec.max_concurrency
+        return limit is None or len(self.active) < limit
 
 
 @dataclass(slots=True)
@@ -150,41 +232,79 @@ class _Waiter:
 
 
 @dataclass(slots=True)
-class _Swap:
+class _Plan:
     id: int
     target: str | None
     victims: list[str]
+    gpus: frozenset[str]
     started: float
+    reason: str = "request"
     force: bool = False
     asked: set[str] = field(default_factory=set)  # victims sent to the idle check
     idle: set[str] = field(default_factory=set)  # victims whose busy() said idle
     gone: set[str] = field(default_factory=set)  # victims unloaded (or failed trying)
     failures: list[str] = field(default_factory=list)
+    prior: dict[str, State] = field(default_factory=dict)  # victims' states before the drain
     drained_at: float | None = None
     unloaded_at: float | None = None
     unload_started: bool = False
 
 
 class Scheduler:
-    """Exclusive-policy scheduler for one GPU domain. Times are seconds on any monotonic clock."""
+    """The scheduler for every GPU domain of one broker. Times are seconds on any clock."""
 
     def __init__(
         self,
-        backends: Iterable[tuple[str, int | None]],
+        backends: Iterable[BackendSpec | tuple[str, int | None]],
         *,
+        capacities: Mapping[str, int | None] | None = None,
+        policy: Policy = "exclusive",
         queue_timeout: float = 120.0,
         hold_time: float = 10.0,
+        min_residency: float = 0.0,
+        aging: float = 30.0,
     ) -> None:
-        self.slots = {name: _Slot(name, limit) for name, limit in backends}
+        specs = [
+            b if isinstance(b, BackendSpec) else BackendSpec(b[0], max_concurrency=b[1])
+            for b in backends
+        ]
+        self.slots = {s.name: _Slot(s) for s in specs}
+        gpus = {g for s in specs for g in s.gpus}
+        caps = dict(capacities or {})
+        self.capacity: dict[str, int | None] = {g: caps.get(g) for g in sorted(gpus)}
+        self.policy: Policy = policy
         self.queue_timeout = queue_timeout
         self.hold_time = hold_time
-        self.owner: str | None = None
+        self.min_residency = min_residency
+        self.aging = aging
         self.queue: list[_Waiter] = []
-        self.swap: _Swap | None = None
-        self.hold_until: float | None = None
+        self.plans: dict[int, _Plan] = {}
+        self.hold_until: dict[str, float] = {}
         self.swap_count = 0
         self.last_swap_at: float | None = None
+        self._wake_at: float | None = None  # minimum-residency or idle-timeout deadline
         self._ids = itertools.count(1)
+
+    # --- sizes ----------------------------------------------------------------------------
+
+    def size(self, backend: str, gpu: str) -> int:
+        """Bytes ``backend`` takes on ``gpu`` when resident (the whole GPU where unknown)."""
+        cap = self.capacity[gpu]
+        need = self.slots[backend].spec.need
+        if self.policy == "exclusive" or cap is None or need is None:
+            return cap if cap is not None else 1
+        return need
+
+    def _cap(self, gpu: str) -> int:
+        cap = self.capacity[gpu]
+        return cap if cap is not None else 1
+
+    def used(self, gpu: str) -> int:
+        return sum(
+            self.size(s.name, gpu)
+            for s in self.slots.values()
+            if gpu in s.spec.gpus and s.state in HOLDS_VRAM
+        )
 
     # --- questions ------------------------------------------------------------------------
 
@@ -197,34 +317,59 @@ class Scheduler:
     def queued(self, backend: str | None = None) -> int:
         return sum(1 for w in self.queue if backend is None or w.backend == backend)
 
+    def residents(self) -> list[str]:
+        """Backends admitting now, most recently used first."""
+        live = [s for s in self.slots.values() if s.state is State.RESIDENT]
+        return [s.name for s in sorted(live, key=lambda s: -s.last_used)]
+
+    @property
+    def owner(self) -> str | None:
+        """OneGPU4All's single owner: the most recently used resident, if any."""
+        residents = self.residents()
+        return residents[0] if residents else None
+
+    @property
+    def swap(self) -> _Plan | None:
+        """A plan in progress, if any (the oldest)."""
+        return next(iter(self.plans.values()), None)
+
     def next_deadline(self) -> float | None:
-        """When ``tick`` next has something to do (a queue timeout or the hold expiring)."""
+        """When ``tick`` next has something to do."""
         times = [w.since + self.queue_timeout for w in self.queue]
-        if self.hold_until is not None:
-            times.append(self.hold_until)
+        times += self.hold_until.values()
+        if self._wake_at is not None:
+            times.append(self._wake_at)
+        for s in self.slots.values():
+            if s.spec.idle_timeout is not None and s.state is State.RESIDENT and not s.active:
+                times.append(s.last_used + s.spec.idle_timeout)
         return min(times) if times else None
 
     # --- events ---------------------------------------------------------------------------
 
-    def reconciled(self, backend: str, resident: bool | None) -> list[Effect]:
+    def reconciled(self, backend: str, resident: bool | None, now: float = 0.0) -> list[Effect]:
         """Start-up: what the backend's strategy says it holds (None = cannot tell)."""
         slot = self.slots[backend]
         slot.state = {True: State.RESIDENT, False: State.ABSENT, None: State.UNKNOWN}[resident]
-        holders = [s for s in self.slots.values() if s.state is not State.ABSENT]
-        only = holders[0] if len(holders) == 1 else None
-        self.owner = only.name if only is not None and only.state is State.RESIDENT else None
+        if resident:
+            slot.loaded_at = slot.last_used = now
         return [Note("reconciled", backend, detail={"state": slot.state.value})]
 
     def request(self, lease: int, backend: str, now: float) -> list[Effect]:
         """A GPU request for ``backend`` wants a lease."""
         slot = self.slots[backend]
-        if self._may_admit(slot, now) and not self.queued(backend):
-            return [self._admit(lease, slot, now)]
+        # A hold that just ran out starts its plan first, so its victims stop admitting.
+        effects: list[Effect] = self._pump(now) if self._hold_over(now) else []
+        if self._may_admit(slot) and not self.queued(backend):
+            return [*effects, self._admit(lease, slot, now)]
+        never = self._never_fits(backend)
+        if never:
+            return [*effects, Refuse(lease, backend, 507, "never_fits", never)]
         self.queue.append(_Waiter(lease, backend, now))
-        effects: list[Effect] = [Note("queued", backend, lease, {"position": len(self.queue)})]
-        if backend != self.owner and self.hold_until is None and self.owner is not None:
-            self.hold_until = now + self.hold_time
+        effects.append(Note("queued", backend, lease, {"position": len(self.queue)}))
         return effects + self._pump(now)
+
+    def _hold_over(self, now: float) -> bool:
+        return any(now >= until for until in self.hold_until.values())
 
     def released(self, lease: int, now: float) -> list[Effect]:
         """A lease ended: its response was fully sent, or its client went away."""
@@ -244,7 +389,7 @@ class Scheduler:
         return self.released(lease, now)
 
     def tick(self, now: float) -> list[Effect]:
-        """The clock moved: time out waiters past ``queue_timeout``, end an expired hold."""
+        """The clock moved: time out waiters past ``queue_timeout``, end expired holds."""
         effects: list[Effect] = []
         expired = [w for w in self.queue if now - w.since >= self.queue_timeout]
         for waiter in expired:
@@ -266,49 +411,48 @@ class Scheduler:
 
     def idle(self, swap: int, backend: str, now: float) -> list[Effect]:
         """A drained victim's ``busy()`` said idle: unload it."""
-        if self.swap is None or self.swap.id != swap or backend not in self.swap.victims:
+        plan = self.plans.get(swap)
+        if plan is None or backend not in plan.victims or backend in plan.idle:
             return []
-        self.swap.idle.add(backend)
+        plan.idle.add(backend)
         self.slots[backend].state = State.UNLOADING
-        self.swap.unload_started = True
-        effects: list[Effect] = [Note("unloading", backend), Unload(swap, backend)]
-        if self.swap.idle >= set(self.swap.victims):
-            self.swap.drained_at = now
-        return effects
+        plan.unload_started = True
+        if plan.idle >= set(plan.victims):
+            plan.drained_at = now
+        return [Note("unloading", backend), Unload(swap, backend)]
 
     def unloaded(self, swap: int, backend: str, error: str | None, now: float) -> list[Effect]:
-        """A victim's unload finished; with ``error`` it failed or timed out (the swap goes on)."""
-        if self.swap is None or self.swap.id != swap:
+        """A victim's unload finished; with ``error`` it failed or timed out (the plan goes on)."""
+        plan = self.plans.get(swap)
+        if plan is None or backend not in plan.victims:
             return []
-        sw = self.swap
-        sw.gone.add(backend)
-        self.slots[backend].state = State.ABSENT
+        plan.gone.add(backend)
+        slot = self.slots[backend]
+        slot.state = State.ASLEEP if slot.spec.cost == 1 and error is None else State.ABSENT
+        slot.plan = None
         effects: list[Effect] = [Note("unloaded", backend, detail={"error": error})]
         if error:
-            sw.failures.append(f"{backend}: {error}")
-        if sw.gone >= set(sw.victims):
-            sw.unloaded_at = now
-            if self.owner in sw.victims:
-                self.owner = None
-            if sw.target is None:
-                return effects + self._finish_swap(now) + self._pump(now)
-            target = self.slots[sw.target]
-            if target.state is State.RESIDENT:
-                return effects + self._finish_swap(now) + self._pump(now)
-            target.state = State.LOADING
-            effects += [Note("loading", sw.target), Load(sw.id, sw.target)]
-        return effects
+            plan.failures.append(f"{backend}: {error}")
+        if plan.gone < set(plan.victims):
+            return effects
+        plan.unloaded_at = now
+        if plan.target is None or self.slots[plan.target].state is State.RESIDENT:
+            return effects + self._finish(plan, now) + self._pump(now)
+        self.slots[plan.target].state = State.LOADING
+        return [*effects, Note("loading", plan.target), Load(plan.id, plan.target)]
 
     def loaded(self, swap: int, backend: str, error: str | None, now: float) -> list[Effect]:
         """The target's ``load()`` finished; with ``error`` it could not be brought up."""
-        if self.swap is None or self.swap.id != swap:
+        plan = self.plans.get(swap)
+        if plan is None or plan.target != backend:
             return []
-        slot = self.slots[backend]
         if error is None:
-            return self._finish_swap(now) + self._pump(now)
-        self.swap.failures.append(f"{backend}: {error}")
+            return self._finish(plan, now) + self._pump(now)
+        plan.failures.append(f"{backend}: {error}")
+        slot = self.slots[backend]
         slot.state = State.UNKNOWN
-        self.swap = None
+        slot.plan = None
+        del self.plans[plan.id]
         effects: list[Effect] = [Note("load_failed", backend, detail={"error": error})]
         for waiter in [w for w in self.queue if w.backend == backend]:
             self.queue.remove(waiter)
@@ -324,150 +468,259 @@ class Scheduler:
         return effects + self._pump(now)
 
     def evict(
-        self, backend: str | None, force: bool, now: float
+        self, backend: str | None, force: bool, now: float, reason: str = "admin"
     ) -> tuple[int | None, list[Effect]]:
-        """Admin: free ``backend`` (every backend when None) now; ``force`` skips the drain.
+        """Free ``backend`` (every backend when None) now; ``force`` skips the drain.
 
-        Returns the swap id to wait for (None when there was nothing to do) and the effects.
-        Raises ``SwapInProgress`` while another swap runs.
+        Returns the plan id to wait for (None when there was nothing to do) and the effects.
+        Raises ``SwapInProgress`` while a plan touches the same GPUs.
         """
-        if self.swap is not None:
-            raise SwapInProgress(self.swap.target)
         names = [backend] if backend else list(self.slots)
-        victims = [n for n in names if self.slots[n].state is not State.ABSENT]
+        victims = [n for n in names if self.slots[n].state in HOLDS_VRAM]
         if not victims:
             return None, []
-        return self._start_swap(None, victims, now, force=force)
+        gpus = frozenset(g for n in victims for g in self.slots[n].spec.gpus)
+        busy = [p for p in self.plans.values() if p.gpus & gpus]
+        if busy:
+            raise SwapInProgress(busy[0].target)
+        plan, effects = self._start(None, victims, gpus, now, force=force, reason=reason)
+        return plan.id, effects
 
     # --- decisions ------------------------------------------------------------------------
 
-    def _may_admit(self, slot: _Slot, now: float) -> bool:
-        if self.swap is not None or self.owner != slot.name or slot.state is not State.RESIDENT:
-            return False
-        if not slot.has_room:
-            return False
-        return self.hold_until is None or now < self.hold_until
+    def _may_admit(self, slot: _Slot) -> bool:
+        return slot.state is State.RESIDENT and slot.plan is None and slot.has_room
 
     def _admit(self, lease: int, slot: _Slot, now: float, swap: SwapInfo | None = None) -> Admit:
         slot.active.add(lease)
         slot.last_used = now
         return Admit(lease, slot.name, swap)
 
-    def _foreign_waiters(self) -> list[_Waiter]:
-        return [w for w in self.queue if w.backend != self.owner]
+    def _never_fits(self, backend: str) -> str | None:
+        """Why ``backend`` can never be admitted, or None (pinned residents are immovable)."""
+        for gpu in self.slots[backend].spec.gpus:
+            cap = self._cap(gpu)
+            pinned = sum(
+                self.size(s.name, gpu)
+                for s in self.slots.values()
+                if s.name != backend
+                and s.spec.pinned
+                and gpu in s.spec.gpus
+                and s.state in HOLDS_VRAM
+            )
+            need = self.size(backend, gpu)
+            if need > cap - pinned:
+                gib = 2**30
+                return (
+                    f"{backend} needs {need / gib:.1f} GiB on GPU {gpu}, which has "
+                    f"{cap / gib:.1f} GiB with {pinned / gib:.1f} GiB pinned by others: it can "
+                    "never fit"
+                )
+        return None
 
     def _after_leave(self, now: float) -> list[Effect]:
-        """A waiter left. A swap still draining for nobody is abandoned: nothing was freed yet."""
-        if not self._foreign_waiters():
-            self.hold_until = None
-        sw = self.swap
-        if sw is None or sw.target is None or sw.unload_started or self.queued(sw.target):
-            return []
-        for name in sw.victims:
-            self.slots[name].state = State.RESIDENT if name == self.owner else State.UNKNOWN
-        self.swap = None
-        return [CancelSwap(sw.id), Note("swap_abandoned", sw.target), *self._pump(now)]
+        """A waiter left. A plan still draining for nobody is abandoned: nothing was freed yet."""
+        effects: list[Effect] = []
+        for plan in list(self.plans.values()):
+            if plan.target is None or plan.unload_started or self.queued(plan.target):
+                continue
+            for name in plan.victims:
+                self.slots[name].state = plan.prior[name]
+                self.slots[name].plan = None
+            self.slots[plan.target].plan = None
+            del self.plans[plan.id]
+            effects += [CancelSwap(plan.id), Note("swap_abandoned", plan.target)]
+        return effects + self._pump(now)
 
     def _pump(self, now: float) -> list[Effect]:
-        """Admit what may be admitted; start a swap when the owner should yield."""
-        if self.swap is not None:
-            return self._drain_progress(now)
+        """Admit what may be admitted; make room where a waiter needs it."""
         effects: list[Effect] = []
-        if self.owner is not None:
-            slot = self.slots[self.owner]
-            for waiter in [w for w in self.queue if w.backend == self.owner]:
-                if not self._may_admit(slot, now):
-                    break
+        for plan in list(self.plans.values()):
+            effects += self._drain_progress(plan, now)
+        # 1. requests for resident backends, in arrival order
+        for waiter in list(self.queue):
+            slot = self.slots[waiter.backend]
+            if self._may_admit(slot) and self._first_waiter(waiter):
                 self.queue.remove(waiter)
                 effects.append(self._admit(waiter.lease, slot, now))
-        foreign = self._foreign_waiters()
-        if not foreign:
-            self.hold_until = None
-            return effects
-        owner = self.slots[self.owner] if self.owner else None
-        hold_over = self.hold_until is not None and now >= self.hold_until
-        if owner is not None and owner.active and not hold_over:
-            return effects  # the owner keeps the GPU until idle or its hold time is up
-        target = foreign[0].backend
-        victims = [
-            s.name for s in self.slots.values() if s.name != target and s.state is not State.ABSENT
-        ]
-        _, started = self._start_swap(target, victims, now)
-        return effects + started
-
-    def _start_swap(
-        self, target: str | None, victims: list[str], now: float, *, force: bool = False
-    ) -> tuple[int, list[Effect]]:
-        sw = _Swap(next(self._ids), target, victims, now, force=force)
-        self.swap = sw
-        self.hold_until = None
-        effects: list[Effect] = [
-            Note("swap_started", target, detail={"victims": list(victims), "swap": sw.id})
-        ]
-        for name in victims:
-            self.slots[name].state = State.DRAINING
-            effects.append(Note("draining", name, detail={"active": self.active(name)}))
-        if not victims:
-            sw.drained_at = sw.unloaded_at = now
-            if target is not None and self.slots[target].state is not State.RESIDENT:
-                self.slots[target].state = State.LOADING
-                return sw.id, [*effects, Note("loading", target), Load(sw.id, target)]
-            return sw.id, effects + self._finish_swap(now)
-        return sw.id, effects + self._drain_progress(now)
-
-    def _drain_progress(self, now: float) -> list[Effect]:
-        """Victims whose in-flight leases have all ended go on to the idle check, once each."""
-        sw = self.swap
-        assert sw is not None
-        effects: list[Effect] = []
-        for name in sw.victims:
-            slot = self.slots[name]
-            if slot.state is not State.DRAINING or name in sw.asked:
+        # 2. targets needing room: highest aged priority first, one decision per GPU
+        self._wake_at = None
+        claimed = {g for p in self.plans.values() for g in p.gpus}
+        holds: dict[str, float] = {}
+        for target in self._targets(now):
+            gpus = frozenset(self.slots[target].spec.gpus)
+            if gpus & claimed:
                 continue
-            if slot.active and not sw.force:
-                continue
-            sw.asked.add(name)
-            if sw.force:
-                effects += self.idle(sw.id, name, now)
-            else:
-                effects.append(WaitIdle(sw.id, name))
+            claimed |= gpus
+            effects += self._make_room(target, gpus, now, holds)
+        self.hold_until = holds
+        # 3. idle timeouts
+        for slot in self.slots.values():
+            timeout = slot.spec.idle_timeout
+            gpus = frozenset(slot.spec.gpus)
+            if (
+                timeout is not None
+                and slot.state is State.RESIDENT
+                and slot.plan is None
+                and not slot.active
+                and not self.queued(slot.name)
+                and not gpus & claimed
+                and now >= slot.last_used + timeout
+            ):
+                claimed |= gpus
+                _, started = self._start(None, [slot.name], gpus, now, reason="idle")
+                effects += started
         return effects
 
-    def _finish_swap(self, now: float) -> list[Effect]:
-        sw = self.swap
-        assert sw is not None
-        self.swap = None
-        drained = sw.drained_at or now
-        unloaded = sw.unloaded_at or now
+    def _first_waiter(self, waiter: _Waiter) -> bool:
+        return next(w for w in self.queue if w.backend == waiter.backend) is waiter
+
+    def _targets(self, now: float) -> list[str]:
+        """Backends with waiters that need room, by aged priority then arrival."""
+        oldest: dict[str, float] = {}
+        for w in self.queue:
+            slot = self.slots[w.backend]
+            if slot.state is State.RESIDENT or slot.plan is not None:
+                continue
+            oldest.setdefault(w.backend, w.since)
+
+        def key(name: str) -> tuple[float, float]:
+            waited = now - oldest[name]
+            aged = self.slots[name].spec.priority + (waited / self.aging if self.aging else 0)
+            return (-aged, oldest[name])
+
+        return sorted(oldest, key=key)
+
+    def _make_room(
+        self, target: str, gpus: frozenset[str], now: float, holds: dict[str, float]
+    ) -> list[Effect]:
+        """Load ``target`` now if it fits; else pick victims and drain them when they may."""
+        victims: list[str] = []
+        protected_until: float | None = None
+        for gpu in sorted(gpus):
+            freed = sum(self.size(v, gpu) for v in victims if gpu in self.slots[v].spec.gpus)
+            adds = 0 if self.slots[target].state in HOLDS_VRAM else self.size(target, gpu)
+            shortfall = self.used(gpu) - freed + adds - self._cap(gpu)
+            if shortfall <= 0:
+                continue
+            candidates = []
+            for s in self.slots.values():
+                if s.name == target or s.name in victims or gpu not in s.spec.gpus:
+                    continue
+                if s.state not in (State.RESIDENT, State.UNKNOWN) or s.plan is not None:
+                    continue
+                young = s.state is State.RESIDENT and now < s.loaded_at + self.min_residency
+                if young:
+                    until = s.loaded_at + self.min_residency
+                    protected_until = min(until, protected_until or until)
+                candidates.append(
+                    Candidate(
+                        name=s.name,
+                        frees=self.size(s.name, gpu),
+                        priority=s.spec.priority,
+                        cost=s.spec.cost,
+                        last_used=s.last_used,
+                        pinned=s.spec.pinned,
+                        protected=young,
+                    )
+                )
+            chosen = choose_victims(shortfall, candidates)
+            if chosen is None:
+                if protected_until is not None:
+                    self._wake_at = protected_until  # room appears once residency is served
+                return []  # wait: what would make room is pinned, busy in a plan, or young
+            victims += chosen
+        if victims and any(self.slots[v].active for v in victims):
+            hold = self.hold_until.get(target_key := min(gpus))
+            hold = hold if hold is not None else now + self.hold_time
+            if now < hold:
+                holds[target_key] = hold  # the victims keep serving until the hold ends
+                return []
+        _, effects = self._start(target, victims, gpus, now)
+        return effects
+
+    def _start(
+        self,
+        target: str | None,
+        victims: list[str],
+        gpus: frozenset[str],
+        now: float,
+        *,
+        force: bool = False,
+        reason: str = "request",
+    ) -> tuple[_Plan, list[Effect]]:
+        plan = _Plan(next(self._ids), target, victims, gpus, now, reason=reason, force=force)
+        self.plans[plan.id] = plan
+        effects: list[Effect] = [
+            Note("swap_started", target, detail={"victims": list(victims), "swap": plan.id})
+        ]
+        if target is not None:
+            self.slots[target].plan = plan.id
+        for name in victims:
+            slot = self.slots[name]
+            plan.prior[name] = slot.state
+            slot.state = State.DRAINING
+            slot.plan = plan.id
+            effects.append(Note("draining", name, detail={"active": len(slot.active)}))
+        if victims:
+            return plan, effects + self._drain_progress(plan, now)
+        plan.drained_at = plan.unloaded_at = now
+        if target is not None and self.slots[target].state is not State.RESIDENT:
+            self.slots[target].state = State.LOADING
+            return plan, [*effects, Note("loading", target), Load(plan.id, target)]
+        return plan, effects + self._finish(plan, now)
+
+    def _drain_progress(self, plan: _Plan, now: float) -> list[Effect]:
+        """Victims whose in-flight leases have all ended go on to the idle check, once each."""
+        effects: list[Effect] = []
+        for name in plan.victims:
+            slot = self.slots[name]
+            if slot.state is not State.DRAINING or name in plan.asked:
+                continue
+            if slot.active and not plan.force:
+                continue
+            plan.asked.add(name)
+            if plan.force:
+                effects += self.idle(plan.id, name, now)
+            else:
+                effects.append(WaitIdle(plan.id, name))
+        return effects
+
+    def _finish(self, plan: _Plan, now: float) -> list[Effect]:
+        del self.plans[plan.id]
+        drained = plan.drained_at or now
+        unloaded = plan.unloaded_at or now
         info = SwapInfo(
-            target=sw.target,
-            evicted=tuple(sw.victims),
-            drain_s=drained - sw.started,
+            target=plan.target,
+            evicted=tuple(plan.victims),
+            drain_s=drained - plan.started,
             unload_s=unloaded - drained,
             load_s=now - unloaded,
-            failures=tuple(sw.failures),
+            failures=tuple(plan.failures),
+            reason=plan.reason,
         )
-        if sw.victims:
+        if plan.victims:
             self.swap_count += 1
             self.last_swap_at = now
-        effects: list[Effect] = [SwapDone(sw.id, info)]
-        if sw.target is None:
+        effects: list[Effect] = [SwapDone(plan.id, info)]
+        if plan.target is None:
             return effects
-        self.owner = sw.target
-        slot = self.slots[sw.target]
+        slot = self.slots[plan.target]
+        if slot.state is not State.RESIDENT:
+            slot.loaded_at = now
         slot.state = State.RESIDENT
-        for waiter in [w for w in self.queue if w.backend == sw.target]:
+        slot.plan = None
+        slot.last_used = now
+        for waiter in [w for w in self.queue if w.backend == plan.target]:
             if not slot.has_room:
                 break
             self.queue.remove(waiter)
-            effects.append(self._admit(waiter.lease, slot, now, info if sw.victims else None))
-        if self._foreign_waiters():
-            self.hold_until = now + self.hold_time
+            effects.append(self._admit(waiter.lease, slot, now, info if plan.victims else None))
         return effects
 
 
 class SwapInProgress(Exception):
-    """An admin eviction was asked for while a swap runs; try again when it is done."""
+    """An admin eviction was asked for while a plan runs on the same GPU; try again soon."""
 
     def __init__(self, target: str | None) -> None:
         super().__init__(f"a swap to {target or 'nothing'} is in progress; try again shortly")

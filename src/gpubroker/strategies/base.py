@@ -33,6 +33,9 @@ class Strategy:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    eviction_cost: ClassVar[int] = 2
+    """How dear it is to evict and bring back: 1 sleeps (wakes in seconds), 2 unloads (a cold
+    load), 3 stops a process. The budget scheduler evicts the cheapest first."""
 
     def __init__(self, ctx: StrategyContext) -> None:
         self.ctx = ctx

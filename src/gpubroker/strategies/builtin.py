@@ -112,6 +112,7 @@ class VLLMStrategy(Strategy):
 
     name = "vllm"
     description = "vLLM: POST /sleep?level=N, wake with /wake_up (dev mode + --enable-sleep-mode)"
+    eviction_cost = 1
 
     async def _sleeping(self) -> bool:
         response = await self.client.get("/is_sleeping")
