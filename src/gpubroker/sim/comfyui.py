@@ -1,0 +1,647 @@
+"""A ComfyUI emulator: an HTTP call that returns at once while a worker does the GPU work later.
+
+That asynchrony is what a broker must cope with (BACKENDS.md, section 2): ``POST /prompt``
+only enqueues; one FIFO worker task executes prompts one at a time, loading the checkpoint onto
+the :class:`SimGPU` (owner ``owner``, tag ``"checkpoint"``) when it is not resident and keeping
+it there afterwards. ``POST /free`` only sets flags that the worker applies when idle or after
+the current prompt; prompts still queued then load the checkpoint again. Whether ComfyUI is
+busy can be learnt only the way a real client learns it: ``GET /prompt``, ``GET /queue`` or the
+WebSocket.
+
+Node execution is simulated: nodes run in dependency order from the output nodes; any node
+whose class name contains ``Sampler`` runs ``inputs.steps`` (or ``steps``) progress steps
+spread over ``job_seconds``. Use :func:`simple_workflow` for a valid prompt. Not reproduced:
+the node cache (identical prompts run again in full), uploads, custom nodes.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from gpubroker.sim.gpu import GiB, OutOfMemory, SimGPU
+from gpubroker.sim.service import Changed, EmulatedService
+from gpubroker.sim.wire import dumps
+
+VERSION = "0.3.66"
+OUTPUT_NODES = frozenset(
+    {"SaveImage", "PreviewImage", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveVideo", "SaveAudio"}
+)
+PREVIEW_IMAGE = 1
+"""Binary WebSocket frame type of a preview image (then a 4-byte format code: 1 JPEG, 2 PNG)."""
+_PNG_FORMAT = 2
+_TINY_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
+)
+
+
+def simple_workflow(steps: int = 4, seed: int = 0, text: str = "a GPU") -> dict[str, Any]:
+    """ComfyUI's default text-to-image graph, in API format."""
+    return {
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": seed,
+                "steps": steps,
+                "cfg": 8.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+            },
+        },
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sdxl.safetensors"}},
+        "5": {
+            "class_type": "EmptyLatentImage",
+            "inputs": {"width": 512, "height": 512, "batch_size": 1},
+        },
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {
+            "class_type": "SaveImage",
+            "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]},
+        },
+    }
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _NodeFailed(Exception):
+    def __init__(self, exc: Exception, exception_type: str) -> None:
+        super().__init__(str(exc))
+        self.exception_type = exception_type
+
+
+@dataclass(eq=False)
+class _Job:
+    number: float
+    prompt_id: str
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    outputs: list[str]
+
+    @property
+    def client_id(self) -> str | None:
+        return self.extra_data.get("client_id")
+
+    def item(self) -> list[Any]:
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
+
+
+@dataclass(eq=False)
+class _Client:
+    """One WebSocket connection: frames wait here until its sender task writes them."""
+
+    frames: deque[str | bytes] = field(default_factory=deque)
+    changed: Changed = field(default_factory=Changed)
+
+    def put(self, frame: str | bytes) -> None:
+        self.frames.append(frame)
+        self.changed.notify()
+
+
+class ComfyUIEmulator(EmulatedService):
+    """ComfyUI on a :class:`SimGPU`. Serve :attr:`app` (with its lifespan) to use it."""
+
+    def __init__(
+        self,
+        gpu: SimGPU,
+        model_size: int,
+        *,
+        load_seconds: float = 0.05,
+        job_seconds: float = 0.2,
+        steps: int = 4,
+        work_size: int = 0,
+        owner: str = "comfyui",
+    ) -> None:
+        self.model_size = model_size
+        self.load_seconds = load_seconds
+        self.job_seconds = job_seconds
+        self.steps = steps
+        self.work_size = work_size
+        """Extra VRAM held while sampling (activations), freed after each sampler node."""
+        self.loads = 0
+        """How many times the checkpoint was loaded onto the GPU."""
+        self._loaded = False
+        self._pending: list[_Job] = []
+        self._running: _Job | None = None
+        self._last_node: str | None = None
+        self._history: dict[str, dict[str, Any]] = {}
+        self._flags: dict[str, Any] = {}
+        self._interrupt = False
+        self._counter = 0
+        self._images = 0
+        self._changed = Changed()
+        self._clients: dict[str, _Client] = {}
+        super().__init__(gpu, owner)
+
+    # -- worker -------------------------------------------------------------------------------
+
+    async def _on_started(self) -> None:
+        self._loaded = False
+        self.spawn(self._worker)
+
+    async def _worker(self) -> None:
+        while True:
+            while not self._pending and not self._flags:
+                await self._changed.wait()
+            if self._pending:
+                job = self._pending.pop(0)
+                self._running = job
+                self._queue_updated()
+                try:
+                    await self._execute(job)
+                finally:
+                    self._running = None
+                    self._last_node = None
+                    self._queue_updated()
+                self._send("executing", {"node": None, "prompt_id": job.prompt_id}, job.client_id)
+            self._apply_flags()
+
+    def _apply_flags(self) -> None:
+        flags, self._flags = self._flags, {}
+        if flags.get("unload_models", flags.get("free_memory", False)):
+            self._unload()
+
+    def _unload(self) -> None:
+        self.gpu.free(self.owner)
+        self._loaded = False
+
+    async def _execute(self, job: _Job) -> None:
+        self._interrupt = False
+        messages: list[list[Any]] = []
+        outputs: dict[str, Any] = {}
+        executed: list[str] = []
+
+        def message(event: str, data: dict[str, Any], *, keep: bool = True) -> None:
+            if keep:
+                messages.append([event, data])
+            self._send(event, data, job.client_id)
+
+        message("execution_start", {"prompt_id": job.prompt_id, "timestamp": _ms()})
+        message("execution_cached", {"nodes": [], "prompt_id": job.prompt_id, "timestamp": _ms()})
+        order = _execution_order(job.prompt, job.outputs)
+        samplers = [n for n in order if "Sampler" in _class(job.prompt, n)]
+        total_steps = sum(self._steps_of(job.prompt[n]) for n in samplers) or 1
+        step_seconds = self.job_seconds / total_steps
+        node_id = order[0]
+        try:
+            for node_id in order:
+                class_type = _class(job.prompt, node_id)
+                self._check_interrupt()
+                self._last_node = node_id
+                message(
+                    "executing",
+                    {"node": node_id, "display_node": node_id, "prompt_id": job.prompt_id},
+                    keep=False,
+                )
+                if not self._loaded and (
+                    "Loader" in class_type or "Sampler" in class_type or not executed
+                ):
+                    await self._load()
+                if node_id in samplers:
+                    await self._sample(
+                        job, node_id, self._steps_of(job.prompt[node_id]), step_seconds
+                    )
+                elif not samplers and not executed:
+                    await anyio.sleep(self.job_seconds)
+                if class_type in OUTPUT_NODES:
+                    outputs[node_id] = {"images": [self._image(class_type)]}
+                    message(
+                        "executed",
+                        {
+                            "node": node_id,
+                            "display_node": node_id,
+                            "output": outputs[node_id],
+                            "prompt_id": job.prompt_id,
+                        },
+                        keep=False,
+                    )
+                executed.append(node_id)
+        except _Interrupted:
+            message(
+                "execution_interrupted",
+                {
+                    "prompt_id": job.prompt_id,
+                    "node_id": node_id,
+                    "node_type": _class(job.prompt, node_id),
+                    "executed": executed,
+                },
+            )
+            self._finish(job, outputs, messages, success=False)
+            return
+        except _NodeFailed as exc:
+            message(
+                "execution_error",
+                {
+                    "prompt_id": job.prompt_id,
+                    "node_id": node_id,
+                    "node_type": _class(job.prompt, node_id),
+                    "executed": executed,
+                    "exception_message": str(exc),
+                    "exception_type": exc.exception_type,
+                    "traceback": [f"{exc.exception_type}: {exc}\n"],
+                    "current_inputs": {},
+                    "current_outputs": {},
+                },
+            )
+            self._finish(job, outputs, messages, success=False)
+            return
+        message("execution_success", {"prompt_id": job.prompt_id, "timestamp": _ms()})
+        self._finish(job, outputs, messages, success=True)
+
+    def _finish(
+        self, job: _Job, outputs: dict[str, Any], messages: list[list[Any]], *, success: bool
+    ) -> None:
+        self._history[job.prompt_id] = {
+            "prompt": job.item(),
+            "outputs": outputs,
+            "status": {
+                "status_str": "success" if success else "error",
+                "completed": success,
+                "messages": messages,
+            },
+            "meta": {
+                node: {
+                    "node_id": node,
+                    "display_node": node,
+                    "parent_node": None,
+                    "real_node_id": node,
+                }
+                for node in outputs
+            },
+        }
+
+    async def _load(self) -> None:
+        await anyio.sleep(self.load_seconds)
+        try:
+            self.gpu.allocate(self.owner, self.model_size, tag="checkpoint")
+        except OutOfMemory as exc:
+            # ComfyUI answers an OOM by unloading everything it holds.
+            self._unload()
+            raise _NodeFailed(exc, "torch.OutOfMemoryError") from exc
+        self._loaded = True
+        self.loads += 1
+
+    async def _sample(self, job: _Job, node_id: str, steps: int, step_seconds: float) -> None:
+        if self.work_size:
+            try:
+                self.gpu.allocate(self.owner, self.work_size, tag="activations")
+            except OutOfMemory as exc:
+                self._unload()
+                raise _NodeFailed(exc, "torch.OutOfMemoryError") from exc
+        try:
+            for step in range(1, steps + 1):
+                await anyio.sleep(step_seconds)
+                self._check_interrupt()
+                data = {"value": step, "max": steps, "prompt_id": job.prompt_id, "node": node_id}
+                self._send("progress", data, job.client_id)
+                self._send(
+                    "progress_state",
+                    {
+                        "prompt_id": job.prompt_id,
+                        "nodes": {
+                            node_id: {
+                                "value": step,
+                                "max": steps,
+                                "state": "running",
+                                "node_id": node_id,
+                                "prompt_id": job.prompt_id,
+                                "display_node_id": node_id,
+                                "parent_node_id": None,
+                                "real_node_id": node_id,
+                            }
+                        },
+                    },
+                    job.client_id,
+                )
+                self._send_bytes(
+                    struct.pack(">II", PREVIEW_IMAGE, _PNG_FORMAT) + _TINY_PNG, job.client_id
+                )
+        finally:
+            self.gpu.free(self.owner, tag="activations")
+
+    def _check_interrupt(self) -> None:
+        if self._interrupt:
+            self._interrupt = False
+            raise _Interrupted
+
+    def _steps_of(self, node: dict[str, Any]) -> int:
+        steps = node.get("inputs", {}).get("steps")
+        return steps if isinstance(steps, int) and steps > 0 else self.steps
+
+    def _image(self, class_type: str) -> dict[str, str]:
+        self._images += 1
+        kind = "temp" if class_type == "PreviewImage" else "output"
+        return {"filename": f"ComfyUI_{self._images:05d}_.png", "subfolder": "", "type": kind}
+
+    # -- WebSocket fan-out --------------------------------------------------------------------
+
+    def _queue_info(self) -> dict[str, Any]:
+        remaining = len(self._pending) + (1 if self._running is not None else 0)
+        return {"exec_info": {"queue_remaining": remaining}}
+
+    def _queue_updated(self) -> None:
+        self._send("status", {"status": self._queue_info()}, None)
+
+    def _send(self, event: str, data: dict[str, Any], sid: str | None) -> None:
+        self._deliver(dumps({"type": event, "data": data}), sid)
+
+    def _send_bytes(self, frame: bytes, sid: str | None) -> None:
+        self._deliver(frame, sid)
+
+    def _deliver(self, frame: str | bytes, sid: str | None) -> None:
+        if sid is None:
+            for client in self._clients.values():
+                client.put(frame)
+        elif (client := self._clients.get(sid)) is not None:
+            client.put(frame)
+
+    async def _ws(self, websocket: WebSocket) -> None:
+        sid = websocket.query_params.get("clientId") or uuid.uuid4().hex
+        await websocket.accept()
+        client = _Client()
+        self._clients[sid] = client
+        client.put(dumps({"type": "status", "data": {"status": self._queue_info(), "sid": sid}}))
+        running = self._running
+        if running is not None and running.client_id == sid and self._last_node is not None:
+            client.put(dumps({"type": "executing", "data": {"node": self._last_node}}))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._ws_reader, websocket, tg.cancel_scope)
+                while True:
+                    while not client.frames:
+                        await client.changed.wait()
+                    frame = client.frames.popleft()
+                    if isinstance(frame, bytes):
+                        await websocket.send_bytes(frame)
+                    else:
+                        await websocket.send_text(frame)
+        except (WebSocketDisconnect, OSError):
+            pass
+        finally:
+            if self._clients.get(sid) is client:
+                del self._clients[sid]
+
+    @staticmethod
+    async def _ws_reader(websocket: WebSocket, scope: anyio.CancelScope) -> None:
+        try:
+            while (await websocket.receive())["type"] != "websocket.disconnect":
+                pass
+        finally:
+            scope.cancel()
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def _routes(self) -> Sequence[BaseRoute]:
+        routes: list[BaseRoute] = []
+        for prefix in ("", "/api"):
+            routes += [
+                Route(f"{prefix}/prompt", self._get_prompt, methods=["GET"]),
+                Route(f"{prefix}/prompt", self._post_prompt, methods=["POST"]),
+                Route(f"{prefix}/queue", self._get_queue, methods=["GET"]),
+                Route(f"{prefix}/queue", self._post_queue, methods=["POST"]),
+                Route(f"{prefix}/history", self._get_history, methods=["GET"]),
+                Route(f"{prefix}/history", self._post_history, methods=["POST"]),
+                Route(f"{prefix}/history/{{prompt_id}}", self._get_history_item, methods=["GET"]),
+                Route(f"{prefix}/interrupt", self._interrupt_route, methods=["POST"]),
+                Route(f"{prefix}/free", self._free, methods=["POST"]),
+                Route(f"{prefix}/system_stats", self._system_stats, methods=["GET"]),
+                Route(f"{prefix}/object_info", self._object_info, methods=["GET"]),
+                Route(f"{prefix}/embeddings", self._empty_list, methods=["GET"]),
+                Route(f"{prefix}/extensions", self._empty_list, methods=["GET"]),
+                Route(f"{prefix}/view", self._view, methods=["GET"]),
+                WebSocketRoute(f"{prefix}/ws", self._ws),
+            ]
+        return routes
+
+    async def _get_prompt(self, _request: Request) -> Response:
+        return JSONResponse(self._queue_info())
+
+    async def _post_prompt(self, request: Request) -> Response:
+        self.require_running()
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or "prompt" not in body:
+            return _prompt_error("no_prompt", "No prompt provided", "No prompt provided")
+        prompt = body["prompt"]
+        if not isinstance(prompt, dict) or not prompt:
+            return _prompt_error("invalid_prompt", "Cannot execute because the prompt is invalid")
+        for node_id, node in prompt.items():
+            if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+                return _prompt_error(
+                    "invalid_prompt",
+                    "Cannot execute because a node is missing the class_type property.",
+                    f"Node ID '#{node_id}'",
+                )
+        outputs = [n for n, node in prompt.items() if node["class_type"] in OUTPUT_NODES]
+        if not outputs:
+            return _prompt_error("prompt_no_outputs", "Prompt has no outputs", node_errors=[])
+        number: float = self._counter
+        if body.get("front"):
+            number = -number
+        self._counter += 1
+        if "number" in body:
+            number = float(body["number"])
+        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        extra_data = dict(body.get("extra_data") or {})
+        if "client_id" in body:
+            extra_data["client_id"] = body["client_id"]
+        extra_data.setdefault("create_time", _ms())
+        self._pending.append(_Job(number, prompt_id, prompt, extra_data, outputs))
+        self._pending.sort(key=lambda job: job.number)
+        self._changed.notify()
+        self._queue_updated()
+        return JSONResponse({"prompt_id": prompt_id, "number": number, "node_errors": {}})
+
+    async def _get_queue(self, _request: Request) -> Response:
+        running = [self._running.item()] if self._running is not None else []
+        return JSONResponse(
+            {"queue_running": running, "queue_pending": [job.item() for job in self._pending]}
+        )
+
+    async def _post_queue(self, request: Request) -> Response:
+        body = await _json_object(request)
+        if isinstance(body, Response):
+            return body
+        if body.get("clear"):
+            self._pending.clear()
+        if isinstance(body.get("delete"), list):
+            doomed = set(body["delete"])
+            self._pending = [job for job in self._pending if job.prompt_id not in doomed]
+        self._queue_updated()
+        return Response(status_code=200)
+
+    async def _get_history(self, request: Request) -> Response:
+        items = list(self._history.items())
+        max_items = request.query_params.get("max_items")
+        if max_items and max_items.isdigit():
+            items = items[-int(max_items) :] if int(max_items) else []
+        return JSONResponse(dict(items))
+
+    async def _get_history_item(self, request: Request) -> Response:
+        prompt_id = request.path_params["prompt_id"]
+        entry = self._history.get(prompt_id)
+        return JSONResponse({prompt_id: entry} if entry is not None else {})
+
+    async def _post_history(self, request: Request) -> Response:
+        body = await _json_object(request)
+        if isinstance(body, Response):
+            return body
+        if body.get("clear"):
+            self._history.clear()
+        for prompt_id in body.get("delete") or []:
+            self._history.pop(prompt_id, None)
+        return Response(status_code=200)
+
+    async def _interrupt_route(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        target = body.get("prompt_id") if isinstance(body, dict) else None
+        running = self._running
+        if target is None or (running is not None and running.prompt_id == target):
+            self._interrupt = running is not None
+        return Response(status_code=200)
+
+    async def _free(self, request: Request) -> Response:
+        body = await _json_object(request)
+        if isinstance(body, Response):
+            return body
+        if body.get("unload_models"):
+            self._flags["unload_models"] = body["unload_models"]
+        if body.get("free_memory"):
+            self._flags["free_memory"] = body["free_memory"]
+        self._changed.notify()
+        return Response(status_code=200)
+
+    async def _system_stats(self, _request: Request) -> Response:
+        gpu = self.gpu
+        return JSONResponse(
+            {
+                "system": {
+                    "os": "posix",
+                    "ram_total": 64 * GiB,
+                    "ram_free": 48 * GiB,
+                    "comfyui_version": VERSION,
+                    "required_frontend_version": "1.28.8",
+                    "python_version": sys.version,
+                    "pytorch_version": "2.8.0+cu128",
+                    "embedded_python": False,
+                    "argv": ["main.py", "--listen"],
+                },
+                "devices": [
+                    {
+                        "name": f"cuda:{gpu.index} {gpu.name} : cudaMallocAsync",
+                        "type": "cuda",
+                        "index": gpu.index,
+                        "vram_total": gpu.total,
+                        "vram_free": gpu.free_bytes,
+                        "torch_vram_total": gpu.held(self.owner),
+                        "torch_vram_free": 0,
+                    }
+                ],
+            }
+        )
+
+    async def _object_info(self, _request: Request) -> Response:
+        def node(name: str, category: str, output: list[str], output_node: bool = False) -> Any:
+            return {
+                "input": {"required": {}},
+                "output": output,
+                "output_is_list": [False] * len(output),
+                "output_name": output,
+                "name": name,
+                "display_name": name,
+                "description": "",
+                "category": category,
+                "output_node": output_node,
+            }
+
+        return JSONResponse(
+            {
+                "CheckpointLoaderSimple": node(
+                    "CheckpointLoaderSimple", "loaders", ["MODEL", "CLIP", "VAE"]
+                ),
+                "CLIPTextEncode": node("CLIPTextEncode", "conditioning", ["CONDITIONING"]),
+                "EmptyLatentImage": node("EmptyLatentImage", "latent", ["LATENT"]),
+                "KSampler": node("KSampler", "sampling", ["LATENT"]),
+                "VAEDecode": node("VAEDecode", "latent", ["IMAGE"]),
+                "SaveImage": node("SaveImage", "image", [], output_node=True),
+                "PreviewImage": node("PreviewImage", "image", [], output_node=True),
+            }
+        )
+
+    async def _empty_list(self, _request: Request) -> Response:
+        return JSONResponse([])
+
+    async def _view(self, request: Request) -> Response:
+        if not request.query_params.get("filename"):
+            return Response(status_code=404)
+        return Response(_TINY_PNG, media_type="image/png")
+
+
+def _class(prompt: dict[str, Any], node_id: str) -> str:
+    return str(prompt[node_id]["class_type"])
+
+
+def _execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
+    """The nodes the outputs depend on, each after its inputs (links are ``[node_id, slot]``)."""
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(node_id: str) -> None:
+        if node_id in seen or node_id not in prompt:
+            return
+        seen.add(node_id)
+        for value in (prompt[node_id].get("inputs") or {}).values():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                visit(value[0])
+        order.append(node_id)
+
+    for node_id in outputs:
+        visit(node_id)
+    return order
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _prompt_error(kind: str, message: str, details: str = "", node_errors: Any = None) -> Response:
+    error = {"type": kind, "message": message, "details": details, "extra_info": {}}
+    return JSONResponse(
+        {"error": error, "node_errors": {} if node_errors is None else node_errors},
+        status_code=400,
+    )
+
+
+async def _json_object(request: Request) -> dict[str, Any] | Response:
+    """The JSON body; 400 when it is not JSON (aiohttp would fail the handler)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return Response("400: request body must be JSON", status_code=400)
+    return body if isinstance(body, dict) else {}
