@@ -183,7 +183,9 @@ class Broker:
     # --- leases ---------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, backend: str, path: str = "") -> AsyncIterator[Grant]:
+    async def lease(
+        self, backend: str, path: str = "", *, count: bool = True
+    ) -> AsyncIterator[Grant]:
         """Hold the GPU for ``backend`` for the body of the ``async with``.
 
         Waits in the queue as long as the scheduler says; raises :class:`Refused` when refused.
@@ -207,7 +209,8 @@ class Broker:
                 raise Refused(pending.refuse)
             assert pending.admit is not None
             self.live[lease].admitted_at = time.time()
-            self.counters[backend]["gpu"] += 1
+            if count:
+                self.counters[backend]["gpu"] += 1
             try:
                 yield Grant(lease, backend, self.clock() - now, pending.admit.swap)
             finally:
@@ -228,7 +231,7 @@ class Broker:
 
     async def preload(self, backend: str) -> Grant:
         """Admin swap: take and at once release a lease, so ``backend`` becomes the owner."""
-        async with self.lease(backend, "(swap)") as grant:
+        async with self.lease(backend, "(swap)", count=False) as grant:
             return grant
 
     # --- effects --------------------------------------------------------------------------

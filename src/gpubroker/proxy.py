@@ -154,7 +154,6 @@ class ProxyApp:
         self.upstream = upstream
         self.name = backend.name
         self._upstream_host = urlsplit(backend.upstream).netloc.encode()
-        self.accepting = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
