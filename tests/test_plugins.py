@@ -91,7 +91,7 @@ def test_builtins_register_through_the_hooks() -> None:
     assert [name for name, _ in plugins.pm.list_name_plugin()] == list(BUILTINS)
     assert list(plugins.strategies) == [c.name for c in BUILTIN_STRATEGIES]
     assert list(plugins.classifiers) == [c.name for c in BUILTIN_CLASSIFIERS]
-    assert list(plugins.telemetry) == ["nvml", "none"]
+    assert list(plugins.telemetry) == ["nvml", "sim", "none"]  # "auto" tries them in order
     ollama = plugins.strategies["ollama"]
     assert (ollama.plugin, ollama.package, ollama.version) == (
         "builtin-strategies",
@@ -326,7 +326,7 @@ def test_check_config_names_unknown_strategy(tmp_path: Path) -> None:
         check_config_names(load_config_file(path), plugins)
     assert str(info.value) == (
         f"{path}:5:5: backends[0].unloadStrategy: unknown strategy 'olama' "
-        "(known: comfyui, generic, ollama, vllm)"
+        "(known: comfyui, generic, ollama, process, vllm)"
     )
 
 
@@ -356,5 +356,5 @@ def test_check_config_names_unknown_telemetry(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         check_config_names(load_config_file(path), create_plugins(env={}, entry_points=False))
     assert str(info.value) == (
-        f"{path}:1:1: telemetry: unknown telemetry source 'rocm' (known: auto, none, nvml)"
+        f"{path}:1:1: telemetry: unknown telemetry source 'rocm' (known: auto, none, nvml, sim)"
     )

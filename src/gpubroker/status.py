@@ -1,6 +1,10 @@
 """The status + admin app on ``statusPort``: what the GPU is doing, and verbs for the CLI.
 
-``GET /`` keeps OneGPU4All's field names (so its dashboards keep working) and adds ours.
+``GET /`` keeps OneGPU4All's field names (so its dashboards keep working) and adds ours: the
+GPUs as telemetry sees them, each backend's measured VRAM next to its declared one, the queue
+and the active warnings. ``GET /metrics`` is the same in Prometheus' format and ``GET /events``
+streams every scheduler event as Server-Sent Events.
+
 Admin verbs need ``Authorization: Bearer <adminToken>`` when a token is set, and are refused
 outright when the port binds beyond loopback without one; read-only routes stay open.
 """
@@ -15,15 +19,22 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .broker import Broker, Refused
+from .metrics import Metrics
+from .monitor import Monitor
 from .scheduler import State, SwapInProgress
+from .telemetry.base import GpuSample
+from .workers_api import worker_routes
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+EVENT_BUFFER = 256  # events kept for one slow /events reader before it starts losing them
+HEARTBEAT = 15.0  # seconds of silence after which /events sends a comment line
 
 
 def _iso(ts: float | None) -> str | None:
@@ -32,7 +43,54 @@ def _iso(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def snapshot(broker: Broker, health: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def _gpu(g: GpuSample, monitor: Monitor) -> dict[str, Any]:
+    key = str(g.index)
+    return {
+        "index": g.index,
+        "uuid": g.uuid,
+        "name": g.name,
+        "memoryTotal": g.memory_total,
+        "memoryUsed": g.memory_used,
+        "memoryFree": g.memory_free,
+        "utilization": g.utilization,
+        "powerDraw": g.power_draw,
+        "powerLimit": g.power_limit,
+        "temperature": g.temperature,
+        "fan": g.fan,
+        "smClock": g.sm_clock,
+        "memClock": g.mem_clock,
+        "processes": [
+            {
+                "pid": p.pid,
+                "name": p.name,
+                "usedBytes": p.used,
+                "owner": p.owner,
+                "visible": p.visible,
+            }
+            for p in monitor.attribution.processes
+            if p.gpu == key
+        ],
+    }
+
+
+def _telemetry(monitor: Monitor | None) -> dict[str, Any]:
+    if monitor is None:
+        return {"source": None, "notice": "telemetry is not running", "error": None}
+    snap = monitor.snapshot
+    return {
+        "source": monitor.sampler.source.name,
+        "notice": snap.notice,
+        "error": snap.error,
+        "takenAt": _iso(snap.taken_at),
+        "intervalS": monitor.interval,
+    }
+
+
+def snapshot(
+    broker: Broker,
+    health: dict[str, dict[str, Any]] | None = None,
+    monitor: Monitor | None = None,
+) -> dict[str, Any]:
     """Everything ``GET /`` shows, as plain JSON-able data."""
     sched = broker.sched
     now = time.time()
@@ -44,8 +102,19 @@ def snapshot(broker: Broker, health: dict[str, dict[str, Any]] | None = None) ->
             "path": r.path,
             "state": "active" if r.admitted_at else "queued",
             "elapsedMs": round((now - r.since) * 1000),
+            "queuedMs": round(((r.admitted_at or now) - r.since) * 1000),
         }
         for r in broker.live.values()
+    ]
+    arrived = {r.lease: r.since for r in broker.live.values()}
+    queue = [
+        {
+            "position": i,
+            "id": w.lease,
+            "backend": w.backend,
+            "waitedMs": round((now - arrived.get(w.lease, now)) * 1000),
+        }
+        for i, w in enumerate(sched.queue, 1)
     ]
     last_swap = broker.history[0]["at"] if broker.history else None
     backends = {}
@@ -64,6 +133,10 @@ def snapshot(broker: Broker, health: dict[str, dict[str, Any]] | None = None) ->
             "refused": counts["refused"],
             "upstreamErrors": counts["upstream_errors"],
             "health": (health or {}).get(b.name, {"status": "unknown"}),
+            "gpus": list(sched.slots[b.name].spec.gpus),
+            "declaredVram": b.vram,
+            "measuredVram": broker.measured_total(b.name) if b.name in broker.measured else None,
+            "measuredByGpu": broker.measured.get(b.name, {}),
         }
     return {
         "vramOwner": sched.owner,
@@ -80,6 +153,13 @@ def snapshot(broker: Broker, health: dict[str, dict[str, Any]] | None = None) ->
         "swapping": sched.swap is not None,
         "backends": backends,
         "swaps": [dict(s, at=_iso(s["at"])) for s in broker.history],
+        "queue": queue,
+        "telemetry": _telemetry(monitor),
+        "gpus": [_gpu(g, monitor) for g in monitor.snapshot.gpus] if monitor else [],
+        "warnings": [
+            dict(a.to_json(), since=_iso(a.since), sinceTs=a.since)
+            for a in (monitor.alerts.current() if monitor else [])
+        ],
     }
 
 
@@ -93,9 +173,13 @@ def _error(status: int, code: str, message: str, backend: str | None = None) -> 
 class StatusApp:
     """Builds the Starlette app; ``health`` is filled in by the server's prober."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, monitor: Monitor | None = None) -> None:
         self.broker = broker
+        self.monitor = monitor
         self.health: dict[str, dict[str, Any]] = {}
+        if monitor is not None:
+            monitor.health = self.health
+        self.metrics = Metrics(broker, monitor, self.health)
         cfg = broker.config
         self.token = cfg.admin_token
         self.open_admin = self.token is None and cfg.bind in LOOPBACK
@@ -107,11 +191,16 @@ class StatusApp:
                 Route("/api/unload", self.unload, methods=["POST"]),
                 Route("/api/swap", self.swap, methods=["POST"]),
                 Route("/events", self.events),
+                Route("/metrics", self.prometheus),
+                *worker_routes(self),
             ]
         )
 
     async def index(self, request: Request) -> Response:
-        return JSONResponse(snapshot(self.broker, self.health))
+        return JSONResponse(snapshot(self.broker, self.health, self.monitor))
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"ok": True})
@@ -207,25 +296,73 @@ class StatusApp:
         )
 
     async def events(self, request: Request) -> Response:
-        send, receive = anyio.create_memory_object_stream[dict[str, Any]](256)
+        """Every event as SSE. ``?backend=`` keeps one backend's; ``?request=<id>`` follows
+        one request from the queue to its first byte, with the swap that made room for it."""
+        backend = request.query_params.get("backend")
+        wanted = request.query_params.get("request")
+        feed = EventFeed()
+        swaps: set[int] = set()  # swaps started for the followed request
 
-        def listener(event: dict[str, Any]) -> None:
-            try:
-                send.send_nowait(event)
-            except anyio.WouldBlock:
-                pass  # a slow reader loses events rather than slowing the broker
+        def keep(event: dict[str, Any]) -> bool:
+            if backend is not None and event.get("backend") != backend:
+                return False
+            if wanted is None:
+                return True
+            if event["event"] == "swap_started" and wanted in map(str, event["requests"]):
+                swaps.add(event["swap"])
+            return str(event.get("request")) == wanted or event.get("swap") in swaps
 
         async def stream() -> AsyncIterator[bytes]:
-            self.broker.listeners.append(listener)
+            self.broker.listeners.append(feed.push)
             try:
                 yield b": connected\n\n"
-                async with receive:
-                    async for event in receive:
-                        yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode()
+                while True:
+                    event = await feed.next(HEARTBEAT)
+                    if feed.dropped:
+                        lost = {"event": "dropped", "count": feed.dropped, "at": time.time()}
+                        feed.dropped = 0
+                        yield _sse(lost)
+                    if event is None:
+                        yield b": ping\n\n"
+                    elif keep(event):
+                        yield _sse(event)
             finally:
-                self.broker.listeners.remove(listener)
-                send.close()
+                self.broker.listeners.remove(feed.push)
+                feed.close()
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
         )
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+class EventFeed:
+    """One ``/events`` reader's buffer. The broker pushes without ever waiting: when the
+    reader falls ``capacity`` events behind, newer events are dropped and counted, and the
+    reader is told how many it lost once it catches up."""
+
+    def __init__(self, capacity: int | None = None) -> None:
+        size = EVENT_BUFFER if capacity is None else capacity
+        self._send, self._receive = anyio.create_memory_object_stream[dict[str, Any]](size)
+        self.dropped = 0
+
+    def push(self, event: dict[str, Any]) -> None:
+        try:
+            self._send.send_nowait(event)
+        except anyio.WouldBlock:
+            self.dropped += 1
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    async def next(self, wait: float) -> dict[str, Any] | None:
+        """The next event, or None after ``wait`` seconds without one."""
+        with anyio.move_on_after(wait):
+            return await self._receive.receive()
+        return None
+
+    def close(self) -> None:
+        self._send.close()
+        self._receive.close()

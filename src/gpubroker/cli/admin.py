@@ -19,36 +19,37 @@ def _print(data: dict[str, Any], as_json: bool, line: str) -> None:
     typer.echo(json.dumps(data, indent=2) if as_json else line)
 
 
-def status(config: ConfigOption = None, url: UrlOption = None, json_: JsonOption = False) -> None:
-    """Show who holds the GPU, what is queued and recent swaps."""
-    from ..client import broker_target, call
+def status(
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    json_: JsonOption = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", "-w", help="A live dashboard, redrawn until Ctrl-C."),
+    ] = False,
+    interval: Annotated[
+        float,
+        typer.Option("--interval", min=0.2, max=60.0, help="Seconds between redraws (--watch)."),
+    ] = 1.0,
+) -> None:
+    """Show who holds the GPU, what is queued, what each backend uses, and any warnings."""
+    from rich.console import Console
 
+    from ..client import broker_target, call
+    from .watch import render
+    from .watch import watch as live
+
+    if watch and json_:
+        raise UsageError("--watch draws a dashboard; it does not combine with --json")
     base, _ = broker_target(url, config, None)
+    if watch:
+        live(base, interval=interval)
+        return
     data = call("GET", base, "/", timeout=5.0)
     if json_:
         typer.echo(json.dumps(data, indent=2))
         return
-    owner = data.get("vramOwner") or "nobody"
-    typer.echo(
-        f"GPU owner: {owner}   active: {data['activeRequests']}   queued: {data['queueLength']}"
-        f"   swaps: {data['swapCount']}   uptime: {data['uptime']:.0f}s"
-    )
-    typer.echo(
-        f"{'backend':<16}{'state':<11}{'active':>7}{'queued':>7}{'gpu':>7}{'pass':>7}  health"
-    )
-    for name, b in data.get("backends", {}).items():
-        health = b.get("health", {}).get("status", "unknown")
-        typer.echo(
-            f"{name:<16}{b['state']:<11}{b['active']:>7}{b['queued']:>7}"
-            f"{b['gpuRequests']:>7}{b['passthroughRequests']:>7}  {health}"
-        )
-    for swap in data.get("swaps", [])[:5]:
-        evicted = ", ".join(swap["evicted"])
-        phases = ", ".join(f"{p} {swap[p + 'Ms']:.0f}" for p in ("drain", "unload", "load"))
-        typer.echo(
-            f"swap {swap['at']}: {evicted} -> {swap['to'] or '-'} in {swap['totalMs']:.0f} ms "
-            f"({phases})"
-        )
+    Console(soft_wrap=False).print(render(data, url=base))
 
 
 def unload(

@@ -14,6 +14,7 @@ port::
 from gpubroker.sim.comfyui import ComfyUIEmulator, simple_workflow
 from gpubroker.sim.generic import GenericEmulator
 from gpubroker.sim.gpu import GiB, MiB, OutOfMemory, SimGPU
+from gpubroker.sim.gpuapp import gpu_app
 from gpubroker.sim.harness import StartupFailed, running
 from gpubroker.sim.ollama import OllamaEmulator
 from gpubroker.sim.service import NotStarted
@@ -31,6 +32,7 @@ __all__ = [
     "StartupFailed",
     "VLLMEmulator",
     "VLLMStartupError",
+    "gpu_app",
     "running",
     "simple_workflow",
 ]

@@ -13,9 +13,16 @@ from ..config import Config
 
 @dataclass(frozen=True, slots=True)
 class GpuProcess:
+    """A process holding memory on a GPU. ``pid`` is a host pid (NVML ignores namespaces).
+
+    ``backend`` is set only by a source that knows the owner directly (the simulator names
+    its processes after the emulated service); otherwise attribution works it out from pids.
+    """
+
     pid: int
     used_memory: int | None  # bytes; None when the driver will not say (e.g. in containers)
     name: str | None = None
+    backend: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +47,19 @@ class GpuSample:
 
 @dataclass(frozen=True, slots=True)
 class TelemetrySnapshot:
+    """Every GPU at one moment (``taken_at``: wall-clock seconds)."""
+
     taken_at: float
     gpus: tuple[GpuSample, ...] = ()
     notice: str | None = None  # why something is missing, in one line
+    error: str | None = None  # this reading failed; the GPUs listed carry unknown readings
+
+
+class TelemetryError(Exception):
+    """This sample could not be read (e.g. NVML's GPU-is-lost); the next one may succeed.
+
+    The sampler keeps the GPUs it knew and reports their readings as unknown meanwhile.
+    """
 
 
 class TelemetrySource:
@@ -54,6 +71,8 @@ class TelemetrySource:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    names_owners: ClassVar[bool] = False
+    """True when the source sets ``GpuProcess.backend`` itself (then no pid lookups are made)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -63,6 +82,7 @@ class TelemetrySource:
         return None
 
     async def sample(self) -> TelemetrySnapshot:
+        """One reading of every GPU; raise :class:`TelemetryError` when it failed this time."""
         raise NotImplementedError
 
     async def close(self) -> None:

@@ -6,6 +6,7 @@ driver is not an error: ``available()`` says why in one line and the broker uses
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -14,7 +15,7 @@ import anyio.to_thread
 import pynvml
 
 from ..hookspecs import hookimpl
-from .base import GpuProcess, GpuSample, TelemetrySnapshot, TelemetrySource
+from .base import GpuProcess, GpuSample, TelemetryError, TelemetrySnapshot, TelemetrySource
 
 T = TypeVar("T")
 
@@ -44,13 +45,28 @@ def no_driver_reason(exc: pynvml.NVMLError) -> str:
     return f"NVML is unusable: {exc}"
 
 
+def _process_name(pid: int) -> str | None:
+    name = _maybe(lambda: pynvml.nvmlSystemGetProcessName(pid))
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return os.path.basename(name) if name else None
+
+
 def _processes(handle: Any) -> tuple[GpuProcess, ...]:
-    procs = _maybe(lambda: pynvml.nvmlDeviceGetComputeRunningProcesses(handle)) or []
+    """Compute and graphics processes, one entry per pid (a process may be in both lists)."""
+    found: dict[int, int | None] = {}
+    for read in (
+        pynvml.nvmlDeviceGetComputeRunningProcesses,
+        pynvml.nvmlDeviceGetGraphicsRunningProcesses,
+    ):
+        for p in _maybe(lambda read=read: read(handle)) or []:
+            used = None if p.usedGpuMemory is None else int(p.usedGpuMemory)
+            pid = int(p.pid)
+            if pid not in found or (used or 0) > (found[pid] or 0):
+                found[pid] = used
     return tuple(
-        GpuProcess(
-            pid=int(p.pid), used_memory=None if p.usedGpuMemory is None else int(p.usedGpuMemory)
-        )
-        for p in procs
+        GpuProcess(pid=pid, used_memory=used, name=_process_name(pid))
+        for pid, used in found.items()
     )
 
 
@@ -116,6 +132,7 @@ class NvmlTelemetry(TelemetrySource):
 
     _initialised = False
     _reason: str | None = None
+    _reading = False
 
     async def available(self) -> str | None:
         if not self._initialised and self._reason is None:
@@ -136,8 +153,21 @@ class NvmlTelemetry(TelemetrySource):
         reason = await self.available()
         if reason:
             return TelemetrySnapshot(taken_at=time.time(), notice=reason)
-        gpus = await anyio.to_thread.run_sync(read_gpus)
+        if self._reading:  # a driver call hung last time: never pile threads up behind it
+            raise TelemetryError("NVML has not answered the previous read yet")
+        self._reading = True
+        try:
+            # abandon_on_cancel: a hung driver call must not hold the sampler's timeout hostage
+            gpus = await anyio.to_thread.run_sync(self._read, abandon_on_cancel=True)
+        except pynvml.NVMLError as exc:  # e.g. GPU is lost: this sample fails, the next may not
+            raise TelemetryError(f"NVML read failed: {exc}") from exc
         return TelemetrySnapshot(taken_at=time.time(), gpus=gpus)
+
+    def _read(self) -> tuple[GpuSample, ...]:
+        try:
+            return read_gpus()
+        finally:
+            self._reading = False
 
     async def close(self) -> None:
         if self._initialised:
@@ -157,5 +187,8 @@ class NoTelemetry(TelemetrySource):
 
 @hookimpl
 def register_telemetry_sources(register: Callable[[type[TelemetrySource]], None]) -> None:
+    from .sim import SimTelemetry
+
     register(NvmlTelemetry)
+    register(SimTelemetry)
     register(NoTelemetry)

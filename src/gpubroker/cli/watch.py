@@ -1,0 +1,343 @@
+"""The terminal dashboard of ``gpubroker status`` (one shot) and ``gpubroker status --watch``.
+
+:func:`render` is a pure function from the status JSON (``GET /``) to a rich renderable, so it
+is tested by rendering to a string. :func:`frames` polls the broker and yields one frame per
+poll, showing the last good data marked "reconnecting" while the broker is away; :func:`watch`
+draws them in place until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+GiB = 2**30
+BAR = 24  # characters in a full bar
+
+Fetch = Callable[[], dict[str, Any]]
+
+
+# --- small formatters: unknown stays visibly unknown ------------------------------------------
+
+
+def _gib(nbytes: int | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / GiB:.1f} GiB"
+
+
+def _num(value: float | None, unit: str = "", fmt: str = "{:.0f}") -> str:
+    return "n/a" if value is None else fmt.format(value) + unit
+
+
+def _ms(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms / 1000:.1f}s" if ms >= 1000 else f"{ms:.0f}ms"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def bar(fraction: float | None, width: int = BAR) -> Text:
+    """``[█████░░░░]``, green to red as it fills; ``[ n/a ]`` when unknown."""
+    if fraction is None:
+        return Text("[" + "n/a".center(width) + "]", style="dim")
+    fraction = min(1.0, max(0.0, fraction))
+    filled = round(fraction * width)
+    style = "green" if fraction < 0.75 else "yellow" if fraction < 0.95 else "red"
+    text = Text("[")
+    text.append("█" * filled, style=style)
+    text.append("░" * (width - filled), style="dim")
+    text.append("]")
+    return text
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+def _header(data: Mapping[str, Any], url: str, error: str | None, stale_s: float | None) -> Text:
+    owner = data.get("vramOwner") or "nobody"
+    text = Text()
+    text.append("gpubroker ", style="bold")
+    text.append(f"{url}   ")
+    if error is not None:
+        ago = f" (last seen {_ago(stale_s)} ago)" if stale_s is not None else ""
+        text.append(f"reconnecting: {error}{ago}", style="bold red")
+    else:
+        text.append(f"up {_ago(data.get('uptime', 0))}", style="green")
+    text.append(f"\nGPU owner: {owner}", style="bold")
+    text.append(
+        f"   active: {data.get('activeRequests', 0)}   queued: {data.get('queueLength', 0)}"
+        f"   swaps: {data.get('swapCount', 0)}   policy: {data.get('policy', '?')}"
+    )
+    if data.get("swapping"):
+        text.append("   swapping…", style="yellow")
+    tele = data.get("telemetry") or {}
+    if tele.get("source"):
+        text.append(f"\ntelemetry: {tele['source']}", style="dim")
+    if tele.get("notice"):
+        text.append(f" ({tele['notice']})", style="dim")
+    if tele.get("error"):
+        text.append(f"  read failed: {tele['error']}", style="red")
+    return text
+
+
+def _gpus(data: Mapping[str, Any]) -> RenderableType | None:
+    gpus = data.get("gpus") or []
+    if not gpus:
+        return None
+    rows: list[RenderableType] = []
+    for g in gpus:
+        total, used = g.get("memoryTotal"), g.get("memoryUsed")
+        share = used / total if total and used is not None else None
+        util = g.get("utilization")
+        title = Text(f"GPU {g['index']}  {g['name']}", style="bold")
+        title.append(f"  {g['uuid']}", style="dim")
+        vram = Text("VRAM ")
+        vram.append_text(bar(share))
+        vram.append(
+            f" {_gib(used)} / {_gib(total)}" + (f"  {share:.0%}" if share is not None else "")
+        )
+        busy = Text("util ")
+        busy.append_text(bar(None if util is None else util / 100))
+        busy.append(f" {_num(util, '%')}")
+        draw, limit = g.get("powerDraw"), g.get("powerLimit")
+        power = Text("pwr  ")
+        power.append_text(bar(draw / limit if draw is not None and limit else None))
+        power.append(
+            " n/a" if draw is None else f" {draw:.0f}" + (f"/{limit:.0f} W" if limit else " W")
+        )
+        sm, mem = g.get("smClock"), g.get("memClock")
+        clocks = (
+            "clocks n/a"
+            if sm is None and mem is None
+            else f"clocks SM {_num(sm)} / MEM {_num(mem)} MHz"
+        )
+        other = Text(
+            f"temp {_num(g.get('temperature'), '°C')}   fan {_num(g.get('fan'), '%')}   {clocks}"
+        )
+        rows += [title, vram, busy, power, other]
+        procs = g.get("processes") or []
+        if procs:
+            table = Table(box=None, padding=(0, 2), show_edge=False)
+            for col in ("pid", "process", "VRAM", "owner"):
+                table.add_column(col, justify="right" if col in ("pid", "VRAM") else "left")
+            for p in procs:
+                owner = p.get("owner")
+                if owner is None:
+                    owner_text = Text(
+                        "unmanaged" if p.get("visible", True) else "not visible here",
+                        style="yellow" if p.get("visible", True) else "dim",
+                    )
+                else:
+                    owner_text = Text(owner, style="cyan")
+                table.add_row(
+                    str(p["pid"]), p.get("name") or "?", _gib(p.get("usedBytes")), owner_text
+                )
+            rows.append(table)
+    return Panel(Group(*rows), title="GPUs", title_align="left")
+
+
+def _backends(data: Mapping[str, Any]) -> RenderableType:
+    table = Table(title="Backends", title_justify="left", expand=False)
+    for col, just in (
+        ("backend", "left"),
+        ("state", "left"),
+        ("declared", "right"),
+        ("measured", "right"),
+        ("active", "right"),
+        ("queued", "right"),
+        ("GPU req", "right"),
+        ("pass", "right"),
+        ("health", "left"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for name, b in (data.get("backends") or {}).items():
+        state = Text(b["state"], style="green" if b["state"] == "resident" else "")
+        if b.get("owner"):
+            state.append(" ★", style="bold yellow")
+        health = b.get("health") or {}
+        status = health.get("status", "unknown")
+        health_text = Text(status, style={"up": "green", "down": "red"}.get(status, "dim"))
+        if "latencyMs" in health:
+            health_text.append(f" {health['latencyMs']:.0f}ms", style="dim")
+        table.add_row(
+            name,
+            state,
+            _gib(b.get("declaredVram")),
+            _gib(b.get("measuredVram")),
+            str(b.get("active", 0)),
+            str(b.get("queued", 0)),
+            str(b.get("gpuRequests", 0)),
+            str(b.get("passthroughRequests", 0)),
+            health_text,
+        )
+    return table
+
+
+def _requests(data: Mapping[str, Any]) -> RenderableType | None:
+    live = [r for r in data.get("liveRequests") or [] if r.get("state") == "active"]
+    queue = data.get("queue") or []
+    if not live and not queue:
+        return Text("No requests in flight or queued.", style="dim")
+    table = Table(title="Requests", title_justify="left")
+    for col in ("id", "backend", "state", "path", "elapsed", "queued"):
+        table.add_column(col, justify="right" if col in ("id", "elapsed", "queued") else "left")
+    for r in live:
+        table.add_row(
+            str(r["id"]), r["backend"], Text("in flight", style="green"), r.get("path", ""),
+            _ms(r.get("elapsedMs")), _ms(r.get("queuedMs")),
+        )  # fmt: skip
+    for q in queue:
+        table.add_row(
+            str(q["id"]), q["backend"], Text(f"queued #{q['position']}", style="yellow"), "",
+            _ms(q.get("waitedMs")), "",
+        )  # fmt: skip
+    return table
+
+
+def _swaps(data: Mapping[str, Any], limit: int = 5) -> RenderableType | None:
+    swaps = (data.get("swaps") or [])[:limit]
+    if not swaps:
+        return None
+    table = Table(title="Recent swaps", title_justify="left")
+    for col in ("at", "evicted → to", "drain", "unload", "load", "total"):
+        table.add_column(col, justify="left" if col in ("at", "evicted → to") else "right")
+    for s in swaps:
+        at = s.get("at") or ""
+        try:
+            at = datetime.fromisoformat(at.replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
+        except ValueError:
+            pass
+        moved = f"{', '.join(s.get('evicted', [])) or '-'} → {s.get('to') or '-'}"
+        if s.get("failures"):
+            moved += " (failures)"
+        table.add_row(
+            at, moved, _ms(s.get("drainMs")), _ms(s.get("unloadMs")), _ms(s.get("loadMs")),
+            _ms(s.get("totalMs")),
+        )  # fmt: skip
+    return table
+
+
+def _warnings(data: Mapping[str, Any], now: float) -> RenderableType:
+    warnings = data.get("warnings") or []
+    if not warnings:
+        return Text("No warnings.", style="green")
+    table = Table(title="Warnings", title_justify="left", title_style="bold red")
+    table.add_column("code", style="red")
+    table.add_column("for", justify="right")
+    table.add_column("message")
+    for w in warnings:
+        table.add_row(w["code"], _ago(now - w.get("sinceTs", now)), w["message"])
+    return table
+
+
+def render(
+    data: Mapping[str, Any] | None,
+    *,
+    url: str,
+    error: str | None = None,
+    stale_s: float | None = None,
+    now: float | None = None,
+) -> RenderableType:
+    """One frame of the dashboard from the status JSON (None: never reached the broker)."""
+    now = time.time() if now is None else now
+    if data is None:
+        return Panel(
+            Text(
+                f"no broker answering at {url} ({error or 'not tried yet'}); retrying…", style="red"
+            ),
+            title="gpubroker: reconnecting",
+            title_align="left",
+        )
+    parts = [
+        _header(data, url, error, stale_s),
+        _gpus(data),
+        _backends(data),
+        _requests(data),
+        _swaps(data),
+        _warnings(data, now),
+    ]
+    return Group(*(p for p in parts if p is not None))
+
+
+def render_text(renderable: RenderableType, width: int = 120) -> str:
+    """Plain text of a renderable (tests, logs)."""
+    console = Console(width=width, record=True, file=_Null(), color_system=None)
+    console.print(renderable)
+    return console.export_text()
+
+
+class _Null:
+    def write(self, _text: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+
+# --- the live loop -----------------------------------------------------------------------------
+
+
+def frames(
+    fetch: Fetch, url: str, *, clock: Callable[[], float] = time.monotonic
+) -> Iterator[RenderableType]:
+    """One frame per ``next()``: a fresh poll, or the last good data marked reconnecting."""
+    last: dict[str, Any] | None = None
+    last_ok: float | None = None
+    while True:
+        try:
+            data = fetch()
+        except Exception as exc:  # unreachable, restarting, a proxy's HTML error page…
+            error = type(exc).__name__
+            stale = None if last_ok is None else clock() - last_ok
+            yield render(last, url=url, error=error, stale_s=stale)
+            continue
+        last, last_ok = data, clock()
+        yield render(data, url=url)
+
+
+def http_fetch(url: str, timeout: float = 3.0) -> tuple[Fetch, Callable[[], None]]:
+    """A fetch of ``GET {url}/`` on one kept-alive client, and its close."""
+    import httpx
+
+    client = httpx.Client(timeout=httpx.Timeout(timeout, connect=2.0), trust_env=False)
+
+    def fetch() -> dict[str, Any]:
+        response = client.get(url + "/")
+        response.raise_for_status()
+        data = response.json()
+        if not isinstance(data, dict):
+            raise ValueError("not a status object")
+        return data
+
+    return fetch, client.close
+
+
+def watch(url: str, *, interval: float = 1.0, console: Console | None = None) -> None:
+    """Draw the dashboard in place, polling every ``interval`` seconds, until Ctrl-C."""
+    from rich.live import Live
+
+    console = console or Console()
+    fetch, close = http_fetch(url)
+    try:
+        with Live(console=console, screen=True, auto_refresh=False, transient=False) as live:
+            for frame in frames(fetch, url):
+                live.update(frame, refresh=True)
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        close()
