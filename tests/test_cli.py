@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -104,9 +105,14 @@ def test_version() -> None:
         ["workers", "logs", "llama"],
     ],
 )
-def test_commands_not_there_yet_say_so_in_one_line(command: list[str]) -> None:
-    message = assert_one_line_error(runner.invoke(app, command))
-    assert "is not available in this version yet" in message
+def test_worker_commands_without_a_broker_exit_3_in_one_line(
+    command: list[str], clean_env: Path
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    message = assert_one_line_error(runner.invoke(app, [*command, "--url", url]), code=3)
+    assert "no broker answering" in message
 
 
 def test_unknown_command_is_a_usage_error() -> None:

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -39,10 +39,14 @@ from .scheduler import (
 from .strategies.base import Strategy
 from .telemetry.base import TelemetrySnapshot
 
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
 log = logging.getLogger("gpubroker.broker")
 
 IDLE_POLL = 0.1  # seconds between busy() polls while a victim drains
 HISTORY = 50  # swaps kept for the status page
+MiB = 2**20
 
 
 class Refused(Exception):
@@ -132,12 +136,16 @@ class Broker:
             for b in config.backends
         }
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.supervisor: Supervisor | None = None  # managed workers (`command:`), set by the server
+        self.measured: dict[str, dict[str, int | None]] = {}  # backend -> GPU -> bytes seen held
+        self._held_before: dict[str, int | None] = {}  # measured as an unload began
         self._pending: dict[int, _Pending] = {}
         self._evictions: dict[int, EvictJob] = {}
         self._idle_scopes: dict[int, list[anyio.CancelScope]] = {}
         self._ids = itertools.count(1)
         self._tg: TaskGroup | None = None
         self._wake = anyio.Event()
+        self._armed: float | None = None  # the deadline the clock loop sleeps until
         self.ready = anyio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -172,8 +180,9 @@ class Broker:
             self._apply(self.sched.reconciled(name, results[name], self.clock()))
 
     async def _clock_loop(self) -> None:
+        """Tick at the scheduler's next deadline; ``_apply`` wakes us when one comes sooner."""
         while True:
-            deadline = self.sched.next_deadline()
+            deadline = self._armed = self.sched.next_deadline()
             wait = None if deadline is None else max(0.0, deadline - self.clock())
             with anyio.move_on_after(wait if wait is not None else float("inf")):
                 await self._wake.wait()
@@ -198,7 +207,6 @@ class Broker:
         self.live[lease] = LiveRequest(lease, backend, path, time.time())
         try:
             self._apply(self.sched.request(lease, backend, now))
-            self._wake.set()
             try:
                 await pending.event.wait()
             except BaseException:
@@ -211,6 +219,8 @@ class Broker:
             self.live[lease].admitted_at = time.time()
             if count:
                 self.counters[backend]["gpu"] += 1
+            queued_ms = round((self.clock() - now) * 1000, 1)
+            self._emit("admitted", backend, lease=lease, queueMs=queued_ms)
             try:
                 yield Grant(lease, backend, self.clock() - now, pending.admit.swap)
             finally:
@@ -218,6 +228,27 @@ class Broker:
         finally:
             self._pending.pop(lease, None)
             self.live.pop(lease, None)
+
+    def first_byte(self, lease: int) -> None:
+        """The proxy sent the first body byte of ``lease``'s response."""
+        live = self.live.get(lease)
+        if live is not None and self.listeners:
+            self._emit("first_byte", live.backend, lease=lease)
+
+    def measure(self, backend: str, per_gpu: Mapping[str, int | None]) -> None:
+        """Telemetry's bytes held by ``backend`` per GPU; the scheduler sizes by the larger."""
+        if per_gpu:
+            self.measured[backend] = dict(per_gpu)
+        else:  # no GPU readings at all: nothing measured
+            self.measured.pop(backend, None)
+        for gpu, nbytes in per_gpu.items():
+            self._apply(self.sched.measured(backend, gpu, nbytes, self.clock()))
+
+    def measured_total(self, backend: str) -> int | None:
+        per_gpu = self.measured.get(backend)
+        if per_gpu is None or any(v is None for v in per_gpu.values()):
+            return None
+        return sum(v or 0 for v in per_gpu.values())
 
     async def evict(self, backend: str | None, *, force: bool = False) -> SwapInfo | None:
         """Admin unload: free ``backend`` (all when None) and wait until it is done."""
@@ -237,6 +268,14 @@ class Broker:
     # --- effects --------------------------------------------------------------------------
 
     def _apply(self, effects: list[Effect]) -> None:
+        self._carry_out(effects)
+        # Any event may set a sooner deadline (a hold, a minimum residency, an idle timeout):
+        # wake the clock loop so it re-arms, without waking it for deadlines it already has.
+        deadline = self.sched.next_deadline()
+        if deadline is not None and (self._armed is None or deadline < self._armed):
+            self._wake.set()
+
+    def _carry_out(self, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, Admit | Refuse):
                 pending = self._pending.get(effect.lease)
@@ -266,7 +305,7 @@ class Broker:
             elif isinstance(effect, SwapDone):
                 self._swap_done(effect)
             elif isinstance(effect, Note):
-                self._emit(effect.kind, effect.backend, lease=effect.lease, **effect.detail)
+                self._note(effect)
 
     def _spawn(self, fn: Callable[[Any], Any], effect: Effect) -> None:
         if self._tg is None:
@@ -301,7 +340,14 @@ class Broker:
 
     async def _load(self, effect: Load) -> None:
         backend = self.config.backend(effect.backend)
-        error = await self._bounded(self.strategies[effect.backend].load, backend.start_timeout)
+        strategy = self.strategies[effect.backend]
+
+        async def load() -> None:
+            if self.supervisor is not None and backend.name in self.supervisor.workers:
+                await self.supervisor.start(backend.name)  # a managed worker must run first
+            await strategy.load()
+
+        error = await self._bounded(load, backend.start_timeout)
         self._apply(self.sched.loaded(effect.swap, effect.backend, error, self.clock()))
 
     @staticmethod
@@ -336,14 +382,54 @@ class Broker:
                 info.target,
                 evicted=list(info.evicted),
                 total_ms=round(info.total_s * 1000, 1),
+                swap=effect.swap,
+                **{k: v for k, v in self.history[0].items() if k.endswith("Ms")},
             )
         job = self._evictions.pop(effect.swap, None)
         if job is not None:
             job.info = info
             job.done.set()
 
+    def _note(self, note: Note) -> None:
+        """A scheduler note as an event, named for what a watcher sees happen."""
+        kind, name, detail = note.kind, note.backend, dict(note.detail)
+        if kind == "unloading" and name is not None:
+            self._held_before[name] = self.measured_total(name)
+            if self.sched.slots[name].spec.cost == 1:
+                kind = "sleeping"
+        elif kind == "unloaded" and name is not None:
+            held = self._held_before.pop(name, None)
+            if detail.get("error"):
+                kind = "unload_failed"
+            else:
+                kind = "freed"
+                detail.pop("error", None)
+                declared = self.config.backend(name).vram
+                detail["measured"] = held is not None
+                held = held if held is not None else declared
+                detail["mib"] = None if held is None else round(held / MiB)
+        elif kind == "loading" and detail.pop("wake", False):
+            kind = "waking"
+        elif kind == "swap_started":
+            detail["requests"] = [w.lease for w in self.sched.queue if w.backend == name]
+        self._emit(kind, name, lease=note.lease, **detail)
+
+    def emit(self, kind: str, backend: str | None, **detail: Any) -> None:
+        """Tell every listener (event stream, metrics) of something beside the scheduler's."""
+        self._emit(kind, backend, **detail)
+
     def _emit(self, kind: str, backend: str | None, **detail: Any) -> None:
-        event = {"event": kind, "backend": backend, "at": time.time(), **detail}
+        """Every event carries its request id and elapsed time where it has them."""
+        lease = detail.pop("lease", None)
+        event: dict[str, Any] = {"event": kind, "backend": backend, "at": time.time()}
+        if lease is not None:
+            event["request"] = lease
+            live = self.live.get(lease)
+            if live is not None:
+                event["elapsedMs"] = round((event["at"] - live.since) * 1000, 1)
+        elif (plan := self.sched.plans.get(detail.get("swap", -1))) is not None:
+            event["elapsedMs"] = round((self.clock() - plan.started) * 1000, 1)
+        event.update(detail)
         log.debug("%s", event)
         for listener in list(self.listeners):
             listener(event)

@@ -67,6 +67,7 @@ class BackendConfig:
     stop_timeout: float = 10.0
     autostart: bool = False
     restart: Restart = "on-failure"
+    log_file: str | None = None
 
     @property
     def classifier_name(self) -> str:
@@ -92,6 +93,9 @@ class Config:
     gpus: tuple[GpuSpec, ...] | Literal["auto"] = "auto"
     admin_token: str | None = None
     telemetry: str = "auto"
+    telemetry_url: str | None = None  # where `telemetry: sim` reads the simulated GPUs
+    telemetry_interval: float = 2.0
+    gpu_near_full: float = 0.95  # used/total at which the GPU-near-full warning fires
     disable_plugins: tuple[str, ...] = ()
     source: str | None = None
     locations: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
@@ -197,6 +201,24 @@ def _choice(*options: Any) -> Callable[[object], Any]:
     return parse
 
 
+def _ratio(value: object) -> float:
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            value = float(value.strip()[:-1]) / 100
+        except ValueError:
+            pass
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    raise ValueError("a fraction such as 0.95 or a percentage such as 95%")
+
+
+def _interval(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds < 0.1:
+        raise ValueError("an interval of at least 100ms")
+    return seconds
+
+
 def _optional_duration(value: object) -> float | None:
     if value in (None, "never", "off", 0):
         return None
@@ -272,6 +294,7 @@ _BACKEND: dict[str, _Field] = {
     "stopTimeout": _Field("stop_timeout", parse_duration),
     "autostart": _Field("autostart", _bool),
     "restart": _Field("restart", _choice("on-failure", "always", "never")),
+    "logFile": _Field("log_file", _str),
 }
 _BACKEND_REQUIRED = ("name", "proxyPort", "upstream")
 
@@ -289,6 +312,9 @@ _TOP: dict[str, _Field] = {
     "gpus": _Field("gpus", lambda v: v),  # parsed by _parse_gpus, which needs locations
     "adminToken": _Field("admin_token", _str),
     "telemetry": _Field("telemetry", _str),
+    "telemetryUrl": _Field("telemetry_url", _url),
+    "telemetryInterval": _Field("telemetry_interval", _interval),
+    "gpuNearFull": _Field("gpu_near_full", _ratio),
     "disablePlugins": _Field("disable_plugins", _str_list),
 }
 _GPU: dict[str, _Field] = {
@@ -409,6 +435,10 @@ def parse_config(data: Any, source: str | None = None) -> Config:
     backends = loader.backends(values.pop("backends", []))
     if "gpus" in values:
         values["gpus"] = loader.gpus(values["gpus"])
+    if values.get("telemetry") == "sim" and "telemetry_url" not in values:
+        raise loader.fail(
+            "telemetry", "`telemetry: sim` needs `telemetryUrl:` (the simulated GPUs' /gpus URL)"
+        )
     status_port = values.get("status_port", DEFAULT_STATUS_PORT)
     for i, b in enumerate(backends):
         if b.proxy_port == status_port:

@@ -22,7 +22,7 @@ import typer
 from .config import Config, parse_config
 from .plugins import create_plugins
 from .server import run_broker
-from .sim import ComfyUIEmulator, GiB, OllamaEmulator, SimGPU, VLLMEmulator, running
+from .sim import ComfyUIEmulator, GiB, OllamaEmulator, SimGPU, VLLMEmulator, gpu_app, running
 from .sim.comfyui import simple_workflow
 
 CAPACITY = 24 * GiB
@@ -133,11 +133,13 @@ async def drive(urls: dict[str, str], jobs: list[str]) -> Tally:
     return tally
 
 
-def broker_config(urls: dict[str, str]) -> Config:
+def broker_config(urls: dict[str, str], telemetry_url: str | None = None) -> Config:
+    telemetry = {"telemetry": "sim", "telemetryUrl": telemetry_url} if telemetry_url else {}
     return parse_config(
         {
             "queueTimeout": "60s",
             "holdTime": "2s",
+            **telemetry,
             "backends": [
                 {"name": name, "proxyPort": 5001 + i, "upstream": url, "unloadStrategy": name}
                 for i, (name, url) in enumerate(urls.items())
@@ -165,12 +167,12 @@ async def run(keep: bool, n: int) -> int:
 
     typer.echo("\n2) The same workload through gpubroker:")
     gpu = SimGPU(CAPACITY, name="Simulated 24 GiB GPU")
-    async with services(gpu) as urls:
+    async with services(gpu) as urls, running(gpu_app(gpu)) as gpu_url:
         shutdown = anyio.Event()
         async with anyio.create_task_group() as tg:
             endpoints = await tg.start(
                 lambda task_status: run_broker(
-                    broker_config(urls),
+                    broker_config(urls, gpu_url),
                     create_plugins(),
                     shutdown,
                     ephemeral_ports=True,
@@ -198,7 +200,8 @@ async def run(keep: bool, n: int) -> int:
             )
             if keep:
                 typer.echo(
-                    f"\nStill serving. Try:\n  gpubroker status --url {endpoints.status_url}"
+                    "\nStill serving. Try:\n"
+                    f"  gpubroker status --watch --url {endpoints.status_url}"
                     + "".join(f"\n  {n}: {u}" for n, u in endpoints.proxies.items())
                     + "\nCtrl-C to stop."
                 )

@@ -197,6 +197,12 @@ def check_config_names(config: Any, plugins: Plugins) -> None:
                 f"backends[{i}].unloadStrategy",
                 f"unknown strategy {backend.unload_strategy!r} (known: {known})",
             )
+        if backend.unload_strategy == "process" and backend.command is None:
+            raise config.error(
+                f"backends[{i}].unloadStrategy",
+                "the process strategy stops and starts a managed worker: give this backend "
+                "`command:` (a list, with {port} where its port goes)",
+            )
         if backend.gpu_paths is None and backend.classifier_name not in plugins.classifiers:
             known = ", ".join(sorted(plugins.classifiers))
             key = "classifier" if backend.classifier else "unloadStrategy"

@@ -254,23 +254,39 @@ class ProxyApp:
                     "headers": response_headers(response.headers) + extra,
                 }
             )
-            await self._stream(body, send, response)
+            await self._stream(body, send, response, grant.lease if grant else None, has_body)
         finally:
             await response.aclose()
 
-    async def _stream(self, body: RequestBody, send: Send, response: Any) -> None:
+    async def _stream(
+        self,
+        body: RequestBody,
+        send: Send,
+        response: Any,
+        lease: int | None = None,
+        has_body: bool = True,
+    ) -> None:
         """Copy the response body to the client until it ends or the client leaves."""
+        whole = response.buffered_body()
+        if whole is not None:  # arrived with the head: one send, nothing to watch meanwhile
+            await send({"type": "http.response.body", "body": whole, "more_body": False})
+            if lease is not None and whole:
+                self.broker.first_byte(lease)
+            return
         async with anyio.create_task_group() as tg:
 
             async def watch() -> None:
                 await body.wait_disconnect()
                 tg.cancel_scope.cancel()
 
-            if body.complete:
+            if body.complete or not has_body:  # nothing left to read but a disconnect
                 tg.start_soon(watch)
             try:
                 async for chunk in response.body():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if lease is not None:  # once per GPU request: the event stream's first byte
+                        self.broker.first_byte(lease)
+                        lease = None
             except UpstreamError as exc:
                 self.broker.counters[self.name]["upstream_errors"] += 1
                 log.warning("%s: upstream failed mid-stream: %s", self.name, exc)

@@ -213,6 +213,7 @@ class _Slot:
     last_used: float = 0.0
     loaded_at: float = float("-inf")
     plan: int | None = None  # the plan this backend is a victim or target of
+    measured: dict[str, int] = field(default_factory=dict)  # GPU -> bytes telemetry saw held
 
     @property
     def name(self) -> str:
@@ -288,12 +289,31 @@ class Scheduler:
     # --- sizes ----------------------------------------------------------------------------
 
     def size(self, backend: str, gpu: str) -> int:
-        """Bytes ``backend`` takes on ``gpu`` when resident (the whole GPU where unknown)."""
+        """Bytes ``backend`` takes on ``gpu`` when resident (the whole GPU where unknown).
+
+        The declared need, or what telemetry measured when that is larger.
+        """
         cap = self.capacity[gpu]
-        need = self.slots[backend].spec.need
+        slot = self.slots[backend]
+        need = slot.spec.need
         if self.policy == "exclusive" or cap is None or need is None:
             return cap if cap is not None else 1
-        return need
+        return max(need, slot.measured.get(gpu, 0))
+
+    def measured(self, backend: str, gpu: str, nbytes: int | None, now: float) -> list[Effect]:
+        """Telemetry saw ``backend`` hold ``nbytes`` on ``gpu`` (None: cannot tell).
+
+        A size that changed may let a waiter in, or call for more room: the queue is pumped.
+        """
+        slot = self.slots[backend]
+        if gpu not in slot.spec.gpus:
+            return []
+        before = self.size(backend, gpu)
+        if nbytes is None:
+            slot.measured.pop(gpu, None)
+        else:
+            slot.measured[gpu] = nbytes
+        return self._pump(now) if self.size(backend, gpu) != before else []
 
     def _cap(self, gpu: str) -> int:
         cap = self.capacity[gpu]
@@ -419,7 +439,7 @@ class Scheduler:
         plan.unload_started = True
         if plan.idle >= set(plan.victims):
             plan.drained_at = now
-        return [Note("unloading", backend), Unload(swap, backend)]
+        return [Note("unloading", backend, detail={"swap": swap}), Unload(swap, backend)]
 
     def unloaded(self, swap: int, backend: str, error: str | None, now: float) -> list[Effect]:
         """A victim's unload finished; with ``error`` it failed or timed out (the plan goes on)."""
@@ -430,7 +450,7 @@ class Scheduler:
         slot = self.slots[backend]
         slot.state = State.ASLEEP if slot.spec.cost == 1 and error is None else State.ABSENT
         slot.plan = None
-        effects: list[Effect] = [Note("unloaded", backend, detail={"error": error})]
+        effects: list[Effect] = [Note("unloaded", backend, detail={"error": error, "swap": swap})]
         if error:
             plan.failures.append(f"{backend}: {error}")
         if plan.gone < set(plan.victims):
@@ -438,8 +458,16 @@ class Scheduler:
         plan.unloaded_at = now
         if plan.target is None or self.slots[plan.target].state is State.RESIDENT:
             return effects + self._finish(plan, now) + self._pump(now)
-        self.slots[plan.target].state = State.LOADING
-        return [*effects, Note("loading", plan.target), Load(plan.id, plan.target)]
+        return [*effects, *self._load(plan)]
+
+    def _load(self, plan: _Plan) -> list[Effect]:
+        """Bring the plan's target up; the note says whether it wakes from sleep."""
+        assert plan.target is not None
+        slot = self.slots[plan.target]
+        wake = slot.state is State.ASLEEP
+        slot.state = State.LOADING
+        detail = {"wake": wake, "swap": plan.id}
+        return [Note("loading", plan.target, detail=detail), Load(plan.id, plan.target)]
 
     def loaded(self, swap: int, backend: str, error: str | None, now: float) -> list[Effect]:
         """The target's ``load()`` finished; with ``error`` it could not be brought up."""
@@ -453,7 +481,9 @@ class Scheduler:
         slot.state = State.UNKNOWN
         slot.plan = None
         del self.plans[plan.id]
-        effects: list[Effect] = [Note("load_failed", backend, detail={"error": error})]
+        effects: list[Effect] = [
+            Note("load_failed", backend, detail={"error": error, "swap": swap})
+        ]
         for waiter in [w for w in self.queue if w.backend == backend]:
             self.queue.remove(waiter)
             effects.append(
@@ -529,7 +559,10 @@ class Scheduler:
                 self.slots[name].plan = None
             self.slots[plan.target].plan = None
             del self.plans[plan.id]
-            effects += [CancelSwap(plan.id), Note("swap_abandoned", plan.target)]
+            effects += [
+                CancelSwap(plan.id),
+                Note("swap_abandoned", plan.target, detail={"swap": plan.id}),
+            ]
         return effects + self._pump(now)
 
     def _pump(self, now: float) -> list[Effect]:
@@ -550,6 +583,9 @@ class Scheduler:
         for target in self._targets(now):
             gpus = frozenset(self.slots[target].spec.gpus)
             if gpus & claimed:
+                key = min(gpus)  # still waiting: its hold keeps running
+                if key in self.hold_until:
+                    holds[key] = self.hold_until[key]
                 continue
             claimed |= gpus
             effects += self._make_room(target, gpus, now, holds)
@@ -597,6 +633,8 @@ class Scheduler:
         """Load ``target`` now if it fits; else pick victims and drain them when they may."""
         victims: list[str] = []
         protected_until: float | None = None
+        key = min(gpus)
+        hold = self.hold_until.get(key, now + self.hold_time)  # runs from first blocked
         for gpu in sorted(gpus):
             freed = sum(self.size(v, gpu) for v in victims if gpu in self.slots[v].spec.gpus)
             adds = 0 if self.slots[target].state in HOLDS_VRAM else self.size(target, gpu)
@@ -628,14 +666,12 @@ class Scheduler:
             if chosen is None:
                 if protected_until is not None:
                     self._wake_at = protected_until  # room appears once residency is served
+                holds[key] = hold
                 return []  # wait: what would make room is pinned, busy in a plan, or young
             victims += chosen
-        if victims and any(self.slots[v].active for v in victims):
-            hold = self.hold_until.get(target_key := min(gpus))
-            hold = hold if hold is not None else now + self.hold_time
-            if now < hold:
-                holds[target_key] = hold  # the victims keep serving until the hold ends
-                return []
+        if victims and any(self.slots[v].active for v in victims) and now < hold:
+            holds[key] = hold  # the victims keep serving until the hold ends
+            return []
         _, effects = self._start(target, victims, gpus, now)
         return effects
 
@@ -661,13 +697,14 @@ class Scheduler:
             plan.prior[name] = slot.state
             slot.state = State.DRAINING
             slot.plan = plan.id
-            effects.append(Note("draining", name, detail={"active": len(slot.active)}))
+            effects.append(
+                Note("draining", name, detail={"active": len(slot.active), "swap": plan.id})
+            )
         if victims:
             return plan, effects + self._drain_progress(plan, now)
         plan.drained_at = plan.unloaded_at = now
         if target is not None and self.slots[target].state is not State.RESIDENT:
-            self.slots[target].state = State.LOADING
-            return plan, [*effects, Note("loading", target), Load(plan.id, target)]
+            return plan, effects + self._load(plan)
         return plan, effects + self._finish(plan, now)
 
     def _drain_progress(self, plan: _Plan, now: float) -> list[Effect]:

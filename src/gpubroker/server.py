@@ -20,12 +20,17 @@ from .broker import Broker
 from .classifiers.base import Classifier, RouteClassifier
 from .config import BackendConfig, Config
 from .errors import ConfigError
+from .monitor import Monitor
 from .plugins import Plugins, check_config_names
 from .proxy import ProxyApp
 from .serving import Listener, listen, serve
 from .status import StatusApp
 from .strategies.base import Strategy, StrategyContext
+from .supervisor import Supervisor
+from .telemetry.base import TelemetrySnapshot
+from .telemetry.sampler import Sampler, choose_source
 from .upstream import Upstream
+from .workers_api import forget
 
 log = logging.getLogger("gpubroker.server")
 
@@ -39,15 +44,23 @@ class Endpoints:
     status_url: str
     proxies: dict[str, str] = field(default_factory=dict)
     broker: Broker | None = None
+    monitor: Monitor | None = None
 
 
-def make_strategy(backend: BackendConfig, config: Config, plugins: Plugins) -> Strategy:
+def make_strategy(
+    backend: BackendConfig, config: Config, plugins: Plugins, supervisor: Supervisor | None = None
+) -> Strategy:
     client = httpx.AsyncClient(
         base_url=backend.upstream,
         timeout=httpx.Timeout(min(config.unload_timeout, 30.0)),
         trust_env=False,
     )
-    ctx = StrategyContext(backend=backend, client=client, unload_timeout=config.unload_timeout)
+    ctx = StrategyContext(
+        backend=backend,
+        client=client,
+        unload_timeout=config.unload_timeout,
+        supervisor=supervisor,
+    )
     return plugins.strategies[backend.unload_strategy].cls(ctx)
 
 
@@ -73,10 +86,10 @@ async def _probe_health(status: StatusApp, config: Config) -> None:
             for b in config.backends:
                 path = b.health_path or "/"
                 started = time.perf_counter()
-                try:
-                    response = await client.get(b.upstream + path)
-                    ok = response.status_code < 500
-                    detail: dict[str, Any] = {"code": response.status_code}
+                try:  # the status line is enough: never download what the path serves
+                    async with client.stream("GET", b.upstream + path) as response:
+                        ok = response.status_code < 500
+                        detail: dict[str, Any] = {"code": response.status_code}
                 except httpx.HTTPError as exc:
                     ok, detail = False, {"error": type(exc).__name__}
                 status.health[b.name] = {
@@ -101,8 +114,21 @@ async def run_broker(
     With ``ephemeral_ports`` every port is chosen by the OS (tests, ``gpubroker demo``).
     """
     check_config_names(config, plugins)
-    strategies = {b.name: make_strategy(b, config, plugins) for b in config.backends}
-    broker = Broker(config, strategies)
+    source, notice = await choose_source(config, plugins)
+    if notice:
+        log.warning("telemetry: %s; the broker runs on declared VRAM sizes", notice)
+    sampler = Sampler(source, notice=notice)
+    first = await sampler.sample()  # bounded; GPU sizes and UUIDs for the scheduler's domains
+
+    async def latest() -> TelemetrySnapshot:
+        return sampler.latest
+
+    supervisor = Supervisor(config, sample=latest, telemetry_interval=config.telemetry_interval)
+    strategies = {b.name: make_strategy(b, config, plugins, supervisor) for b in config.backends}
+    broker = Broker(config, strategies, telemetry=first if first.gpus else None)
+    broker.supervisor, supervisor.emit = supervisor, broker.emit
+    supervisor.on_exit = partial(forget, broker)
+    monitor = Monitor(broker, sampler, roots=supervisor.roots)
     upstreams = {
         b.name: Upstream(b.upstream, response_timeout=config.upstream_timeout)
         for b in config.backends
@@ -111,7 +137,7 @@ async def run_broker(
         b.name: ProxyApp(b, make_classifier(b, plugins), broker, upstreams[b.name])
         for b in config.backends
     }
-    status = StatusApp(broker)
+    status = StatusApp(broker, monitor)
     host = config.bind
     listeners: dict[str, Listener] = {}
     try:
@@ -121,6 +147,7 @@ async def run_broker(
         for b in config.backends:
             listeners[b.name] = _bind(host, 0 if ephemeral_ports else b.proxy_port, b.name)
         async with anyio.create_task_group() as tg:
+            await tg.start(supervisor.run)  # leftovers adopted or stopped before reconciling
             await tg.start(broker.run)
             stopped = anyio.Event()
 
@@ -128,7 +155,7 @@ async def run_broker(
                 grace = config.shutdown_grace
                 async with anyio.create_task_group() as servers:
                     for name, app in [("status", status.app), *proxies.items()]:
-                        run = partial(serve, graceful_timeout=grace)
+                        run = partial(serve, graceful_timeout=grace, own_headers=name == "status")
                         servers.start_soon(run, app, listeners.pop(name), shutdown.wait)
                 stopped.set()
 
@@ -136,8 +163,10 @@ async def run_broker(
                 status_url=_url(host, listeners["status"].port),
                 proxies={b.name: _url(host, listeners[b.name].port) for b in config.backends},
                 broker=broker,
+                monitor=monitor,
             )
             tg.start_soon(serve_all)
+            tg.start_soon(monitor.run)
             tg.start_soon(_probe_health, status, config)
             task_status.started(endpoints)
             await stopped.wait()
@@ -146,10 +175,12 @@ async def run_broker(
         for listener in listeners.values():
             listener.sock.close()
         with anyio.CancelScope(shield=True):
+            await supervisor.aclose()  # no managed worker outlives its broker
             for upstream in upstreams.values():
                 await upstream.aclose()
             for strategy in strategies.values():
                 await strategy.client.aclose()
+            await sampler.close()
 
 
 def _url(host: str, port: int) -> str:

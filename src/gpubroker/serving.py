@@ -54,15 +54,21 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[Any]],
     *,
     graceful_timeout: float = 30.0,
+    own_headers: bool = True,
 ) -> None:
     """Serve ``app`` on ``listener`` until ``shutdown_trigger`` returns, then drain in-flight work.
 
     Hypercorn takes ownership of the socket. In-flight requests get ``graceful_timeout`` seconds
-    to finish after the trigger fires.
+    to finish after the trigger fires. ``own_headers=False`` leaves out Hypercorn's Date and
+    Server headers (for the proxy ports, which pass the upstream's own).
     """
     config = HypercornConfig()
     config.bind = [f"fd://{listener.sock.detach()}"]
     config.graceful_timeout = graceful_timeout
+    config.backlog = 1024  # Hypercorn listens again with its own backlog (100 by default)
+    # A proxy passes the upstream's Date and Server through; adding ours would duplicate them.
+    config.include_date_header = own_headers
+    config.include_server_header = own_headers
     config.accesslog = None
     config.errorlog = logging.getLogger("gpubroker.http")
     config.keep_alive_timeout = 75

@@ -76,6 +76,8 @@ async def _client_to_upstream(
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
+            # Hypercorn 0.18 reports every client close as 1006 (it drops the client's code),
+            # so the client's own code reaches us only where the server passes it on.
             code = message.get("code", 1000)
             await upstream.close(code=code if code not in (1005, 1006) else 1000)
             scope.cancel()
@@ -100,10 +102,9 @@ async def _upstream_to_client(
                 await send({"type": "websocket.send", "text": data})
     except ConnectionClosed:
         pass
-    rcvd = upstream.close_rcvd
-    code = rcvd.code if rcvd is not None else 1011
-    reason = rcvd.reason if rcvd is not None else ""
-    if code in (1005, 1006):
+    code = upstream.close_code if upstream.close_code is not None else 1011
+    reason = upstream.close_reason or ""
+    if code in (1005, 1006):  # no status / abnormal: not valid on the wire, say "normal"
         code = 1000
     await send({"type": "websocket.close", "code": code, "reason": reason})
     scope.cancel()

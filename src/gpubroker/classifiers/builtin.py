@@ -84,6 +84,17 @@ class GenericClassifier(Classifier):
         return method in ("POST", "PUT", "PATCH")
 
 
+class ProcessClassifier(Classifier):
+    name = "process"
+    description = (
+        "Managed worker (process strategy): every request, since a stopped worker answers "
+        "nothing; set `classifier:` to let reads pass through"
+    )
+
+    def is_gpu(self, method: str, path: str) -> bool:
+        return True
+
+
 BUILTIN_CLASSIFIERS: tuple[type[Classifier], ...] = (
     OllamaClassifier,
     ComfyUIClassifier,
@@ -91,6 +102,7 @@ BUILTIN_CLASSIFIERS: tuple[type[Classifier], ...] = (
     OpenAIClassifier,
     LlamaCppClassifier,
     GenericClassifier,
+    ProcessClassifier,
 )
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import httpx
 
 from ..config import BackendConfig
+
+if TYPE_CHECKING:
+    from ..supervisor import Supervisor
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +25,8 @@ class StrategyContext:
     backend: BackendConfig
     client: httpx.AsyncClient
     unload_timeout: float
+    supervisor: Supervisor | None = None
+    """The managed workers' supervisor (``command:`` backends); None where there is none."""
 
 
 class Strategy:

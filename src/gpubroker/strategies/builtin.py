@@ -14,6 +14,7 @@ import httpx
 
 from ..hookspecs import hookimpl
 from .base import Strategy
+from .process import ProcessStrategy
 
 POLL_INTERVAL = 0.05  # seconds between confirmation polls: short, since a swap waits on them
 
@@ -114,19 +115,22 @@ class VLLMStrategy(Strategy):
     description = "vLLM: POST /sleep?level=N, wake with /wake_up (dev mode + --enable-sleep-mode)"
     eviction_cost = 1
 
-    async def _sleeping(self) -> bool:
-        response = await self.client.get("/is_sleeping")
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self.client.request(method, path, **kwargs)
         if response.status_code == 404:
             raise StrategyFailed(
-                "vLLM has no sleep endpoints: start it with VLLM_SERVER_DEV_MODE=1 and "
-                "--enable-sleep-mode"
+                f"vLLM answered 404 to {method} {path}: its sleep endpoints exist only when it "
+                "runs with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode"
             )
         if response.status_code >= 400:
-            raise StrategyFailed(f"GET /is_sleeping answered {response.status_code}")
-        return bool(response.json().get("is_sleeping"))
+            raise StrategyFailed(f"{method} {path} answered {response.status_code}")
+        return response.json() if response.content else None
+
+    async def _sleeping(self) -> bool:
+        return bool((await self._call("GET", "/is_sleeping") or {}).get("is_sleeping"))
 
     async def unload(self) -> None:
-        await _json(self.client, "POST", "/sleep", params={"level": self.backend.sleep_level})
+        await self._call("POST", "/sleep", params={"level": self.backend.sleep_level})
         while not await self._sleeping():
             await anyio.sleep(POLL_INTERVAL)
 
@@ -134,11 +138,11 @@ class VLLMStrategy(Strategy):
         if not await self._sleeping():
             return
         if self.backend.sleep_level == 2:
-            await _json(self.client, "POST", "/wake_up", params={"tags": "weights"})
-            await _json(self.client, "POST", "/collective_rpc", json={"method": "reload_weights"})
-            await _json(self.client, "POST", "/wake_up", params={"tags": "kv_cache"})
+            await self._call("POST", "/wake_up", params={"tags": "weights"})
+            await self._call("POST", "/collective_rpc", json={"method": "reload_weights"})
+            await self._call("POST", "/wake_up", params={"tags": "kv_cache"})
         else:
-            await _json(self.client, "POST", "/wake_up")
+            await self._call("POST", "/wake_up")
         while await self._sleeping():
             await anyio.sleep(POLL_INTERVAL)
 
@@ -169,6 +173,7 @@ BUILTIN_STRATEGIES: tuple[type[Strategy], ...] = (
     ComfyUIStrategy,
     VLLMStrategy,
     GenericStrategy,
+    ProcessStrategy,
 )
 
 
