@@ -124,7 +124,9 @@ async def test_a_big_upload_and_download_pass_in_constant_memory(loopback) -> No
             yield chunk
 
     async with loopback(app) as up:
-        cfg = make_config({"svc": {"upstream": up.url, "unloadStrategy": "generic"}}, telemetry="none")
+        cfg = make_config(
+            {"svc": {"upstream": up.url, "unloadStrategy": "generic"}}, telemetry="none"
+        )
         async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=60) as client:
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             received = 0

@@ -357,3 +357,18 @@ def test_random_traces_keep_every_promise(
     assert not pending_io and not s.plans, "a plan never finished"
     assert all(not slot.active for slot in s.slots.values()), "a lease was never released"
     assert all(v != "waiting" for v in outcome.values()), "a request got no answer"
+
+
+def test_a_victim_still_holding_its_memory_stops_the_load() -> None:
+    h = budget(BackendSpec("a", need=20 * G), BackendSpec("b", need=20 * G))
+    h.req(1, "a")
+    h.run_io()
+    h.do(h.sched.released(1, h.now))
+    h.req(2, "b")
+    (wait,) = [e for e in h.effects if isinstance(e, WaitIdle)]
+    h.do(h.sched.idle(wait.swap, "a", h.now))
+    effects = h.do(h.sched.unloaded(wait.swap, "a", "memory not freed", h.now, holding=True))
+    assert not [e for e in effects if isinstance(e, Load) and e.backend == "b"]
+    # a counts as resident again, so b's waiter plans afresh: a is drained and unloaded again
+    assert h.sched.state("a") is State.DRAINING
+    assert any(isinstance(e, WaitIdle) and e.swap != wait.swap for e in effects)

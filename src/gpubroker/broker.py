@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -137,6 +137,9 @@ class Broker:
         }
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.supervisor: Supervisor | None = None  # managed workers (`command:`), set by the server
+        # Set by the server when telemetry runs: waits up to N s for a victim's memory to come
+        # back; None when freed (or not measurable), else why not.
+        self.confirm_freed: Callable[[str, float], Awaitable[str | None]] | None = None
         self.measured: dict[str, dict[str, int | None]] = {}  # backend -> GPU -> bytes seen held
         self._held_before: dict[str, int | None] = {}  # measured as an unload began
         self._pending: dict[int, _Pending] = {}
@@ -331,12 +334,24 @@ class Broker:
         self._apply(self.sched.idle(effect.swap, effect.backend, self.clock()))
 
     async def _unload(self, effect: Unload) -> None:
+        started = self.clock()
         error = await self._bounded(
             self.strategies[effect.backend].unload, self.config.unload_timeout
         )
+        holding = False
         if error:
             log.warning("%s: unload failed: %s (the swap goes on)", effect.backend, error)
-        self._apply(self.sched.unloaded(effect.swap, effect.backend, error, self.clock()))
+        elif self.confirm_freed is not None:
+            # The service said done; where telemetry can see its memory, believe that instead.
+            left = max(0.0, self.config.unload_timeout - (self.clock() - started))
+            error = await self.confirm_freed(effect.backend, left)
+            holding = error is not None
+            if holding:
+                log.warning("%s: %s; it still counts as resident", effect.backend, error)
+        effects = self.sched.unloaded(
+            effect.swap, effect.backend, error, self.clock(), holding=holding
+        )
+        self._apply(effects)
 
     async def _load(self, effect: Load) -> None:
         backend = self.config.backend(effect.backend)

@@ -27,6 +27,8 @@ log = logging.getLogger("gpubroker.monitor")
 TREE_TTL = 10.0  # seconds a backend's process tree is reused before psutil looks again
 TREE_RETRY = 1.0  # …but a new stranger on the GPU sends it looking again after this long
 MiB = 2**20
+FREED_FLOOR = 512 * MiB  # what a freed backend may still hold (CUDA context, graphs)
+FREED_POLL = 0.1  # seconds between samples while confirming an unload
 
 Roots = Callable[[], Mapping[str, Iterable[int]]]
 
@@ -115,6 +117,28 @@ class Monitor:
             self._strangers = pids - set().union(*self._trees.values())
         visible = await anyio.to_thread.run_sync(existing, pids)
         return attribute(snap, names, self._trees, visible=visible)
+
+    async def wait_freed(self, backend: str, limit: float) -> str | None:
+        """After an unload: sample until ``backend``'s memory is back, for up to ``limit`` s.
+
+        None when it came back, or when telemetry cannot see this backend's memory at all (then
+        the service's word is all there is). Otherwise why not, for the swap's record. A sleep
+        keeps the CUDA context, so "back" means down to a quarter of what it held (512 MiB at
+        least), not zero.
+        """
+        before = self.broker.measured_total(backend)
+        if before is None:
+            return None
+        goal = max(FREED_FLOOR, before // 4)
+        held: int | None = before
+        with anyio.move_on_after(limit):
+            while True:
+                await self.refresh()
+                held = self.broker.measured_total(backend)
+                if held is None or held <= goal:
+                    return None
+                await anyio.sleep(FREED_POLL)
+        return f"its memory did not come back: {held / MiB:.0f} MiB still held after unload"
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event["event"] == "freed" and event["backend"] is not None:

@@ -441,24 +441,49 @@ class Scheduler:
             plan.drained_at = now
         return [Note("unloading", backend, detail={"swap": swap}), Unload(swap, backend)]
 
-    def unloaded(self, swap: int, backend: str, error: str | None, now: float) -> list[Effect]:
-        """A victim's unload finished; with ``error`` it failed or timed out (the plan goes on)."""
+    def unloaded(
+        self, swap: int, backend: str, error: str | None, now: float, *, holding: bool = False
+    ) -> list[Effect]:
+        """A victim's unload finished; with ``error`` it failed or timed out (the plan goes on).
+
+        ``holding``: telemetry saw the victim keep its memory, so it still counts as resident;
+        if the target then does not fit, the plan is dropped and the queue planned afresh.
+        """
         plan = self.plans.get(swap)
         if plan is None or backend not in plan.victims:
             return []
         plan.gone.add(backend)
         slot = self.slots[backend]
-        slot.state = State.ASLEEP if slot.spec.cost == 1 and error is None else State.ABSENT
+        if holding:
+            slot.state = State.RESIDENT
+        else:
+            slot.state = State.ASLEEP if slot.spec.cost == 1 and error is None else State.ABSENT
         slot.plan = None
-        effects: list[Effect] = [Note("unloaded", backend, detail={"error": error, "swap": swap})]
+        detail = {"error": error, "swap": swap, "holding": holding}
+        effects: list[Effect] = [Note("unloaded", backend, detail=detail)]
         if error:
             plan.failures.append(f"{backend}: {error}")
         if plan.gone < set(plan.victims):
             return effects
         plan.unloaded_at = now
-        if plan.target is None or self.slots[plan.target].state is State.RESIDENT:
+        target = plan.target
+        if target is None or self.slots[target].state is State.RESIDENT:
             return effects + self._finish(plan, now) + self._pump(now)
+        if not self._fits(target):  # a victim kept its memory: loading now could OOM
+            del self.plans[plan.id]
+            self.slots[target].plan = None
+            effects.append(
+                Note("swap_failed", target, detail={"swap": plan.id, "failures": plan.failures})
+            )
+            return effects + self._pump(now)
         return [*effects, *self._load(plan)]
+
+    def _fits(self, backend: str) -> bool:
+        adds = self.slots[backend].state not in HOLDS_VRAM
+        return all(
+            self.used(g) + (self.size(backend, g) if adds else 0) <= self._cap(g)
+            for g in self.slots[backend].spec.gpus
+        )
 
     def _load(self, plan: _Plan) -> list[Effect]:
         """Bring the plan's target up; the note says whether it wakes from sleep."""

@@ -129,6 +129,8 @@ async def run_broker(
     broker.supervisor, supervisor.emit = supervisor, broker.emit
     supervisor.on_exit = partial(forget, broker)
     monitor = Monitor(broker, sampler, roots=supervisor.roots)
+    if sampler.source.name != "none":
+        broker.confirm_freed = monitor.wait_freed
     upstreams = {
         b.name: Upstream(b.upstream, response_timeout=config.upstream_timeout)
         for b in config.backends
