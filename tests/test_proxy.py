@@ -136,3 +136,37 @@ async def test_a_big_upload_and_download_pass_in_constant_memory(loopback) -> No
             grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert int(r.headers["x-received"]) == total and received == total
     assert grown_kib < 64 * 1024, f"peak memory grew {grown_kib} KiB for 512 MiB moved"
+
+
+async def test_client_leaving_before_the_first_byte_ends_the_lease_at_once() -> None:
+    gpu = SimGPU(8 * GiB)
+    gen = GenericEmulator(gpu, 1 * GiB)
+    async with running(gen.app) as up:
+        cfg = make_config({"gen": {"upstream": up, "unloadStrategy": "generic"}})
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            with anyio.move_on_after(0.3):  # a non-streaming answer that takes 5 s to come
+                await client.post(ep.proxies["gen"] + "/generate", json={"delay": 5})
+            started = anyio.current_time()
+            with anyio.fail_after(2):
+                while (await client.get(ep.status_url + "/")).json()["activeRequests"]:
+                    await anyio.sleep(0.02)
+            released_after = anyio.current_time() - started
+    assert released_after < 1.0  # not when the upstream would have answered
+
+
+async def test_a_length_framed_body_cut_short_reaches_the_client_as_truncated(loopback) -> None:  # type: ignore[no-untyped-def]
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"1000")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"x" * 100, "more_body": True})
+        raise RuntimeError("upstream dies mid-body")
+
+    async with loopback(app) as up:
+        cfg = make_config({"svc": {"upstream": up.url, "unloadStrategy": "generic"}})
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get(ep.proxies["svc"] + "/x")
+            status = (await client.get(ep.status_url + "/")).json()
+    assert status["backends"]["svc"]["upstreamErrors"] == 1

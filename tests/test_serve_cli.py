@@ -108,3 +108,19 @@ def test_unreachable_broker_exits_3_with_a_hint() -> None:
     assert result.exit_code == 3
     assert "gpubroker serve" in result.output
     assert "Traceback" not in result.output
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "gpubroker.yaml"
+        cfg.write_text(
+            f"statusPort: {free_port()}\ntelemetry: none\nbackends:\n  - name: a\n"
+            f"    proxyPort: {port}\n    upstream: http://127.0.0.1:9\n"
+        )
+        result = runner.invoke(app, ["serve", "-c", str(cfg)])
+    assert result.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port} for a" in result.output
+    assert "Traceback" not in result.output

@@ -175,13 +175,20 @@ class ProxyApp:
         async with contextlib.AsyncExitStack() as stack:
             grant: Grant | None = None
             refusal: Refuse | None = None
+            forwarded = False
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_while_queued, body, tg.cancel_scope)
                 try:
                     grant = await stack.enter_async_context(self.broker.lease(self.name, path))
                 except Refused as refused:
                     refusal = refused.refusal
-                tg.cancel_scope.cancel()  # decided: stop watching; forward() reads on
+                if grant is not None and body.complete:
+                    # The watcher now only waits for a disconnect: keep it for the whole
+                    # exchange, so a client that leaves (even before the upstream's first
+                    # byte, as with a non-streaming generation) ends the lease at once.
+                    forwarded = True
+                    await self.forward(scope, body, send, grant, watched=True)
+                tg.cancel_scope.cancel()  # decided (or done): stop watching
             if refusal is not None:
                 r = refusal
                 retry = (
@@ -199,7 +206,8 @@ class ProxyApp:
                 return
             if grant is None:
                 return  # the client left while queued; the lease never started
-            await self.forward(scope, body, send, grant)
+            if not forwarded:  # a body too big to read ahead: forward() reads the rest
+                await self.forward(scope, body, send, grant)
 
     @staticmethod
     async def _watch_while_queued(body: RequestBody, scope: anyio.CancelScope) -> None:
@@ -215,8 +223,18 @@ class ProxyApp:
         scope.cancel()
 
     async def forward(
-        self, scope: Scope, body: RequestBody, send: Send, grant: Grant | None
+        self,
+        scope: Scope,
+        body: RequestBody,
+        send: Send,
+        grant: Grant | None,
+        *,
+        watched: bool = False,
     ) -> None:
+        """Send the request upstream and stream the answer back.
+
+        ``watched``: the caller already watches for the client leaving (and cancels us).
+        """
         method: str = scope["method"]
         target = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
@@ -254,9 +272,13 @@ class ProxyApp:
                     "headers": response_headers(response.headers) + extra,
                 }
             )
-            await self._stream(body, send, response, grant.lease if grant else None, has_body)
+            lease = grant.lease if grant else None
+            await self._stream(
+                body, send, response, lease, watch=not watched and (body.complete or not has_body)
+            )
         finally:
-            await response.aclose()
+            with anyio.CancelScope(shield=True):  # close it even when the client left
+                await response.aclose()
 
     async def _stream(
         self,
@@ -264,7 +286,7 @@ class ProxyApp:
         send: Send,
         response: Any,
         lease: int | None = None,
-        has_body: bool = True,
+        watch: bool = True,
     ) -> None:
         """Copy the response body to the client until it ends or the client leaves."""
         whole = response.buffered_body()
@@ -275,12 +297,12 @@ class ProxyApp:
             return
         async with anyio.create_task_group() as tg:
 
-            async def watch() -> None:
+            async def watch_client() -> None:
                 await body.wait_disconnect()
                 tg.cancel_scope.cancel()
 
-            if body.complete or not has_body:  # nothing left to read but a disconnect
-                tg.start_soon(watch)
+            if watch:  # nothing left to read but a disconnect: notice the client leaving
+                tg.start_soon(watch_client)
             try:
                 async for chunk in response.body():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -290,6 +312,12 @@ class ProxyApp:
             except UpstreamError as exc:
                 self.broker.counters[self.name]["upstream_errors"] += 1
                 log.warning("%s: upstream failed mid-stream: %s", self.name, exc)
+                if any(k == b"content-length" for k, _ in response.headers):
+                    # A promised length cannot be honoured: leaving the response unfinished
+                    # makes the server drop the connection, so the client sees the truncation
+                    # just as it would from the upstream itself.
+                    tg.cancel_scope.cancel()
+                    return
                 tail = _stream_error_tail(response.headers, str(exc))
                 if tail:
                     await send({"type": "http.response.body", "body": tail, "more_body": True})

@@ -66,5 +66,19 @@ def friendly(fn: F) -> F:
             return fn(*args, **kwargs)
         except GPUBrokerError as exc:
             fail(exc)
+        except BaseExceptionGroup as group:  # raised inside a task group (e.g. a port in use)
+            known = _known_error(group)
+            if known is None:
+                raise
+            fail(known)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _known_error(group: BaseExceptionGroup) -> GPUBrokerError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, GPUBrokerError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (inner := _known_error(exc)) is not None:
+            return inner
+    return None

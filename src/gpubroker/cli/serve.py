@@ -46,8 +46,6 @@ def serve(
         return
     _logging(verbose)
     typer.echo(describe_config(cfg), err=True)
-    if cfg.policy == "budget":
-        typer.echo("note: `policy: budget` is not implemented yet; running exclusive.", err=True)
 
     async def main() -> None:
         shutdown = anyio.Event()
