@@ -443,3 +443,53 @@ async def test_admin_token_guards_verbs_but_not_status() -> None:
     assert denied.status_code == 401
     assert allowed.status_code == 200 and allowed.json()["owner"] == "ollama"
     assert public.status_code == 200 and health.json() == {"ok": True}
+
+
+async def test_stopping_refuses_queued_requests_at_once_and_lets_in_flight_finish() -> None:
+    from gpubroker.plugins import create_plugins
+    from gpubroker.server import run_broker
+
+    gpu = SimGPU(8 * GiB)
+    a = GenericEmulator(gpu, 5 * GiB, owner="a", token_interval=0.05, tokens=20)
+    b = GenericEmulator(gpu, 5 * GiB, owner="b")
+    async with running(a.app) as ua, running(b.app) as ub:
+        generic = {"unloadStrategy": "generic", "unloadEndpoint": "/unload"}
+        cfg = make_config(
+            {"a": {"upstream": ua, **generic}, "b": {"upstream": ub, **generic}},
+            holdTime="30s",
+            shutdownGrace="10s",
+            telemetry="none",
+        )
+        shutdown = anyio.Event()
+        async with anyio.create_task_group() as tg, httpx.AsyncClient(timeout=10) as client:
+            start = partial(run_broker, cfg, create_plugins(), shutdown, ephemeral_ports=True)
+            ep = await tg.start(start)
+            lines: list[str] = []
+            results: dict[str, httpx.Response] = {}
+
+            async def stream_a() -> None:
+                body = {"format": "sse"}
+                async with client.stream("POST", ep.proxies["a"] + "/generate", json=body) as r:
+                    lines.extend([line async for line in r.aiter_lines() if line])
+
+            async def queued_b() -> None:
+                results["b"] = await client.post(ep.proxies["b"] + "/generate", json={})
+
+            tg.start_soon(stream_a)
+            await anyio.sleep(0.2)
+            tg.start_soon(queued_b)
+            await anyio.sleep(0.2)
+            started = anyio.current_time()
+            shutdown.set()
+            with anyio.fail_after(5):
+                while "b" not in results:
+                    await anyio.sleep(0.02)
+            refused_after = anyio.current_time() - started
+            with anyio.fail_after(5):  # keep the client open until a's stream has ended
+                while not lines or lines[-1] != "data: [DONE]":
+                    await anyio.sleep(0.02)
+    assert results["b"].status_code == 503
+    assert results["b"].json()["error"] == "shutting_down"
+    assert refused_after < 0.5  # not after the 10 s grace
+    assert lines[-1] == "data: [DONE]"  # the in-flight stream was not cut
+    assert b.loads == 0

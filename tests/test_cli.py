@@ -286,5 +286,5 @@ def test_console_script_errors_are_one_line(tmp_path: Path) -> None:
     assert done.stdout == ""
     assert done.stderr == (
         f"gpubroker: error: {path}:9:5: backends[1].upstream: expected an http:// or https:// "
-        "URL with a host, such as http://127.0.0.1:11434, found ':8188'\n"
+        "URL with a host and no path, such as http://127.0.0.1:11434, found ':8188'\n"
     )

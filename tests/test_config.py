@@ -185,8 +185,8 @@ def test_bad_url(tmp_path: Path) -> None:
         """,
     )
     assert str(err) == (
-        f"{path}:4:5: backends[0].upstream: expected an http:// or https:// URL with a host, "
-        "such as http://127.0.0.1:11434, found 'ftp://127.0.0.1:11434'"
+        f"{path}:4:5: backends[0].upstream: expected an http:// or https:// URL with a host "
+        "and no path, such as http://127.0.0.1:11434, found 'ftp://127.0.0.1:11434'"
     )
 
 
@@ -462,8 +462,8 @@ def test_quick_mode_defaults_and_absence() -> None:
     ("env", "message"),
     [
         ({"OLLAMA_UPSTREAM": "localhost:11434"},
-         "$OLLAMA_UPSTREAM: expected an http:// or https:// URL with a host, such as "
-         "http://127.0.0.1:11434, found 'localhost:11434'"),
+         "$OLLAMA_UPSTREAM: expected an http:// or https:// URL with a host and no path, "
+         "such as http://127.0.0.1:11434, found 'localhost:11434'"),
         ({"OLLAMA_UPSTREAM": "http://127.0.0.1:11434", "BROKER_OLLAMA_PORT": "abc"},
          "$BROKER_OLLAMA_PORT: expected a port number from 1 to 65535, found 'abc'"),
         ({"COMFYUI_UPSTREAM": "http://127.0.0.1:8188", "BROKER_STATUS_PORT": "0"},
@@ -522,3 +522,13 @@ def test_default_config_paths(clean_env: Path) -> None:
         clean_env / "onegpu4all.yaml",
         Path("/xdg/gpubroker/gpubroker.yaml"),
     ]
+
+
+def test_upstream_with_a_path_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "gpubroker.yaml"
+    path.write_text(
+        "backends:\n  - name: a\n    proxyPort: 5001\n    upstream: http://127.0.0.1:8000/v1\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config_file(path)
+    assert "backends[0].upstream" in str(err.value) and "no path" in str(err.value)

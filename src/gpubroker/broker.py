@@ -46,6 +46,8 @@ log = logging.getLogger("gpubroker.broker")
 
 IDLE_POLL = 0.1  # seconds between busy() polls while a victim drains
 HISTORY = 50  # swaps kept for the status page
+SHUTTING_DOWN = "gpubroker is shutting down; try again once it is back"
+CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload freed memory anyway
 MiB = 2**20
 
 
@@ -149,6 +151,7 @@ class Broker:
         self._tg: TaskGroup | None = None
         self._wake = anyio.Event()
         self._armed: float | None = None  # the deadline the clock loop sleeps until
+        self.closing = False
         self.ready = anyio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -203,6 +206,8 @@ class Broker:
         Waits in the queue as long as the scheduler says; raises :class:`Refused` when refused.
         Cancelling the waiting task (the client went away) leaves the queue cleanly.
         """
+        if self.closing:
+            raise Refused(Refuse(0, backend, 503, "shutting_down", SHUTTING_DOWN, retry_after=5.0))
         lease = next(self._ids)
         now = self.clock()
         pending = _Pending(backend, now)
@@ -252,6 +257,12 @@ class Broker:
         if per_gpu is None or any(v is None for v in per_gpu.values()):
             return None
         return sum(v or 0 for v in per_gpu.values())
+
+    def close(self) -> None:
+        """The broker is stopping: refuse what waits and what comes; in-flight work finishes."""
+        self.closing = True
+        self._apply(self.sched.refuse_all(503, "shutting_down", SHUTTING_DOWN, self.clock()))
+        self._emit("shutting_down", None)
 
     async def evict(self, backend: str | None, *, force: bool = False) -> SwapInfo | None:
         """Admin unload: free ``backend`` (all when None) and wait until it is done."""
@@ -340,7 +351,11 @@ class Broker:
         )
         holding = False
         if error:
-            log.warning("%s: unload failed: %s (the swap goes on)", effect.backend, error)
+            log.warning("%s: unload failed: %s", effect.backend, error)
+            if self.confirm_freed is not None:  # did it free its memory all the same?
+                holding = (
+                    await self.confirm_freed(effect.backend, CONFIRM_AFTER_FAILURE) is not None
+                )
         elif self.confirm_freed is not None:
             # The service said done; where telemetry can see its memory, believe that instead.
             left = max(0.0, self.config.unload_timeout - (self.clock() - started))

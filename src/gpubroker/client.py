@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from .config import DEFAULT_STATUS_PORT, resolve_config
-from .errors import BrokerUnreachable, ConfigError, GPUBrokerError
+from .errors import BrokerUnreachable, ConfigError, GPUBrokerError, UsageError
 
 
 class AdminFailed(GPUBrokerError):
@@ -41,9 +41,23 @@ def broker_target(
     if url is None:
         port = cfg.status_port if cfg else DEFAULT_STATUS_PORT
         url = f"http://127.0.0.1:{port}"
+    else:
+        url = _check_url(url)
     if token is None and cfg is not None:
         token = cfg.admin_token
     return url.rstrip("/"), token
+
+
+def _check_url(url: str) -> str:
+    try:
+        parts = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"--url {url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.host:
+        raise UsageError(
+            f"--url {url!r}: expected the broker's status URL, e.g. http://127.0.0.1:5102"
+        )
+    return url
 
 
 def call(
@@ -60,6 +74,10 @@ def call(
     try:
         with httpx.Client(timeout=httpx.Timeout(timeout, connect=3.0), trust_env=False) as client:
             response = client.request(method, url + path, json=json, headers=headers)
+    except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
+        raise AdminFailed(
+            f"the broker at {url} did not answer in time ({type(exc).__name__})"
+        ) from None
     except httpx.HTTPError as exc:
         raise BrokerUnreachable(
             f"no broker answering at {url} ({type(exc).__name__}); start one with "

@@ -178,9 +178,12 @@ def _url(value: object) -> str:
             port_ok = parts.port is None or 1 <= parts.port <= 65535
         except ValueError:
             port_ok = False
-        if parts.scheme in ("http", "https") and parts.hostname and port_ok:
+        bare = parts.path in ("", "/") and not parts.query and not parts.fragment
+        if parts.scheme in ("http", "https") and parts.hostname and port_ok and bare:
             return value.strip().rstrip("/")
-    raise ValueError("an http:// or https:// URL with a host, such as http://127.0.0.1:11434")
+    raise ValueError(
+        "an http:// or https:// URL with a host and no path, such as http://127.0.0.1:11434"
+    )
 
 
 def _path(value: object) -> str:

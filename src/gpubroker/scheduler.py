@@ -408,6 +408,14 @@ class Scheduler:
                 return [Note("left", waiter.backend, lease), *self._after_leave(now)]
         return self.released(lease, now)
 
+    def refuse_all(self, status: int, code: str, message: str, now: float) -> list[Effect]:
+        """Answer every waiter at once (the broker is stopping): nobody waits out the grace."""
+        effects: list[Effect] = [
+            Refuse(w.lease, w.backend, status, code, message, retry_after=5.0) for w in self.queue
+        ]
+        self.queue.clear()
+        return effects + self._after_leave(now)
+
     def tick(self, now: float) -> list[Effect]:
         """The clock moved: time out waiters past ``queue_timeout``, end expired holds."""
         effects: list[Effect] = []

@@ -26,7 +26,7 @@ from .proxy import ProxyApp
 from .serving import Listener, listen, serve
 from .status import StatusApp
 from .strategies.base import Strategy, StrategyContext
-from .supervisor import Supervisor
+from .supervisor import Supervisor, WorkerState
 from .telemetry.base import TelemetrySnapshot
 from .telemetry.sampler import Sampler, choose_source
 from .upstream import Upstream
@@ -79,11 +79,16 @@ def _bind(host: str, port: int, what: str) -> Listener:
         ) from None
 
 
-async def _probe_health(status: StatusApp, config: Config) -> None:
+async def _probe_health(status: StatusApp, config: Config, supervisor: Supervisor) -> None:
     """Probe each upstream now and then, so the status page can say which are down."""
     async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
         while True:
             for b in config.backends:
+                worker = supervisor.workers.get(b.name)
+                if worker is not None and worker.state is not WorkerState.READY:
+                    # a managed worker stopped on purpose is not "down"
+                    status.health[b.name] = {"status": worker.state.value, "checkedAt": time.time()}
+                    continue
                 path = b.health_path or "/"
                 started = time.perf_counter()
                 try:  # the status line is enough: never download what the path serves
@@ -126,6 +131,13 @@ async def run_broker(
     supervisor = Supervisor(config, sample=latest, telemetry_interval=config.telemetry_interval)
     strategies = {b.name: make_strategy(b, config, plugins, supervisor) for b in config.backends}
     broker = Broker(config, strategies, telemetry=first if first.gpus else None)
+    unknown = [g for g, cap in broker.sched.capacity.items() if cap is None]
+    if config.policy == "budget" and unknown:
+        log.warning(
+            "policy budget: no capacity known for GPU %s (no telemetry reading and no `gpus:` "
+            "memory declared); backends there take turns as under exclusive",
+            ", ".join(unknown),
+        )
     broker.supervisor, supervisor.emit = supervisor, broker.emit
     supervisor.on_exit = partial(forget, broker)
     monitor = Monitor(broker, sampler, roots=supervisor.roots)
@@ -167,9 +179,15 @@ async def run_broker(
                 broker=broker,
                 monitor=monitor,
             )
+
+            async def refuse_when_stopping() -> None:
+                await shutdown.wait()
+                broker.close()
+
             tg.start_soon(serve_all)
+            tg.start_soon(refuse_when_stopping)
             tg.start_soon(monitor.run)
-            tg.start_soon(_probe_health, status, config)
+            tg.start_soon(_probe_health, status, config, supervisor)
             task_status.started(endpoints)
             await stopped.wait()
             tg.cancel_scope.cancel()

@@ -324,6 +324,9 @@ class StatusApp:
                         yield _sse(lost)
                     if event is None:
                         yield b": ping\n\n"
+                    elif event["event"] == "shutting_down":
+                        yield _sse(event)
+                        return  # end the stream, so it does not hold up a graceful stop
                     elif keep(event):
                         yield _sse(event)
             finally:
