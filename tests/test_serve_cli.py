@@ -124,3 +124,18 @@ def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert f"cannot listen on 127.0.0.1:{port} for a" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_config_with_no_backends_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "gpubroker.yaml"
+    cfg.write_text("statusPort: 5102\n")
+    result = runner.invoke(app, ["serve", "--check", "-c", str(cfg)])
+    assert result.exit_code == 2
+    assert "no backends to serve" in result.output
+
+
+def test_bad_url_is_a_usage_error() -> None:
+    result = runner.invoke(app, ["status", "--url", "http://[::1"])
+    assert result.exit_code == 2 and "is not a URL" in result.output
+    result = runner.invoke(app, ["unload", "x", "--url", "notaurl"])
+    assert result.exit_code == 2 and "status URL" in result.output

@@ -561,7 +561,7 @@ def describe_config(cfg: Config) -> str:
         f"policy: {cfg.policy}, queueTimeout {format_duration(cfg.queue_timeout)}, "
         f"unloadTimeout {format_duration(cfg.unload_timeout)}, "
         f"holdTime {format_duration(cfg.hold_time)}",
-        f"status: http://{cfg.bind}:{cfg.status_port}",
+        f"status: http://{f'[{cfg.bind}]' if ':' in cfg.bind else cfg.bind}:{cfg.status_port}",
     ]
     for b in cfg.backends:
         lines.append(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -100,7 +101,7 @@ class RequestBody:
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
-        self._buffered: list[bytes] = []
+        self._buffered: deque[bytes] = deque()
         self._size = 0
         self.complete = False
         self.disconnected = False
@@ -131,7 +132,7 @@ class RequestBody:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while self._buffered:
-            yield self._buffered.pop(0)
+            yield self._buffered.popleft()
         while not self.complete:
             chunk = await self._next()
             if chunk:

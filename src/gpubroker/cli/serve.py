@@ -38,6 +38,8 @@ def serve(
     from ..server import run_broker
 
     cfg = resolve_config(config)
+    if not cfg.backends:
+        raise cfg.error("backends", "no backends to serve: add at least one (`gpubroker init`)")
     plugins = create_plugins(cfg.disable_plugins)
     check_config_names(cfg, plugins)
     if check:
