@@ -10,14 +10,21 @@ import ctypes.util
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import httpx
 import pytest
 
-from gpubroker import alerts
+from gpubroker import alerts, monitor
+from gpubroker.broker import Broker
+from gpubroker.config import Config
+from gpubroker.monitor import Monitor
+from gpubroker.plugins import Provided, create_plugins
 from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, gpu_app, running
+from gpubroker.telemetry.base import TelemetryError, TelemetrySnapshot
+from gpubroker.telemetry.sampler import Sampler
+from gpubroker.telemetry.sim import SimTelemetry
 from gpubroker.testing import broker_running, make_config
 
 pytestmark = pytest.mark.anyio
@@ -192,3 +199,93 @@ async def test_no_driver_is_one_log_line_and_the_broker_runs_on_declared_sizes(
     assert status["telemetry"]["notice"].startswith("no NVIDIA driver found")
     assert status["gpus"] == [] and status["warnings"] == []
     assert status["backends"]["a"]["measuredVram"] is None
+
+
+class OneReadAtATime(SimTelemetry):
+    """The simulated GPUs read slowly, under NVML's rule: a read begun during another fails."""
+
+    name = "one_at_a_time"
+    made: ClassVar[list[OneReadAtATime]] = []
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.reads = self.overlaps = 0
+        self.busy = False
+        self.made.append(self)
+
+    async def sample(self) -> TelemetrySnapshot:
+        if self.busy:
+            self.overlaps += 1
+            raise TelemetryError("the previous read is not done yet")
+        self.busy = True
+        try:
+            self.reads += 1
+            await anyio.sleep(0.05)  # a driver that takes its time
+            return await super().sample()
+        finally:
+            self.busy = False
+
+
+async def test_refreshes_asked_for_together_are_one_sample_traced_and_judged_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    traced: list[TelemetrySnapshot] = []
+
+    def counting(snap: TelemetrySnapshot, *args: Any, **kwargs: Any) -> Any:
+        traced.append(snap)
+        return real(snap, *args, **kwargs)
+
+    real = monitor.attribute
+    monkeypatch.setattr(monitor, "attribute", counting)
+    gpu = SimGPU(16 * GiB)
+    gpu.allocate("stranger", 2 * GiB)
+    async with running(gpu_app(gpu)) as g:
+        cfg = make_config({}, telemetry="sim", telemetryUrl=g, telemetryInterval="100ms")
+        broker = Broker(cfg, {})
+        events: list[dict[str, Any]] = []
+        broker.listeners.append(events.append)
+        source = OneReadAtATime(cfg)
+        watch = Monitor(broker, Sampler(source))
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):  # the monitor's loop and unload confirmations, at once
+                tg.start_soon(watch.refresh)
+        await source.close()
+    assert (source.reads, source.overlaps, len(traced)) == (1, 0, 1)
+    warnings = [e for e in events if e["event"].startswith("warning")]
+    assert [(e["event"], e["code"]) for e in warnings] == [("warning", "unmanaged_gpu_process")]
+    assert watch.snapshot.error is None
+
+
+async def test_confirming_an_unload_never_reads_the_gpus_while_the_loop_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gpu = SimGPU(16 * GiB)
+    a = GenericEmulator(gpu, 4 * GiB, owner="a")
+    plugins = create_plugins(env={}, entry_points=False)
+    plugins.telemetry[OneReadAtATime.name] = Provided(
+        OneReadAtATime.name, OneReadAtATime, "test", "test", "0"
+    )
+    OneReadAtATime.made.clear()
+    async with running(a.app) as ua, running(gpu_app(gpu)) as g:
+        cfg = make_config(
+            {"a": generic(ua)},
+            telemetry=OneReadAtATime.name,
+            telemetryUrl=g,
+            telemetryInterval="100ms",
+            unloadTimeout="700ms",
+        )
+        async with broker_running(cfg, plugins) as ep, httpx.AsyncClient(timeout=10) as client:
+            await client.post(ep.proxies["a"] + "/generate", json={})
+            gpu.allocate("a", 4 * GiB, tag="leak")  # kept after unload: confirmation polls on
+            await wait_status(
+                client, ep.status_url, lambda s: s["backends"]["a"]["measuredVram"] == 8 * GiB
+            )
+            r = await client.post(ep.status_url + "/api/unload", json={"backend": "a"})
+            assert r.json()["unloaded"] == ["a"]
+            status = (await client.get(ep.status_url + "/")).json()
+    # The confirmation sampled ten times a second for 0.7 s, beside the loop's samples…
+    assert "a: its memory did not come back: 4096 MiB still held" in caplog.text
+    (source,) = OneReadAtATime.made
+    assert source.overlaps == 0  # …never at once: no failed sample, no telemetry_failed
+    assert source.reads >= 5 and status["telemetry"]["error"] is None
+    assert "telemetry" not in caplog.text

@@ -22,8 +22,13 @@ from gpubroker.errors import ConfigError
 from gpubroker.plugins import Provided, create_plugins
 from gpubroker.sim import GiB, SimGPU, gpu_app, running
 from gpubroker.telemetry import nvml
-from gpubroker.telemetry.base import GpuProcess, TelemetryError, TelemetrySource
-from gpubroker.telemetry.sampler import Sampler, choose_source
+from gpubroker.telemetry.base import (
+    GpuProcess,
+    TelemetryError,
+    TelemetrySnapshot,
+    TelemetrySource,
+)
+from gpubroker.telemetry.sampler import Sampler, SingleFlight, choose_source
 from gpubroker.telemetry.sim import SimTelemetry, gpus_url
 
 MiB = 2**20
@@ -39,6 +44,7 @@ class FakeNvml:
         self.lost = False
         self.hang: threading.Event | None = None
         self.threads: set[int] = set()
+        self.reads = 0  # reads of every GPU begun (each starts by counting them)
 
     def module(self) -> types.ModuleType:
         """A stand-in ``pynvml`` module: our functions, the library's constants and errors."""
@@ -74,6 +80,7 @@ class FakeNvml:
         self.refs -= 1
 
     def nvmlDeviceGetCount(self) -> int:
+        self.reads += 1
         self._check()
         return 2
 
@@ -244,6 +251,147 @@ async def test_a_hung_driver_call_is_bounded_and_never_piles_up(fake: FakeNvml) 
         while (await sampler.sample()).error:  # the abandoned read finishes, then all is well
             await anyio.sleep(0.05)
     await sampler.close()
+
+
+async def in_the_driver(fake: FakeNvml, reads: int) -> None:
+    """Until ``reads`` reads have begun (the last one is now waiting on ``fake.hang``)."""
+    with anyio.fail_after(3):
+        while fake.reads < reads:
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_samples_asked_for_together_are_one_driver_read(fake: FakeNvml) -> None:
+    sampler = Sampler(nvml.NvmlTelemetry(config()))
+    assert await sampler.source.available() is None
+    got: list[TelemetrySnapshot] = []
+
+    async def ask() -> None:
+        got.append(await sampler.sample())
+
+    fake.hang = threading.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):  # the monitor's loop, an unload's confirmation, start-up…
+                tg.start_soon(ask)
+            await in_the_driver(fake, 1)
+            await anyio.sleep(0.05)  # the others ask while the read is in the driver
+            fake.hang.set()
+    finally:
+        fake.hang.set()
+        fake.hang = None
+    assert fake.reads == 1  # NVML would have failed a second read begun meanwhile
+    assert got[0].error is None and got[0].gpus[0].memory_used == 9 * GiB
+    assert got == [got[0]] * 3 and all(snap is got[0] for snap in got)
+    assert sampler.latest is got[0]
+    await sampler.close()
+
+
+@pytest.mark.anyio
+async def test_a_sample_whose_caller_gives_up_still_reaches_those_waiting(
+    fake: FakeNvml,
+) -> None:
+    sampler = Sampler(nvml.NvmlTelemetry(config()))
+    assert (await sampler.sample()).error is None
+    got: list[TelemetrySnapshot] = []
+    first = anyio.CancelScope()
+
+    async def ask(scope: anyio.CancelScope) -> None:
+        with scope:
+            got.append(await sampler.sample())
+
+    fake.hang = threading.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, first)  # e.g. an unload's confirmation, that will time out
+            await in_the_driver(fake, 2)
+            tg.start_soon(ask, anyio.CancelScope())  # …and the monitor's loop
+            await anyio.sleep(0.05)
+            first.cancel()  # its caller gives up; abandoned, the read would fail the next
+            await anyio.sleep(0.05)
+            fake.hang.set()
+    finally:
+        fake.hang.set()
+        fake.hang = None
+    assert got and all(snap.error is None for snap in got), got
+    assert got[-1].gpus[0].memory_used == 9 * GiB and fake.reads == 2
+    assert (await sampler.sample()).error is None
+    await sampler.close()
+
+
+@pytest.mark.anyio
+async def test_an_nvml_read_cancelled_before_its_thread_started_does_not_block_the_next(
+    fake: FakeNvml,
+) -> None:
+    source = nvml.NvmlTelemetry(config())
+    assert await source.available() is None
+    with anyio.CancelScope() as scope:
+        scope.cancel()  # cancelled at the thread call's first checkpoint
+        await source.sample()
+    assert scope.cancelled_caught and fake.reads == 0
+    snap = await source.sample()  # not "NVML has not answered the previous read yet"
+    assert snap.gpus[0].memory_used == 9 * GiB and fake.reads == 1
+    await source.close()
+
+
+@pytest.mark.anyio
+async def test_a_sample_timed_out_waiting_for_a_worker_thread_does_not_block_the_next(
+    fake: FakeNvml,
+) -> None:
+    sampler = Sampler(nvml.NvmlTelemetry(config()), timeout=0.1)
+    assert (await sampler.sample()).error is None
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens, limiter.total_tokens = limiter.total_tokens, 1
+    done = anyio.Event()
+
+    async def hold_the_only_thread(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with limiter:
+            task_status.started()
+            await done.wait()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hold_the_only_thread)  # every worker thread busy elsewhere
+            busy = await sampler.sample()
+            done.set()
+    finally:
+        limiter.total_tokens = tokens
+    assert busy.error == "nvml: no answer in 0.1s" and fake.reads == 1
+    back = await sampler.sample()
+    assert back.error is None and back.gpus[0].memory_used == 9 * GiB and fake.reads == 2
+    await sampler.close()
+
+
+@pytest.mark.anyio
+async def test_single_flight_shares_a_result_but_not_a_failure() -> None:
+    calls: list[str] = []
+    release = anyio.Event()
+
+    async def work() -> str:
+        calls.append("call")
+        await release.wait()
+        if len(calls) == 1:
+            raise RuntimeError("first call fails")
+        return f"result of call {len(calls)}"
+
+    flight = SingleFlight(work)
+    got: list[str | BaseException] = []
+
+    async def ask() -> None:
+        try:
+            got.append(await flight())
+        except RuntimeError as exc:
+            got.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(ask)
+        await anyio.sleep(0.05)
+        assert calls == ["call"]  # one call in progress, two callers waiting on it
+        release.set()
+    # The one that called gets its error; the others run one call for both of them.
+    assert isinstance(got[0], RuntimeError)
+    assert got[1:] == ["result of call 2", "result of call 2"] and len(calls) == 2
 
 
 @pytest.mark.anyio

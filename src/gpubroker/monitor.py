@@ -20,7 +20,7 @@ from .alerts import Alerts, Facts
 from .attribution import Attribution, attribute, existing, find_trees
 from .broker import Broker
 from .telemetry.base import TelemetrySnapshot
-from .telemetry.sampler import Sampler
+from .telemetry.sampler import Sampler, SingleFlight
 
 log = logging.getLogger("gpubroker.monitor")
 
@@ -54,6 +54,7 @@ class Monitor:
         self._trees: dict[str, set[int]] = {}
         self._trees_at = float("-inf")
         self._strangers: set[int] = set()  # pids no tree held when the trees were last found
+        self._refresh = SingleFlight(self._refresh_once)
         broker.listeners.append(self._on_event)
 
     @property
@@ -70,6 +71,14 @@ class Monitor:
             await anyio.sleep(self.interval)
 
     async def refresh(self) -> None:
+        """Sample, attribute and evaluate once.
+
+        ``run`` and ``wait_freed`` both ask: one asking while a refresh is in progress awaits
+        that one rather than sampling, tracing and evaluating the same moment twice.
+        """
+        await self._refresh()
+
+    async def _refresh_once(self) -> None:
         snap = await self.sampler.sample()
         if snap.error is None:  # a failed read says nothing of who holds what: keep the last
             try:

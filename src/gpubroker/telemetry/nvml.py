@@ -7,6 +7,7 @@ driver is not an error: ``available()`` says why in one line and the broker uses
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -155,15 +156,24 @@ class NvmlTelemetry(TelemetrySource):
             return TelemetrySnapshot(taken_at=time.time(), notice=reason)
         if self._reading:  # a driver call hung last time: never pile threads up behind it
             raise TelemetryError("NVML has not answered the previous read yet")
+        # Whoever takes ``claim`` first decides: the thread (it reads, then clears the flag) or,
+        # when this call ends before the thread started (cancelled at its checkpoint or while
+        # waiting for a thread token), this coroutine (nobody reads: it clears the flag).
+        claim = threading.Lock()
         self._reading = True
         try:
             # abandon_on_cancel: a hung driver call must not hold the sampler's timeout hostage
-            gpus = await anyio.to_thread.run_sync(self._read, abandon_on_cancel=True)
+            gpus = await anyio.to_thread.run_sync(self._read, claim, abandon_on_cancel=True)
         except pynvml.NVMLError as exc:  # e.g. GPU is lost: this sample fails, the next may not
             raise TelemetryError(f"NVML read failed: {exc}") from exc
+        finally:
+            if claim.acquire(blocking=False):  # the thread never started, and now never will
+                self._reading = False
         return TelemetrySnapshot(taken_at=time.time(), gpus=gpus)
 
-    def _read(self) -> tuple[GpuSample, ...]:
+    def _read(self, claim: threading.Lock) -> tuple[GpuSample, ...]:
+        if not claim.acquire(blocking=False):
+            return ()  # its caller gave up before this thread started: nobody wants it
         try:
             return read_gpus()
         finally:

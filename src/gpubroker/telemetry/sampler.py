@@ -3,13 +3,16 @@
 One sample is taken per interval and shared by everyone who asks (status, metrics, the
 scheduler's measured sizes); nobody triggers a driver call of their own. A sample that fails or
 hangs never raises here: the GPUs last seen are kept with unknown readings and the reason.
+Samples never overlap: who asks while one is being taken gets that one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
 
 import anyio
 
@@ -22,6 +25,40 @@ log = logging.getLogger("gpubroker.telemetry")
 
 START_TIMEOUT = 5.0  # seconds for a source to say whether it is available
 SAMPLE_TIMEOUT = 5.0  # seconds for one sample before it counts as failed
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class _Flight(Generic[T]):
+    done: anyio.Event = field(default_factory=anyio.Event)
+    outcome: tuple[T] | None = None  # set when the call returned
+
+
+class SingleFlight(Generic[T]):
+    """Calls ``fn`` one at a time: who calls while a call is in progress awaits its result.
+
+    A call that ends without a result (its caller was cancelled, or it raised) is not shared:
+    those still waiting start a new one, so one caller's cancellation never becomes another's.
+    """
+
+    def __init__(self, fn: Callable[[], Awaitable[T]]) -> None:
+        self._fn = fn
+        self._current: _Flight[T] | None = None
+
+    async def __call__(self) -> T:
+        while (current := self._current) is not None:
+            await current.done.wait()
+            if current.outcome is not None:
+                return current.outcome[0]
+        flight: _Flight[T] = _Flight()
+        self._current = flight
+        try:
+            flight.outcome = (await self._fn(),)
+        finally:
+            self._current = None
+            flight.done.set()
+        return flight.outcome[0]
 
 
 async def choose_source(
@@ -72,11 +109,21 @@ class Sampler:
         self.timeout = timeout
         self.latest = TelemetrySnapshot(taken_at=time.time(), notice=notice)
         self._notice = notice
+        self._flight = SingleFlight(self._take)
 
     async def sample(self) -> TelemetrySnapshot:
-        """Take one sample (never raises); it becomes ``latest``."""
+        """Take a sample (never raises); it becomes ``latest``.
+
+        While one is being taken, callers get that one rather than a second call to the source
+        (NVML would fail it: it reads one call at a time). A sample once started runs to its
+        end, ``timeout`` s at most, even when the caller that started it is cancelled: others
+        may be waiting for it, and an abandoned driver read would fail the next sample too.
+        """
+        return await self._flight()
+
+    async def _take(self) -> TelemetrySnapshot:
         try:
-            with anyio.fail_after(self.timeout):
+            with anyio.CancelScope(shield=True), anyio.fail_after(self.timeout):
                 snap = await self.source.sample()
         except TimeoutError:
             snap = unknown_like(self.latest, f"{self.source.name}: no answer in {self.timeout:g}s")
