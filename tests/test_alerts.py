@@ -112,8 +112,29 @@ def test_worker_on_the_wrong_gpu_only_when_a_gpu_was_set() -> None:
         OwnedProcess("1", 10, "ollama", 2 * GiB, "ollama"),  # no gpu: set, so wherever it likes
     )
     alerts.evaluate(facts(processes=procs))
-    assert codes(alerts) == [("wrong_gpu", "comfyui on GPU 1")]
+    assert codes(alerts) == [("pinned-to-wrong-GPU", "comfyui on GPU 1")]
     assert "pin it with CUDA_VISIBLE_DEVICES" in alerts.current()[0].message
+
+
+def test_a_managed_worker_is_pinned_even_without_a_gpu_set() -> None:
+    """gpubroker pins a managed worker itself (to GPU 0 unless ``gpu:`` says otherwise), so a
+    worker found elsewhere is worth one warning: this rule's, there is no other."""
+    worker = BackendConfig("worker", 5003, "http://127.0.0.1:9000", command=("serve",))
+    alerts = Alerts()
+    on_1 = OwnedProcess("1", 30, "serve", 2 * GiB, "worker")
+    base = facts(processes=(on_1,))
+    pinned = replace(base, backends=(*base.backends, worker), gpus={**base.gpus, "worker": ("0",)})
+    raised, _ = alerts.evaluate(pinned)
+    assert [(a.code, a.subject, a.backend) for a in raised] == [
+        ("pinned-to-wrong-GPU", "worker on GPU 1", "worker")
+    ]
+    assert raised[0].message == (
+        "worker is set to GPU 0 but its pid 30 (serve) runs on GPU 1; gpubroker pins it with "
+        "CUDA_VISIBLE_DEVICES: does its command choose a device itself?"
+    )
+    on_0 = replace(on_1, gpu="0")
+    _, cleared = alerts.evaluate(replace(pinned, attribution=Attribution((on_0,), {})))
+    assert [a.code for a in cleared] == ["pinned-to-wrong-GPU"] and alerts.current() == []
 
 
 def test_declared_vram_far_from_measured_while_resident() -> None:

@@ -22,7 +22,9 @@ import pytest
 from typer.testing import CliRunner
 
 from gpubroker.cli.main import app
+from gpubroker.plugins import Provided, create_plugins
 from gpubroker.supervisor import MARKER, MARKER_UPSTREAM, Supervisor, WorkerState
+from gpubroker.telemetry.base import GpuProcess, GpuSample, TelemetrySnapshot, TelemetrySource
 from gpubroker.testing import broker_running, make_config
 from test_supervisor import FAKE, alive, all_gone, free_port, popen, port_open
 
@@ -339,6 +341,103 @@ async def test_admin_token_guards_worker_verbs_and_logs_but_not_the_list() -> No
         assert "admin verbs need" in one_line_error(denied, 1)
         ok = await cli("workers", "start", "w", "--url", base, "--token", "s3cret")
         assert ok.exit_code == 0, ok.output
+
+
+async def test_open_routes_and_events_carry_no_worker_output_nor_command_line() -> None:
+    """A worker's output and argv may show its secrets: the open list and ``/events`` say what
+    state it is in and why in one line; the log tail and the command need the admin token."""
+    cfg = make_config({"bad": managed("--crash-after", "0")}, adminToken="s3cret")
+    admin = {"authorization": "Bearer s3cret"}
+    async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=20) as client:
+        events: list[dict[str, Any]] = []
+        ep.broker.listeners.append(events.append)  # what /events streams to anyone
+        base = ep.status_url
+        body = {"name": "bad"}
+        started = await client.post(base + "/api/workers/start", json=body, headers=admin)
+        assert started.status_code == 200 and started.json()["ok"] is False
+        assert "fatal: cannot load model" in "\n".join(started.json()["results"][0]["logTail"])
+
+        public = (await client.get(base + "/api/workers")).json()
+        (worker,) = public["workers"]
+        assert public["admin"] is False
+        assert worker["state"] == "failed" and worker["error"].startswith("exited with code 3")
+        assert "logTail" not in worker and "command" not in worker
+        assert "fatal" not in json.dumps(public) and "fake_worker" not in json.dumps(public)
+        wrong = await client.get(base + "/api/workers", headers={"authorization": "Bearer no"})
+        assert "logTail" not in wrong.json()["workers"][0]
+
+        full = (await client.get(base + "/api/workers", headers=admin)).json()
+        (worker,) = full["workers"]
+        assert full["admin"] is True
+        assert "fatal: cannot load model (--crash-after 0)" in worker["logTail"]
+        assert "gpubroker.sim.fake_worker" in worker["command"]
+
+        kinds = [e["event"] for e in events]
+        assert "worker_starting" in kinds and "worker_failed" in kinds
+        for e in events:
+            assert not {"logTail", "command", "line"} & set(e), e
+        assert "fatal" not in json.dumps(events) and "fake_worker" not in json.dumps(events)
+
+        table = await cli("workers", "list", "--url", base)
+        assert table.exit_code == 0 and "bad             failed" in table.stdout
+        assert "  | " not in table.stdout and "pass the admin token" in table.stdout
+        table = await cli("workers", "list", "--url", base, "--token", "s3cret")
+        assert "  | fatal: cannot load model (--crash-after 0)" in table.stdout
+
+
+async def test_a_worker_on_another_gpu_is_one_warning_from_the_monitor() -> None:
+    """Telemetry sees the worker on GPU 0 though it is pinned to GPU 1: one rule, in
+    ``alerts.py``, raises ``pinned-to-wrong-GPU``, fed by the monitor's attribution of the
+    worker's PIDs; the same samples tell the stop that the memory came back."""
+    on_gpu0: list[int] = []
+
+    class Misplaced(TelemetrySource):
+        name = "misplaced"
+
+        async def sample(self) -> TelemetrySnapshot:
+            procs = tuple(GpuProcess(p, 3 * 2**30, "fake") for p in on_gpu0 if alive(p))
+            gpus = (
+                GpuSample("GPU-aaaa", 0, "g", memory_total=24 * 2**30, processes=procs),
+                GpuSample("GPU-bbbb", 1, "g", memory_total=24 * 2**30),
+            )
+            return TelemetrySnapshot(taken_at=time.time(), gpus=gpus)
+
+    plugins = create_plugins(env={}, entry_points=False)
+    plugins.telemetry["misplaced"] = Provided("misplaced", Misplaced, "t", "t", "0")
+    cfg = make_config({"w": managed(gpu=1)}, telemetry="misplaced", telemetryInterval="100ms")
+    async with broker_running(cfg, plugins) as ep, httpx.AsyncClient(timeout=20) as client:
+        url = ["--url", ep.status_url]
+        assert (await cli("workers", "start", "w", *url)).exit_code == 0
+        w = supervisor(ep).workers["w"]
+        assert w.pid is not None
+        on_gpu0.append(w.pid)
+        with anyio.fail_after(10):
+            while not [
+                a
+                for a in (await client.get(ep.status_url + "/")).json()["warnings"]
+                if a["code"] == "pinned-to-wrong-GPU"
+            ]:
+                await anyio.sleep(0.05)
+        status = (await client.get(ep.status_url + "/")).json()
+        (alert,) = status["warnings"]  # one warning: no second rule with another code
+        assert (alert["code"], alert["subject"], alert["backend"]) == (
+            "pinned-to-wrong-GPU",
+            "w on GPU 0",
+            "w",
+        )
+        (listed,) = (await client.get(ep.status_url + "/api/workers")).json()["workers"]
+        assert listed["gpu"] == ["GPU-bbbb"] and listed["vram"] == 3 * 2**30
+        assert listed["warnings"] == [f"pinned-to-wrong-GPU: {alert['message']}"]
+        table = (await cli("workers", "list", *url)).stdout
+        assert "  warning: pinned-to-wrong-GPU: w is set to GPU 1 but its pid" in table
+
+        stopped = await cli("workers", "stop", "w", *url, "--json")
+        assert stopped.exit_code == 0, stopped.output
+        report = json.loads(stopped.output)["results"][0]["report"]
+        assert report["vramFreed"] is True and report["portClosed"] is True
+        with anyio.fail_after(10):
+            while (await client.get(ep.status_url + "/")).json()["warnings"]:
+                await anyio.sleep(0.05)
 
 
 async def test_logs_follow_prints_new_lines_and_ends_cleanly_on_ctrl_c() -> None:

@@ -9,7 +9,8 @@ Codes (stable; dashboards and scripts may match on them):
 - ``backend_down``: the upstream's health probe fails.
 - ``unmanaged_gpu_process``: a process holds GPU memory and no backend owns it.
 - ``gpu_near_full``: a GPU's memory is used past ``gpuNearFull``.
-- ``wrong_gpu``: a backend's process runs on a GPU it is not configured for.
+- ``pinned-to-wrong-GPU``: a backend's process runs on a GPU it is not set to (a backend with
+  ``gpu:``, or a managed worker, which gpubroker pins to its ``gpu:``, GPU 0 by default).
 - ``vram_mismatch``: a backend's declared ``vram`` is far from what it really holds.
 - ``unload_not_freed``: after an unload the backend still holds most of its memory.
 - ``telemetry_failed``: the GPUs could not be read this time (e.g. NVML's GPU is lost).
@@ -33,6 +34,7 @@ UNMANAGED_MIN = 256 * MiB  # smaller strangers (a desktop's compositor) are not 
 UNLOAD_GRACE = 3.0  # seconds a service may take to hand memory back after saying it unloaded
 UNLOAD_FLOOR = 512 * MiB  # what a freed service may keep (a CUDA context, a sleeping engine)
 MISMATCH_MIN = GiB  # declared and measured may differ by this much, or a quarter, unremarked
+PINNED_TO_WRONG_GPU = "pinned-to-wrong-GPU"
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,16 +164,25 @@ class Alerts:
                     "(gpubroker cannot free it; a service in a container shows up this way)",
                 )
                 continue
+            backend = next((b for b in facts.backends if b.name == p.owner), None)
+            if backend is None or not (backend.gpu or backend.command):
+                continue  # no `gpu:` and not ours to pin: wherever it runs is fine
             wanted = facts.gpus.get(p.owner, ())
-            explicit = any(b.name == p.owner and b.gpu for b in facts.backends)
-            if explicit and p.gpu not in wanted:
-                add(
-                    "wrong_gpu",
-                    f"{p.owner} on GPU {p.gpu}",
-                    f"{p.owner} is set to GPU {', '.join(wanted)} but its {label} runs on GPU "
-                    f"{p.gpu}; pin it with CUDA_VISIBLE_DEVICES=<GPU UUID>",
-                    p.owner,
-                )
+            if p.gpu in wanted:
+                continue
+            fix = (
+                "gpubroker pins it with CUDA_VISIBLE_DEVICES: does its command choose a device "
+                "itself?"
+                if backend.command
+                else "pin it with CUDA_VISIBLE_DEVICES=<GPU UUID>"
+            )
+            add(
+                PINNED_TO_WRONG_GPU,
+                f"{p.owner} on GPU {p.gpu}",
+                f"{p.owner} is set to GPU {', '.join(wanted)} but its {label} runs on GPU "
+                f"{p.gpu}; {fix}",
+                p.owner,
+            )
 
     def _sizes(self, facts: Facts, add: Any) -> None:
         for b in facts.backends:

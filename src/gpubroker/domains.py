@@ -37,6 +37,15 @@ def backend_gpus(backend: BackendConfig, snapshot: TelemetrySnapshot | None) -> 
     return tuple(dict.fromkeys(gpu_key(r, aliases) for r in refs))
 
 
+def cuda_devices(backend: BackendConfig, snapshot: TelemetrySnapshot | None) -> tuple[str, ...]:
+    """What a managed worker is pinned to (``CUDA_VISIBLE_DEVICES``): each of its GPUs by UUID
+    where telemetry knows it (a UUID names one card whatever CUDA's order), else as configured."""
+    aliases = _aliases(snapshot)
+    uuids = {index: uuid for uuid, index in aliases.items()}
+    refs = backend.gpu or (0,)
+    return tuple(dict.fromkeys(uuids.get(gpu_key(r, aliases), str(r)) for r in refs))
+
+
 def capacities(config: Config, snapshot: TelemetrySnapshot | None) -> dict[str, int | None]:
     """Usable bytes per GPU key (None where unknown)."""
     aliases = _aliases(snapshot)

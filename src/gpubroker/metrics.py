@@ -26,7 +26,7 @@ ALERT_CODES = (
     "backend_down",
     "unmanaged_gpu_process",
     "gpu_near_full",
-    "wrong_gpu",
+    "pinned-to-wrong-GPU",
     "vram_mismatch",
     "unload_not_freed",
     "telemetry_failed",

@@ -27,7 +27,6 @@ from .serving import Listener, listen, serve
 from .status import StatusApp
 from .strategies.base import Strategy, StrategyContext
 from .supervisor import Supervisor, WorkerState
-from .telemetry.base import TelemetrySnapshot
 from .telemetry.sampler import Sampler, choose_source
 from .upstream import Upstream
 from .workers_api import forget
@@ -125,10 +124,7 @@ async def run_broker(
     sampler = Sampler(source, notice=notice)
     first = await sampler.sample()  # bounded; GPU sizes and UUIDs for the scheduler's domains
 
-    async def latest() -> TelemetrySnapshot:
-        return sampler.latest
-
-    supervisor = Supervisor(config, sample=latest, telemetry_interval=config.telemetry_interval)
+    supervisor = Supervisor(config, telemetry=lambda: sampler.latest)  # the monitor's samples
     strategies = {b.name: make_strategy(b, config, plugins, supervisor) for b in config.backends}
     broker = Broker(config, strategies, telemetry=first if first.gpus else None)
     unknown = [g for g, cap in broker.sched.capacity.items() if cap is None]
@@ -195,7 +191,6 @@ async def run_broker(
         for listener in listeners.values():
             listener.sock.close()
         with anyio.CancelScope(shield=True):
-            await supervisor.aclose()  # no managed worker outlives its broker
             for upstream in upstreams.values():
                 await upstream.aclose()
             for strategy in strategies.values():

@@ -10,19 +10,19 @@ A backend with ``command:`` is a managed worker. Its ``upstream`` says where it 
   unset) until it answers below 500, within ``startTimeout``, with a progress event each second.
 - **Stop**: SIGTERM to the group and every descendant, SIGKILL after ``stopTimeout``, wait until
   every process of the tree is gone, then confirm the port is closed and (with telemetry) that
-  none of its PIDs still holds VRAM. A stop runs in the supervisor's own task group and shielded,
-  so it always completes, whoever asked for it and whatever their timeout.
+  none of its PIDs still holds VRAM, all within one deadline (:func:`procs.stop_tree`; how an
+  eviction fits it into ``unloadTimeout`` is told in ``strategies/process.py``). A stop runs in
+  the supervisor's own task group and shielded, so it always completes, whoever asked for it
+  and whatever their timeout.
 - **Crash**: an exit nobody asked for is restarted per ``restart:`` (``on-failure``: a non-zero
   exit or a signal; ``always``; ``never``) after an exponential backoff; ``max_crashes`` exits
-  within ``window`` seconds mark it ``failed`` with the last lines of its log. An exit during an
-  explicit start (the command itself is wrong) fails at once: retrying a typo helps nobody.
+  within ``window`` seconds mark it ``failed``. An exit during an explicit start (the command
+  itself is wrong) fails at once: retrying a typo helps nobody.
 - **Logs**: stdout and stderr, line by line, into a ring buffer (``gpubroker workers logs``) and,
-  with ``logFile:``, appended to a file.
-- **Pinning**: telemetry that sees a worker's PIDs on a GPU other than its own raises the
-  ``pinned-to-wrong-GPU`` warning.
-
-Every spawned worker carries ``GPUBROKER_WORKER=<name>`` and ``GPUBROKER_WORKER_UPSTREAM=<url>``
-in its environment: that is how a later broker recognises its own leftovers after a crash.
+  with ``logFile:``, appended to a file. A worker's output and its command line may show its
+  secrets: they are for admins only (``describe(admin=True)``), never in an event.
+- **Pinning**: the monitor's warnings (``alerts.py``) raise ``pinned-to-wrong-GPU`` when
+  telemetry sees a worker's PIDs (handed over by :meth:`Supervisor.roots`) on another GPU.
 
 Worker states, and the race each transition guards against (a per-worker lock serialises the
 operations that move them; crash recovery takes the same lock)::
@@ -40,12 +40,10 @@ import contextlib
 import enum
 import logging
 import os
-import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -56,24 +54,34 @@ import httpx
 import psutil
 
 from .config import BackendConfig, Config
+from .domains import cuda_devices
+from .procs import (
+    AFTER_GRACE,
+    MARKER,
+    MARKER_UPSTREAM,
+    Telemetry,
+    ancestors,
+    cmdline,
+    describe_pid,
+    environ,
+    is_alive,
+    listening_on,
+    marked,
+    port_open,
+    process,
+    process_tree,
+    stop_tree,
+)
 from .telemetry.base import TelemetrySnapshot
+from .worker_parts import LOG_LINES, Backoff, LogBuffer
 
 log = logging.getLogger("gpubroker.supervisor")
 
 T = TypeVar("T")
 
-MARKER = "GPUBROKER_WORKER"
-MARKER_UPSTREAM = "GPUBROKER_WORKER_UPSTREAM"
-PIN_WARNING = "pinned-to-wrong-GPU"
-LOG_LINES = 2000  # lines kept per worker
-TAIL_LINES = 15  # lines shown with a failure
 HEALTH_INTERVAL = 0.1
 PROGRESS_INTERVAL = 1.0
-POLL = 0.05  # while waiting for processes to go and ports to close
-REAP_WAIT = 5.0  # after SIGKILL
-PORT_CLOSE_WAIT = 5.0
-VRAM_FREE_WAIT = 10.0
-TELEMETRY_INTERVAL = 5.0
+OUTPUT_WAIT = 1.0  # after a stop, for the worker's last words to reach its log
 
 
 class WorkerState(enum.Enum):
@@ -89,9 +97,9 @@ class WorkerState(enum.Enum):
       so a stop never queues behind a start that may take ``startTimeout``.
     - ``starting`` → ``failed`` (exit before ready, or ``startTimeout``): the process group is
       killed before the state changes, so a half-started worker holds no VRAM.
-    - ``ready`` → ``stopping`` → ``stopped``: ``stopped`` is set only once every process of the
-      tree is reaped and the port is closed, so the scheduler never loads the next backend onto
-      VRAM that is still held.
+    - ``ready`` → ``stopping`` → ``stopped``: ``stopped`` is set only once the tree was killed
+      and reaped and the port checked (or the stop's deadline passed: its report then says what
+      was not confirmed), so the scheduler never loads the next backend onto VRAM still held.
     - ``ready`` → ``starting`` (crash, restart after backoff) or ``failed`` (crash loop,
       ``restart: never``): an exit seen while ``stopping`` is the one we asked for, not a crash;
       a stop cancels a pending backoff.
@@ -109,62 +117,6 @@ class WorkerState(enum.Enum):
 class WorkerError(Exception):
     """A worker could not be started or stopped; one line saying why (the log's tail is in
     the worker's status, shown to admins only)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Restart delays: ``first * factor ** (n - 1)`` capped at ``limit``; ``max_crashes`` exits
-    within ``window`` seconds mark the worker failed."""
-
-    first: float = 1.0
-    factor: float = 2.0
-    limit: float = 30.0
-    max_crashes: int = 5
-    window: float = 120.0
-
-    def delay(self, crashes: int) -> float:
-        return min(self.limit, self.first * self.factor ** max(0, crashes - 1))
-
-
-class LogBuffer:
-    """The last ``size`` lines of a worker's output, each with a sequence number for ``-f``."""
-
-    def __init__(self, size: int = LOG_LINES) -> None:
-        self._lines: deque[tuple[int, str]] = deque(maxlen=size)
-        self._partial = b""
-        self.next = 0
-
-    def add(self, line: str) -> None:
-        self._lines.append((self.next, line))
-        self.next += 1
-
-    def feed(self, data: bytes) -> list[str]:
-        """Add the complete lines in ``data``; return them."""
-        data = self._partial + data
-        *complete, self._partial = data.split(b"\n")
-        if len(self._partial) > 64 * 1024:  # a runaway line without a newline
-            complete.append(self._partial)
-            self._partial = b""
-        lines = [c.rstrip(b"\r").decode("utf-8", "replace") for c in complete]
-        for line in lines:
-            self.add(line)
-        return lines
-
-    def flush(self) -> list[str]:
-        rest, self._partial = self._partial, b""
-        if not rest:
-            return []
-        line = rest.rstrip(b"\r").decode("utf-8", "replace")
-        self.add(line)
-        return [line]
-
-    def since(self, seq: int, limit: int = LOG_LINES) -> tuple[list[str], int]:
-        """Lines numbered ``seq`` and later (at most ``limit``), and the number to ask next."""
-        lines = [(n, text) for n, text in self._lines if n >= seq][:limit]
-        return [text for _, text in lines], (lines[-1][0] + 1 if lines else max(seq, 0))
-
-    def tail(self, n: int = TAIL_LINES) -> list[str]:
-        return [text for _, text in list(self._lines)[-n:]]
 
 
 def render(template: str, *, port: int, gpu: str, name: str) -> str:
@@ -196,8 +148,6 @@ class Worker:
         self.crashes: deque[float] = deque()
         self.last_exit: dict[str, Any] | None = None
         self.error: str | None = None
-        self.warnings: dict[str, str] = {}
-        self.vram: int | None = None
         self.gpu_ids: tuple[str, ...] = ()
         self.argv: list[str] = []
         self.log = LogBuffer(log_size)
@@ -208,9 +158,11 @@ class Worker:
         self.output_done: anyio.Event | None = None  # set when its output is read to the end
         self.last_stop: dict[str, Any] | None = None  # the report of the last stop
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, *, admin: bool = False) -> dict[str, Any]:
+        """What the supervisor knows of it. ``admin`` adds what may show secrets: the command
+        line and, once it failed, the tail of its log."""
         now = time.time()
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "state": self.state.value,
             "pid": self.pid,
@@ -221,185 +173,44 @@ class Worker:
             if self.started_at and self.state is WorkerState.READY
             else None,
             "restarts": self.restarts,
-            "vram": self.vram,
             "lastExit": self.last_exit,
             "error": self.error,
-            "warnings": sorted(self.warnings.values()),
-            "logTail": self.log.tail() if self.state is WorkerState.FAILED else [],
-            "command": self.argv or list(self.spec.command or ()),
         }
-
-
-# --- process helpers (blocking: always called through anyio.to_thread) ----------------------
-
-
-def _proc(pid: int) -> psutil.Process | None:
-    try:
-        return psutil.Process(pid)
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    """The process and all its descendants (as far as they can be seen)."""
-    root = _proc(pid)
-    if root is None:
-        return []
-    try:
-        return [root, *root.children(recursive=True)]
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return [root]
-
-
-def _leads_group(pid: int) -> bool:
-    try:
-        return os.getpgid(pid) == pid
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def _group(pgid: int) -> list[psutil.Process]:
-    """Every live process whose process group is ``pgid`` (its leader may be gone already)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getpgid(p.pid) == pgid:
-                out.append(p)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return out
-
-
-def _family(pid: int) -> tuple[list[psutil.Process], bool]:
-    """The process, its descendants and its process group (when it leads one); and whether
-    it does (so the group can be signalled as one)."""
-    tree = _tree(pid)
-    members = _group(pid)
-    seen = {p.pid for p in tree}
-    tree += [p for p in members if p.pid not in seen]
-    return tree, bool(members) or _leads_group(pid)
-
-
-def _signal(pid: int, tree: Iterable[psutil.Process], sig: int, group: bool) -> None:
-    if group:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-    for p in tree:  # descendants that left the group (setsid) get it one by one
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, OSError):
-            if not group or os.getpgid(p.pid) != pid:
-                p.send_signal(sig)
-
-
-def _listeners(port: int) -> list[int] | None:
-    """PIDs listening on ``port`` (None when the system will not say)."""
-    try:
-        conns = psutil.net_connections(kind="tcp")
-    except (psutil.AccessDenied, OSError):
-        return None
-    return sorted(
-        {
-            c.pid
-            for c in conns
-            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
-        }
-    )
-
-
-def _environ(p: psutil.Process) -> dict[str, str]:
-    try:
-        return p.environ()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
-        return {}
-
-
-def _cmdline(pid: int) -> list[str]:
-    p = _proc(pid)
-    if p is None:
-        return []
-    try:
-        return p.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return []
-
-
-def _marked(name: str, upstream: str) -> list[int]:
-    """PIDs of processes carrying this worker's marker (leftovers of an earlier broker)."""
-    me = os.getpid()
-    found = []
-    for p in psutil.process_iter():
-        if p.pid == me:
-            continue
-        env = _environ(p)
-        if env.get(MARKER) == name and env.get(MARKER_UPSTREAM) == upstream and _alive(p):
-            found.append(p.pid)
-    return found
-
-
-def _describe_pid(pid: int) -> str:
-    cmd = _cmdline(pid)
-    return f"pid {pid} ({' '.join(cmd)[:80]})" if cmd else f"pid {pid}"
-
-
-def _ancestors() -> set[int]:
-    out = set()
-    p = _proc(os.getpid())
-    while p is not None:
-        out.add(p.pid)
-        try:
-            p = p.parent()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            break
-    return out
-
-
-async def _port_open(host: str, port: int) -> bool:
-    try:
-        with anyio.fail_after(1.0):
-            stream = await anyio.connect_tcp(host, port)
-    except (OSError, TimeoutError):
-        return False
-    await stream.aclose()
-    return True
-
-
-Sampler = Callable[[], Awaitable[TelemetrySnapshot]]
+        if admin:
+            out["logTail"] = self.log.tail() if self.state is WorkerState.FAILED else []
+            out["command"] = self.argv or list(self.spec.command or ())
+        return out
 
 
 class Supervisor:
     """Starts, watches and stops every managed worker of one broker.
 
-    ``sample`` (optional) reads telemetry: it lets a stop confirm the VRAM was freed, fills in
-    each worker's VRAM use, and drives the pin check every ``telemetry_interval`` seconds.
+    ``telemetry`` (optional) returns the latest shared telemetry snapshot (the monitor's; it
+    never reads the GPUs itself): it turns GPU indexes into UUIDs for the pin, lets a stop
+    confirm the VRAM was freed, and lets ``stop_pid`` recognise a GPU process.
     """
 
     def __init__(
         self,
         config: Config,
         *,
-        sample: Sampler | None = None,
-        backoff: Backoff = Backoff(),
-        telemetry_interval: float = TELEMETRY_INTERVAL,
+        telemetry: Telemetry | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         self.config = config
         self.workers = {b.name: Worker(b) for b in config.backends if b.command is not None}
-        self.sample = sample
-        self.backoff = backoff
-        self.telemetry_interval = telemetry_interval
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.telemetry = telemetry
+        self.backoff = backoff or Backoff()
         self.emit: Callable[..., None] | None = None  # e.g. Broker.emit(kind, backend, **detail)
         # called when a worker ended unasked for good (exit 0 under on-failure, crash loop…):
         # the server tells the scheduler, so the next request starts it instead of a dead port
         self.on_exit: Callable[[str], Awaitable[None]] | None = None
-        self.snapshot: TelemetrySnapshot | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._http: httpx.AsyncClient | None = None  # for health checks, made on first use
+
+    @property
+    def snapshot(self) -> TelemetrySnapshot | None:
+        return self.telemetry() if self.telemetry is not None else None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -407,12 +218,12 @@ class Supervisor:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Adopt or stop leftovers, start ``autostart`` workers, watch until cancelled; then stop
-        every worker (shielded: none survives its broker)."""
+        every worker (shielded: none survives its broker). This is the only place that stops
+        them all: whoever runs the supervisor need not."""
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 try:
-                    await self._read_telemetry()
                     await self._reconcile()
                     for w in self.workers.values():
                         if w.spec.autostart and w.state is WorkerState.STOPPED:
@@ -420,15 +231,15 @@ class Supervisor:
                             w.state, w.want_running = WorkerState.STARTING, True
                             tg.start_soon(self._autostart, w)
                     task_status.started()
-                    await self._watch()
+                    await anyio.sleep_forever()
                 finally:
                     with anyio.CancelScope(shield=True):
-                        await self.aclose()
+                        await self._shutdown()
         finally:
             self._tg = None
 
-    async def aclose(self) -> None:
-        """Stop every worker (all at once) and release the health client. Idempotent."""
+    async def _shutdown(self) -> None:
+        """Stop every worker (all at once) and release the health client."""
         async with anyio.create_task_group() as tg:
             for w in self.workers.values():
                 tg.start_soon(self._stop_now, w)
@@ -441,25 +252,25 @@ class Supervisor:
         same command and pin, listening) or stopped; a stranger on the port is reported."""
         for w in self.workers.values():
             w.argv, _ = self._command(w)
-            marked = set(await anyio.to_thread.run_sync(_marked, w.name, w.spec.upstream))
-            if not await _port_open(w.host, w.port):
-                for pid in sorted(marked):
+            found = set(await anyio.to_thread.run_sync(marked, w.name, w.spec.upstream))
+            if not await port_open(w.host, w.port):
+                for pid in sorted(found):
                     log.info("%s: stopping pid %d left by an earlier run", w.name, pid)
                     await self._kill_leftover(w, pid)
                 continue
-            owners = await anyio.to_thread.run_sync(_listeners, w.port) or []
-            ours = [pid for pid in owners if pid in marked]
+            owners = await anyio.to_thread.run_sync(listening_on, w.port) or []
+            ours = [pid for pid in owners if pid in found]
             if ours:
                 w.want_running = True
-                error = await self._adopt_or_stop(w, ours[0], marked)
+                error = await self._adopt_or_stop(w, ours[0], found)
                 if error not in (None, "adopted"):
                     w.error = error
                 if w.state is not WorkerState.READY:
                     w.want_running = False
                 continue
-            for pid in sorted(marked):
+            for pid in sorted(found):
                 await self._kill_leftover(w, pid)
-            who = await anyio.to_thread.run_sync(_describe_pid, owners[0]) if owners else "?"
+            who = await anyio.to_thread.run_sync(describe_pid, owners[0]) if owners else "?"
             w.error = f"port {w.port} is taken by {who}, which gpubroker did not start"
             log.warning("%s: %s; it will not be started while that lasts", w.name, w.error)
 
@@ -496,14 +307,17 @@ class Supervisor:
         w = self.worker(name)
         await self._job(lambda: self._start(w))
 
-    async def stop(self, name: str, *, grace: float | None = None) -> dict[str, Any]:
-        """Stop ``name`` (TERM, KILL after the grace, reap, confirm); report what was done."""
-        w = self.worker(name)
-        return await self._job(lambda: self._stop(w, grace))
+    async def stop(
+        self, name: str, *, grace: float | None = None, limit: float | None = None
+    ) -> dict[str, Any]:
+        """Stop ``name`` (TERM, KILL after ``grace``, reap, confirm); report what was done.
 
-    async def restart(self, name: str) -> None:
-        await self.stop(name)
-        await self.start(name)
+        ``grace`` defaults to its ``stopTimeout``; ``limit`` bounds the whole stop, lock wait
+        included (default ``grace`` + ``AFTER_GRACE``): what could not be confirmed by then is
+        reported as such (see :func:`procs.stop_tree`).
+        """
+        w = self.worker(name)
+        return await self._job(lambda: self._stop(w, grace, limit))
 
     async def stop_pid(self, pid: int, *, grace: float = 10.0) -> dict[str, Any]:
         """Stop a stray process: a GPU process per telemetry, or a marked gpubroker worker.
@@ -520,12 +334,14 @@ class Supervisor:
         for w in self.workers.values():
             if w.pid is None:
                 continue
-            if pid == w.pid or pid in {p.pid for p in await anyio.to_thread.run_sync(_tree, w.pid)}:
+            tree = await anyio.to_thread.run_sync(process_tree, w.pid)
+            if pid == w.pid or pid in {p.pid for p in tree}:
                 return w.name
         return None
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [w.describe() for w in self.workers.values()]
+    def describe(self, *, admin: bool = False) -> list[dict[str, Any]]:
+        """Every worker (see :meth:`Worker.describe`; ``admin`` adds logs and commands)."""
+        return [w.describe(admin=admin) for w in self.workers.values()]
 
     # --- jobs: run in our own task group, so a caller's timeout never cuts one short ----------
 
@@ -552,12 +368,10 @@ class Supervisor:
         return box["value"]  # type: ignore[no-any-return]
 
     def _emit(self, kind: str, w: Worker, **detail: Any) -> None:
-        event = {"event": kind, "backend": w.name, "at": time.time(), **detail}
-        log.debug("%s", event)
+        """An event for ``/events``, which anyone may read: never a log line nor a command."""
+        log.debug("%s %s %s", kind, w.name, detail)
         if self.emit is not None:
             self.emit(kind, w.name, **detail)
-        for listener in list(self.listeners):
-            listener(event)
 
     def _ended(self, w: Worker) -> None:
         """``w`` ended unasked and will not come back by itself: tell ``on_exit``."""
@@ -567,9 +381,8 @@ class Supervisor:
     def _fail(self, w: Worker, error: str) -> None:
         w.state = WorkerState.FAILED
         w.error = error
-        tail = w.log.tail()
         log.warning("%s: failed: %s", w.name, error)
-        self._emit("worker_failed", w, error=error, logTail=tail)
+        self._emit("worker_failed", w, error=error)
 
     # --- start ------------------------------------------------------------------------------
 
@@ -589,16 +402,8 @@ class Supervisor:
                 f"{w.name}: {error} (its log: gpubroker workers logs {w.name})"
             )
 
-    def _gpus(self, w: Worker) -> tuple[str, ...]:
-        """The GPU ids to pin to: UUIDs as configured, indexes turned into UUIDs when known."""
-        by_index = {g.index: g.uuid for g in self.snapshot.gpus} if self.snapshot else {}
-        out = []
-        for ref in w.spec.gpu or (0,):
-            out.append(by_index.get(ref, str(ref)) if isinstance(ref, int) else ref)
-        return tuple(out)
-
     def _command(self, w: Worker) -> tuple[list[str], dict[str, str]]:
-        gpus = self._gpus(w)
+        gpus = cuda_devices(w.spec, self.snapshot)
         gpu = ",".join(gpus)
         fill = {"port": w.port, "gpu": gpu, "name": w.name}
         argv = [render(a, **fill) for a in w.spec.command or ()]
@@ -646,7 +451,7 @@ class Supervisor:
             proc.pid,
             env["CUDA_VISIBLE_DEVICES"],
         )
-        self._emit("worker_starting", w, pid=proc.pid, command=argv)
+        self._emit("worker_starting", w, pid=proc.pid)
         assert self._tg is not None
         w.output_done = anyio.Event()
         self._tg.start_soon(self._pump_log, w, proc, w.output_done)
@@ -686,18 +491,12 @@ class Supervisor:
                 return f"not ready after startTimeout {w.spec.start_timeout:g}s"
             if now - last_progress >= PROGRESS_INTERVAL:
                 last_progress = now
-                tail = w.log.tail(1)
-                self._emit(
-                    "worker_progress",
-                    w,
-                    elapsedMs=round((now - started) * 1000),
-                    line=tail[0] if tail else None,
-                )
+                self._emit("worker_progress", w, elapsedMs=round((now - started) * 1000))
             await anyio.sleep(HEALTH_INTERVAL)
 
     async def _healthy(self, w: Worker) -> bool:
         if not w.spec.health_path:
-            return await _port_open(w.host, w.port)
+            return await port_open(w.host, w.port)
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=2.0, trust_env=False)
         try:
@@ -709,37 +508,37 @@ class Supervisor:
     async def _claim_port(self, w: Worker) -> str | None:
         """Before spawning: None when the port is free, "adopted" when our own leftover there
         was taken over, else why we refuse to start a second one."""
-        if not await _port_open(w.host, w.port):
+        if not await port_open(w.host, w.port):
             return None
-        owners = await anyio.to_thread.run_sync(_listeners, w.port)
+        owners = await anyio.to_thread.run_sync(listening_on, w.port)
         if not owners:
             return (
                 f"port {w.port} is already taken by a process gpubroker cannot identify; "
                 f"refusing to start a second {w.name}"
             )
-        marked = set(await anyio.to_thread.run_sync(_marked, w.name, w.spec.upstream))
-        ours = [pid for pid in owners if pid in marked]
+        found = set(await anyio.to_thread.run_sync(marked, w.name, w.spec.upstream))
+        ours = [pid for pid in owners if pid in found]
         if not ours:
-            who = await anyio.to_thread.run_sync(_describe_pid, owners[0])
+            who = await anyio.to_thread.run_sync(describe_pid, owners[0])
             return (
                 f"port {w.port} is already taken by {who}, which gpubroker did not start; "
                 f"refusing to start a second {w.name} (stop it with `gpubroker workers stop "
                 f"--pid {owners[0]}` or point upstream elsewhere)"
             )
-        return await self._adopt_or_stop(w, ours[0], marked)
+        return await self._adopt_or_stop(w, ours[0], found)
 
-    async def _adopt_or_stop(self, w: Worker, listener: int, marked: set[int]) -> str | None:
+    async def _adopt_or_stop(self, w: Worker, listener: int, found: set[int]) -> str | None:
         """Our own worker from an earlier run is listening: adopt it when it is healthy and runs
         this very command with this pin; otherwise stop it. Other leftovers are stopped."""
         leader = listener
         with contextlib.suppress(ProcessLookupError, PermissionError):
             pgid = os.getpgid(listener)
-            if pgid in marked:
+            if pgid in found:
                 leader = pgid
-        proc = await anyio.to_thread.run_sync(_proc, leader)
-        env = _environ(proc) if proc else {}
-        cmdline = await anyio.to_thread.run_sync(_cmdline, leader)
-        same = cmdline == w.argv and env.get("CUDA_VISIBLE_DEVICES") == ",".join(w.gpu_ids)
+        proc = await anyio.to_thread.run_sync(process, leader)
+        env = environ(proc) if proc else {}
+        argv = await anyio.to_thread.run_sync(cmdline, leader)
+        same = argv == w.argv and env.get("CUDA_VISIBLE_DEVICES") == ",".join(w.gpu_ids)
         if same and await self._healthy(w):
             w.proc, w.pid, w.adopted = None, leader, True
             try:
@@ -757,21 +556,22 @@ class Supervisor:
             self._emit("worker_adopted", w, pid=leader)
             assert self._tg is not None
             self._tg.start_soon(self._monitor_adopted, w, leader)
-            for other in marked - {p.pid for p in await anyio.to_thread.run_sync(_tree, leader)}:
+            tree = await anyio.to_thread.run_sync(process_tree, leader)
+            for other in found - {p.pid for p in tree}:
                 await self._kill_leftover(w, other)
             return "adopted"
         why = "it does not answer its health check" if same else "its command or GPU pin changed"
         log.info("%s: stopping pid %d left by an earlier run (%s)", w.name, leader, why)
         w.log.add(f"[gpubroker] stopping pid {leader} left by an earlier run: {why}")
-        for pid in sorted(marked):
+        for pid in sorted(found):
             await self._kill_leftover(w, pid)
-        if await _port_open(w.host, w.port):
+        if await port_open(w.host, w.port):
             return f"port {w.port} is still taken after stopping the earlier run's {w.name}"
         return None
 
     async def _kill_leftover(self, w: Worker, pid: int) -> None:
         with anyio.CancelScope(shield=True):
-            await self._stop_tree(pid, w.spec.stop_timeout)
+            await stop_tree(pid, w.spec.stop_timeout, telemetry=self.telemetry)
 
     # --- watching ---------------------------------------------------------------------------
 
@@ -798,7 +598,7 @@ class Supervisor:
             with anyio.CancelScope(shield=True):
                 if sink is not None:
                     await sink.aclose()
-                with anyio.move_on_after(w.spec.stop_timeout + REAP_WAIT + 5.0):
+                with anyio.move_on_after(w.spec.stop_timeout + AFTER_GRACE):
                     await proc.aclose()
 
     async def _monitor(self, w: Worker, proc: anyio.abc.Process) -> None:
@@ -809,8 +609,8 @@ class Supervisor:
             self._tg.start_soon(self._recover, w, proc, code)
 
     async def _monitor_adopted(self, w: Worker, pid: int) -> None:
-        p = await anyio.to_thread.run_sync(_proc, pid)
-        while p is not None and await anyio.to_thread.run_sync(_alive, p):
+        p = await anyio.to_thread.run_sync(process, pid)
+        while p is not None and await anyio.to_thread.run_sync(is_alive, p):
             await anyio.sleep(0.5)
             if w.pid != pid or not w.adopted:
                 return
@@ -854,7 +654,7 @@ class Supervisor:
                     return
                 delay = self.backoff.delay(len(w.crashes))
                 w.state = WorkerState.STARTING
-                self._emit("worker_crashed", w, code=code, restartIn=delay, logTail=w.log.tail())
+                self._emit("worker_crashed", w, code=code, restartIn=delay)
                 with anyio.CancelScope() as scope:
                     w.backoff_scope = scope
                     await anyio.sleep(delay)
@@ -867,71 +667,12 @@ class Supervisor:
                     return
                 code = (w.last_exit or {}).get("code")  # and go round: another crash
 
-    async def _watch(self) -> None:
-        """Read telemetry now and then: VRAM per worker and the pin check."""
-        if self.sample is None:
-            await anyio.sleep_forever()
-        while True:
-            await anyio.sleep(self.telemetry_interval)
-            await self._read_telemetry()
-
-    async def _read_telemetry(self) -> None:
-        if self.sample is None:
-            return
-        try:
-            with anyio.fail_after(max(self.telemetry_interval, 2.0)):
-                snapshot = await self.sample()
-        except Exception as exc:
-            log.debug("telemetry read failed: %s", exc)
-            return
-        await self.observe(snapshot)
-
-    async def observe(self, snapshot: TelemetrySnapshot) -> None:
-        """Take in one telemetry snapshot: VRAM per worker, and the pinned-to-wrong-GPU check."""
-        self.snapshot = snapshot
-        for w in self.workers.values():
-            if w.pid is None:
-                w.vram = None
-                continue
-            pids = {p.pid for p in await anyio.to_thread.run_sync(_tree, w.pid)} | {w.pid}
-            own = self._own_uuids(w, snapshot)
-            used: int | None = None
-            wrong = []
-            for gpu in snapshot.gpus:
-                mine = [p for p in gpu.processes if p.pid in pids]
-                if not mine:
-                    continue
-                used = (used or 0) + sum(p.used_memory or 0 for p in mine)
-                if not any(gpu.uuid.startswith(u) or u == str(gpu.index) for u in own):
-                    wrong.append(gpu.uuid)
-            w.vram = used
-            if wrong:
-                message = (
-                    f"{PIN_WARNING}: {w.name} (pid {w.pid}) runs on {', '.join(wrong)} but is "
-                    f"pinned to {', '.join(own)}"
-                )
-                if w.warnings.get(PIN_WARNING) != message:
-                    log.warning("%s", message)
-                    self._emit("worker_warning", w, warning=PIN_WARNING, message=message)
-                w.warnings[PIN_WARNING] = message
-            else:
-                w.warnings.pop(PIN_WARNING, None)
-
-    def _own_uuids(self, w: Worker, snapshot: TelemetrySnapshot) -> list[str]:
-        by_index = {g.index: g.uuid for g in snapshot.gpus}
-        return [
-            by_index.get(ref, str(ref)) if isinstance(ref, int) else ref
-            for ref in w.spec.gpu or (0,)
-        ]
-
     # --- stop -------------------------------------------------------------------------------
 
-    def _grace(self, w: Worker, grace: float | None) -> float:
-        if grace is not None:
-            return grace
-        return w.spec.stop_timeout
-
-    async def _stop(self, w: Worker, grace: float | None) -> dict[str, Any]:
+    async def _stop(self, w: Worker, grace: float | None, limit: float | None) -> dict[str, Any]:
+        grace = w.spec.stop_timeout if grace is None else grace
+        limit = grace + AFTER_GRACE if limit is None else limit
+        deadline = anyio.current_time() + limit
         w.want_running = False
         if w.start_scope is not None:
             w.start_scope.cancel()
@@ -943,8 +684,9 @@ class Supervisor:
                 if w.state is not WorkerState.FAILED:
                     w.state = WorkerState.STOPPED
                 return {"stopped": False, "message": f"{w.name} was not running"}
+            grace = max(0.0, min(grace, deadline - anyio.current_time()))
             with anyio.CancelScope(shield=True):
-                report = await self._terminate(w, grace=self._grace(w, grace))
+                report = await self._terminate(w, grace=grace, deadline=deadline)
             w.state = WorkerState.STOPPED
             w.error = None
             w.last_stop = {"stopped": True, **report}
@@ -955,124 +697,55 @@ class Supervisor:
         """Shutdown: cancel what is pending and stop, never raising."""
         try:
             with anyio.CancelScope(shield=True):
-                await self._stop(w, None)
+                await self._stop(w, None, None)
         except Exception as exc:  # pragma: no cover - a stop must not stop the others
             log.error("%s: stop at shutdown failed: %s", w.name, exc)
 
-    async def _terminate(self, w: Worker, *, grace: float, quiet: bool = False) -> dict[str, Any]:
-        """SIGTERM the group and tree, SIGKILL after ``grace``, reap, confirm the port and VRAM."""
+    async def _terminate(
+        self, w: Worker, *, grace: float, deadline: float | None = None, quiet: bool = False
+    ) -> dict[str, Any]:
+        """Stop the worker's tree (see :func:`procs.stop_tree`) within ``deadline``, then let its
+        last output reach the log, in what is left of that time."""
         pid = w.pid
         assert pid is not None
+        if deadline is None:
+            deadline = anyio.current_time() + grace + AFTER_GRACE
         if not quiet:
             w.state = WorkerState.STOPPING
             self._emit("worker_stopping", w, pid=pid)
-        report = await self._stop_tree(pid, grace, proc=w.proc, host=w.host, port=w.port)
+        report = await stop_tree(
+            pid,
+            grace,
+            deadline=deadline,
+            child=w.proc,
+            address=(w.host, w.port),
+            telemetry=self.telemetry,
+        )
         if w.output_done is not None:  # its last words go in the log before ours
-            with anyio.move_on_after(1.0):
+            with anyio.CancelScope(deadline=min(deadline, anyio.current_time() + OUTPUT_WAIT)):
                 await w.output_done.wait()
         w.log.add(f"[gpubroker] pid {pid} stopped ({report['signal']}, {report['ms']:.0f} ms)")
         if w.proc is not None and w.proc.returncode is not None:
             w.last_exit = {"code": w.proc.returncode, "at": time.time()}
-        w.proc, w.pid, w.adopted, w.vram = None, None, False, None
-        w.warnings.pop(PIN_WARNING, None)
+        w.proc, w.pid, w.adopted = None, None, False
         return report
 
-    async def _stop_tree(
-        self,
-        pid: int,
-        grace: float,
-        *,
-        proc: anyio.abc.Process | None = None,
-        host: str | None = None,
-        port: int | None = None,
-    ) -> dict[str, Any]:
-        started = time.monotonic()
-        tree, group = await anyio.to_thread.run_sync(_family, pid)
-        pids = [p.pid for p in tree] or [pid]
-        await anyio.to_thread.run_sync(_signal, pid, tree, signal.SIGTERM, group)
-        how = "SIGTERM"
-        if not await self._gone(tree, proc, grace):
-            how = "SIGKILL"
-            log.warning("pid %d ignored SIGTERM for %.1fs: SIGKILL", pid, grace)
-            await anyio.to_thread.run_sync(_signal, pid, tree, signal.SIGKILL, group)
-            await self._gone(tree, proc, REAP_WAIT)
-        if group:  # stragglers of the group that left the tree: they had their TERM already
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        survivors = [p.pid for p in tree if await anyio.to_thread.run_sync(_alive, p)]
-        port_closed = None
-        if host is not None and port is not None:
-            port_closed = await self._port_closed(host, port)
-        vram_freed = await self._vram_freed(set(pids))
-        return {
-            "pid": pid,
-            "pids": pids,
-            "signal": how,
-            "ms": round((time.monotonic() - started) * 1000, 1),
-            "survivors": survivors,
-            "portClosed": port_closed,
-            "vramFreed": vram_freed,
-        }
-
-    async def _gone(
-        self, tree: list[psutil.Process], proc: anyio.abc.Process | None, limit: float
-    ) -> bool:
-        """Wait up to ``limit`` for every process of ``tree`` to be gone. Our own child is
-        reaped by the event loop (never by psutil, which would steal its exit status)."""
-        others = [p for p in tree if proc is None or p.pid != proc.pid]
-        with anyio.move_on_after(limit):
-            while True:
-                if proc is not None and proc.returncode is None:
-                    await anyio.sleep(POLL)
-                    continue
-                alive = [p for p in others if await anyio.to_thread.run_sync(_alive, p)]
-                if not alive:
-                    return True
-                await anyio.sleep(POLL)
-        return False
-
-    async def _port_closed(self, host: str, port: int) -> bool:
-        with anyio.move_on_after(PORT_CLOSE_WAIT):
-            while await _port_open(host, port):
-                await anyio.sleep(POLL)
-            return True
-        return False
-
-    async def _vram_freed(self, pids: set[int]) -> bool | None:
-        """With telemetry: wait for a sample taken after now in which none of ``pids`` holds
-        GPU memory; None without telemetry (or GPUs) to tell."""
-        if self.sample is None:
-            return None
-        since = time.time()
-        with anyio.move_on_after(VRAM_FREE_WAIT):
-            while True:
-                try:
-                    snapshot = await self.sample()
-                except Exception:
-                    return None
-                if not snapshot.gpus:
-                    return None
-                fresh = snapshot.taken_at >= since and not snapshot.error
-                if fresh and not any(p.pid in pids for g in snapshot.gpus for p in g.processes):
-                    return True
-                await anyio.sleep(0.25)
-        return False
-
     async def _stop_stray(self, pid: int, grace: float) -> dict[str, Any]:
-        target = await anyio.to_thread.run_sync(_proc, pid)
-        if target is None or not await anyio.to_thread.run_sync(_alive, target):
+        target = await anyio.to_thread.run_sync(process, pid)
+        if target is None or not await anyio.to_thread.run_sync(is_alive, target):
             raise WorkerError(f"no process with pid {pid}")
-        if pid in await anyio.to_thread.run_sync(_ancestors):
+        if pid in await anyio.to_thread.run_sync(ancestors):
             raise WorkerError(f"pid {pid} is gpubroker itself (or its parent); not stopping it")
-        on_gpu = self.snapshot is not None and any(
-            p.pid == pid for g in self.snapshot.gpus for p in g.processes
+        snapshot = self.snapshot
+        on_gpu = snapshot is not None and any(
+            p.pid == pid for g in snapshot.gpus for p in g.processes
         )
-        marked = MARKER in await anyio.to_thread.run_sync(_environ, target)
-        if not (on_gpu or marked):
-            who = await anyio.to_thread.run_sync(_describe_pid, pid)
+        is_marked = MARKER in await anyio.to_thread.run_sync(environ, target)
+        if not (on_gpu or is_marked):
+            who = await anyio.to_thread.run_sync(describe_pid, pid)
             raise WorkerError(
                 f"{who} is neither a GPU process (per telemetry) nor a gpubroker worker; "
                 "not stopping it"
             )
-        report = await self._stop_tree(pid, grace)
+        report = await stop_tree(pid, grace, telemetry=self.telemetry)
         return {"stopped": True, "worker": None, **report}

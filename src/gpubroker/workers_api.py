@@ -1,6 +1,7 @@
 """Admin routes for managed workers, on the status port (for ``gpubroker workers …``).
 
-    GET  /api/workers                  every managed worker: state, PID, GPU, uptime, restarts…
+    GET  /api/workers                  every managed worker: state, PID, GPU, uptime, restarts,
+                                       VRAM, warnings; its command and log tail for admins
     GET  /api/workers/{name}/logs      its captured output (?since=N&limit=M; admin)
     POST /api/workers/start            {"name": …} or {"all": true}
     POST /api/workers/stop             {"name": …}, {"all": true} or {"pid": N}; "force" skips
@@ -12,7 +13,9 @@ Verbs go through the scheduler, so it stays truthful: a start is a swap to the w
 make room is freed first, per policy), a stop is an unload (in-flight requests drain first,
 unless ``force``) followed by stopping the process. Each verb answers 200 with ``ok`` and a
 result per worker; an unknown name is 404, a malformed body 400. POSTs and logs need the admin
-token where one is set (the rule of ``/api/unload``): a worker's output may show its secrets.
+token where one is set (the rule of ``/api/unload``): a worker's output, and its command line,
+may show its secrets. For the same reason ``GET /api/workers`` stays open but tells only an
+authorised caller a worker's ``command`` and ``logTail`` (``"admin": true`` says it did).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .alerts import PINNED_TO_WRONG_GPU
 from .broker import Broker, Refused
 from .scheduler import SwapInProgress
 from .supervisor import LOG_LINES, Supervisor, WorkerError, WorkerState
@@ -110,13 +114,34 @@ class WorkersApi:
         checked = self._check(data.get("name"))
         return checked if isinstance(checked, Response) else [checked]
 
-    def _reply(self, results: list[dict[str, Any]]) -> Response:
+    def _workers(self, *, admin: bool) -> list[dict[str, Any]]:
+        """Each worker as the supervisor knows it, with what telemetry adds: the VRAM it holds
+        and the pinning warning, both from the monitor (one reading of the GPUs, one rule)."""
         sup = self.supervisor
+        if sup is None:
+            return []
+        monitor = self.status.monitor
+        alerts = monitor.alerts.current() if monitor is not None else []
+        out = []
+        for w in sup.describe(admin=admin):
+            name = w["name"]
+            measured = w["pid"] is not None and name in self.broker.measured
+            w["vram"] = self.broker.measured_total(name) if measured else None
+            w["warnings"] = [
+                f"{a.code}: {a.message}"
+                for a in alerts
+                if a.backend == name and a.code == PINNED_TO_WRONG_GPU
+            ]
+            out.append(w)
+        return out
+
+    def _reply(self, results: list[dict[str, Any]]) -> Response:
+        """The answer to a verb (only authorised callers get one)."""
         return JSONResponse(
             {
                 "ok": all(r["ok"] for r in results),
                 "results": results,
-                "workers": sup.describe() if sup else [],
+                "workers": self._workers(admin=True),
             }
         )
 
@@ -162,8 +187,8 @@ class WorkersApi:
     # --- routes ---------------------------------------------------------------------------
 
     async def list_(self, request: Request) -> Response:
-        sup = self.supervisor
-        return JSONResponse({"workers": sup.describe() if sup else []})
+        admin = self.status._authorise(request) is None
+        return JSONResponse({"admin": admin, "workers": self._workers(admin=admin)})
 
     async def logs(self, request: Request) -> Response:
         if (denied := self.status._authorise(request)) is not None:

@@ -84,13 +84,15 @@ def _uptime(seconds: float | None) -> str:
 def list_(
     config: ConfigOption = None,
     url: UrlOption = None,
+    token: TokenOption = None,
     json_: JsonOption = False,
 ) -> None:
-    """List managed workers: state, PID, GPU, uptime, restarts, VRAM."""
+    """List managed workers: state, PID, GPU, uptime, restarts, VRAM (and, with the admin
+    token, the log tail of a failed one)."""
     from ..client import broker_target, call
 
-    base, _ = broker_target(url, config, None)
-    data = call("GET", base, "/api/workers", timeout=10.0)
+    base, tok = broker_target(url, config, token)
+    data = call("GET", base, "/api/workers", token=tok, timeout=10.0)
     workers = data.get("workers", [])
     if json_:
         typer.echo(json.dumps(data, indent=2))
@@ -113,6 +115,8 @@ def list_(
             typer.echo(f"  error: {w['error']}")
         for line in w.get("logTail") or []:
             typer.echo(f"  | {line}")
+        if w["state"] == "failed" and "logTail" not in w:
+            typer.echo("  (its log is for admins: pass the admin token, --token, to see it)")
         for warning in w.get("warnings") or []:
             typer.echo(f"  warning: {warning}")
 

@@ -6,12 +6,16 @@ closed); ``resident()`` says whether it runs (None while it starts or stops: it 
 VRAM, so the scheduler counts it as taken). The scheduler does the rest: a request for a
 stopped worker queues, the load starts it, and the request is admitted once it is healthy.
 
-The broker bounds ``unload()`` by ``unloadTimeout``. So that a stop always *finishes* inside
-that bound (the next backend must not load onto VRAM still held), an eviction gives the worker
-``min(stopTimeout, 60% of unloadTimeout)`` to exit on SIGTERM before SIGKILL, keeping the rest
-for the kill and the reaping. With the defaults (both 10s) that is 6s; raise ``unloadTimeout``
-for a worker that needs longer to shut down cleanly. Should the broker's bound fire anyway, the
-stop still completes: it runs in the supervisor's own task, shielded.
+How a stop fits ``unloadTimeout`` (the one place this is told). The broker bounds ``unload()``
+by ``unloadTimeout``, so an eviction gives the stop one deadline, ``STOP_SHARE`` (90%) of it,
+shared by every phase in turn: SIGTERM gets ``stopTimeout`` but no more than ``TERM_SHARE``
+(60%) of ``unloadTimeout``; then SIGKILL, reaping the tree, the port check and (with telemetry)
+the VRAM check share what is left of the deadline; the last 10% lets the stop report before
+the broker's bound fires. With the defaults (both 10s): 6s for SIGTERM, the whole stop within
+9s. A check the deadline cuts short is reported as not confirmed (``procs.stop_tree``), and the
+broker's own check of the freed memory still follows. The signals are never skipped, and should
+the broker's bound fire anyway, the stop still completes: it runs in the supervisor's own task,
+shielded. Raise ``unloadTimeout`` for a worker that needs longer to shut down cleanly.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
     from ..supervisor import Supervisor
 
 TERM_SHARE = 0.6  # of unloadTimeout, at most, for SIGTERM before SIGKILL during an eviction
+STOP_SHARE = 0.9  # of unloadTimeout for the whole stop: signals, reaping and its checks
 
 
 class ProcessStrategy(Strategy):
@@ -45,10 +50,15 @@ class ProcessStrategy(Strategy):
 
     def term_grace(self) -> float:
         """Seconds between SIGTERM and SIGKILL when the broker evicts this worker."""
-        return max(0.5, min(self.backend.stop_timeout, self.ctx.unload_timeout * TERM_SHARE))
+        return min(self.backend.stop_timeout, self.ctx.unload_timeout * TERM_SHARE)
+
+    def stop_limit(self) -> float:
+        """Seconds the whole stop may take when the broker evicts this worker."""
+        return self.ctx.unload_timeout * STOP_SHARE
 
     async def unload(self) -> None:
-        await self._supervisor().stop(self.backend.name, grace=self.term_grace())
+        name = self.backend.name
+        await self._supervisor().stop(name, grace=self.term_grace(), limit=self.stop_limit())
 
     async def load(self) -> None:
         await self._supervisor().start(self.backend.name)
