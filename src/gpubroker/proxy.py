@@ -21,7 +21,7 @@ import anyio
 from .broker import Broker, Grant, Refused
 from .classifiers.base import Classifier
 from .config import BackendConfig
-from .responses import send_error
+from .responses import retryable, send_error
 from .scheduler import Refuse
 from .upstream import Upstream, UpstreamError, UpstreamTimeout
 from .wsproxy import proxy_websocket
@@ -201,7 +201,7 @@ class ProxyApp:
                     r.code,
                     r.message,
                     backend=self.name,
-                    retryable=r.status in (502, 503),
+                    retryable=retryable(r.status),
                     headers=retry,
                 )
                 return

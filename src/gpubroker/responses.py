@@ -17,7 +17,17 @@ import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+RETRYABLE = frozenset({409, 502, 503, 504})  # the same request may succeed later
+
+
+def retryable(status: int) -> bool:
+    return status in RETRYABLE
 
 
 def error_body(code: str, message: str, backend: str | None, retryable: bool) -> bytes:
@@ -49,3 +59,25 @@ async def send_error(
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def error_response(
+    status: int, code: str, message: str, backend: str | None = None
+) -> JSONResponse:
+    """The same error shape for the status and admin routes (Starlette)."""
+    body = {"error": code, "message": message, "backend": backend, "retryable": retryable(status)}
+    return JSONResponse(body, status_code=status)
+
+
+async def json_object(request: Request) -> dict[str, Any] | Response:
+    """An admin verb's body: {} when empty, else a JSON object, else a 400 to send back."""
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return error_response(400, "bad_request", "the body must be JSON")
+    if not isinstance(data, dict):
+        return error_response(400, "bad_request", "the body must be a JSON object")
+    return data

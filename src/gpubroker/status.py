@@ -28,6 +28,7 @@ from starlette.routing import Route
 from .broker import Broker, Refused
 from .metrics import Metrics
 from .monitor import Monitor
+from .responses import error_response, json_object
 from .scheduler import State, SwapInProgress
 from .telemetry.base import GpuSample
 from .workers_api import worker_routes
@@ -163,13 +164,6 @@ def snapshot(
     }
 
 
-def _error(status: int, code: str, message: str, backend: str | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"error": code, "message": message, "backend": backend, "retryable": status >= 500},
-        status_code=status,
-    )
-
-
 class StatusApp:
     """Builds the Starlette app; ``health`` is filled in by the server's prober."""
 
@@ -209,7 +203,7 @@ class StatusApp:
         if self.open_admin:
             return None
         if self.token is None:
-            return _error(
+            return error_response(
                 403,
                 "forbidden",
                 "admin verbs are off: the status port binds beyond "
@@ -217,22 +211,13 @@ class StatusApp:
             )
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-            return _error(
+            return error_response(
                 401, "unauthorized", "admin verbs need Authorization: Bearer <adminToken>"
             )
         return None
 
     async def _body(self, request: Request) -> dict[str, Any] | Response:
-        raw = await request.body()
-        if not raw:
-            return {}
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            return _error(400, "bad_request", "the body must be JSON")
-        if not isinstance(data, dict):
-            return _error(400, "bad_request", "the body must be a JSON object")
-        return data
+        return await json_object(request)
 
     def _backend(self, data: dict[str, Any], *, required: bool) -> str | Response | None:
         name = data.get("backend")
@@ -240,7 +225,7 @@ class StatusApp:
             return None
         if not isinstance(name, str) or name not in self.broker.sched.slots:
             known = ", ".join(self.broker.sched.slots)
-            return _error(
+            return error_response(
                 404, "unknown_backend", f"no backend named {name!r} (known: {known})", name
             )
         return name
@@ -258,7 +243,7 @@ class StatusApp:
         try:
             info = await self.broker.evict(name, force=force)
         except SwapInProgress as exc:
-            return _error(409, "swap_in_progress", str(exc), name)
+            return error_response(409, "swap_in_progress", str(exc), name)
         if info is None:
             return JSONResponse({"ok": True, "unloaded": [], "message": "nothing to unload"})
         return JSONResponse(
@@ -284,7 +269,7 @@ class StatusApp:
             grant = await self.broker.preload(name)
         except Refused as exc:
             r = exc.refusal
-            return _error(r.status, r.code, r.message, name)
+            return error_response(r.status, r.code, r.message, name)
         swap = grant.swap
         return JSONResponse(
             {

@@ -20,7 +20,6 @@ authorised caller a worker's ``command`` and ``logTail`` (``"admin": true`` says
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -30,18 +29,12 @@ from starlette.routing import Route
 
 from .alerts import PINNED_TO_WRONG_GPU
 from .broker import Broker, Refused
+from .responses import error_response, json_object
 from .scheduler import SwapInProgress
 from .supervisor import LOG_LINES, Supervisor, WorkerError, WorkerState
 
 if TYPE_CHECKING:
     from .status import StatusApp
-
-
-def _error(status: int, code: str, message: str, name: str | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"error": code, "message": message, "backend": name, "retryable": status >= 500},
-        status_code=status,
-    )
 
 
 class WorkersApi:
@@ -73,17 +66,19 @@ class WorkersApi:
         managed = list(sup.workers) if sup else []
         known = ", ".join(managed) or "none: give a backend `command:`"
         if not isinstance(name, str) or not name:
-            return _error(400, "bad_request", 'name a worker: {"name": …} or {"all": true}')
+            return error_response(400, "bad_request", 'name a worker: {"name": …} or {"all": true}')
         if sup is not None and name in sup.workers:
             return name
         if name in self.broker.sched.slots:
-            return _error(
+            return error_response(
                 404,
                 "not_managed",
                 f"{name} is not a managed worker (it has no `command:`); managed: {known}",
                 name,
             )
-        return _error(404, "unknown_worker", f"no managed worker named {name!r} ({known})", name)
+        return error_response(
+            404, "unknown_worker", f"no managed worker named {name!r} ({known})", name
+        )
 
     async def _names(self, request: Request, *, allow_all: bool = True) -> list[str] | Response:
         if (denied := self.status._authorise(request)) is not None:
@@ -94,22 +89,13 @@ class WorkersApi:
         return self._targets(data, allow_all=allow_all)
 
     async def _json(self, request: Request) -> dict[str, Any] | Response:
-        raw = await request.body()
-        if not raw:
-            return {}
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            return _error(400, "bad_request", "the body must be JSON")
-        if not isinstance(data, dict):
-            return _error(400, "bad_request", "the body must be a JSON object")
-        return data
+        return await json_object(request)
 
     def _targets(self, data: dict[str, Any], *, allow_all: bool) -> list[str] | Response:
         everything = data.get("all") is True
         if everything and allow_all:
             if "name" in data:
-                return _error(400, "bad_request", 'give "name" or "all", not both')
+                return error_response(400, "bad_request", 'give "name" or "all", not both')
             return list(self.supervisor.workers) if self.supervisor else []
         checked = self._check(data.get("name"))
         return checked if isinstance(checked, Response) else [checked]
@@ -200,7 +186,7 @@ class WorkersApi:
             since = int(request.query_params.get("since", "-1"))
             limit = int(request.query_params.get("limit", str(LOG_LINES)))
         except ValueError:
-            return _error(400, "bad_request", "since and limit must be integers")
+            return error_response(400, "bad_request", "since and limit must be integers")
         assert self.supervisor is not None
         w = self.supervisor.workers[name]
         if since < 0:  # the last `limit` lines
@@ -262,12 +248,12 @@ class WorkersApi:
     async def _stop_pid(self, data: dict[str, Any]) -> Response:
         pid = data.get("pid")
         if "name" in data or "all" in data:
-            return _error(400, "bad_request", 'give "pid" alone, not with "name" or "all"')
+            return error_response(400, "bad_request", 'give "pid" alone, not with "name" or "all"')
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-            return _error(400, "bad_request", "pid must be a positive integer")
+            return error_response(400, "bad_request", "pid must be a positive integer")
         sup = self.supervisor
         if sup is None:
-            return _error(404, "no_supervisor", "this broker has no supervisor running")
+            return error_response(404, "no_supervisor", "this broker has no supervisor running")
         owner = await sup.owner_of(pid)
         if owner is not None:
             result = await self._stop_one(owner, force=False)
