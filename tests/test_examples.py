@@ -42,3 +42,15 @@ def test_main_example_shows_the_extensions() -> None:
     assert any(b.pinned for b in cfg.backends)
     assert any(b.gpu for b in cfg.backends)
     assert any(b.max_concurrency for b in cfg.backends)
+
+
+def test_systemd_unit_runs_serve_and_outlasts_the_shutdown_grace() -> None:
+    from gpubroker.config import Config
+
+    unit = (EXAMPLES / "gpubroker.service").read_text()
+    fields = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")
+    )
+    assert " serve --config " in fields["ExecStart"]
+    assert fields["KillSignal"] == "SIGTERM"
+    assert int(fields["TimeoutStopSec"]) > Config(backends=()).shutdown_grace
