@@ -532,3 +532,15 @@ def test_upstream_with_a_path_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config_file(path)
     assert "backends[0].upstream" in str(err.value) and "no path" in str(err.value)
+
+
+def test_resolved_config_loads_back_as_the_same_config() -> None:
+    import dataclasses
+
+    from gpubroker.config import parse_config
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    for path in sorted(examples.glob("*.yaml")):
+        cfg = load_config_file(path)
+        again = parse_config(cfg.to_dict(), source="again")
+        assert dataclasses.replace(again, source=cfg.source) == cfg, path.name

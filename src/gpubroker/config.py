@@ -115,22 +115,29 @@ class Config:
         return ConfigError(message, source=self.source, line=line, column=col, keypath=keypath)
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config in the file's own key names (for ``serve --check``)."""
-        out: dict[str, Any] = {}
-        for key, spec in _TOP.items():
-            out[key] = _export(getattr(self, spec.attr))
-        out["backends"] = [
-            {key: _export(getattr(b, spec.attr)) for key, spec in _BACKEND.items()}
-            for b in self.backends
-        ]
+        """The resolved config in the file's own key names (for ``serve --check``).
+
+        Unset values are left out, so the output loads back as the same config.
+        """
+        out = _exported(self, _TOP)
+        out["backends"] = [_exported(b, _BACKEND) for b in self.backends]
         return out
+
+
+def _exported(obj: Any, spec: Mapping[str, _Field]) -> dict[str, Any]:
+    values = {key: _export(getattr(obj, field_.attr)) for key, field_ in spec.items()}
+    return {key: v for key, v in values.items() if v is not None and v != [] and v != {}}
 
 
 def _export(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_export(v) for v in value]
     if isinstance(value, GpuSpec):
-        return {"id": value.id, "memory": value.memory, "reserve": value.reserve}
+        return {
+            k: v
+            for k, v in (("id", value.id), ("memory", value.memory), ("reserve", value.reserve))
+            if v is not None
+        }
     if isinstance(value, Mapping):
         return dict(value)
     return value
