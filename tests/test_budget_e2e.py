@@ -230,3 +230,43 @@ async def test_vllm_is_slept_not_unloaded_when_it_is_the_cheapest_victim() -> No
     assert not vllm.is_sleeping and st["backends"]["vllm"]["state"] == "resident"
     assert vllm.sleep_with_inflight == 0 and vllm.requests_while_asleep == 0
     assert gpu.oom_count == 0
+
+
+async def test_services_on_different_gpus_never_wait_for_each_other() -> None:
+    from functools import partial
+
+    gpu0, gpu1 = SimGPU(16 * GiB, index=0), SimGPU(16 * GiB, index=1, uuid="GPU-sim-1")
+    a = GenericEmulator(gpu0, 12 * GiB, owner="a", token_interval=0.05, tokens=30)
+    c = GenericEmulator(gpu0, 12 * GiB, owner="c")
+    b = GenericEmulator(gpu1, 12 * GiB, owner="b")
+    async with running(a.app) as ua, running(b.app) as ub, running(c.app) as uc:
+        spec = {"unloadStrategy": "generic", "unloadEndpoint": "/unload", "vram": "12GiB"}
+        cfg = make_config(
+            {
+                "a": {"upstream": ua, "gpu": 0, **spec},
+                "c": {"upstream": uc, "gpu": 0, **spec},
+                "b": {"upstream": ub, "gpu": 1, **spec},
+            },
+            policy="budget",
+            gpus=[{"id": 0, "memory": "16GiB"}, {"id": 1, "memory": "16GiB"}],
+            holdTime="30s",
+            telemetry="none",
+        )
+        async with (
+            broker_running(cfg) as ep,
+            httpx.AsyncClient(timeout=10) as client,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(partial(client.post, ep.proxies["a"] + "/generate", json={}))
+            await anyio.sleep(0.2)  # a streams for ~1.5 s on GPU 0
+            tg.start_soon(partial(client.post, ep.proxies["c"] + "/generate", json={}))
+            await anyio.sleep(0.1)  # c waits for a on GPU 0 (hold 30 s)
+            started = anyio.current_time()
+            r = await client.post(ep.proxies["b"] + "/generate", json={"stream": False})
+            waited = anyio.current_time() - started
+            status = (await client.get(ep.status_url + "/")).json()
+            tg.cancel_scope.cancel()
+    assert r.status_code == 200
+    assert waited < 0.5  # GPU 1 did not wait behind GPU 0's queue
+    assert status["backends"]["c"]["queued"] == 1
+    assert gpu0.oom_count == gpu1.oom_count == 0
