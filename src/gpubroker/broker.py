@@ -71,8 +71,8 @@ class Grant:
 
 @dataclass(slots=True)
 class _Pending:
-    backend: str
-    since: float
+    """A lease waiting for the scheduler's answer."""
+
     event: anyio.Event = field(default_factory=anyio.Event)
     admit: Admit | None = None
     refuse: Refuse | None = None
@@ -152,7 +152,6 @@ class Broker:
         self._wake = anyio.Event()
         self._armed: float | None = None  # the deadline the clock loop sleeps until
         self.closing = False
-        self.ready = anyio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -163,7 +162,6 @@ class Broker:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await self.reconcile()
-            self.ready.set()
             task_status.started()
             await self._clock_loop()
 
@@ -210,7 +208,7 @@ class Broker:
             raise Refused(Refuse(0, backend, 503, "shutting_down", SHUTTING_DOWN, retry_after=5.0))
         lease = next(self._ids)
         now = self.clock()
-        pending = _Pending(backend, now)
+        pending = _Pending()
         self._pending[lease] = pending
         self.live[lease] = LiveRequest(lease, backend, path, time.time())
         try:

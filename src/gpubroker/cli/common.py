@@ -9,7 +9,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from ..errors import GPUBrokerError, UsageError
+from ..errors import GPUBrokerError
 
 ConfigOption = Annotated[
     Path | None,
@@ -42,11 +42,6 @@ TokenOption = Annotated[
         show_envvar=False,
     ),
 ]
-
-
-def not_yet(what: str, issue: str) -> NoReturn:
-    """For commands whose machinery lands later: one honest line, exit code 2."""
-    raise UsageError(f"{what} is not available in this version yet ({issue}).")
 
 
 def fail(error: GPUBrokerError) -> NoReturn:
