@@ -79,7 +79,7 @@ def test_extensions_are_typed(tmp_path: Path) -> None:
             tmp_path,
             """\
             statusPort: 6000
-            bind: 0.0.0.0
+            bind: 192.0.2.10
             policy: budget
             queueTimeout: 2m
             unloadTimeout: 250ms
@@ -117,7 +117,7 @@ def test_extensions_are_typed(tmp_path: Path) -> None:
         )
     )
     assert cfg.status_port == 6000
-    assert cfg.bind == "0.0.0.0"
+    assert cfg.bind == "192.0.2.10"
     assert cfg.policy == "budget"
     assert (cfg.queue_timeout, cfg.unload_timeout, cfg.hold_time) == (120.0, 0.25, 5.0)
     assert cfg.shutdown_grace == 5400.0

@@ -100,7 +100,7 @@ class _StateCollector(Collector):
 
     def _backends(self) -> Iterator[Metric]:
         broker, sched = self.broker, self.broker.sched
-        requests = CounterMetricFamily(
+        by_kind = CounterMetricFamily(
             "gpubroker_requests",
             "Requests per backend: kind=gpu took a lease, kind=passthrough did not",
             labels=["backend", "kind"],
@@ -135,8 +135,8 @@ class _StateCollector(Collector):
         )
         for b in broker.config.backends:
             counts = broker.counters[b.name]
-            requests.add_metric([b.name, "gpu"], counts["gpu"])
-            requests.add_metric([b.name, "passthrough"], counts["passthrough"])
+            by_kind.add_metric([b.name, "gpu"], counts["gpu"])
+            by_kind.add_metric([b.name, "passthrough"], counts["passthrough"])
             refused.add_metric([b.name], counts["refused"])
             errors.add_metric([b.name], counts["upstream_errors"])
             active.add_metric([b.name], sched.active(b.name))
@@ -152,7 +152,7 @@ class _StateCollector(Collector):
             held = broker.measured_total(b.name)
             if held is not None and b.name in broker.measured:
                 measured.add_metric([b.name], held)
-        yield from (requests, refused, errors, active, queued, state, up, declared, measured)
+        yield from (by_kind, refused, errors, active, queued, state, up, declared, measured)
 
 
 class Metrics:
