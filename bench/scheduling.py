@@ -102,8 +102,8 @@ BROKER_REAL = {
     "unloadTimeout": 10.0,
     "startTimeout": 120.0,
 }
-IDLE_POLL_REAL = 0.1  # gpubroker.broker.IDLE_POLL
-CONFIRM_POLL_REAL = 0.05  # gpubroker.strategies.builtin.POLL_INTERVAL
+IDLE_POLL_REAL = 0.05  # gpubroker.broker.IDLE_POLL
+CONFIRM_POLL_REAL = 0.02  # gpubroker.strategies.builtin.POLL_INTERVAL
 HISTORY_POLL_REAL = 0.5  # how often the bench's client polls ComfyUI's /history
 
 

@@ -37,6 +37,7 @@ from .scheduler import (
     WaitIdle,
 )
 from .strategies.base import Strategy
+from .strategies.builtin import FIRST_POLL
 from .telemetry.base import TelemetrySnapshot
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gpubroker.broker")
 
-IDLE_POLL = 0.1  # seconds between busy() polls while a victim drains
+IDLE_POLL = 0.05  # seconds between busy() polls at most while a victim drains (from 5 ms up)
 HISTORY = 50  # swaps kept for the status page
 SHUTTING_DOWN = "gpubroker is shutting down; try again once it is back"
 CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload freed memory anyway
@@ -328,6 +329,7 @@ class Broker:
         strategy = self.strategies[effect.backend]
         with anyio.CancelScope() as scope:
             self._idle_scopes.setdefault(effect.swap, []).append(scope)
+            delay = FIRST_POLL
             while True:
                 try:
                     with anyio.fail_after(self.config.unload_timeout):
@@ -337,7 +339,8 @@ class Broker:
                     busy = False
                 if not busy:
                     break
-                await anyio.sleep(IDLE_POLL)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, IDLE_POLL)
         if scope.cancel_called:
             return
         self._apply(self.sched.idle(effect.swap, effect.backend, self.clock()))

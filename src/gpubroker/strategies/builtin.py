@@ -6,7 +6,7 @@ call with ``unloadTimeout``, so the confirmation polls below simply poll until d
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -16,7 +16,20 @@ from ..hookspecs import hookimpl
 from .base import Strategy
 from .process import ProcessStrategy
 
-POLL_INTERVAL = 0.05  # seconds between confirmation polls: short, since a swap waits on them
+POLL_INTERVAL = 0.02  # seconds between confirmation polls at most: a swap waits on them
+FIRST_POLL = 0.005  # the first re-check comes this soon; the gap doubles up to POLL_INTERVAL
+
+
+async def poll_until(done: Callable[[], Awaitable[bool]]) -> None:
+    """Check ``done`` now and again until it is true, soon at first, then every POLL_INTERVAL.
+
+    A confirmation poll is what a swap waits on beyond the service's own work, so its gap is
+    the swap's overhead; the broker bounds the whole wait with its own timeout.
+    """
+    delay = FIRST_POLL
+    while not await done():
+        await anyio.sleep(delay)
+        delay = min(delay * 2, POLL_INTERVAL)
 
 
 class StrategyFailed(Exception):
@@ -57,8 +70,11 @@ class OllamaStrategy(Strategy):
             await _json(
                 self.client, "POST", "/api/generate", json={"model": model, "keep_alive": 0}
             )
-        while await self._loaded():
-            await anyio.sleep(POLL_INTERVAL)
+
+        async def gone() -> bool:
+            return not await self._loaded()
+
+        await poll_until(gone)
 
     async def resident(self) -> bool | None:
         return bool(await self._loaded())
@@ -88,11 +104,12 @@ class ComfyUIStrategy(Strategy):
         if not before:
             return
         goal = before // 4
-        while True:
+
+        async def freed() -> bool:
             now = await self._reserved()
-            if now is None or now <= goal:
-                return
-            await anyio.sleep(POLL_INTERVAL)
+            return now is None or now <= goal
+
+        await poll_until(freed)
 
     async def busy(self) -> bool:
         queue = await _json(self.client, "GET", "/queue") or {}
@@ -131,8 +148,7 @@ class VLLMStrategy(Strategy):
 
     async def unload(self) -> None:
         await self._call("POST", "/sleep", params={"level": self.backend.sleep_level})
-        while not await self._sleeping():
-            await anyio.sleep(POLL_INTERVAL)
+        await poll_until(self._sleeping)
 
     async def load(self) -> None:
         if not await self._sleeping():
@@ -143,8 +159,11 @@ class VLLMStrategy(Strategy):
             await self._call("POST", "/wake_up", params={"tags": "kv_cache"})
         else:
             await self._call("POST", "/wake_up")
-        while await self._sleeping():
-            await anyio.sleep(POLL_INTERVAL)
+
+        async def awake() -> bool:
+            return not await self._sleeping()
+
+        await poll_until(awake)
 
     async def resident(self) -> bool | None:
         try:
