@@ -316,6 +316,20 @@ class OllamaEmulator(EmulatedService):
             raise LoadFailed(p.error)
         return p
 
+    async def _take_slot(self, runner: _Runner) -> Callable[[], None]:
+        """Wait for one of the runner's parallel slots; returns what gives it (and the ref) back."""
+        try:
+            await runner.slots.acquire()
+        except BaseException:
+            self._release(runner)
+            raise
+
+        def done() -> None:
+            runner.slots.release()
+            self._release(runner)
+
+        return done
+
     def _release(self, runner: _Runner) -> None:
         runner.refcount -= 1
         if runner.refcount == 0:
@@ -478,15 +492,7 @@ class OllamaEmulator(EmulatedService):
                 out["load_duration"] = load_ns
             return out
 
-        try:
-            await runner.slots.acquire()
-        except BaseException:
-            self._release(runner)
-            raise
-
-        def done() -> None:
-            runner.slots.release()
-            self._release(runner)
+        done = await self._take_slot(runner)
 
         if body.get("stream") is False:
             try:
@@ -641,15 +647,7 @@ class OllamaEmulator(EmulatedService):
                 "choices": choices,
             }
 
-        try:
-            await runner.slots.acquire()
-        except BaseException:
-            self._release(runner)
-            raise
-
-        def done() -> None:
-            runner.slots.release()
-            self._release(runner)
+        done = await self._take_slot(runner)
 
         if not body.get("stream"):
             try:
