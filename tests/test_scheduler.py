@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 
 from gpubroker.scheduler import (
     Admit,
     CancelSwap,
-    Effect,
     Load,
     Refuse,
     Scheduler,
@@ -19,53 +16,7 @@ from gpubroker.scheduler import (
     Unload,
     WaitIdle,
 )
-
-
-@dataclass
-class Harness:
-    """Records effects; outcomes (idle/unloaded/loaded) are fed back only when a test says so."""
-
-    sched: Scheduler
-    now: float = 0.0
-    effects: list[Effect] = field(default_factory=list)
-
-    def feed(self, effects: list[Effect]) -> list[Effect]:
-        self.effects += effects
-        return effects
-
-    def request(self, lease: int, backend: str) -> list[Effect]:
-        return self.feed(self.sched.request(lease, backend, self.now))
-
-    def release(self, lease: int) -> list[Effect]:
-        return self.feed(self.sched.released(lease, self.now))
-
-    def pending(self, kind: type) -> list:
-        return [e for e in self.effects if isinstance(e, kind)]
-
-    def admitted(self) -> list[int]:
-        return [e.lease for e in self.effects if isinstance(e, Admit)]
-
-    def complete_io(self) -> None:
-        """Carry out every outstanding WaitIdle/Unload/Load at once (instant services)."""
-        done: set[int] = set()
-        progress = True
-        while progress:
-            progress = False
-            for i, e in enumerate(list(self.effects)):
-                if i in done:
-                    continue
-                if isinstance(e, WaitIdle):
-                    done.add(i)
-                    self.feed(self.sched.idle(e.swap, e.backend, self.now))
-                    progress = True
-                elif isinstance(e, Unload):
-                    done.add(i)
-                    self.feed(self.sched.unloaded(e.swap, e.backend, None, self.now))
-                    progress = True
-                elif isinstance(e, Load):
-                    done.add(i)
-                    self.feed(self.sched.loaded(e.swap, e.backend, None, self.now))
-                    progress = True
+from scheduler_harness import Harness
 
 
 def make(**kw: float) -> Harness:
@@ -80,7 +31,7 @@ def test_first_request_loads_its_backend_and_is_admitted_after_load() -> None:
     assert not [e for e in h.request(1, "a") if isinstance(e, Admit)]
     assert [e.backend for e in h.pending(Load)] == ["a"]
     assert h.pending(Unload) == []  # nothing else held VRAM
-    h.complete_io()
+    h.run_io()
     assert h.admitted() == [1]
     assert h.sched.owner == "a"
 
@@ -88,7 +39,7 @@ def test_first_request_loads_its_backend_and_is_admitted_after_load() -> None:
 def test_owner_requests_are_admitted_at_once() -> None:
     h = make()
     h.request(1, "a")
-    h.complete_io()
+    h.run_io()
     effects = h.request(2, "a")
     assert [type(e) for e in effects] == [Admit]
 
@@ -97,7 +48,7 @@ def test_two_simultaneous_first_requests_do_not_unload_their_own_backend() -> No
     h = make()
     h.request(1, "a")
     h.request(2, "a")
-    h.complete_io()
+    h.run_io()
     assert sorted(h.admitted()) == [1, 2]
     assert [e.backend for e in h.pending(Unload)] == []
     assert len(h.pending(Load)) == 1
@@ -106,14 +57,14 @@ def test_two_simultaneous_first_requests_do_not_unload_their_own_backend() -> No
 def test_swap_waits_for_in_flight_then_unloads_then_loads_and_batches() -> None:
     h = make()
     h.request(1, "a")
-    h.complete_io()
+    h.run_io()
     h.request(2, "b")
     h.request(3, "b")
     assert h.pending(WaitIdle) == []  # a still has lease 1 in flight
     h.now = 1.0
     h.release(1)
     assert [e.backend for e in h.pending(WaitIdle)] == ["a"]
-    h.complete_io()
+    h.run_io()
     assert [e.backend for e in h.pending(Unload)] == ["a"]
     assert sorted(h.admitted()) == [1, 2, 3]
     assert h.sched.owner == "b" and h.sched.state("a") is State.ABSENT
@@ -127,7 +78,7 @@ def test_swap_waits_for_in_flight_then_unloads_then_loads_and_batches() -> None:
 def test_draining_owner_admits_nothing_new() -> None:
     h = make()
     h.request(1, "a")
-    h.complete_io()
+    h.run_io()
     h.request(2, "b")
     h.now = 20.0  # hold time over
     h.feed(h.sched.tick(h.now))
@@ -138,7 +89,7 @@ def test_draining_owner_admits_nothing_new() -> None:
 def test_owner_keeps_admitting_only_for_the_hold_time() -> None:
     h = make(hold_time=5.0)
     h.request(1, "a")
-    h.complete_io()
+    h.run_io()
     h.request(2, "b")
     h.now = 4.0
     assert [type(e) for e in h.request(3, "a")] == [Admit]
@@ -147,7 +98,7 @@ def test_owner_keeps_admitting_only_for_the_hold_time() -> None:
     h.feed(h.sched.tick(h.now))
     h.release(1)
     h.release(3)
-    h.complete_io()
+    h.run_io()
     assert 2 in h.admitted() and 4 not in h.admitted()
     assert h.sched.owner == "b"
 
@@ -155,7 +106,7 @@ def test_owner_keeps_admitting_only_for_the_hold_time() -> None:
 def test_queue_timeout_refuses_with_503_and_retry_after() -> None:
     h = make(queue_timeout=10.0)
     h.request(1, "a")
-    h.complete_io()
+    h.run_io()
     h.request(2, "b")
     h.now = 10.0
     refused = [e for e in h.feed(h.sched.tick(h.now)) if isinstance(e, Refuse)]
@@ -166,7 +117,7 @@ def test_queue_timeout_refuses_with_503_and_retry_after() -> None:
 def test_waiter_timing_out_mid_swap_does_not_wedge_ownership() -> None:
     h = make(queue_timeout=10.0)
     h.request(1, "a")
-    h.complete_io()
+    h.run_io()
     h.request(2, "b")
     h.release(1)
     (wait,) = h.pending(WaitIdle)
@@ -175,17 +126,17 @@ def test_waiter_timing_out_mid_swap_does_not_wedge_ownership() -> None:
     h.feed(h.sched.tick(h.now))  # lease 2 times out while a is unloading
     (unload,) = h.pending(Unload)
     h.feed(h.sched.unloaded(unload.swap, "a", None, h.now))
-    h.complete_io()
+    h.run_io()
     assert h.sched.owner == "b" and h.sched.swap is None
     h.request(3, "a")  # the GPU is still usable afterwards
-    h.complete_io()
+    h.run_io()
     assert 3 in h.admitted() and h.sched.owner == "a"
 
 
 def test_swap_abandoned_when_its_only_waiter_leaves_before_unload() -> None:
     h = make()
     h.request(1, "a")
-    h.complete_io()
+    h.run_io()
     h.request(2, "b")
     h.release(1)
     assert h.pending(WaitIdle)
@@ -200,7 +151,7 @@ def test_client_leaving_queue_never_becomes_a_lease() -> None:
     h.request(1, "a")
     h.request(2, "a")
     h.feed(h.sched.cancel(2, h.now))
-    h.complete_io()
+    h.run_io()
     assert h.admitted() == [1]
     assert h.sched.active("a") == 1
 
@@ -208,13 +159,13 @@ def test_client_leaving_queue_never_becomes_a_lease() -> None:
 def test_unload_failure_is_recorded_and_the_swap_goes_on() -> None:
     h = make()
     h.request(1, "a")
-    h.complete_io()
+    h.run_io()
     h.release(1)
     h.request(2, "b")
     (wait,) = h.pending(WaitIdle)
     h.feed(h.sched.idle(wait.swap, "a", h.now))
     h.feed(h.sched.unloaded(wait.swap, "a", "timed out after 10s", h.now))
-    h.complete_io()
+    h.run_io()
     assert 2 in h.admitted()
     assert h.pending(SwapDone)[-1].info.failures == ("a: timed out after 10s",)
 
@@ -233,7 +184,7 @@ def test_load_failure_refuses_its_waiters_with_502() -> None:
 def test_max_concurrency_queues_beyond_the_limit() -> None:
     h = make()
     h.request(1, "c")
-    h.complete_io()
+    h.run_io()
     assert h.admitted() == [1]
     h.request(2, "c")
     assert h.admitted() == [1]
@@ -247,7 +198,7 @@ def test_unknown_backends_are_freed_before_the_first_request() -> None:
     sched.reconciled("b", True)
     h = Harness(sched)
     h.request(1, "a")
-    h.complete_io()
+    h.run_io()
     assert [e.backend for e in h.pending(Unload)] == ["b"]
     assert h.admitted() == [1]
 
@@ -262,14 +213,14 @@ def test_reconciled_resident_owner_needs_no_swap() -> None:
 def test_admin_evict_and_evict_during_swap() -> None:
     h = make()
     h.request(1, "a")
-    h.complete_io()
+    h.run_io()
     swap_id, effects = h.sched.evict("a", False, h.now)
     h.feed(effects)
     assert swap_id is not None and h.pending(WaitIdle) == []  # lease 1 in flight
     with pytest.raises(SwapInProgress):
         h.sched.evict(None, False, h.now)
     h.release(1)
-    h.complete_io()
+    h.run_io()
     assert h.sched.state("a") is State.ABSENT and h.sched.owner is None
     assert h.sched.evict("a", False, h.now) == (None, [])
 
@@ -277,6 +228,6 @@ def test_admin_evict_and_evict_during_swap() -> None:
 def test_forced_evict_skips_the_drain() -> None:
     h = make()
     h.request(1, "a")
-    h.complete_io()
+    h.run_io()
     _, effects = h.sched.evict("a", True, h.now)
     assert [e.backend for e in effects if isinstance(e, Unload)] == ["a"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +21,7 @@ from gpubroker.scheduler import (
     WaitIdle,
     choose_victims,
 )
+from scheduler_harness import Harness
 
 G = 2**30
 
@@ -64,51 +63,18 @@ def test_no_victims_needed_for_no_shortfall() -> None:
 # --- the budget scheduler ---------------------------------------------------------------------
 
 
-@dataclass
-class H:
-    sched: Scheduler
-    now: float = 0.0
-    effects: list[Effect] = field(default_factory=list)
-
-    def do(self, effects: list[Effect]) -> list[Effect]:
-        self.effects += effects
-        return effects
-
-    def req(self, lease: int, backend: str) -> list[Effect]:
-        return self.do(self.sched.request(lease, backend, self.now))
-
-    def admitted(self) -> list[int]:
-        return [e.lease for e in self.effects if isinstance(e, Admit)]
-
-    def run_io(self) -> None:
-        """Complete every outstanding idle check, unload and load, in order."""
-        done = 0
-        while done < len(self.effects):
-            e = self.effects[done]
-            done += 1
-            if isinstance(e, WaitIdle):
-                self.do(self.sched.idle(e.swap, e.backend, self.now))
-            elif isinstance(e, Unload):
-                self.do(self.sched.unloaded(e.swap, e.backend, None, self.now))
-            elif isinstance(e, Load):
-                self.do(self.sched.loaded(e.swap, e.backend, None, self.now))
-
-    def unloads(self) -> list[str]:
-        return [e.backend for e in self.effects if isinstance(e, Unload)]
-
-
-def budget(*specs: BackendSpec, cap: dict[str, int | None] | None = None, **kw: float) -> H:
+def budget(*specs: BackendSpec, cap: dict[str, int | None] | None = None, **kw: float) -> Harness:
     sched = Scheduler(specs, capacities=cap or {"0": 24 * G}, policy="budget", **kw)
     for s in specs:
         sched.reconciled(s.name, False)
-    return H(sched)
+    return Harness(sched)
 
 
 def test_backends_that_fit_together_co_reside() -> None:
     h = budget(BackendSpec("chat", need=9 * G), BackendSpec("embed", need=1 * G),
                BackendSpec("image", need=7 * G))  # fmt: skip
     for i, name in enumerate(["chat", "embed", "image"]):
-        h.req(i, name)
+        h.request(i, name)
         h.run_io()
     assert h.admitted() == [0, 1, 2]
     assert h.unloads() == []
@@ -118,13 +84,13 @@ def test_backends_that_fit_together_co_reside() -> None:
 def test_when_it_does_not_fit_only_enough_is_evicted() -> None:
     h = budget(BackendSpec("a", need=10 * G, priority=2), BackendSpec("b", need=10 * G),
                BackendSpec("c", need=10 * G, priority=1))  # fmt: skip
-    h.req(1, "a")
+    h.request(1, "a")
     h.run_io()
-    h.req(2, "b")
+    h.request(2, "b")
     h.run_io()
-    h.do(h.sched.released(1, h.now))
-    h.do(h.sched.released(2, h.now))
-    h.req(3, "c")
+    h.feed(h.sched.released(1, h.now))
+    h.feed(h.sched.released(2, h.now))
+    h.request(3, "c")
     h.run_io()
     assert h.unloads() == ["b"]  # lowest priority, and one victim is enough
     assert 3 in h.admitted()
@@ -133,39 +99,39 @@ def test_when_it_does_not_fit_only_enough_is_evicted() -> None:
 def test_pinned_is_never_evicted_and_what_cannot_fit_is_507_at_once() -> None:
     h = budget(BackendSpec("pin", need=16 * G, pinned=True), BackendSpec("big", need=12 * G),
                BackendSpec("small", need=6 * G))  # fmt: skip
-    h.req(1, "pin")
+    h.request(1, "pin")
     h.run_io()
-    refused = [e for e in h.req(2, "big") if isinstance(e, Refuse)]
+    refused = [e for e in h.request(2, "big") if isinstance(e, Refuse)]
     assert [(r.status, r.code) for r in refused] == [(507, "never_fits")]
     assert "12.0 GiB" in refused[0].message and "16.0 GiB pinned" in refused[0].message
-    h.req(3, "small")
+    h.request(3, "small")
     h.run_io()
     assert 3 in h.admitted() and "pin" not in h.unloads()
 
 
 def test_minimum_residency_protects_a_fresh_load() -> None:
     h = budget(BackendSpec("a", need=20 * G), BackendSpec("b", need=20 * G), min_residency=5.0)
-    h.req(1, "a")
+    h.request(1, "a")
     h.run_io()
-    h.do(h.sched.released(1, h.now))
+    h.feed(h.sched.released(1, h.now))
     h.now = 1.0
-    h.req(2, "b")
+    h.request(2, "b")
     assert h.unloads() == [] and h.sched.next_deadline() == 5.0
     h.now = 5.0
-    h.do(h.sched.tick(h.now))
+    h.feed(h.sched.tick(h.now))
     h.run_io()
     assert h.unloads() == ["a"] and 2 in h.admitted()
 
 
 def test_idle_timeout_unloads_an_unused_backend() -> None:
     h = budget(BackendSpec("a", need=4 * G, idle_timeout=60.0))
-    h.req(1, "a")
+    h.request(1, "a")
     h.run_io()
     h.now = 10.0
-    h.do(h.sched.released(1, h.now))
+    h.feed(h.sched.released(1, h.now))
     assert h.sched.next_deadline() == 70.0
     h.now = 70.0
-    h.do(h.sched.tick(h.now))
+    h.feed(h.sched.tick(h.now))
     h.run_io()
     assert h.unloads() == ["a"] and h.sched.state("a") is State.ABSENT
     done = [e.info for e in h.effects if isinstance(e, SwapDone)]
@@ -174,14 +140,14 @@ def test_idle_timeout_unloads_an_unused_backend() -> None:
 
 def test_sleeping_backend_is_asleep_not_absent_and_is_woken_by_load() -> None:
     h = budget(BackendSpec("vllm", need=20 * G, cost=1), BackendSpec("o", need=20 * G))
-    h.req(1, "vllm")
+    h.request(1, "vllm")
     h.run_io()
-    h.do(h.sched.released(1, h.now))
-    h.req(2, "o")
+    h.feed(h.sched.released(1, h.now))
+    h.request(2, "o")
     h.run_io()
     assert h.sched.state("vllm") is State.ASLEEP
-    h.do(h.sched.released(2, h.now))
-    h.req(3, "vllm")
+    h.feed(h.sched.released(2, h.now))
+    h.request(3, "vllm")
     h.run_io()
     assert [e.backend for e in h.effects if isinstance(e, Load)] == ["vllm", "o", "vllm"]
 
@@ -190,10 +156,10 @@ def test_backends_on_different_gpus_never_wait_for_each_other() -> None:
     h = budget(BackendSpec("a0", gpus=("0",), need=20 * G), BackendSpec("b0", gpus=("0",),
                need=20 * G), BackendSpec("c1", gpus=("1",), need=20 * G),
                cap={"0": 24 * G, "1": 24 * G})  # fmt: skip
-    h.req(1, "a0")
+    h.request(1, "a0")
     h.run_io()
-    h.req(2, "b0")  # needs a0 out; a0 has lease 1 in flight and a long hold
-    effects = h.req(3, "c1")
+    h.request(2, "b0")  # needs a0 out; a0 has lease 1 in flight and a long hold
+    effects = h.request(3, "c1")
     loads = [e.backend for e in effects if isinstance(e, Load)]
     assert loads == ["c1"]  # GPU 1 proceeds while GPU 0 is busy
 
@@ -202,20 +168,20 @@ def test_a_backend_spanning_two_gpus_needs_room_on_both() -> None:
     h = budget(BackendSpec("wide", gpus=("0", "1"), need=16 * G),
                BackendSpec("g1", gpus=("1",), need=16 * G),
                cap={"0": 24 * G, "1": 24 * G})  # fmt: skip
-    h.req(1, "g1")
+    h.request(1, "g1")
     h.run_io()
-    h.do(h.sched.released(1, h.now))
-    h.req(2, "wide")
+    h.feed(h.sched.released(1, h.now))
+    h.request(2, "wide")
     h.run_io()
     assert h.unloads() == ["g1"] and 2 in h.admitted()
 
 
 def test_budget_without_a_capacity_behaves_as_exclusive() -> None:
     h = budget(BackendSpec("a", need=1 * G), BackendSpec("b", need=1 * G), cap={"0": None})
-    h.req(1, "a")
+    h.request(1, "a")
     h.run_io()
-    h.do(h.sched.released(1, h.now))
-    h.req(2, "b")
+    h.feed(h.sched.released(1, h.now))
+    h.request(2, "b")
     h.run_io()
     assert h.unloads() == ["a"]
 
@@ -223,12 +189,12 @@ def test_budget_without_a_capacity_behaves_as_exclusive() -> None:
 def test_priority_with_aging_orders_waiting_backends() -> None:
     h = budget(BackendSpec("cur", need=20 * G), BackendSpec("low", need=20 * G),
                BackendSpec("high", need=20 * G, priority=1), aging=10.0)  # fmt: skip
-    h.req(1, "cur")
+    h.request(1, "cur")
     h.run_io()
-    h.req(2, "low")  # arrives first
+    h.request(2, "low")  # arrives first
     h.now = 1.0
-    h.req(3, "high")  # higher priority, arrives later: goes first
-    h.do(h.sched.released(1, h.now))
+    h.request(3, "high")  # higher priority, arrives later: goes first
+    h.feed(h.sched.released(1, h.now))
     h.run_io()
     assert h.admitted().index(3) < h.admitted().index(2) if 2 in h.admitted() else 3 in h.admitted()
 
@@ -361,13 +327,13 @@ def test_random_traces_keep_every_promise(
 
 def test_a_victim_still_holding_its_memory_stops_the_load() -> None:
     h = budget(BackendSpec("a", need=20 * G), BackendSpec("b", need=20 * G))
-    h.req(1, "a")
+    h.request(1, "a")
     h.run_io()
-    h.do(h.sched.released(1, h.now))
-    h.req(2, "b")
+    h.feed(h.sched.released(1, h.now))
+    h.request(2, "b")
     (wait,) = [e for e in h.effects if isinstance(e, WaitIdle)]
-    h.do(h.sched.idle(wait.swap, "a", h.now))
-    effects = h.do(h.sched.unloaded(wait.swap, "a", "memory not freed", h.now, holding=True))
+    h.feed(h.sched.idle(wait.swap, "a", h.now))
+    effects = h.feed(h.sched.unloaded(wait.swap, "a", "memory not freed", h.now, holding=True))
     assert not [e for e in effects if isinstance(e, Load) and e.backend == "b"]
     # a counts as resident again, so b's waiter plans afresh: a is drained and unloaded again
     assert h.sched.state("a") is State.DRAINING
