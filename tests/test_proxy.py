@@ -25,6 +25,7 @@ def ws_upstream(seen: dict[str, Any]) -> Starlette:
         asked = ws.scope.get("subprotocols") or []
         await ws.accept(subprotocol="comfy" if "comfy" in asked else None)
         seen["query"] = ws.url.query
+        seen.setdefault("headers", [(k.decode(), v.decode()) for k, v in ws.scope["headers"]])
         while True:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
@@ -48,7 +49,13 @@ async def test_websocket_text_binary_and_close_codes_both_ways() -> None:
         async with broker_running(cfg) as ep:
             url = ep.proxies["svc"].replace("http://", "ws://") + "/ws?clientId=7"
             with anyio.fail_after(10):
-                async with connect(url, subprotocols=["comfy"]) as ws:  # type: ignore[list-item]
+                browser = {"Origin": "http://" + ep.proxies["svc"].removeprefix("http://")}
+                async with connect(
+                    url,
+                    subprotocols=["comfy"],  # type: ignore[list-item]
+                    additional_headers=browser,
+                    user_agent_header="a-browser/1.0",
+                ) as ws:
                     assert ws.subprotocol == "comfy"
                     await ws.send("hello")
                     assert await ws.recv() == "HELLO"
@@ -67,6 +74,17 @@ async def test_websocket_text_binary_and_close_codes_both_ways() -> None:
             async with httpx.AsyncClient() as client:
                 status = (await client.get(ep.status_url + "/")).json()
     assert seen["query"] == "clientId=7"
+    # The handshake reaches the upstream as the browser sent it: its Host (so an Origin check
+    # such as ComfyUI's sees Host and Origin agree), Origin and User-Agent, once each.
+    names = [k for k, _ in seen["headers"]]
+    headers = dict(seen["headers"])
+    broker_host = ep.proxies["svc"].removeprefix("http://")
+    assert names.count("host") == 1 and headers["host"] == broker_host
+    assert headers["origin"] == "http://" + broker_host
+    assert names.count("user-agent") == 1 and headers["user-agent"] == "a-browser/1.0"
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+    assert headers["x-forwarded-host"] == broker_host
+    assert headers["x-forwarded-proto"] == "ws"
     # The upstream saw the close at once. Its code is not checked: Hypercorn (serving both the
     # broker and this upstream) hands an app 1006 for any close a peer starts, whatever its code.
     assert seen["client_code"] in (1000, 1006)

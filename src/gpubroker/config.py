@@ -25,6 +25,7 @@ from .units import format_duration, parse_duration, parse_size
 
 Policy = Literal["exclusive", "budget"]
 Restart = Literal["on-failure", "always", "never"]
+HostHeader = Literal["client", "upstream"]
 
 DEFAULT_STATUS_PORT = 5102
 CONFIG_ENV = "GPUBROKER_CONFIG"
@@ -68,6 +69,10 @@ class BackendConfig:
     autostart: bool = False
     restart: Restart = "on-failure"
     log_file: str | None = None
+    host_header: HostHeader = "client"
+    """``client``: forward the client's Host (a transparent proxy); ``upstream``: send the
+    upstream's own host instead (virtual hosts, TLS with SNI)."""
+    upstream_idle_timeout: float | None = None  # None: the top-level upstreamIdleTimeout
 
     @property
     def classifier_name(self) -> str:
@@ -89,6 +94,10 @@ class Config:
     min_residency: float | None = None  # None: 3s under budget, 0 under exclusive
     priority_aging: float = 30.0
     upstream_timeout: float = 600.0
+    upstream_idle_timeout: float = 300.0  # no response byte for this long ends the response
+    header_timeout: float = 10.0  # a client must send its whole request head within this
+    client_idle_timeout: float = 60.0  # a request body that stalls this long is cut off
+    allowed_hosts: tuple[str, ...] = ()  # Host names our own listeners accept beyond loopback
     shutdown_grace: float = 30.0
     gpus: tuple[GpuSpec, ...] | Literal["auto"] = "auto"
     admin_token: str | None = None
@@ -305,6 +314,8 @@ _BACKEND: dict[str, _Field] = {
     "autostart": _Field("autostart", _bool),
     "restart": _Field("restart", _choice("on-failure", "always", "never")),
     "logFile": _Field("log_file", _str),
+    "hostHeader": _Field("host_header", _choice("client", "upstream")),
+    "upstreamIdleTimeout": _Field("upstream_idle_timeout", parse_duration),
 }
 _BACKEND_REQUIRED = ("name", "proxyPort", "upstream")
 
@@ -318,6 +329,10 @@ _TOP: dict[str, _Field] = {
     "minResidency": _Field("min_residency", parse_duration),
     "priorityAging": _Field("priority_aging", parse_duration),
     "upstreamTimeout": _Field("upstream_timeout", parse_duration),
+    "upstreamIdleTimeout": _Field("upstream_idle_timeout", parse_duration),
+    "headerTimeout": _Field("header_timeout", parse_duration),
+    "clientIdleTimeout": _Field("client_idle_timeout", parse_duration),
+    "allowedHosts": _Field("allowed_hosts", _str_list),
     "shutdownGrace": _Field("shutdown_grace", parse_duration),
     "gpus": _Field("gpus", lambda v: v),  # parsed by _parse_gpus, which needs locations
     "adminToken": _Field("admin_token", _str),

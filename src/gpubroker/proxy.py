@@ -21,6 +21,7 @@ import anyio
 from .broker import Broker, Grant, Refused
 from .classifiers.base import Classifier
 from .config import BackendConfig
+from .forwarding import request_headers, response_headers
 from .responses import retryable, send_error
 from .scheduler import Refuse
 from .upstream import Upstream, UpstreamError, UpstreamTimeout
@@ -32,64 +33,11 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 QUEUED_BODY_LIMIT = 8 * 2**20  # bytes read ahead while queued, so a disconnect can be noticed
 
 
 class ClientGone(Exception):
     """The client disconnected before its request body was complete."""
-
-
-def _hop_by_hop(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-    }
-    return HOP_BY_HOP | named
-
-
-def request_headers(scope: Scope, upstream_host: bytes) -> list[tuple[bytes, bytes]]:
-    """Client headers minus hop-by-hop ones, Host set to the upstream, X-Forwarded-* added."""
-    raw: list[tuple[bytes, bytes]] = scope["headers"]
-    drop = _hop_by_hop(raw) | {
-        b"host",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-    }
-    out = [(k, v) for k, v in raw if k.lower() not in drop]
-    host = next((v for k, v in raw if k.lower() == b"host"), b"")
-    prior = b", ".join(v for k, v in raw if k.lower() == b"x-forwarded-for")
-    client = (scope.get("client") or ("", 0))[0].encode()
-    forwarded_for = prior + b", " + client if prior else client
-    out += [
-        (b"host", upstream_host),
-        (b"x-forwarded-for", forwarded_for),
-        (b"x-forwarded-proto", scope.get("scheme", "http").encode()),
-    ]
-    if host:
-        out.append((b"x-forwarded-host", host))
-    return out
-
-
-def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    drop = _hop_by_hop(headers)
-    return [(k, v) for k, v in headers if k.lower() not in drop]
 
 
 class RequestBody:
@@ -154,7 +102,12 @@ class ProxyApp:
         self.broker = broker
         self.upstream = upstream
         self.name = backend.name
-        self._upstream_host = urlsplit(backend.upstream).netloc.encode()
+        # None: the client's Host goes through (see forwarding.py)
+        self._upstream_host = (
+            urlsplit(backend.upstream).netloc.encode()
+            if backend.host_header == "upstream"
+            else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

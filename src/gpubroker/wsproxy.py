@@ -9,27 +9,41 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import HeadersLike
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .config import BackendConfig
+from .forwarding import request_headers
 
 log = logging.getLogger("gpubroker.ws")
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-_SKIP = {
-    "host",
-    "connection",
-    "upgrade",
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-extensions",
-    "sec-websocket-protocol",
-}
+
+class _SameHost(ClientConnection):
+    """A client connection that sends the Host it is given instead of the one in the URL.
+
+    websockets derives Host from the URL and *adds* any given one beside it; a transparent
+    proxy must send exactly the client's (see forwarding.py), so the derived one goes.
+    """
+
+    async def handshake(
+        self, additional_headers: HeadersLike | None = None, user_agent_header: str | None = None
+    ) -> None:
+        derive = self.protocol.connect
+
+        def connect_with_given_host() -> Any:
+            request = derive()
+            del request.headers["Host"]
+            return request
+
+        self.protocol.connect = connect_with_given_host  # type: ignore[method-assign]
+        await super().handshake(additional_headers, user_agent_header)
 
 
 async def proxy_websocket(
@@ -43,16 +57,20 @@ async def proxy_websocket(
     url = base + target.decode("latin-1").split("?", 1)[0]
     if scope.get("query_string"):
         url += "?" + scope["query_string"].decode("latin-1")
-    headers = [
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in scope["headers"]
-        if k.decode("latin-1").lower() not in _SKIP
-    ]
+    own_host = urlsplit(backend.upstream).netloc.encode()
+    forwarded = request_headers(
+        scope, own_host if backend.host_header == "upstream" else None, websocket=True
+    )
+    if not any(k == b"host" for k, _ in forwarded):
+        forwarded.append((b"host", own_host))
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in forwarded]
     try:
         upstream = await connect(
             url,
             additional_headers=headers,
             subprotocols=scope.get("subprotocols") or None,
+            create_connection=_SameHost,
+            user_agent_header=None,  # the client's own User-Agent passes through
             max_size=None,
             ping_interval=None,
             open_timeout=10,
