@@ -31,7 +31,8 @@ URL = "http://127.0.0.1:5102"
 
 STATUS: dict[str, Any] = {
     "vramOwner": "ollama",
-    "activeRequests": 1,
+    "activeRequests": {"ollama": 1, "comfyui": 1},
+    "totals": {"inFlight": 2, "leases": 1, "jobs": 1},
     "queueLength": 1,
     "swapCount": 3,
     "uptime": 125.0,
@@ -93,6 +94,14 @@ STATUS: dict[str, Any] = {
             "queuedMs": 12,
         },
         {"id": 42, "backend": "comfyui", "path": "/prompt", "state": "queued", "elapsedMs": 900},
+        {
+            "kind": "job",
+            "id": "5f0c1d2e-aaaa",
+            "backend": "comfyui",
+            "path": "/prompt",
+            "state": "running",
+            "elapsedMs": 4100,
+        },
     ],
     "queue": [{"position": 1, "id": 42, "backend": "comfyui", "waitedMs": 900}],
     "swaps": [
@@ -132,8 +141,11 @@ def test_render_shows_every_section() -> None:
         "not visible here",
         "resident ★",
         "up 3ms",
-        "in flight",
+        "in flight: 2",
         "queued #1",
+        "job running",  # ComfyUI's own queue is in-flight work too
+        "5f0c1d2e",
+        "4.1s",
         "/api/chat",
         "2.3s",
         "comfyui → ollama",

@@ -166,7 +166,7 @@ async def test_crash_mid_stream_ends_cleanly_and_the_worker_comes_back() -> None
         r = await chat(client, ep.proxies["w"], stream=False)  # crash before the first byte
         assert r.status_code == 502 and r.json()["error"] == "upstream_unreachable"
         status = (await client.get(ep.status_url + "/")).json()
-        assert status["activeRequests"] == 0
+        assert status["totals"]["inFlight"] == 0
 
 
 async def test_sigterm_to_a_worker_mid_stream_is_a_clean_end_for_the_client() -> None:

@@ -8,6 +8,7 @@ writer at a time without a lock.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -36,7 +37,7 @@ from .scheduler import (
     Unload,
     WaitIdle,
 )
-from .strategies.base import Strategy
+from .strategies.base import Job, Strategy, tracks_jobs
 from .strategies.builtin import FIRST_POLL
 from .telemetry.base import TelemetrySnapshot
 
@@ -50,6 +51,8 @@ HISTORY = 50  # swaps kept for the status page
 SHUTTING_DOWN = "gpubroker is shutting down; try again once it is back"
 CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload freed memory anyway
 MiB = 2**20
+JOB_POLL = 0.1  # seconds between queue reads while a service has jobs of its own in flight
+JOB_ASK_LIMIT = 5.0  # at most this long for one queue read; a service that hangs is "unknown"
 
 
 class Refused(Exception):
@@ -86,6 +89,8 @@ class LiveRequest:
     path: str
     since: float
     admitted_at: float | None = None
+    method: str = "POST"
+    url: str = ""  # path and query, as OneGPU4All's monitor shows it
 
 
 @dataclass(slots=True)
@@ -125,7 +130,7 @@ class Broker:
             capacities=capacities(config, telemetry),
             policy=config.policy,
             queue_timeout=config.queue_timeout,
-            hold_time=config.hold_time,
+            hold_time=config.effective_hold_time,
             min_residency=config.min_residency
             if config.min_residency is not None
             else (3.0 if config.policy == "budget" else 0.0),
@@ -139,6 +144,12 @@ class Broker:
             for b in config.backends
         }
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        # The services' own queues (ComfyUI's), as last read; only backends that report one.
+        self.jobs: dict[str, list[Job]] = {
+            name: [] for name, strategy in self.strategies.items() if tracks_jobs(strategy)
+        }
+        self._job_watch: set[str] = set()  # backends whose queue is being followed now
+        self._jobs_failing: dict[str, float] = {}  # backend -> since when its queue is unreadable
         self.supervisor: Supervisor | None = None  # managed workers (`command:`), set by the server
         # Set by the server when telemetry runs: waits up to N s for a victim's memory to come
         # back; None when freed (or not measurable), else why not.
@@ -163,6 +174,8 @@ class Broker:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await self.reconcile()
+            for name in self.jobs:  # work queued before we started is in flight too
+                self._follow_jobs(name)
             task_status.started()
             await self._clock_loop()
 
@@ -198,7 +211,13 @@ class Broker:
 
     @asynccontextmanager
     async def lease(
-        self, backend: str, path: str = "", *, count: bool = True
+        self,
+        backend: str,
+        path: str = "",
+        *,
+        count: bool = True,
+        method: str = "POST",
+        url: str | None = None,
     ) -> AsyncIterator[Grant]:
         """Hold the GPU for ``backend`` for the body of the ``async with``.
 
@@ -211,7 +230,9 @@ class Broker:
         now = self.clock()
         pending = _Pending()
         self._pending[lease] = pending
-        self.live[lease] = LiveRequest(lease, backend, path, time.time())
+        self.live[lease] = LiveRequest(
+            lease, backend, path, time.time(), method=method, url=path if url is None else url
+        )
         try:
             self._apply(self.sched.request(lease, backend, now))
             try:
@@ -231,10 +252,69 @@ class Broker:
             try:
                 yield Grant(lease, backend, self.clock() - now, pending.admit.swap)
             finally:
-                self._apply(self.sched.released(lease, self.clock()))
+                if backend in self.jobs and self._tg is not None:
+                    # The request may have queued a job that runs after its HTTP call ended:
+                    # the lease ends only once the service's queue has been read.
+                    self._tg.start_soon(self._settle, lease, backend)
+                else:
+                    self._apply(self.sched.released(lease, self.clock()))
         finally:
             self._pending.pop(lease, None)
             self.live.pop(lease, None)
+
+    async def _settle(self, lease: int, backend: str) -> None:
+        """End ``lease`` after reading ``backend``'s queue, so its job is counted before the
+        lease stops counting: no instant in which the owner looks idle to the hold."""
+        if await self._read_jobs(backend):
+            self._follow_jobs(backend, wait_first=True)
+        self._apply(self.sched.released(lease, self.clock()))
+
+    async def _read_jobs(self, backend: str) -> int:
+        """Read ``backend``'s queue into the scheduler; returns how many jobs it holds."""
+        jobs: list[Job] | None = None
+        try:
+            with anyio.fail_after(min(self.config.unload_timeout, JOB_ASK_LIMIT)):
+                jobs = await self.strategies[backend].jobs()
+        except Exception as exc:
+            # Cannot tell: keep the last reading for a while, but a service that stays
+            # unreachable has lost its queue, and jobs nobody can see must not hold the GPU.
+            failing = self._jobs_failing.setdefault(backend, self.clock())
+            if self.clock() - failing < self.config.unload_timeout:
+                log.debug("%s: cannot read its queue (%s)", backend, exc)
+                return len(self.jobs[backend])
+            log.warning("%s: its queue cannot be read (%s); counting it as empty", backend, exc)
+        self._jobs_failing.pop(backend, None)
+        # ComfyUI stamps no time on a job: "since" is when we first saw it, kept across reads.
+        seen = {j.id: j.since for j in self.jobs[backend]}
+        now = time.time()
+        jobs = [
+            j if j.since is not None else dataclasses.replace(j, since=seen.get(j.id) or now)
+            for j in jobs or []
+        ]
+        before = len(self.jobs[backend])
+        self.jobs[backend] = jobs
+        self._apply(self.sched.jobs(backend, len(jobs), self.clock()))
+        if len(jobs) != before and self.listeners:
+            running = sum(1 for j in jobs if j.state == "running")
+            self._emit("jobs", backend, running=running, pending=len(jobs) - running)
+        return len(jobs)
+
+    def _follow_jobs(self, backend: str, *, wait_first: bool = False) -> None:
+        """Read ``backend``'s queue every JOB_POLL seconds until it is empty (one follower)."""
+        if backend in self._job_watch or self._tg is None:
+            return
+        self._job_watch.add(backend)
+
+        async def follow() -> None:
+            try:
+                if wait_first:
+                    await anyio.sleep(JOB_POLL)
+                while await self._read_jobs(backend):
+                    await anyio.sleep(JOB_POLL)
+            finally:
+                self._job_watch.discard(backend)
+
+        self._tg.start_soon(follow)
 
     def first_byte(self, lease: int) -> None:
         """The proxy sent the first body byte of ``lease``'s response."""

@@ -109,6 +109,16 @@ class Config:
     source: str | None = None
     locations: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
 
+    @property
+    def effective_hold_time(self) -> float:
+        """``holdTime`` capped at half of ``queueTimeout``.
+
+        While others wait, the owner keeps admitting for the hold; a hold as long as the queue
+        timeout would let steady traffic to the owner time out every waiter, so that backend
+        would never be served. Half leaves the swap itself the other half.
+        """
+        return min(self.hold_time, self.queue_timeout / 2)
+
     def backend(self, name: str) -> BackendConfig:
         for b in self.backends:
             if b.name == name:
@@ -464,6 +474,14 @@ def parse_config(data: Any, source: str | None = None) -> Config:
         raise loader.fail(
             "telemetry", "`telemetry: sim` needs `telemetryUrl:` (the simulated GPUs' /gpus URL)"
         )
+    if "hold_time" in values and values["hold_time"] >= values.get("queue_timeout", 120.0):
+        raise loader.fail(
+            "holdTime",
+            f"holdTime ({format_duration(values['hold_time'])}) must be shorter than "
+            f"queueTimeout ({format_duration(values.get('queue_timeout', 120.0))}): while "
+            "others wait the owner keeps admitting for holdTime, so every waiter would time "
+            "out before its turn",
+        )
     status_port = values.get("status_port", DEFAULT_STATUS_PORT)
     for i, b in enumerate(backends):
         if b.proxy_port == status_port:
@@ -582,7 +600,12 @@ def describe_config(cfg: Config) -> str:
         f"config: {cfg.source or 'defaults'}",
         f"policy: {cfg.policy}, queueTimeout {format_duration(cfg.queue_timeout)}, "
         f"unloadTimeout {format_duration(cfg.unload_timeout)}, "
-        f"holdTime {format_duration(cfg.hold_time)}",
+        f"holdTime {format_duration(cfg.hold_time)}"
+        + (
+            f" (capped at {format_duration(cfg.effective_hold_time)}, half of queueTimeout)"
+            if cfg.effective_hold_time < cfg.hold_time
+            else ""
+        ),
         f"status: http://{f'[{cfg.bind}]' if ':' in cfg.bind else cfg.bind}:{cfg.status_port}",
     ]
     for b in cfg.backends:

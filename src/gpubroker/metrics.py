@@ -114,6 +114,11 @@ class _StateCollector(Collector):
         active = GaugeMetricFamily(
             "gpubroker_active_requests", "GPU leases held", labels=["backend"]
         )
+        jobs = GaugeMetricFamily(
+            "gpubroker_service_jobs",
+            "Jobs in the service's own queue (ComfyUI), running or pending: in flight too",
+            labels=["backend"],
+        )
         queued = GaugeMetricFamily(
             "gpubroker_queued_requests", "Requests waiting", labels=["backend"]
         )
@@ -140,6 +145,8 @@ class _StateCollector(Collector):
             refused.add_metric([b.name], counts["refused"])
             errors.add_metric([b.name], counts["upstream_errors"])
             active.add_metric([b.name], sched.active(b.name))
+            if b.name in broker.jobs:
+                jobs.add_metric([b.name], sched.jobs_of(b.name))
             queued.add_metric([b.name], sched.queued(b.name))
             current = sched.state(b.name)
             for s in State:
@@ -152,7 +159,7 @@ class _StateCollector(Collector):
             held = broker.measured_total(b.name)
             if held is not None and b.name in broker.measured:
                 measured.add_metric([b.name], held)
-        yield from (by_kind, refused, errors, active, queued, state, up, declared, measured)
+        yield from (by_kind, refused, errors, active, jobs, queued, state, up, declared, measured)
 
 
 class Metrics:

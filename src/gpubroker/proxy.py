@@ -133,7 +133,9 @@ class ProxyApp:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_while_queued, body, tg.cancel_scope)
                 try:
-                    grant = await stack.enter_async_context(self.broker.lease(self.name, path))
+                    grant = await stack.enter_async_context(
+                        self.broker.lease(self.name, path, method=method, url=_url(scope))
+                    )
                 except Refused as refused:
                     refusal = refused.refusal
                 if grant is not None and body.complete:
@@ -277,6 +279,11 @@ class ProxyApp:
                     await send({"type": "http.response.body", "body": tail, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             tg.cancel_scope.cancel()
+
+
+def _url(scope: Scope) -> str:
+    query = scope.get("query_string") or b""
+    return scope["path"] + ("?" + query.decode("latin-1") if query else "")
 
 
 def _stream_error_tail(headers: list[tuple[bytes, bytes]], message: str) -> bytes:

@@ -214,15 +214,21 @@ class _Slot:
     loaded_at: float = float("-inf")
     plan: int | None = None  # the plan this backend is a victim or target of
     measured: dict[str, int] = field(default_factory=dict)  # GPU -> bytes telemetry saw held
+    jobs: int = 0  # work the service accepted and runs after its HTTP call ended (ComfyUI)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     @property
+    def busy(self) -> int:
+        """GPU work in flight: leases held plus the service's own queued and running jobs."""
+        return len(self.active) + self.jobs
+
+    @property
     def has_room(self) -> bool:
         limit = self.spec.max_concurrency
-        return limit is None or len(self.active) < limit
+        return limit is None or self.busy < limit
 
 
 @dataclass(slots=True)
@@ -334,6 +340,13 @@ class Scheduler:
     def active(self, backend: str) -> int:
         return len(self.slots[backend].active)
 
+    def jobs_of(self, backend: str) -> int:
+        return self.slots[backend].jobs
+
+    def in_flight(self, backend: str) -> int:
+        """Leases plus the service's own jobs: what counts toward hold, drain and limits."""
+        return self.slots[backend].busy
+
     def queued(self, backend: str | None = None) -> int:
         return sum(1 for w in self.queue if backend is None or w.backend == backend)
 
@@ -360,7 +373,7 @@ class Scheduler:
         if self._wake_at is not None:
             times.append(self._wake_at)
         for s in self.slots.values():
-            if s.spec.idle_timeout is not None and s.state is State.RESIDENT and not s.active:
+            if s.spec.idle_timeout is not None and s.state is State.RESIDENT and not s.busy:
                 times.append(s.last_used + s.spec.idle_timeout)
         return min(times) if times else None
 
@@ -399,6 +412,20 @@ class Scheduler:
                 slot.last_used = now
                 return [Note("released", slot.name, lease), *self._pump(now)]
         return []
+
+    def jobs(self, backend: str, count: int, now: float) -> list[Effect]:
+        """The service reports ``count`` jobs of its own queued or running (ComfyUI's queue).
+
+        They are GPU work in flight as much as a lease is: they keep the owner active through
+        its hold, a victim drains until they end, and they take ``maxConcurrency`` slots.
+        """
+        slot = self.slots[backend]
+        if count == slot.jobs:
+            return []
+        slot.jobs = count
+        if count:
+            slot.last_used = now
+        return [Note("jobs", backend, detail={"count": count}), *self._pump(now)]
 
     def cancel(self, lease: int, now: float) -> list[Effect]:
         """The client of ``lease`` went away: leave the queue, or end the lease if admitted."""
@@ -631,7 +658,7 @@ class Scheduler:
                 timeout is not None
                 and slot.state is State.RESIDENT
                 and slot.plan is None
-                and not slot.active
+                and not slot.busy
                 and not self.queued(slot.name)
                 and not gpus & claimed
                 and now >= slot.last_used + timeout
@@ -702,7 +729,7 @@ class Scheduler:
                 holds[key] = hold
                 return []  # wait: what would make room is pinned, busy in a plan, or young
             victims += chosen
-        if victims and any(self.slots[v].active for v in victims) and now < hold:
+        if victims and any(self.slots[v].busy for v in victims) and now < hold:
             holds[key] = hold  # the victims keep serving until the hold ends
             return []
         _, effects = self._start(target, victims, gpus, now)
@@ -730,9 +757,7 @@ class Scheduler:
             plan.prior[name] = slot.state
             slot.state = State.DRAINING
             slot.plan = plan.id
-            effects.append(
-                Note("draining", name, detail={"active": len(slot.active), "swap": plan.id})
-            )
+            effects.append(Note("draining", name, detail={"active": slot.busy, "swap": plan.id}))
         if victims:
             return plan, effects + self._drain_progress(plan, now)
         plan.drained_at = plan.unloaded_at = now
@@ -747,7 +772,7 @@ class Scheduler:
             slot = self.slots[name]
             if slot.state is not State.DRAINING or name in plan.asked:
                 continue
-            if slot.active and not plan.force:
+            if slot.busy and not plan.force:
                 continue
             plan.asked.add(name)
             if plan.force:

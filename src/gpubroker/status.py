@@ -87,19 +87,20 @@ def _telemetry(monitor: Monitor | None) -> dict[str, Any]:
     }
 
 
-def snapshot(
-    broker: Broker,
-    health: dict[str, dict[str, Any]] | None = None,
-    monitor: Monitor | None = None,
-) -> dict[str, Any]:
-    """Everything ``GET /`` shows, as plain JSON-able data."""
-    sched = broker.sched
-    now = time.time()
-    queued_backends = list(dict.fromkeys(w.backend for w in sched.queue))
-    live = [
+def _live(broker: Broker, now: float) -> list[dict[str, Any]]:
+    """Leases (queued or admitted) and the services' own jobs, oldest first.
+
+    Each entry has OneGPU4All's ``method``, ``url``, ``startedAt`` and ``backend`` (its live
+    monitor prints them) and our own fields beside them; ``kind`` tells a lease from a job.
+    """
+    out: list[dict[str, Any]] = [
         {
-            "id": r.lease,
+            "method": r.method,
+            "url": r.url or r.path,
+            "startedAt": _iso(r.since),
             "backend": r.backend,
+            "kind": "lease",
+            "id": r.lease,
             "path": r.path,
             "state": "active" if r.admitted_at else "queued",
             "elapsedMs": round((now - r.since) * 1000),
@@ -107,6 +108,41 @@ def snapshot(
         }
         for r in broker.live.values()
     ]
+    for backend, jobs in broker.jobs.items():
+        for job in jobs:
+            out.append(
+                {
+                    "method": "POST",
+                    "url": "/prompt",
+                    "startedAt": _iso(job.since),
+                    "backend": backend,
+                    "kind": "job",
+                    "id": job.id,
+                    "path": "/prompt",
+                    "state": job.state,  # running, or pending in the service's own queue
+                    "elapsedMs": None if job.since is None else round((now - job.since) * 1000),
+                    "queuedMs": None,
+                }
+            )
+    return out
+
+
+def snapshot(
+    broker: Broker,
+    health: dict[str, dict[str, Any]] | None = None,
+    monitor: Monitor | None = None,
+) -> dict[str, Any]:
+    """Everything ``GET /`` shows, as plain JSON-able data.
+
+    The first fields are OneGPU4All's, with its shapes and meanings, so tools written for it
+    (its ``onegpu4all-status`` monitor reads ``Object.keys(activeRequests)``) keep working:
+    ``activeRequests``, ``gpuRequests`` and ``passthroughRequests`` are keyed by backend,
+    ``queuedBackends`` names one backend per waiter, ``uptime`` is whole seconds. Our totals
+    are under ``totals``.
+    """
+    sched = broker.sched
+    now = time.time()
+    names = [b.name for b in broker.config.backends]
     arrived = {r.lease: r.since for r in broker.live.values()}
     queue = [
         {
@@ -121,10 +157,15 @@ def snapshot(
     backends = {}
     for b in broker.config.backends:
         counts = broker.counters[b.name]
+        jobs = broker.jobs.get(b.name)
         backends[b.name] = {
             "state": sched.state(b.name).value,
             "owner": sched.owner == b.name,
             "active": sched.active(b.name),
+            "inFlight": sched.in_flight(b.name),
+            "jobs": None
+            if jobs is None
+            else [{"id": j.id, "state": j.state, "since": _iso(j.since)} for j in jobs],
             "queued": sched.queued(b.name),
             "upstream": b.upstream,
             "proxyPort": b.proxy_port,
@@ -141,15 +182,22 @@ def snapshot(
         }
     return {
         "vramOwner": sched.owner,
-        "activeRequests": sum(sched.active(b.name) for b in broker.config.backends),
+        "activeRequests": {n: sched.in_flight(n) for n in names},
         "queueLength": len(sched.queue),
-        "queuedBackends": queued_backends,
-        "gpuRequests": sum(c["gpu"] for c in broker.counters.values()),
-        "passthroughRequests": sum(c["passthrough"] for c in broker.counters.values()),
+        "queuedBackends": [w.backend for w in sched.queue],
+        "gpuRequests": {n: broker.counters[n]["gpu"] for n in names},
+        "passthroughRequests": {n: broker.counters[n]["passthrough"] for n in names},
         "swapCount": sched.swap_count,
         "lastSwapAt": _iso(last_swap),
-        "liveRequests": live,
-        "uptime": round(now - broker.started_at, 1),
+        "liveRequests": _live(broker, now),
+        "uptime": int(now - broker.started_at),
+        "totals": {
+            "inFlight": sum(sched.in_flight(n) for n in names),
+            "leases": sum(sched.active(n) for n in names),
+            "jobs": sum(sched.jobs_of(n) for n in names),
+            "gpuRequests": sum(c["gpu"] for c in broker.counters.values()),
+            "passthroughRequests": sum(c["passthrough"] for c in broker.counters.values()),
+        },
         "policy": broker.config.policy,
         "swapping": sched.swap is not None,
         "backends": backends,

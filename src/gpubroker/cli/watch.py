@@ -79,7 +79,8 @@ def _header(data: Mapping[str, Any], url: str, error: str | None, stale_s: float
         text.append(f"up {_ago(data.get('uptime', 0))}", style="green")
     text.append(f"\nGPU owner: {owner}", style="bold")
     text.append(
-        f"   active: {data.get('activeRequests', 0)}   queued: {data.get('queueLength', 0)}"
+        f"   in flight: {(data.get('totals') or {}).get('inFlight', 0)}"
+        f"   queued: {data.get('queueLength', 0)}"
         f"   swaps: {data.get('swapCount', 0)}   policy: {data.get('policy', '?')}"
     )
     if data.get("swapping"):
@@ -178,7 +179,7 @@ def _backends(data: Mapping[str, Any]) -> RenderableType:
             state,
             _gib(b.get("declaredVram")),
             _gib(b.get("measuredVram")),
-            str(b.get("active", 0)),
+            str(b.get("inFlight", b.get("active", 0))),
             str(b.get("queued", 0)),
             str(b.get("gpuRequests", 0)),
             str(b.get("passthroughRequests", 0)),
@@ -188,9 +189,11 @@ def _backends(data: Mapping[str, Any]) -> RenderableType:
 
 
 def _requests(data: Mapping[str, Any]) -> RenderableType | None:
-    live = [r for r in data.get("liveRequests") or [] if r.get("state") == "active"]
+    everything = data.get("liveRequests") or []
+    live = [r for r in everything if r.get("state") == "active"]
+    jobs = [r for r in everything if r.get("kind") == "job"]
     queue = data.get("queue") or []
-    if not live and not queue:
+    if not live and not jobs and not queue:
         return Text("No requests in flight or queued.", style="dim")
     table = Table(title="Requests", title_justify="left")
     for col in ("id", "backend", "state", "path", "elapsed", "queued"):
@@ -199,6 +202,13 @@ def _requests(data: Mapping[str, Any]) -> RenderableType | None:
         table.add_row(
             str(r["id"]), r["backend"], Text("in flight", style="green"), r.get("path", ""),
             _ms(r.get("elapsedMs")), _ms(r.get("queuedMs")),
+        )  # fmt: skip
+    for j in jobs:  # the service's own queue (ComfyUI): GPU work after its request ended
+        running = j.get("state") == "running"
+        state = Text(f"job {j.get('state')}", style="green" if running else "yellow")
+        table.add_row(
+            str(j["id"])[:8], j["backend"], state,
+            j.get("path", ""), _ms(j.get("elapsedMs")), "",
         )  # fmt: skip
     for q in queue:
         table.add_row(

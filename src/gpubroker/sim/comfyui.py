@@ -12,10 +12,30 @@ Node execution is simulated: nodes run in dependency order from the output nodes
 whose class name contains ``Sampler`` runs ``inputs.steps`` (or ``steps``) progress steps
 spread over ``job_seconds``. Use :func:`simple_workflow` for a valid prompt. Not reproduced:
 the node cache (identical prompts run again in full), uploads, custom nodes.
+
+Pinned to ComfyUI's own source (Comfy-Org/ComfyUI 0.3.64; file: function), because a broker
+that relies on a behaviour the real service lacks fails its users, not its tests:
+
+- server.py ``create_origin_only_middleware``: unless started with ``--enable-cors-header``,
+  any request (pages, assets, API, the WebSocket upgrade) with both Host and Origin whose Host
+  is a loopback name gets a bare 403 when the two differ (ports compared only when the Origin
+  has one). A proxy that rewrites Host and not Origin breaks the web UI: see ``cors_header``.
+- server.py ``PromptServer.add_routes``: every route also answers under ``/api/``.
+- comfy/model_management.py ``get_total_memory(dev, torch_total_too=True)``:
+  ``torch_vram_total`` in ``/system_stats`` is torch's reserved bytes on cuda/xpu/npu/mlu, total
+  system RAM on cpu and mps, and a constant 1 GiB under DirectML (``privateuseone``): see
+  ``device_type``. On cpu and mps nothing is put on the (simulated) GPU.
+- execution.py ``PromptQueue``: a heap of (number, prompt_id, prompt, extra_data, outputs);
+  ``GET /queue`` (server.py ``get_queue``) lists ``queue_running`` and ``queue_pending`` items in
+  that layout. ComfyUI adds no timestamp of its own to ``extra_data``.
+- main.py ``prompt_worker``: ``/free`` flags (``PromptQueue.set_flag``) wake the idle worker,
+  which applies them after the current prompt: ``unload_models`` (or ``free_memory``) unloads
+  every model, then the cache is emptied.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 import sys
 import time
@@ -23,7 +43,9 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from starlette.requests import Request
@@ -35,7 +57,7 @@ from gpubroker.sim.gpu import GiB, OutOfMemory, SimGPU
 from gpubroker.sim.service import Changed, EmulatedService
 from gpubroker.sim.wire import dumps
 
-VERSION = "0.3.66"
+VERSION = "0.3.64"
 OUTPUT_NODES = frozenset(
     {"SaveImage", "PreviewImage", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveVideo", "SaveAudio"}
 )
@@ -132,7 +154,15 @@ class ComfyUIEmulator(EmulatedService):
         steps: int = 4,
         work_size: int = 0,
         owner: str = "comfyui",
+        device_type: str = "cuda",
+        cors_header: str | None = None,
     ) -> None:
+        self.device_type = device_type
+        """torch's device type: cuda (default), cpu, mps, xpu, privateuseone (DirectML)."""
+        self.cors_header = cors_header
+        """``--enable-cors-header``: None keeps the Host/Origin check, as ComfyUI's default."""
+        self.origin_refusals = 0
+        """Requests the Host/Origin check answered 403."""
         self.model_size = model_size
         self.load_seconds = load_seconds
         self.job_seconds = job_seconds
@@ -153,6 +183,7 @@ class ComfyUIEmulator(EmulatedService):
         self._changed = Changed()
         self._clients: dict[str, _Client] = {}
         super().__init__(gpu, owner)
+        self.app = _OriginCheck(self.app, self)  # type: ignore[assignment]
 
     # -- worker -------------------------------------------------------------------------------
 
@@ -214,9 +245,9 @@ class ComfyUIEmulator(EmulatedService):
                     {"node": node_id, "display_node": node_id, "prompt_id": job.prompt_id},
                     keep=False,
                 )
-                if not self._loaded and (
-                    "Loader" in class_type or "Sampler" in class_type or not executed
-                ):
+                # A model is loaded by the nodes that need one; a model-free workflow
+                # (EmptyImage -> ImageBlur -> SaveImage) puts nothing on the GPU.
+                if not self._loaded and ("Loader" in class_type or "Sampler" in class_type):
                     await self._load()
                 if node_id in samplers:
                     await self._sample(
@@ -291,8 +322,17 @@ class ComfyUIEmulator(EmulatedService):
             },
         }
 
+    @property
+    def on_gpu(self) -> bool:
+        """cpu and mps keep the model in system memory: nothing lands on the GPU."""
+        return self.device_type not in ("cpu", "mps")
+
     async def _load(self) -> None:
         await anyio.sleep(self.load_seconds)
+        if not self.on_gpu:
+            self._loaded = True
+            self.loads += 1
+            return
         try:
             self.gpu.allocate(self.owner, self.model_size, tag="checkpoint")
         except OutOfMemory as exc:
@@ -303,7 +343,7 @@ class ComfyUIEmulator(EmulatedService):
         self.loads += 1
 
     async def _sample(self, job: _Job, node_id: str, steps: int, step_seconds: float) -> None:
-        if self.work_size:
+        if self.work_size and self.on_gpu:
             try:
                 self.gpu.allocate(self.owner, self.work_size, tag="activations")
             except OutOfMemory as exc:
@@ -432,7 +472,26 @@ class ComfyUIEmulator(EmulatedService):
                 Route(f"{prefix}/view", self._view, methods=["GET"]),
                 WebSocketRoute(f"{prefix}/ws", self._ws),
             ]
+        # The web UI: server.py serves web_root's index.html at / and its assets beside it
+        # (not under /api). Ours is a stand-in that does what the real frontend's first
+        # seconds do: module script and stylesheet loaded with ``crossorigin`` (so the
+        # browser sends Origin), system_stats, the /ws socket, and a prompt queued on request.
+        routes += [
+            Route("/", self._index, methods=["GET"]),
+            Route("/assets/index-emulator.js", self._asset_js, methods=["GET"]),
+            Route("/assets/index-emulator.css", self._asset_css, methods=["GET"]),
+        ]
         return routes
+
+    async def _index(self, _request: Request) -> Response:
+        return Response(_web("index.html"), media_type="text/html")
+
+    async def _asset_js(self, _request: Request) -> Response:
+        body = _web("index-emulator.js")
+        return Response(body, media_type="application/javascript; charset=utf-8")
+
+    async def _asset_css(self, _request: Request) -> Response:
+        return Response(_web("index-emulator.css"), media_type="text/css")
 
     async def _get_prompt(self, _request: Request) -> Response:
         return JSONResponse(self._queue_info())
@@ -468,7 +527,6 @@ class ComfyUIEmulator(EmulatedService):
         extra_data = dict(body.get("extra_data") or {})
         if "client_id" in body:
             extra_data["client_id"] = body["client_id"]
-        extra_data.setdefault("create_time", _ms())
         self._pending.append(_Job(number, prompt_id, prompt, extra_data, outputs))
         self._pending.sort(key=lambda job: job.number)
         self._changed.notify()
@@ -537,8 +595,29 @@ class ComfyUIEmulator(EmulatedService):
         self._changed.notify()
         return Response(status_code=200)
 
+    def _device(self) -> dict[str, Any]:
+        """``devices[0]`` as comfy/model_management.py reports it for ``device_type``."""
+        gpu, kind = self.gpu, self.device_type
+        if kind in ("cpu", "mps"):  # psutil's system memory stands in for VRAM
+            ram, free = 64 * GiB, 48 * GiB
+            name = "cpu" if kind == "cpu" else "mps"
+            return {"name": name, "type": kind, "index": None, "vram_total": ram,
+                    "vram_free": free, "torch_vram_total": ram,
+                    "torch_vram_free": free}  # fmt: skip
+        if kind == "privateuseone":  # DirectML: a constant "#TODO" 1 GiB
+            return {"name": "privateuseone:0", "type": kind, "index": 0, "vram_total": GiB,
+                    "vram_free": GiB, "torch_vram_total": GiB, "torch_vram_free": GiB}  # fmt: skip
+        return {
+            "name": f"{kind}:{gpu.index} {gpu.name} : cudaMallocAsync",
+            "type": kind,
+            "index": gpu.index,
+            "vram_total": gpu.total,
+            "vram_free": gpu.free_bytes,
+            "torch_vram_total": gpu.held(self.owner),  # torch's reserved bytes
+            "torch_vram_free": 0,
+        }
+
     async def _system_stats(self, _request: Request) -> Response:
-        gpu = self.gpu
         return JSONResponse(
             {
                 "system": {
@@ -550,19 +629,10 @@ class ComfyUIEmulator(EmulatedService):
                     "python_version": sys.version,
                     "pytorch_version": "2.8.0+cu128",
                     "embedded_python": False,
-                    "argv": ["main.py", "--listen"],
+                    "argv": ["main.py", "--listen"]
+                    + (["--cpu"] if self.device_type == "cpu" else []),
                 },
-                "devices": [
-                    {
-                        "name": f"cuda:{gpu.index} {gpu.name} : cudaMallocAsync",
-                        "type": "cuda",
-                        "index": gpu.index,
-                        "vram_total": gpu.total,
-                        "vram_free": gpu.free_bytes,
-                        "torch_vram_total": gpu.held(self.owner),
-                        "torch_vram_free": 0,
-                    }
-                ],
+                "devices": [self._device()],
             }
         )
 
@@ -601,6 +671,11 @@ class ComfyUIEmulator(EmulatedService):
         if not request.query_params.get("filename"):
             return Response(status_code=404)
         return Response(_TINY_PNG, media_type="image/png")
+
+
+def _web(name: str) -> bytes:
+    """A file of the web UI stand-in (comfyui_web/, shipped in the package)."""
+    return (resources.files("gpubroker.sim") / "comfyui_web" / name).read_bytes()
 
 
 def _class(prompt: dict[str, Any], node_id: str) -> str:
@@ -645,3 +720,86 @@ async def _json_object(request: Request) -> dict[str, Any] | Response:
     except ValueError:
         return Response("400: request body must be JSON", status_code=400)
     return body if isinstance(body, dict) else {}
+
+
+def is_loopback_host(hostname: str | None) -> bool:
+    """server.py ``is_loopback``: an IP literal that is loopback, or a name resolving only
+    to loopback. Names are not resolved here (no blocking lookups in an emulator): localhost
+    and ``*.localhost`` stand for the names that do (RFC 6761)."""
+    if not hostname:
+        return False
+    try:
+        return ipaddress.ip_address(hostname.strip("[]")).is_loopback
+    except ValueError:
+        name = hostname.lower().rstrip(".")
+        return name == "localhost" or name.endswith(".localhost")
+
+
+def origin_refused(host: str | None, origin: str | None) -> bool:
+    """server.py ``create_origin_only_middleware``: would ComfyUI answer this with 403?
+
+    Only when both headers are there and Host is a loopback name: the Host and the Origin's
+    netloc must then be equal, ports compared only when both sides carry one.
+    """
+    if not host or not origin:
+        return False
+    host_domain = host.lower()
+    parsed = urlsplit(origin)
+    origin_domain = parsed.netloc.lower()
+    host_parsed = urlsplit("//" + host_domain)
+    if not is_loopback_host(host_parsed.hostname):
+        return False
+    if parsed.port is None:  # "if origin doesn't have a port strip it from the host"
+        host_domain = host_parsed.hostname or ""
+    if host_parsed.port is None:
+        origin_domain = parsed.hostname or ""
+    return bool(host_domain and origin_domain and host_domain != origin_domain)
+
+
+class _OriginCheck:
+    """ComfyUI's default origin-only middleware in front of the emulator's app (raw ASGI).
+
+    It covers every route, static files and the WebSocket upgrade alike, and answers a bare
+    403 (aiohttp ``web.Response(status=403)``: no body). With ``cors_header`` set it is
+    replaced, as ``--enable-cors-header`` does, by permissive CORS headers.
+    """
+
+    def __init__(self, app: Any, service: ComfyUIEmulator) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        cors = self.service.cors_header
+        if cors is None and origin_refused(headers.get("host"), headers.get("origin")):
+            self.service.origin_refusals += 1
+            if scope["type"] == "websocket":
+                await receive()  # websocket.connect
+                await send({"type": "websocket.http.response.start", "status": 403,
+                            "headers": [(b"content-length", b"0")]})  # fmt: skip
+                await send({"type": "websocket.http.response.body", "body": b""})
+                return
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-length", b"0")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if cors is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_cors(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"access-control-allow-origin", cors.encode()),
+                    (b"access-control-allow-methods", b"POST, GET, DELETE, PUT, OPTIONS"),
+                    (b"access-control-allow-headers", b"Content-Type, Authorization"),
+                    (b"access-control-allow-credentials", b"true"),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, with_cors)

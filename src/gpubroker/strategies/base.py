@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import httpx
 
@@ -11,6 +11,18 @@ from ..config import BackendConfig
 
 if TYPE_CHECKING:
     from ..supervisor import Supervisor
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One job in a service's own queue (a ComfyUI prompt): GPU work after its HTTP call ended.
+
+    ``since``: when the service accepted it (Unix seconds), None when the service does not say.
+    """
+
+    id: str
+    state: Literal["running", "pending"]
+    since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,4 +71,21 @@ class Strategy:
 
     async def busy(self) -> bool:
         """Is GPU work still running after its HTTP calls ended (e.g. ComfyUI's queue)?"""
-        return False
+        jobs = await self.jobs()
+        return bool(jobs)
+
+    async def jobs(self) -> list[Job] | None:
+        """The service's own queue of accepted work, for a service whose requests return
+        before the work runs (ComfyUI's ``/prompt``). None: it has no such queue (default).
+
+        A strategy that overrides this makes those jobs count as in-flight work of the
+        backend, exactly like leases: toward the owner's hold, the drain, ``maxConcurrency``
+        and the status. The broker asks after each GPU request and then every
+        ``JOB_POLL`` seconds while any remain.
+        """
+        return None
+
+
+def tracks_jobs(strategy: Strategy) -> bool:
+    """Whether ``strategy`` reports a queue of its own (overrides :meth:`Strategy.jobs`)."""
+    return type(strategy).jobs is not Strategy.jobs

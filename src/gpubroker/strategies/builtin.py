@@ -6,6 +6,7 @@ call with ``unloadTimeout``, so the confirmation polls below simply poll until d
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,8 +14,10 @@ import anyio
 import httpx
 
 from ..hookspecs import hookimpl
-from .base import Strategy
+from .base import Job, Strategy, StrategyContext
 from .process import ProcessStrategy
+
+log = logging.getLogger("gpubroker.strategies")
 
 POLL_INTERVAL = 0.02  # seconds between confirmation polls at most: a swap waits on them
 FIRST_POLL = 0.005  # the first re-check comes this soon; the gap doubles up to POLL_INTERVAL
@@ -80,23 +83,48 @@ class OllamaStrategy(Strategy):
         return bool(await self._loaded())
 
 
-class ComfyUIStrategy(Strategy):
-    """``POST /free`` (unload models, free memory); ``busy()`` reads ``/queue``.
+# ComfyUI's comfy/model_management.py get_total_memory(dev, torch_total_too=True): on these
+# device types ``torch_vram_total`` is torch's reserved bytes (memory_stats
+# 'reserved_bytes.all.current'); on cpu and mps it is total system RAM (psutil), and under
+# DirectML (device type privateuseone) a constant 1 GiB. Only the former can confirm a /free.
+RESERVED_BYTES_DEVICES = frozenset({"cuda", "xpu", "npu", "mlu"})
 
-    ComfyUI's ``/prompt`` returns before the job runs, so the broker holds the GPU for ComfyUI
-    until ``/queue`` is empty. ``/free`` is applied by ComfyUI's worker only once it is idle, so
-    we confirm through ``/system_stats`` that torch's reserved VRAM went down.
+
+class ComfyUIStrategy(Strategy):
+    """``POST /free`` (unload models, free memory); its queue, from ``GET /queue``, is in flight.
+
+    ComfyUI's ``/prompt`` returns before the job runs, so the jobs in its queue count as the
+    backend's in-flight work (see :meth:`Strategy.jobs`) and a victim drains until the queue is
+    empty. ``/free`` only sets flags that ComfyUI's worker applies once idle, so on devices
+    where ``/system_stats`` reports torch's reserved VRAM we confirm it went down; elsewhere
+    (CPU, Apple MPS, DirectML) nothing there measures VRAM, so we say so once and leave the
+    confirmation to telemetry.
     """
 
     name = "comfyui"
-    description = "ComfyUI: POST /free, busy while /queue has work, confirmed by /system_stats"
+    description = "ComfyUI: POST /free, its /queue counts as in flight, confirmed by /system_stats"
+
+    def __init__(self, ctx: StrategyContext) -> None:
+        super().__init__(ctx)
+        self._told: str | None = None  # the device type we already said cannot confirm
 
     async def _reserved(self) -> int | None:
+        """Torch's reserved bytes on ComfyUI's device, or None where it does not report them."""
         stats = await _json(self.client, "GET", "/system_stats")
         devices = (stats or {}).get("devices") or []
-        if not devices or "torch_vram_total" not in devices[0]:
+        device = devices[0] if devices and isinstance(devices[0], dict) else {}
+        kind = str(device.get("type", ""))
+        if kind not in RESERVED_BYTES_DEVICES or "torch_vram_total" not in device:
+            if self._told != kind:
+                self._told = kind
+                log.info(
+                    "%s: ComfyUI runs on device type %r, where /system_stats does not report "
+                    "VRAM held; unloads are confirmed by telemetry only",
+                    self.backend.name,
+                    kind or "unknown",
+                )
             return None
-        return int(devices[0]["torch_vram_total"])
+        return int(device["torch_vram_total"])
 
     async def unload(self) -> None:
         before = await self._reserved()
@@ -111,9 +139,21 @@ class ComfyUIStrategy(Strategy):
 
         await poll_until(freed)
 
-    async def busy(self) -> bool:
+    async def jobs(self) -> list[Job]:
+        # server.py get_queue: {"queue_running": [...], "queue_pending": [...]}, each item
+        # (number, prompt_id, prompt, extra_data, outputs_to_execute); extra_data carries
+        # create_time (ms) when the frontend or a client set it.
         queue = await _json(self.client, "GET", "/queue") or {}
-        return bool(queue.get("queue_running") or queue.get("queue_pending"))
+        out: list[Job] = []
+        for key, state in (("queue_running", "running"), ("queue_pending", "pending")):
+            for item in queue.get(key) or []:
+                if not isinstance(item, list) or len(item) < 2:
+                    continue
+                extra = item[3] if len(item) > 3 and isinstance(item[3], dict) else {}
+                created = extra.get("create_time")
+                since = created / 1000 if isinstance(created, int | float) else None
+                out.append(Job(str(item[1]), state, since))  # type: ignore[arg-type]
+        return out
 
     async def resident(self) -> bool | None:
         reserved = await self._reserved()
