@@ -335,6 +335,9 @@ def test_wrong_types_in_a_backend(tmp_path: Path, line: str, keypath: str, messa
         ("disablePlugins: sdwebui\n", "1:1: disablePlugins",
          "expected a non-empty list of strings, found 'sdwebui'"),
         ("gpus: all\n", "1:1: gpus", "expected auto or a list of GPUs, found 'all'"),
+        ("allowedHosts: [gpu.lan, 'http://box:5102']\n", "1:1: allowedHosts",
+         'expected host names such as "gpu.lan", "*.lan" or "192.168.1.5" (no scheme, port or '
+         "path) instead of 'http://box:5102', found a list"),
         ("gpus:\n  - id: 0\n    memory: 24GiB\n  - id: x\n", "4:5: gpus[1].id",
          "expected a GPU index (0, 1, …) or UUID (GPU-…), found 'x'"),
         ("gpus:\n  - id: 0\n    memry: 24GiB\n", "3:5: gpus[0].memry",
@@ -407,6 +410,12 @@ def test_parse_config_accepts_plain_dicts() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"backends": [{"name": "a", "proxyPort": 5001}]}, source="test")
     assert str(info.value) == "test: backends[0]: missing required key 'upstream'"
+
+
+def test_allowed_hosts_are_kept_as_the_host_check_compares_them() -> None:
+    hosts = ["GPU.Lan", "*.Corp.example", "[::1]", "192.168.1.5"]
+    cfg = parse_config({"allowedHosts": hosts, "backends": []})
+    assert cfg.allowed_hosts == ("gpu.lan", "*.corp.example", "::1", "192.168.1.5")
 
 
 def test_to_dict_uses_the_file_keys(tmp_path: Path) -> None:

@@ -334,7 +334,7 @@ async def test_admin_token_guards_worker_verbs_and_logs_but_not_the_list() -> No
         bad = await client.post(
             base + "/api/workers/start",
             content=b"[1]",
-            headers={"authorization": "Bearer s3cret"},
+            headers={"authorization": "Bearer s3cret", "content-type": "application/json"},
         )
         assert bad.status_code == 400
         denied = await cli("workers", "start", "w", "--url", base)

@@ -69,8 +69,11 @@ def call(
     json: Any = None,
     timeout: float | None = None,
 ) -> dict[str, Any]:
-    """One request to the broker; errors become BrokerUnreachable / AdminFailed."""
+    """One request to the broker; errors become BrokerUnreachable / AdminFailed. A verb always
+    goes as JSON (``{}`` when it has no body): the status port refuses any other content type."""
     headers = {"authorization": f"Bearer {token}"} if token else {}
+    if json is None and method.upper() not in ("GET", "HEAD"):
+        json = {}
     try:
         with httpx.Client(timeout=httpx.Timeout(timeout, connect=3.0), trust_env=False) as client:
             response = client.request(method, url + path, json=json, headers=headers)

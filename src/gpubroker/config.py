@@ -278,6 +278,19 @@ def _str_list(value: object) -> tuple[str, ...]:
     raise ValueError("a non-empty list of strings")
 
 
+def _host_list(value: object) -> tuple[str, ...]:
+    """``allowedHosts``: names as the Host check compares them (lower case, no brackets)."""
+    from .guard import allowed_host_entry  # the Host check's own rule, so the two cannot differ
+
+    out = []
+    for entry in _str_list(value):
+        try:
+            out.append(allowed_host_entry(entry))
+        except ValueError as exc:
+            raise ValueError(f"{exc} instead of {entry!r}") from None
+    return tuple(out)
+
+
 def _gpu_paths(value: object) -> tuple[str, ...]:
     items = _str_list(value)
     for item in items:
@@ -342,7 +355,7 @@ _TOP: dict[str, _Field] = {
     "upstreamIdleTimeout": _Field("upstream_idle_timeout", parse_duration),
     "headerTimeout": _Field("header_timeout", parse_duration),
     "clientIdleTimeout": _Field("client_idle_timeout", parse_duration),
-    "allowedHosts": _Field("allowed_hosts", _str_list),
+    "allowedHosts": _Field("allowed_hosts", _host_list),
     "shutdownGrace": _Field("shutdown_grace", parse_duration),
     "gpus": _Field("gpus", lambda v: v),  # parsed by _parse_gpus, which needs locations
     "adminToken": _Field("admin_token", _str),

@@ -6,7 +6,9 @@ and the active warnings. ``GET /metrics`` is the same in Prometheus' format and 
 streams every scheduler event as Server-Sent Events.
 
 Admin verbs need ``Authorization: Bearer <adminToken>`` when a token is set, and are refused
-outright when the port binds beyond loopback without one; read-only routes stay open.
+outright when the port binds beyond loopback without one; read-only routes stay open. In front
+of every route, :class:`~gpubroker.guard.ListenerGuard` keeps web pages out: only Host names
+this port answers to (DNS rebinding), no foreign Origin on a verb, no CORS, JSON bodies only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .broker import Broker, Refused
+from .guard import HostPolicy, ListenerGuard, is_loopback
 from .metrics import Metrics
 from .monitor import Monitor
 from .responses import error_response, json_object
@@ -33,7 +36,6 @@ from .scheduler import State, SwapInProgress
 from .telemetry.base import GpuSample
 from .workers_api import worker_routes
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 EVENT_BUFFER = 256  # events kept for one slow /events reader before it starts losing them
 HEARTBEAT = 15.0  # seconds of silence after which /events sends a comment line
 
@@ -224,8 +226,8 @@ class StatusApp:
         self.metrics = Metrics(broker, monitor, self.health)
         cfg = broker.config
         self.token = cfg.admin_token
-        self.open_admin = self.token is None and cfg.bind in LOOPBACK
-        self.app = Starlette(
+        self.open_admin = self.token is None and is_loopback(cfg.bind)
+        self.routes = Starlette(
             routes=[
                 Route("/", self.index),
                 Route("/health", self.healthz),
@@ -237,6 +239,9 @@ class StatusApp:
                 *worker_routes(self),
             ]
         )
+        # every state-changing request on this port is an admin verb, so all of them take JSON
+        policy = HostPolicy(cfg.bind, cfg.allowed_hosts)
+        self.app = ListenerGuard(self.routes, policy, json_only=True)
 
     async def index(self, request: Request) -> Response:
         return JSONResponse(snapshot(self.broker, self.health, self.monitor))
@@ -257,8 +262,10 @@ class StatusApp:
                 "admin verbs are off: the status port binds beyond "
                 "loopback and no adminToken is set",
             )
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+        # the scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        matches = hmac.compare_digest(given.strip().encode("latin-1"), self.token.encode())
+        if scheme.lower() != "bearer" or not matches:
             return error_response(
                 401, "unauthorized", "admin verbs need Authorization: Bearer <adminToken>"
             )

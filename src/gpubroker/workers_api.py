@@ -12,10 +12,12 @@
 Verbs go through the scheduler, so it stays truthful: a start is a swap to the worker (what must
 make room is freed first, per policy), a stop is an unload (in-flight requests drain first,
 unless ``force``) followed by stopping the process. Each verb answers 200 with ``ok`` and a
-result per worker; an unknown name is 404, a malformed body 400. POSTs and logs need the admin
-token where one is set (the rule of ``/api/unload``): a worker's output, and its command line,
-may show its secrets. For the same reason ``GET /api/workers`` stays open but tells only an
-authorised caller a worker's ``command`` and ``logTail`` (``"admin": true`` says it did).
+result per worker; an unknown name is 404, a malformed body 400, a body that is not
+``application/json`` 415 (the status port's guard, so no web page can send one). POSTs and logs
+need the admin token where one is set (the rule of ``/api/unload``): a worker's output, and its
+command line, may show its secrets. For the same reason ``GET /api/workers`` stays open but
+tells only an authorised caller a worker's ``command`` and ``logTail`` (``"admin": true`` says
+it did).
 """
 
 from __future__ import annotations
