@@ -244,3 +244,59 @@ async def test_system_stats_and_object_info() -> None:
         assert device["type"] == "cuda" and "Sim RTX" in device["name"]
         info = (await client.get("/api/object_info")).json()
         assert info["SaveImage"]["output_node"] is True
+
+
+@pytest.mark.parametrize(
+    ("device", "torch_total"),
+    [("cuda", 6 * GiB), ("cpu", 64 * GiB), ("mps", 64 * GiB), ("privateuseone", 1 * GiB)],
+)
+async def test_system_stats_means_what_comfyui_means_on_each_device(
+    device: str, torch_total: int
+) -> None:
+    # comfy/model_management.py get_total_memory: torch's reserved bytes only on cuda (and
+    # xpu/npu/mlu); system RAM on cpu and mps; a constant under DirectML.
+    gpu = SimGPU(16 * GiB)
+    async with comfy(gpu, device_type=device) as (_emu, c):
+        await wait_done(c, await submit(c))
+        stats = (await c.get("/system_stats")).json()
+        held = gpu.held("comfyui")
+    dev = stats["devices"][0]
+    assert dev["type"] == device and dev["torch_vram_total"] == torch_total
+    assert held == (6 * GiB if device == "cuda" else 0)  # cpu, mps: the model is in RAM
+
+
+async def test_every_route_also_answers_under_api_and_the_ui_is_served() -> None:
+    async with comfy() as (_emu, c):
+        for path in ("/prompt", "/queue", "/history", "/system_stats", "/object_info"):
+            plain, api = await c.get(path), await c.get("/api" + path)
+            assert plain.status_code == api.status_code == 200, path
+            assert plain.json().keys() == api.json().keys()
+        page = await c.get("/")
+        js = await c.get("/assets/index-emulator.js")
+    assert 'type="module" crossorigin' in page.text and "new WebSocket" in js.text
+
+
+async def test_the_origin_check_covers_pages_the_api_and_the_websocket() -> None:
+    async with comfy() as (emu, c):
+        host = str(c.base_url.netloc.decode())
+        foreign = {"Origin": "http://127.0.0.1:1"}
+        page = await c.get("/", headers=foreign)
+        queued = await c.post("/api/prompt", json={"prompt": simple_workflow()}, headers=foreign)
+        same = await c.get("/", headers={"Origin": f"http://{host}"})
+        url = str(c.base_url).replace("http://", "ws://").rstrip("/") + "/ws"
+        with pytest.raises(Exception) as refused:
+            async with connect(url, additional_headers=foreign, proxy=None):
+                pass
+        queue = (await c.get("/queue")).json()
+    assert page.status_code == 403 and page.content == b"" and queued.status_code == 403
+    assert same.status_code == 200
+    assert "403" in str(refused.value)
+    assert queue["queue_pending"] == [] and queue["queue_running"] == []  # nothing queued
+    assert emu.origin_refusals == 3
+
+
+async def test_cors_header_mode_drops_the_check_as_enable_cors_header_does() -> None:
+    async with comfy(cors_header="*") as (emu, c):
+        r = await c.get("/system_stats", headers={"Origin": "http://127.0.0.1:1"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    assert emu.origin_refusals == 0
