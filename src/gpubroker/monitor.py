@@ -147,7 +147,7 @@ class Monitor:
                 if held is None or held <= goal:
                     return None
                 await anyio.sleep(FREED_POLL)
-        return f"its memory did not come back: {held / MiB:.0f} MiB still held after unload"
+        return f"its memory did not come back: {(held or 0) / MiB:.0f} MiB still held after unload"
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event["event"] == "freed" and event["backend"] is not None:

@@ -494,7 +494,7 @@ class Scheduler:
         else:
             slot.state = State.ASLEEP if slot.spec.cost == 1 and error is None else State.ABSENT
         slot.plan = None
-        detail = {"error": error, "swap": swap, "holding": holding}
+        detail: dict[str, object] = {"error": error, "swap": swap, "holding": holding}
         effects: list[Effect] = [Note("unloaded", backend, detail=detail)]
         if error:
             plan.failures.append(f"{backend}: {error}")
@@ -526,7 +526,7 @@ class Scheduler:
         slot = self.slots[plan.target]
         wake = slot.state is State.ASLEEP
         slot.state = State.LOADING
-        detail = {"wake": wake, "swap": plan.id}
+        detail: dict[str, object] = {"wake": wake, "swap": plan.id}
         return [Note("loading", plan.target, detail=detail), Load(plan.id, plan.target)]
 
     def loaded(self, swap: int, backend: str, error: str | None, now: float) -> list[Effect]:

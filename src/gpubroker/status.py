@@ -319,6 +319,7 @@ class StatusApp:
         name = self._backend(data, required=True)
         if isinstance(name, Response):
             return name
+        assert name is not None  # required=True: a missing name is a 404 above
 
         try:
             grant = await self.broker.preload(name)

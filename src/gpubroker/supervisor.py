@@ -43,7 +43,7 @@ import os
 import subprocess
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -204,7 +204,7 @@ class Supervisor:
         self.emit: Callable[..., None] | None = None  # e.g. Broker.emit(kind, backend, **detail)
         # called when a worker ended unasked for good (exit 0 under on-failure, crash loop…):
         # the server tells the scheduler, so the next request starts it instead of a dead port
-        self.on_exit: Callable[[str], Awaitable[None]] | None = None
+        self.on_exit: Callable[[str], Coroutine[Any, Any, None]] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._http: httpx.AsyncClient | None = None  # for health checks, made on first use
 
@@ -365,7 +365,7 @@ class Supervisor:
             raise box["error"]
         if "value" not in box:  # cancelled with the supervisor: it is shutting down
             raise WorkerError("the supervisor is shutting down")
-        return box["value"]  # type: ignore[no-any-return]
+        return box["value"]
 
     def _emit(self, kind: str, w: Worker, **detail: Any) -> None:
         """An event for ``/events``, which anyone may read: never a log line nor a command."""
@@ -405,9 +405,11 @@ class Supervisor:
     def _command(self, w: Worker) -> tuple[list[str], dict[str, str]]:
         gpus = cuda_devices(w.spec, self.snapshot)
         gpu = ",".join(gpus)
-        fill = {"port": w.port, "gpu": gpu, "name": w.name}
-        argv = [render(a, **fill) for a in w.spec.command or ()]
-        env = {**os.environ, **{k: render(v, **fill) for k, v in w.spec.env.items()}}
+        argv = [render(a, port=w.port, gpu=gpu, name=w.name) for a in w.spec.command or ()]
+        env = {
+            **os.environ,
+            **{k: render(v, port=w.port, gpu=gpu, name=w.name) for k, v in w.spec.env.items()},
+        }
         env["CUDA_VISIBLE_DEVICES"] = gpu  # the pin: `gpu:` decides, `env:` cannot undo it
         if any(g.isdigit() for g in gpus):
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's indexes = NVML's

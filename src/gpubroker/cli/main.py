@@ -7,15 +7,18 @@ completion stay fast and never touch a GPU or load plugins.
 from __future__ import annotations
 
 import contextlib
-import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ..errors import GPUBrokerError
 from . import admin, serve, workers
 from .common import ConfigOption, fail, friendly
+
+if TYPE_CHECKING:
+    from ..plugins import Provided
 
 app = typer.Typer(
     name="gpubroker",
@@ -116,13 +119,13 @@ def plugins_(
         with contextlib.suppress(ConfigError):  # no config is fine: list what is installed
             disabled = resolve_config(None).disable_plugins
     plugins = create_plugins(disabled)
-    kinds = {
+    kinds: dict[str, Mapping[str, Provided[Any]]] = {
         "strategies": plugins.strategies,
         "classifiers": plugins.classifiers,
         "telemetry": plugins.telemetry,
     }
     if json_:
-        out = {
+        out: dict[str, Any] = {
             kind: [
                 {
                     "name": p.name,
@@ -164,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

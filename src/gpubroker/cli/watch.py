@@ -8,6 +8,7 @@ draws them in place until Ctrl-C.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
@@ -285,17 +286,9 @@ def render(
 
 def render_text(renderable: RenderableType, width: int = 120) -> str:
     """Plain text of a renderable (tests, logs)."""
-    console = Console(width=width, record=True, file=_Null(), color_system=None)
+    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
     console.print(renderable)
     return console.export_text()
-
-
-class _Null:
-    def write(self, _text: str) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass
 
 
 # --- the live loop -----------------------------------------------------------------------------

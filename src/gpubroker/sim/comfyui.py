@@ -413,8 +413,8 @@ class ComfyUIEmulator(EmulatedService):
         if sid is None:
             for client in self._clients.values():
                 client.put(frame)
-        elif (client := self._clients.get(sid)) is not None:
-            client.put(frame)
+        elif (one := self._clients.get(sid)) is not None:
+            one.put(frame)
 
     async def _ws(self, websocket: WebSocket) -> None:
         sid = websocket.query_params.get("clientId") or uuid.uuid4().hex

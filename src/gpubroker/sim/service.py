@@ -8,7 +8,7 @@ does and nothing leaks. Serve ``emulator.app`` with a server that runs the ASGI 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -85,6 +85,6 @@ class EmulatedService:
             )
         return self._tg
 
-    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """Run ``func(*args)`` in the background until it returns or the server stops."""
         self.require_running().start_soon(func, *args)

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -36,6 +37,14 @@ def _maybe(fn: Callable[[], T]) -> T | None:
         return None
 
 
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def no_driver_reason(exc: pynvml.NVMLError) -> str:
     if isinstance(exc, pynvml.NVMLError_LibraryNotFound):
         return "no NVIDIA driver found (libnvidia-ml.so.1 is missing)"
@@ -47,7 +56,7 @@ def no_driver_reason(exc: pynvml.NVMLError) -> str:
 
 
 def _process_name(pid: int) -> str | None:
-    name = _maybe(lambda: pynvml.nvmlSystemGetProcessName(pid))
+    name = _maybe(partial(pynvml.nvmlSystemGetProcessName, pid))
     if isinstance(name, bytes):
         name = name.decode(errors="replace")
     return os.path.basename(name) if name else None
@@ -60,7 +69,7 @@ def _processes(handle: Any) -> tuple[GpuProcess, ...]:
         pynvml.nvmlDeviceGetComputeRunningProcesses,
         pynvml.nvmlDeviceGetGraphicsRunningProcesses,
     ):
-        for p in _maybe(lambda read=read: read(handle)) or []:
+        for p in _maybe(partial(read, handle)) or []:
             used = None if p.usedGpuMemory is None else int(p.usedGpuMemory)
             pid = int(p.pid)
             if pid not in found or (used or 0) > (found[pid] or 0):
@@ -76,10 +85,10 @@ def read_gpus() -> tuple[GpuSample, ...]:
     samples = []
     for index in range(pynvml.nvmlDeviceGetCount()):
         h = pynvml.nvmlDeviceGetHandleByIndex(index)
-        mem = _maybe(lambda h=h: pynvml.nvmlDeviceGetMemoryInfo(h))
-        util = _maybe(lambda h=h: pynvml.nvmlDeviceGetUtilizationRates(h))
-        power = _maybe(lambda h=h: pynvml.nvmlDeviceGetPowerUsage(h))
-        limit = _maybe(lambda h=h: pynvml.nvmlDeviceGetEnforcedPowerLimit(h))
+        mem = _maybe(partial(pynvml.nvmlDeviceGetMemoryInfo, h))
+        util = _maybe(partial(pynvml.nvmlDeviceGetUtilizationRates, h))
+        power = _maybe(partial(pynvml.nvmlDeviceGetPowerUsage, h))
+        limit = _maybe(partial(pynvml.nvmlDeviceGetEnforcedPowerLimit, h))
         samples.append(
             GpuSample(
                 uuid=str(pynvml.nvmlDeviceGetUUID(h)),
@@ -91,17 +100,15 @@ def read_gpus() -> tuple[GpuSample, ...]:
                 utilization=None if util is None else float(util.gpu),
                 power_draw=None if power is None else power / 1000.0,
                 power_limit=None if limit is None else limit / 1000.0,
-                temperature=_maybe(
-                    lambda h=h: float(
-                        pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)
-                    )
+                temperature=_float(
+                    _maybe(partial(pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU))
                 ),
-                fan=_maybe(lambda h=h: float(pynvml.nvmlDeviceGetFanSpeed(h))),
-                sm_clock=_maybe(
-                    lambda h=h: int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM))
+                fan=_float(_maybe(partial(pynvml.nvmlDeviceGetFanSpeed, h))),
+                sm_clock=_int(
+                    _maybe(partial(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_SM))
                 ),
-                mem_clock=_maybe(
-                    lambda h=h: int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM))
+                mem_clock=_int(
+                    _maybe(partial(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_MEM))
                 ),
                 processes=_processes(h),
             )
