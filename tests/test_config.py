@@ -277,6 +277,54 @@ def test_default_status_port_clash(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("bind", "upstream", "what"),
+    [
+        (None, "http://127.0.0.1:5001", "ollama's proxyPort"),
+        (None, "http://localhost:5002", "comfyui's proxyPort"),
+        (None, "http://[::1]:5102", "statusPort"),
+        (None, "http://0.0.0.0:5001", "ollama's proxyPort"),
+        ("192.0.2.7", "http://192.0.2.7:5002", "comfyui's proxyPort"),
+        ("0.0.0.0", "http://127.0.0.9:5102", "statusPort"),
+        (None, "http://LOCALHOST.:5001", "ollama's proxyPort"),
+    ],
+)
+def test_upstream_pointing_at_the_brokers_own_port_is_refused(
+    tmp_path: Path, bind: str | None, upstream: str, what: str
+) -> None:
+    """Such a config forwards every request to itself until the pool and fds run out."""
+    path, err = error_for(
+        tmp_path,
+        (f"bind: {bind}\n" if bind else "")
+        + "backends:\n"
+        + "  - {name: ollama, proxyPort: 5001, upstream: 'http://127.0.0.1:11434'}\n"
+        + "  - name: comfyui\n"
+        + "    proxyPort: 5002\n"
+        + f"    upstream: '{upstream}'\n",
+    )
+    line = 6 if bind else 5
+    assert str(err) == (
+        f"{path}:{line}:5: backends[1].upstream: {upstream} is this broker's own {what}: "
+        "requests would loop through the broker; point upstream at the service itself"
+    )
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        "http://127.0.0.1:5003",
+        "http://192.0.2.7:5001",
+        "http://gpu-box:5001",
+        "http://127.0.0.2:5001",
+    ],
+)
+def test_upstream_on_another_port_or_host_is_not_a_loop(tmp_path: Path, upstream: str) -> None:
+    cfg = load_config_file(
+        write(tmp_path, f"backends:\n  - {{name: a, proxyPort: 5001, upstream: '{upstream}'}}\n")
+    )
+    assert cfg.backends[0].upstream == upstream
+
+
+@pytest.mark.parametrize(
     ("line", "keypath", "message"),
     [
         ('pinned: "yes"', "backends[0].pinned", "expected true or false, found 'yes'"),

@@ -9,6 +9,7 @@ survive later edits.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -502,7 +503,31 @@ def parse_config(data: Any, source: str | None = None) -> Config:
                 f"backends[{i}].proxyPort",
                 f"port {status_port} is the statusPort; give this backend another port",
             )
+    own = {status_port: "statusPort", **{b.proxy_port: f"{b.name}'s proxyPort" for b in backends}}
+    bind = values.get("bind", "127.0.0.1")
+    for i, b in enumerate(backends):
+        parts = urlsplit(b.upstream)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if port in own and _is_own_host(parts.hostname or "", bind):
+            raise loader.fail(
+                f"backends[{i}].upstream",
+                f"{b.upstream} is this broker's own {own[port]}: requests would loop through "
+                "the broker; point upstream at the service itself",
+            )
     return Config(backends=backends, source=source, locations=loader.locations, **values)
+
+
+def _is_own_host(host: str, bind: str) -> bool:
+    """Whether ``host`` names an address the broker's own listeners answer on (no lookups)."""
+    host, bind = host.lower().rstrip("."), bind.lower().strip("[]")
+    if host in ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::", bind):
+        return True
+    if bind in ("0.0.0.0", "::"):  # listening everywhere: every loopback address is ours too
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host.endswith(".localhost")
+    return False  # a name: only a lookup could tell; the Via hop bound catches that loop
 
 
 def load_config_file(path: Path) -> Config:

@@ -30,7 +30,9 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"})
+VIA = b"1.1 gpubroker"  # our Via entry (RFC 9110 §7.6.3): a pseudonym, the same on every broker
+MAX_HOPS = 4  # a request that already passed this many brokers is in a loop (508)
 WEBSOCKET_HANDSHAKE = frozenset(
     {
         b"sec-websocket-key",
@@ -58,7 +60,8 @@ def request_headers(
     """The client's headers as the upstream should see them.
 
     Hop-by-hop headers go, ``X-Forwarded-For`` is appended to (never trusted), ``-Proto`` and
-    ``-Host`` are set. ``Host`` is the client's unless ``upstream_host`` is given (the
+    ``-Host`` are set, and ``Via`` gets our entry (appended, so a loop can be counted: see
+    :func:`via_hops`). ``Host`` is the client's unless ``upstream_host`` is given (the
     backend's ``hostHeader: upstream``); a client that sent none gets ``upstream_host`` or the
     caller's default. For a WebSocket upgrade the handshake's own headers are left out too:
     the upstream connection negotiates its own key, version and extensions.
@@ -70,6 +73,7 @@ def request_headers(
     out = [(k, v) for k, v in raw if k.lower() not in drop]
     host = next((v for k, v in raw if k.lower() == b"host"), b"")
     prior = b", ".join(v for k, v in raw if k.lower() == b"x-forwarded-for")
+    via = b", ".join(v for k, v in raw if k.lower() == b"via")
     client = (scope.get("client") or ("", 0))[0].encode()
     forwarded_for = prior + b", " + client if prior else client
     sent_host = upstream_host if upstream_host is not None else host
@@ -78,10 +82,27 @@ def request_headers(
     out += [
         (b"x-forwarded-for", forwarded_for),
         (b"x-forwarded-proto", scope.get("scheme", "http").encode()),
+        (b"via", via + b", " + VIA if via else VIA),
     ]
     if host:
         out.append((b"x-forwarded-host", host))
     return out
+
+
+def via_hops(headers: Headers) -> int:
+    """How many gpubroker hops the request's ``Via`` already lists (``1.1 gpubroker`` entries).
+
+    A config loop (two brokers pointing at each other, or DNS sending a broker's upstream back
+    to itself) otherwise forwards one request until the pool and file descriptors run out.
+    """
+    hops = 0
+    for name, value in headers:
+        if name.lower() == b"via":
+            for entry in value.split(b","):
+                parts = entry.split()
+                if len(parts) >= 2 and parts[1] == b"gpubroker":
+                    hops += 1
+    return hops
 
 
 def response_headers(headers: Headers) -> Headers:

@@ -3,7 +3,8 @@
 Bodies stream both ways with backpressure and are never held whole. A request its backend's
 classifier calls GPU work first takes a lease from the broker; the lease is held until the
 response body has been sent to the end, or the client has gone away. Everything else passes
-straight through.
+straight through. What goes upstream is what was classified: one normal-form target
+(target.py), one framing, and nothing the broker refuses itself (``_target``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import anyio
 from .broker import Broker, Grant, Refused
 from .classifiers.base import Classifier
 from .config import BackendConfig
-from .forwarding import request_headers, response_headers
+from .forwarding import MAX_HOPS, request_headers, response_headers, via_hops
 from .responses import retryable, send_error
 from .scheduler import Refuse
+from .target import BadTarget, normalise, route_variants
 from .upstream import Upstream, UpstreamError, UpstreamTimeout
 from .wsproxy import proxy_websocket
 
@@ -34,10 +36,20 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 QUEUED_BODY_LIMIT = 8 * 2**20  # bytes read ahead while queued, so a disconnect can be noticed
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})  # a reverse proxy tunnels and echoes nothing
+ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 class ClientGone(Exception):
     """The client disconnected before its request body was complete."""
+
+
+class _Reject(Exception):
+    """A request the broker answers itself, before any upstream or lease is involved."""
+
+    def __init__(self, status: int, code: str, message: str, *headers: tuple[bytes, bytes]):
+        super().__init__(message)
+        self.status, self.code, self.headers = status, code, list(headers)
 
 
 class RequestBody:
@@ -70,6 +82,18 @@ class RequestBody:
             if chunk:
                 self._buffered.append(chunk)
                 self._size += len(chunk)
+
+    async def ended_empty(self) -> bool:
+        """Whether the body turns out empty; reads up to its first bytes (kept for the upstream).
+
+        HTTP/2 ends a body with END_STREAM, not with a header, so this is how to tell.
+        """
+        while not self._buffered and not self.complete:
+            chunk = await self._next()
+            if chunk:
+                self._buffered.append(chunk)
+                self._size += len(chunk)
+        return not self._buffered
 
     async def wait_disconnect(self) -> None:
         """After the body is read: return when the client goes away."""
@@ -111,6 +135,10 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if kind == "websocket" and via_hops(scope["headers"]) >= MAX_HOPS:
+            await send({"type": "websocket.http.response.start", "status": 508, "headers": []})
+            await send({"type": "websocket.http.response.body", "body": b"loop detected"})
+            return
         if kind == "http":
             await self.http(scope, receive, send)
         elif kind == "websocket":
@@ -120,11 +148,24 @@ class ProxyApp:
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
-        path: str = scope["path"]
+        try:
+            target, variants = self._target(scope)
+        except _Reject as reject:
+            await send_error(
+                send,
+                reject.status,
+                reject.code,
+                str(reject),
+                backend=self.name,
+                retryable=False,
+                headers=reject.headers,
+            )
+            return
+        path = variants[0]
         body = RequestBody(receive)
-        if not self.classifier.is_gpu(method, path):
+        if not any(self.classifier.is_gpu(method, p) for p in variants):
             self.broker.record_passthrough(self.name)
-            await self.forward(scope, body, send, None)
+            await self.forward(scope, target, body, send, None)
             return
         async with contextlib.AsyncExitStack() as stack:
             grant: Grant | None = None
@@ -143,7 +184,7 @@ class ProxyApp:
                     # exchange, so a client that leaves (even before the upstream's first
                     # byte, as with a non-streaming generation) ends the lease at once.
                     forwarded = True
-                    await self.forward(scope, body, send, grant, watched=True)
+                    await self.forward(scope, target, body, send, grant, watched=True)
                 tg.cancel_scope.cancel()  # decided (or done): stop watching
             if refusal is not None:
                 r = refusal
@@ -163,7 +204,50 @@ class ProxyApp:
             if grant is None:
                 return  # the client left while queued; the lease never started
             if not forwarded:  # a body too big to read ahead: forward() reads the rest
-                await self.forward(scope, body, send, grant)
+                await self.forward(scope, target, body, send, grant)
+
+    @staticmethod
+    def _target(scope: Scope) -> tuple[bytes, tuple[str, ...]]:
+        """The target to forward and the paths to classify, or a ``_Reject`` to answer.
+
+        What the upstream gets must be what was classified, framed as the client framed it:
+        one normal-form target (target.py), and never two framings (RFC 9112 §6.3: a request
+        with both Content-Length and Transfer-Encoding was de-chunked by the server, so its
+        Content-Length no longer describes the body; forwarded, the rest of the body would
+        be read upstream as a request of its own, with no lease).
+        """
+        method: str = scope["method"]
+        if method in REFUSED_METHODS:
+            raise _Reject(405, "method_not_allowed", f"{method} is not proxied", (b"allow", ALLOW))
+        headers = scope["headers"]
+        if via_hops(headers) >= MAX_HOPS:
+            raise _Reject(
+                508,
+                "loop_detected",
+                f"the request already passed {MAX_HOPS} gpubroker proxies: an upstream points "
+                "back at a broker",
+            )
+        lengths = {v.strip() for k, v in headers if k == b"content-length"}
+        if lengths and any(k == b"transfer-encoding" for k, _ in headers):
+            raise _Reject(
+                400,
+                "bad_request",
+                "a request must not have both Content-Length and Transfer-Encoding",
+                (b"connection", b"close"),
+            )
+        if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
+            raise _Reject(
+                400, "bad_request", "conflicting Content-Length values", (b"connection", b"close")
+            )
+        raw = scope.get("raw_path") or scope["path"].encode()
+        try:
+            path = normalise(raw)
+        except BadTarget as exc:
+            raise _Reject(400, "bad_request", str(exc)) from None
+        if path == b"*" and method != "OPTIONS":
+            raise _Reject(400, "bad_request", "the * target is for OPTIONS only")
+        query = scope.get("query_string")
+        return (path + b"?" + query if query else path), route_variants(path)
 
     @staticmethod
     async def _watch_while_queued(body: RequestBody, scope: anyio.CancelScope) -> None:
@@ -181,6 +265,7 @@ class ProxyApp:
     async def forward(
         self,
         scope: Scope,
+        target: bytes,
         body: RequestBody,
         send: Send,
         grant: Grant | None,
@@ -189,16 +274,29 @@ class ProxyApp:
     ) -> None:
         """Send the request upstream and stream the answer back.
 
-        ``watched``: the caller already watches for the client leaving (and cancels us).
+        ``target`` is the normalised one from ``_target``. ``watched``: the caller already
+        watches for the client leaving (and cancels us).
         """
         method: str = scope["method"]
-        target = scope.get("raw_path") or scope["path"].encode()
-        if scope.get("query_string"):
-            target = target.split(b"?", 1)[0] + b"?" + scope["query_string"]
         headers = request_headers(scope, self._upstream_host)
-        has_body = any(
-            k.lower() in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"]
-        )
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        length = next((v for k, v in raw if k == b"content-length"), None)
+        has_body = length is not None or any(k == b"transfer-encoding" for k, _ in raw)
+        if length is not None:  # exactly one, as the server framed the body ("005" -> "5")
+            n = b"%d" % int(length)
+            if [v for k, v in headers if k == b"content-length"] != [n]:  # or named in Connection
+                headers = [(k, v) for k, v in headers if k != b"content-length"]
+                headers.append((b"content-length", n))
+        if not scope.get("http_version", "1.1").startswith("1"):
+            cookies = [v for k, v in headers if k == b"cookie"]
+            if len(cookies) > 1:  # h2 splits Cookie per crumb; HTTP/1.1 wants one (RFC 9113)
+                headers = [(k, v) for k, v in headers if k != b"cookie"]
+                headers.append((b"cookie", b"; ".join(cookies)))
+            if not has_body:  # HTTP/2 (and 3) may send a body with no Content-Length
+                try:
+                    has_body = not await body.ended_empty()
+                except ClientGone:
+                    return
         extra: list[tuple[bytes, bytes]] = []
         if grant is not None:
             extra.append((b"x-gpubroker-queue-ms", str(round(grant.queued_s * 1000)).encode()))
