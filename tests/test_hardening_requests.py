@@ -189,12 +189,12 @@ async def exchange(url: str, request: bytes) -> Response:
 
 
 def post(target: bytes, body: bytes = b"{}", *extra: bytes) -> bytes:
-    lines = [b"POST " + target + b" HTTP/1.1", b"Host: x", b"Content-Length: %d" % len(body)]
+    lines = [b"POST " + target + b" HTTP/1.1", b"Host: 127.0.0.1", b"Content-Length: %d" % len(body)]
     return b"\r\n".join([*lines, *extra, b"", b""]) + body
 
 
 def get(target: bytes, *extra: bytes) -> bytes:
-    return b"\r\n".join([b"GET " + target + b" HTTP/1.1", b"Host: x", *extra, b"", b""])
+    return b"\r\n".join([b"GET " + target + b" HTTP/1.1", b"Host: 127.0.0.1", *extra, b"", b""])
 
 
 # --- 1. framing: the body forwarded is the body the headers describe ---------------------------
@@ -205,7 +205,7 @@ async def test_cl_te_request_is_refused_and_its_hidden_request_never_runs() -> N
     hidden = post(b"/generate", b'{"prompt": "no lease"}')
     body = b"AAAA" + hidden
     smuggling = (
-        b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
     )
     async with broker_for() as (rec, ep):
@@ -229,21 +229,21 @@ async def test_cl_te_request_is_refused_and_its_hidden_request_never_runs() -> N
 @pytest.mark.parametrize(
     ("request_bytes", "body"),
     [
-        (b"GET /r HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", b"hello"),
-        (b"POST /r HTTP/1.1\r\nHost: x\r\nContent-Length: 005\r\n\r\nhello", b"hello"),
-        (b"POST /r HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello", b"hello"),
+        (b"GET /r HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello", b"hello"),
+        (b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 005\r\n\r\nhello", b"hello"),
+        (b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5, 5\r\n\r\nhello", b"hello"),
         (
-            b"POST /r HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+            b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
             b"hello",
         ),
         (
-            b"POST /r HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"3\r\nhel\r\n2;ext=1\r\nlo\r\n0\r\nTrailer: t\r\n\r\n",
             b"hello",
         ),
-        (b"POST /r HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b""),
+        (b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", b""),
         (
-            b"POST /r HTTP/1.1\r\nHost: x\r\nConnection: content-length\r\n"
+            b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: content-length\r\n"
             b"Content-Length: 5\r\n\r\nhello",
             b"hello",
         ),
@@ -267,7 +267,7 @@ async def test_the_upstream_gets_exactly_one_framing_that_matches_the_body(
     "coding", [b"gzip, chunked", b"identity", b"chunked\r\nTransfer-Encoding: chunked"]
 )
 async def test_a_transfer_coding_other_than_chunked_is_never_forwarded(coding: bytes) -> None:
-    request = b"POST /r HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n"
+    request = b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n"
     async with broker_for() as (rec, ep):
         response = await exchange(ep.proxies["svc"], request)
     assert response.status in (400, 501)
@@ -484,7 +484,7 @@ async def test_plain_reads_and_options_star_pass_through_untouched() -> None:
     async with broker_for(classifier="ollama") as (rec, ep):
         url = ep.proxies["svc"]
         tags = await exchange(url, get(b"/api/tags?x=%2F%20y"))
-        star = await exchange(url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+        star = await exchange(url, b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert ep.broker is not None
         leases = ep.broker.counters["svc"]["gpu"]
     assert (tags.status, star.status, leases) == (200, 200, 0)
@@ -605,9 +605,9 @@ def test_property_whatever_reaches_the_upstream_as_a_gpu_path_took_a_lease() -> 
     "request_bytes",
     [
         b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
-        b"CONNECT /api/generate HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"TRACE / HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"trace /api/generate HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"CONNECT /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"TRACE / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"trace /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
     ],
 )
 async def test_connect_and_trace_are_405_with_allow(request_bytes: bytes) -> None:
@@ -643,8 +643,8 @@ async def test_http2_connect_is_405_and_the_connection_lives_on() -> None:
 async def test_options_and_unusual_methods_pass_through() -> None:
     async with broker_for(classifier="ollama") as (rec, ep):
         url = ep.proxies["svc"]
-        options = await exchange(url, b"OPTIONS /api/generate HTTP/1.1\r\nHost: x\r\n\r\n")
-        propfind = await exchange(url, b"PROPFIND /dav HTTP/1.1\r\nHost: x\r\n\r\n")
+        options = await exchange(url, b"OPTIONS /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        propfind = await exchange(url, b"PROPFIND /dav HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert (options.status, propfind.status) == (200, 200)
     assert [(s.method, s.target) for s in rec.seen] == [
         ("OPTIONS", b"/api/generate"),
@@ -772,7 +772,7 @@ async def test_status_lines_carry_the_standard_reason_phrase() -> None:
         proxied = await exchange(ep.proxies["svc"], get(b"/x"))
         status = await exchange(ep.status_url, get(b"/"))
         missing = await exchange(ep.status_url, get(b"/no-such-page"))
-        refused = await exchange(ep.proxies["svc"], b"TRACE / HTTP/1.1\r\nHost: x\r\n\r\n")
+        refused = await exchange(ep.proxies["svc"], b"TRACE / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert proxied.status_line == b"HTTP/1.1 200 OK"
     assert status.status_line == b"HTTP/1.1 200 OK"
     assert missing.status_line == b"HTTP/1.1 404 Not Found"
