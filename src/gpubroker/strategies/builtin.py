@@ -53,8 +53,12 @@ async def _json(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any)
 class OllamaStrategy(Strategy):
     """Unload every model in ``/api/ps`` with ``keep_alive: 0``, then wait until ps is empty.
 
-    Ollama replies to ``keep_alive: 0`` at once but unloads only after its running requests end,
-    so the reply proves nothing: ``/api/ps`` is the confirmation.
+    Ollama replies to ``keep_alive: 0`` at once but unloads only after its running requests end
+    (server/sched.go: expireRunner, processCompleted), so the reply proves nothing: ``/api/ps``
+    is the confirmation; a runner being killed keeps ps from answering until it is gone. A
+    model that is still *loading* is not in ps at all (it sits in the scheduler's
+    ``activeLoading``), so ps cannot confirm that nothing is on its way in: the broker's
+    telemetry check after an unload is what catches that.
     """
 
     name = "ollama"
