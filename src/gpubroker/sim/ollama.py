@@ -124,7 +124,8 @@ def parse_keep_alive(value: Any) -> float | None:
 
 
 def _go_type(value: Any) -> str:
-    return {list: "[]interface {}", dict: "map[string]interface {}"}.get(type(value), "string")
+    """The Go type name ``json.Unmarshal`` gives a JSON array or object."""
+    return "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
 
 
 def _parse_go_duration(text: str) -> float:
