@@ -130,6 +130,14 @@ class VLLMStrategy(Strategy):
     vLLM must never sleep with requests in flight (the broker drains first) and must be awake
     before anything is forwarded: ``load()`` wakes it, level 2 in the order weights →
     ``reload_weights`` → kv_cache, since a plain wake after level 2 serves garbage.
+
+    ``/sleep`` defaults to ``mode=abort`` (vllm/entrypoints/serve/dev/sleep/api_router.py),
+    which cuts whatever runs that the broker did not see (a client talking to vLLM directly,
+    a ``/v1/realtime`` WebSocket); we ask ``mode=wait`` so vLLM drains those itself. Versions
+    before the mode parameter ignore it. A request that reaches a sleeping vLLM is not refused
+    but queued until the wake (v1/engine/core.py: pause_scheduler), so a missed wake hangs.
+    Without ``--enable-sleep-mode`` a sleep frees nothing yet ``/is_sleeping`` says true: only
+    the broker's telemetry check after the unload can tell.
     """
 
     name = "vllm"
@@ -151,7 +159,8 @@ class VLLMStrategy(Strategy):
         return bool((await self._call("GET", "/is_sleeping") or {}).get("is_sleeping"))
 
     async def unload(self) -> None:
-        await self._call("POST", "/sleep", params={"level": self.backend.sleep_level})
+        params = {"level": self.backend.sleep_level, "mode": "wait"}
+        await self._call("POST", "/sleep", params=params)
         await poll_until(self._sleeping)
 
     async def load(self) -> None:
