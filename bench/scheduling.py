@@ -451,6 +451,9 @@ async def run_one(trace: Trace, policy: str, scale: float) -> Result:
             faults.append(f"vLLM slept with requests in flight x{vllm.sleep_with_inflight}")
         if vllm.requests_while_asleep:
             faults.append(f"vLLM got requests while asleep x{vllm.requests_while_asleep}")
+    for name, emu in emus.items():  # real Ollama spills to the CPU where it would OOM
+        if isinstance(emu, OllamaEmulator) and emu.cpu_offloads:
+            faults.append(f"{name} loaded partly on the CPU x{emu.cpu_offloads}")
     embed = emus.get("embed")
     if isinstance(embed, GenericEmulator) and embed.unload_with_inflight:
         faults.append(f"embed unloaded with requests in flight x{embed.unload_with_inflight}")

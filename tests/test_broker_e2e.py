@@ -84,7 +84,7 @@ async def test_mixed_concurrent_traffic_never_ooms_the_gpu() -> None:
                     await anyio.sleep(0.05)
             status = (await client.get(ep.status_url + "/")).json()
     assert results == [200] * 18
-    assert gpu.oom_count == 0
+    assert gpu.oom_count == 0 and ollama.cpu_offloads == 0  # Ollama spills to CPU, never OOMs
     assert vllm.sleep_with_inflight == 0
     assert status["swapCount"] >= 2
     assert status["totals"]["inFlight"] == 0 and status["queueLength"] == 0
@@ -285,7 +285,7 @@ async def test_comfyui_job_running_after_prompt_returned_keeps_the_gpu() -> None
     assert history[pid]["status"]["status_str"] == "success"  # the job was not cut
     assert waited >= 0.4  # ollama waited for the job, not just for the HTTP call
     assert "evicted=comfyui" in g.headers["x-gpubroker-swap"]
-    assert gpu.oom_count == 0
+    assert gpu.oom_count == 0 and ollama.cpu_offloads == 0
 
 
 async def test_client_leaving_the_queue_never_becomes_a_phantom_lease() -> None:
@@ -357,7 +357,7 @@ async def test_vllm_is_slept_when_evicted_and_woken_before_forwarding() -> None:
     assert asleep == {"is_sleeping": True}
     assert r.status_code == 200
     assert "garbage" not in r.text  # level 2 woke in the right order
-    assert gpu.oom_count == 0 and vllm.sleep_with_inflight == 0
+    assert gpu.oom_count == 0 and vllm.sleep_with_inflight == 0 and ollama.cpu_offloads == 0
 
 
 @pytest.mark.parametrize("host_header", ["client", "upstream"])
@@ -498,3 +498,32 @@ async def test_stopping_refuses_queued_requests_at_once_and_lets_in_flight_finis
     assert refused_after < 0.5  # not after the 10 s grace
     assert lines[-1] == "data: [DONE]"  # the in-flight stream was not cut
     assert b.loads == 0
+
+
+async def test_ollama_accepts_the_broker_port_in_host_and_refuses_a_foreign_name() -> None:
+    """Ollama's allowedHostsMiddleware (server/routes.go) checks the Host *name* on a loopback
+    listener. The broker keeps the client's Host, so through the broker Ollama sees
+    ``127.0.0.1:<proxyPort>``: accepted, since the port plays no part. A client that reached
+    the broker by a DNS name gets Ollama's 403 unless the backend says ``hostHeader:
+    upstream``."""
+    gpu = SimGPU(8 * GiB)
+    ollama = ollama_emu(gpu)
+    async with running(ollama.app) as o:
+        cfg = make_config(
+            {
+                "plain": {"upstream": o, "unloadStrategy": "ollama"},
+                "rewritten": {"upstream": o, "unloadStrategy": "ollama", "hostHeader": "upstream"},
+            },
+            allowedHosts=["gpu.example.com"],
+        )
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            through = await generate(client, ep.proxies["plain"])
+            port = ep.proxies["plain"].rsplit(":", 1)[1]
+            named = {"host": f"gpu.example.com:{port}"}
+            foreign = await client.get(ep.proxies["plain"] + "/api/tags", headers=named)
+            upstream_port = ep.proxies["rewritten"].rsplit(":", 1)[1]
+            named = {"host": f"gpu.example.com:{upstream_port}"}
+            rewritten = await client.get(ep.proxies["rewritten"] + "/api/tags", headers=named)
+    assert through.status_code == 200
+    assert foreign.status_code == 403 and foreign.content == b""
+    assert rewritten.status_code == 200

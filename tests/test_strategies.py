@@ -85,6 +85,22 @@ async def test_vllm_sleeps_and_wakes_at_its_level(level: int) -> None:
     assert r.status_code == 200 and "garbage" not in r.text
 
 
+async def test_vllm_sleep_lets_a_request_the_broker_did_not_see_finish() -> None:
+    gpu = SimGPU(16 * GiB)
+    emu = VLLMEmulator(gpu, "m", weights=4 * GiB, kv_cache=2 * GiB, token_interval=0.02)
+    async with running(emu.app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        s = strategy(VLLMStrategy, url, client)
+        body = {"model": "m", "prompt": "x", "stream": True, "max_tokens": 10}
+        async with client.stream("POST", "/v1/completions", json=body) as reply:
+            lines = reply.aiter_lines()
+            await anext(lines)  # a client talking to vLLM directly, mid-stream
+            with anyio.fail_after(5):
+                await s.unload()
+            rest = [line async for line in lines if line]
+        assert '"finish_reason":"length"' in rest[-2].replace(" ", "")  # not cut: "abort"
+        assert emu.sleep_with_inflight == 0 and await s.resident() is False
+
+
 async def test_vllm_without_dev_mode_says_how_to_enable_sleep() -> None:
     gpu = SimGPU(16 * GiB)
     emu = VLLMEmulator(gpu, "m", weights=4 * GiB, kv_cache=2 * GiB, dev_mode=False)

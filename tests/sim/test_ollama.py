@@ -151,9 +151,10 @@ async def test_keep_alive_zero_replies_at_once_but_unloads_after_in_flight_strea
             assert emu.gpu.held("ollama") == 3 * GiB
             remaining = [json.loads(line) async for line in lines if line]
         assert remaining[-1]["done"] is True  # the in-flight request was never aborted
-        assert "llama3.2:latest" in await ps(client)  # unloading takes unload_seconds
-        await until(lambda: emu.gpu.used == 0)
+        await until(lambda: emu.resident().get("llama3.2:latest") == "unloading")
+        # ps asked during the unload answers once the runner is gone (sched.go loadedModels).
         assert await ps(client) == {}
+        assert emu.gpu.used == 0
         assert emu.unloads == 1 and emu.gpu.oom_count == 0
 
 
@@ -164,20 +165,36 @@ async def test_keep_alive_zero_on_an_unloaded_model_is_a_no_op() -> None:
         assert emu.loads == 0
 
 
-async def test_load_oom_answers_500_with_the_cuda_message() -> None:
+async def test_a_model_that_does_not_fit_runs_partly_on_the_cpu_instead_of_failing() -> None:
+    gpu = SimGPU(4 * GiB)
+    gpu.allocate("comfyui", 2 * GiB)
+    async with ollama(gpu) as (emu, client):
+        reply = await client.post("/api/generate", json={"model": "llama3.2", "prompt": "hi"})
+        assert reply.status_code == 200  # sched.go load(requireFull=false): no refusal
+        entry = (await ps(client))["llama3.2:latest"]
+        assert (entry["size"], entry["size_vram"]) == (3 * GiB, 2 * GiB)
+        assert gpu.oom_count == 0 and gpu.held("ollama") == 2 * GiB
+        assert emu.cpu_offloads == 1
+
+
+async def test_layers_demanded_on_the_gpu_oom_with_a_500() -> None:
     gpu = SimGPU(4 * GiB)
     gpu.allocate("comfyui", 2 * GiB)
     async with ollama(gpu) as (_emu, client):
-        reply = await client.post("/api/generate", json={"model": "llama3.2", "prompt": "hi"})
+        body = {"model": "llama3.2", "prompt": "hi", "options": {"num_gpu": 99}}
+        reply = await client.post("/api/generate", json=body)
         assert reply.status_code == 500
         assert "out of memory" in reply.json()["error"]
         assert gpu.oom_count == 1
         assert await ps(client) == {}
-        # The same failure on the OpenAI route keeps the OpenAI error shape.
-        reply = await client.post(
-            "/v1/chat/completions", json={"model": "llama3.2", "messages": []}
-        )
-        assert reply.status_code == 500 and "out of memory" in reply.json()["error"]["message"]
+
+
+async def test_num_gpu_zero_loads_on_the_cpu_only() -> None:
+    async with ollama() as (emu, client):
+        body = {"model": "llama3.2", "options": {"num_gpu": 0}}
+        assert (await client.post("/api/generate", json=body)).json()["done_reason"] == "load"
+        assert (await ps(client))["llama3.2:latest"]["size_vram"] == 0
+        assert emu.gpu.used == 0 and emu.cpu_offloads == 0
 
 
 async def test_evicts_idle_models_beyond_max_loaded() -> None:
@@ -197,6 +214,94 @@ async def test_evicts_its_own_models_rather_than_oom() -> None:
         assert set(await ps(client)) == {"qwen3:4b"}
         assert gpu.oom_count == 0 and gpu.by_owner() == {"ollama": 2 * GiB}
         assert emu.resident() == {"qwen3:4b": "loaded"}
+
+
+async def test_evicts_its_own_model_when_the_new_one_needs_over_80_percent_of_free() -> None:
+    gpu = SimGPU(8 * GiB)
+    models = {"small": 3 * GiB, "big": 9 * GiB // 2}  # 4.5 GiB of the 5 GiB left
+    async with ollama(gpu, models) as (emu, client):
+        await client.post("/api/generate", json={"model": "small"})
+        await client.post("/api/generate", json={"model": "big"})
+        assert set(await ps(client)) == {"big:latest"}  # sched.go load(): predicted > 80% free
+        assert emu.unloads == 1 and emu.cpu_offloads == 0
+
+
+async def test_a_request_without_keep_alive_keeps_the_runners_session() -> None:
+    async with ollama() as (_emu, client):
+        await client.post("/api/generate", json={"model": "llama3.2", "keep_alive": -1})
+        body = {"model": "llama3.2", "prompt": "hi", "stream": False}
+        assert (await client.post("/api/generate", json=body)).status_code == 200
+        # sched.go useLoadedRunner: a nil keep_alive leaves sessionDuration as it was.
+        entry = (await ps(client))["llama3.2:latest"]
+        assert datetime.fromisoformat(entry["expires_at"]).year > 2300
+
+
+async def test_keep_alive_zero_during_a_stream_sticks_for_a_request_without_keep_alive() -> None:
+    async with ollama(token_interval=0.02) as (emu, client):
+        body = {"model": "llama3.2", "prompt": "hi", "options": {"num_predict": 5}}
+        async with client.stream("POST", "/api/generate", json=body) as reply:
+            lines = reply.aiter_lines()
+            await anext(lines)
+            await client.post("/api/generate", json={"model": "llama3.2", "keep_alive": 0})
+            again = {"model": "llama3.2", "prompt": "more", "stream": False}
+            assert (await client.post("/api/generate", json=again)).status_code == 200
+            _ = [line async for line in lines]
+        await until(lambda: emu.gpu.used == 0)  # session 0 stayed: unloaded once idle
+        assert emu.unloads == 1
+
+
+async def test_ps_does_not_list_a_model_that_is_still_loading() -> None:
+    async with ollama(load_seconds=0.3) as (emu, client):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: client.post("/api/generate", json={"model": "llama3.2"}))
+            await until(lambda: emu.resident() == {"llama3.2:latest": "loading"})
+            assert await ps(client) == {}  # sched.go: activeLoading is not in s.loaded
+        assert set(await ps(client)) == {"llama3.2:latest"}
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1:11435", 200),  # the broker's own port: Ollama never looks at the port
+        ("localhost:8080", 200),
+        ("[::1]:9", 200),
+        ("192.168.1.5:80", 200),
+        ("gpu.internal:80", 200),
+        ("box.local", 200),
+        ("gpu.example.com:11435", 403),
+        ("example.com", 403),
+    ],
+)
+async def test_host_allow_list_checks_the_name_not_the_port(host: str, status: int) -> None:
+    async with ollama() as (_emu, client):
+        reply = await client.get("/api/tags", headers={"host": host})
+        assert reply.status_code == status
+        if status == 403:
+            assert reply.content == b""  # gin AbortWithStatus: no body
+
+
+async def test_origin_allow_list() -> None:
+    async with ollama(origins=["https://app.example"]) as (_emu, client):
+
+        async def get(origin: str, method: str = "GET") -> int:
+            return (
+                await client.request(method, "/api/tags", headers={"origin": origin})
+            ).status_code
+
+        assert await get("http://127.0.0.1:5173") == 200
+        assert await get("http://localhost") == 200
+        assert await get("https://app.example") == 200  # OLLAMA_ORIGINS
+        assert await get("http://evil.example") == 403
+        assert await get("http://127.0.0.1:5173", "OPTIONS") == 204  # preflight
+
+
+async def test_keep_alive_needs_a_unit_like_go() -> None:
+    async with ollama() as (emu, client):
+        body = {"model": "llama3.2", "keep_alive": "300"}
+        reply = await client.post("/api/generate", json=body)
+        assert reply.status_code == 400
+        assert reply.json() == {"error": 'time: missing unit in duration "300"'}
+        assert emu.loads == 0
 
 
 async def test_keep_alive_expiry_and_forever() -> None:
@@ -279,7 +384,7 @@ async def test_not_started_app_explains_itself() -> None:
 
     emu = OllamaEmulator(SimGPU(GiB), MODELS)
     transport = httpx.ASGITransport(app=emu.app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         with pytest.raises(NotStarted, match="lifespan"):
             await client.post("/api/generate", json={"model": "llama3.2"})
 
@@ -294,7 +399,7 @@ async def test_not_started_app_explains_itself() -> None:
         ("10m", 600.0),
         ("1h30m", 5400.0),
         ("250ms", 0.25),
-        ("300", 300.0),
+        ("1.5h", 5400.0),
         (-1, math.inf),
         ("-1m", math.inf),
     ],
@@ -303,7 +408,7 @@ def test_parse_keep_alive(raw: object, seconds: float | None) -> None:
     assert parse_keep_alive(raw) == seconds
 
 
-@pytest.mark.parametrize("raw", ["soon", "5x", True, [1]])
+@pytest.mark.parametrize("raw", ["soon", "5x", "300", "", "-", True, [1], {"s": 1}])
 def test_parse_keep_alive_rejects_garbage(raw: object) -> None:
     from gpubroker.sim.ollama import BadRequest
 

@@ -61,20 +61,88 @@ async def test_startup_fails_without_enough_free_memory() -> None:
 async def test_level_1_sleep_frees_vram_to_host_ram_and_wakes_intact() -> None:
     async with vllm(cuda_graphs=1 * GiB) as (emu, client):
         reply = await client.post("/sleep", params={"level": 1})
-        assert (reply.status_code, reply.content) == (200, b"")
+        assert reply.status_code == 200
+        assert reply.json() == {"status": "sleeping", "level": 1}  # dev/sleep/api_router.py
         assert await is_sleeping(client)
         assert emu.gpu.used == 1 * GiB  # CUDA graphs stay
         assert emu.host_ram == 4 * GiB
         assert (await client.get("/health")).status_code == 200
-        reply = await complete(client)
-        assert reply.status_code == 500 and "error" in reply.json()
-        assert emu.requests_while_asleep == 1
         reply = await client.post("/wake_up")
-        assert (reply.status_code, reply.content) == (200, b"")
+        assert reply.json() == {"status": "awake", "tags": None}
         assert not await is_sleeping(client)
         assert emu.gpu.used == 11 * GiB and emu.host_ram == 0
         text = (await complete(client)).json()["choices"][0]["text"]
         assert text and GARBAGE_TOKEN not in text
+
+
+async def test_a_request_while_asleep_waits_for_the_wake_instead_of_failing() -> None:
+    async with vllm() as (emu, client):
+        await client.post("/sleep", params={"level": 1})
+        answers: list[httpx.Response] = []
+
+        async def ask() -> None:
+            answers.append(await complete(client))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            with anyio.fail_after(3):
+                while emu.requests_while_asleep == 0:
+                    await anyio.sleep(0.005)
+            await anyio.sleep(0.1)
+            assert answers == []  # core.py pause_scheduler: queued, neither run nor refused
+            await client.post("/wake_up")
+        assert answers[0].status_code == 200
+        assert GARBAGE_TOKEN not in answers[0].json()["choices"][0]["text"]
+
+
+async def test_level_0_only_pauses_the_scheduler() -> None:
+    async with vllm() as (emu, client):
+        assert (await client.post("/sleep?level=0")).json()["level"] == 0
+        assert await is_sleeping(client) and emu.gpu.used == 10 * GiB
+        reply = await client.post("/wake_up", params={"tags": "scheduling"})
+        assert reply.json()["status"] == "awake" and not await is_sleeping(client)
+
+
+async def test_wake_with_a_tag_that_is_not_asleep_wakes_nothing() -> None:
+    async with vllm() as (emu, client):
+        await client.post("/sleep?level=1")
+        reply = await client.post("/wake_up", params={"tags": "bogus"})
+        assert reply.status_code == 200 and reply.json()["status"] == "sleeping"
+        await client.post("/wake_up", params={"tags": "weights"})
+        assert emu.gpu.used == 4 * GiB
+        # executor/abstract.py Executor.wake_up: "weights" is awake already -> no-op.
+        reply = await client.post("/wake_up", params=[("tags", "weights"), ("tags", "kv_cache")])
+        assert reply.json() == {"status": "sleeping", "tags": ["weights", "kv_cache"]}
+        assert emu.gpu.used == 4 * GiB and await is_sleeping(client)
+        reply = await client.post("/wake_up", params={"tags": "kv_cache"})
+        assert reply.json()["status"] == "awake" and emu.gpu.used == 10 * GiB
+
+
+async def test_sleep_rejects_a_bad_level_or_mode_with_a_400() -> None:
+    async with vllm() as (emu, client):
+        for params in ({"level": 3}, {"level": "x"}, {"mode": "later"}):
+            reply = await client.post("/sleep", params=params)
+            assert reply.status_code == 400
+            assert reply.json()["error"]["type"] == "Bad Request"
+        assert not emu.is_sleeping
+
+
+async def test_without_enable_sleep_mode_a_sleep_frees_nothing() -> None:
+    async with vllm(sleep_mode=False) as (emu, client):
+        assert (await client.post("/sleep?level=1")).status_code == 200
+        assert await is_sleeping(client)  # says asleep...
+        assert emu.gpu.used == 10 * GiB and emu.host_ram == 0  # ...and holds everything
+        await client.post("/wake_up")
+        assert not await is_sleeping(client) and emu.gpu.used == 10 * GiB
+
+
+async def test_collective_rpc_needs_a_method() -> None:
+    async with vllm() as (_emu, client):
+        reply = await client.post("/collective_rpc", json={"args": []})
+        assert reply.status_code == 400
+        assert reply.json()["error"]["message"] == "Missing 'method' in request body"
+        reply = await client.post("/collective_rpc", json=["reload_weights"])
+        assert reply.status_code == 400
 
 
 async def test_level_2_wake_without_reload_gives_garbage() -> None:
@@ -90,10 +158,10 @@ async def test_level_2_wake_without_reload_gives_garbage() -> None:
 async def test_level_2_correct_wake_sequence() -> None:
     async with vllm() as (emu, client):
         await client.post("/sleep?level=2")
-        await client.post("/wake_up?tags=weights")
+        reply = await client.post("/wake_up?tags=weights")
+        assert reply.json() == {"status": "sleeping", "tags": ["weights"]}
         assert await is_sleeping(client)  # kv_cache still asleep
         assert emu.gpu.used == 4 * GiB
-        assert (await complete(client)).status_code == 500
         reply = await client.post("/collective_rpc", json={"method": "reload_weights"})
         assert reply.status_code == 200
         await client.post("/wake_up", params=[("tags", "kv_cache")])
@@ -150,6 +218,22 @@ async def test_sleep_mode_wait_drains_first() -> None:
             await client.post("/sleep", params={"level": 1, "mode": "wait"})
             assert emu.inflight == 0
         assert emu.sleep_with_inflight == 0 and emu.is_sleeping
+
+
+async def test_sleep_mode_keep_freezes_a_request_and_the_wake_resumes_it() -> None:
+    async with vllm(token_interval=0.02) as (emu, client):
+        body = {"model": MODEL, "messages": [], "stream": True, "max_tokens": 10}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+            lines = reply.aiter_lines()
+            await anext(lines)
+            await client.post("/sleep", params={"level": 1, "mode": "keep"})
+            assert emu.inflight == 1 and emu.gpu.used == 0
+            await client.post("/wake_up")
+            events = [line async for line in lines if line]
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2].removeprefix("data: "))
+        assert last["choices"][0]["finish_reason"] == "length"  # resumed, not aborted
+        assert emu.sleep_with_inflight == 0
 
 
 async def test_openai_routes() -> None:

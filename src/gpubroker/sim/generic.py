@@ -1,9 +1,12 @@
 """A generic GPU service with an explicit load/unload API and switches for bad behaviour.
 
-It stands for the many services that only offer "load", "unload" and a streaming endpoint, and
-lets broker tests provoke the faults a real fleet produces: a stream that dies mid-body
-(``crash_after``), a request that hangs before its first byte (``delay``), an unload that
-never returns (:attr:`GenericEmulator.unload_hang`).
+It models *any* service, not a real one: the shape the ``generic`` strategy and classifier
+assume (a POST that loads on demand and streams, ``unloadEndpoint`` / ``loadEndpoint``), with
+no real service's quirks. Unlike the Ollama, vLLM and ComfyUI emulators, its behaviour mirrors
+no source, so nothing here says what a real service does; a real service's behaviour belongs in
+an emulator of its own. It lets broker tests provoke the faults a real fleet produces: a stream
+that dies mid-body (``crash_after``), a request that hangs before its first byte (``delay``),
+an unload that never returns (:attr:`GenericEmulator.unload_hang`).
 
 Routes:
 

@@ -1,30 +1,50 @@
 """An Ollama emulator: the routes, stream formats and scheduler behaviour a broker relies on.
 
-What it reproduces (see BACKENDS.md, section 1):
+Each behaviour below names the function of Ollama it mirrors (read at ollama v0.33.0-rc2,
+commit fb30760: server/sched.go, server/routes.go, api/types.go, envconfig/config.go):
 
 - one runner per model, loaded on demand by a single scheduler task that handles requests in
-  order, evicting idle runners beyond ``max_loaded`` or when the new model does not fit in free
-  VRAM while other models of ours are loaded (Ollama refreshes free memory before loading);
-- ``keep_alive`` (seconds or a Go duration; negative = forever, ``0`` = unload when idle);
+  order (``(*Scheduler).processPending``), evicting idle runners of ours beyond ``max_loaded``
+  (``OLLAMA_MAX_LOADED_MODELS``) or when the new model is predicted to take more than 80% of
+  the free VRAM while other models of ours are loaded (``(*Scheduler).load``'s pre-flight);
+- a model that still does not fit once nothing of ours is left to evict is *not* refused:
+  llama-server fits what it can on the GPU and runs the rest on the CPU, so ``/api/ps`` shows
+  ``size_vram < size`` (counted in :attr:`OllamaEmulator.cpu_offloads`, a slow model a broker
+  should never cause). Only ``options.num_gpu`` > 0 (layers demanded on the GPU) OOMs: 500;
+- ``keep_alive`` as ``api.Duration`` parses it (a number is seconds, a string is a Go duration
+  with a unit, negative is forever); a request without one keeps the runner's current
+  session (``(*LlmRequest).useLoadedRunner``);
 - an empty prompt (or ``messages: []``) only loads: ``done_reason: "load"``; with ``keep_alive:
-  0`` it answers ``done_reason: "unload"`` at once, while the real unload waits for in-flight
-  requests and then takes ``unload_seconds``, the model staying in ``/api/ps`` with
-  ``expires_at`` in the past until then;
-- ``/api/*`` stream NDJSON, ``/v1/*`` stream SSE ending in ``[DONE]``; a load that fails (OOM on
-  the :class:`SimGPU`) answers 500 ``{"error": "...out of memory..."}``.
+  0`` it answers ``done_reason: "unload"`` at once (``(*Scheduler).expireRunner``), while the
+  real unload waits for in-flight requests (``processCompleted``: an expired runner with
+  refCount > 0 is retried, never cut) and then takes ``unload_seconds``, the model staying in
+  ``/api/ps`` with ``expires_at`` in the past until the unload starts;
+- ``/api/ps`` (``(*Scheduler).loadedModels``) never lists a model that is still loading (it
+  sits in ``activeLoading``, not ``loaded``) and, while one is being unloaded, answers only
+  once the runner is gone (``loadedMu``/``refMu`` are held across the kill);
+- the Host allow-list of ``allowedHostsMiddleware`` (on a loopback listener, a Host whose
+  name is not an IP of ours, ``localhost``, this host's name or ``*.localhost``/``.local``/
+  ``.internal`` gets 403; the port is never looked at) and the CORS Origin allow-list of
+  ``envconfig.AllowedOrigins`` (``origins`` = ``OLLAMA_ORIGINS``);
+- ``/api/*`` stream NDJSON, ``/v1/*`` stream SSE ending in ``[DONE]``.
 
 Each model is allocated on the GPU under owner ``owner`` (default ``"ollama"``) and tag = the
-model's full name. A model larger than the card is not split across CPU and GPU; it just OOMs.
+model's full name.
 
-Not reproduced: pull/push/create, per-request option changes forcing a reload, CPU offload,
-``OLLAMA_MAX_QUEUE``. A test-only option ``options.sim_error_after: N`` ends a stream after N
-tokens with an ``{"error"}`` line, the way Ollama reports a runner failure mid-stream.
+Not reproduced: pull/push/create, per-request option changes forcing a reload, the VRAM
+recovery wait after an unload, the host's own interface addresses in the Host check,
+``OLLAMA_MAX_QUEUE``, ``/v1/responses``, ``/v1/messages`` and ``/v1/audio/transcriptions``.
+A test-only option ``options.sim_error_after: N`` ends a stream after N tokens with an
+``{"error"}`` line, the way Ollama reports a runner failure mid-stream.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import ipaddress
 import math
 import re
+import socket
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,9 +53,11 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import anyio
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpubroker.sim.gpu import OutOfMemory, SimGPU
 from gpubroker.sim.service import Changed, EmulatedService
@@ -84,38 +106,43 @@ class LoadFailed(Exception):
 def parse_keep_alive(value: Any) -> float | None:
     """Seconds from a JSON ``keep_alive``; ``math.inf`` for negative, ``None`` when absent.
 
-    Numbers are seconds; strings are Go durations (``"10m"``, ``"1h30m"``, ``"0"``). Plain
-    numeric strings are accepted too.
+    api/types.go: (*Duration).UnmarshalJSON — a JSON number is seconds; a string goes through
+    Go's ``time.ParseDuration``, which needs a unit (``"10m"``, ``"1h30m"``; only ``"0"`` may
+    go without), so ``"300"`` is a 400; anything else is "Unsupported type".
     """
     if value is None:
         return None
     if isinstance(value, bool):
-        raise BadRequest(f"invalid keep_alive: {value!r}")
+        raise BadRequest("Unsupported type: 'bool'")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        seconds = _parse_go_duration(value.strip())
+        seconds = _parse_go_duration(value)
     else:
-        raise BadRequest(f"invalid keep_alive: {value!r}")
+        raise BadRequest(f"Unsupported type: '{_go_type(value)}'")
     return math.inf if seconds < 0 else seconds
 
 
+def _go_type(value: Any) -> str:
+    """The Go type name ``json.Unmarshal`` gives a JSON array or object."""
+    return "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
+
+
 def _parse_go_duration(text: str) -> float:
-    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.lstrip("+"))
-    if body in ("0", ""):
-        if body == "":
-            raise BadRequest(f'time: invalid duration "{text}"')
+    """Go's ``time.ParseDuration``: ``[-+]`` then one or more number+unit pairs, or ``0``."""
+    sign, body = (-1.0, text[1:]) if text[:1] == "-" else (1.0, text.removeprefix("+"))
+    if body == "0":
         return 0.0
-    try:
-        return sign * float(body)
-    except ValueError:
-        pass
+    if body == "":
+        raise BadRequest(f'time: invalid duration "{text}"')
     pos, total = 0, 0.0
     for match in _DURATION_PART.finditer(body):
         if match.start() != pos:
             break
         total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         pos = match.end()
+    if pos == 0 and re.fullmatch(r"\d+(\.\d*)?|\.\d+", body):
+        raise BadRequest(f'time: missing unit in duration "{text}"')
     if pos != len(body):
         raise BadRequest(f'time: invalid duration "{text}"')
     return sign * total
@@ -129,6 +156,8 @@ class _Runner:
     size: int
     session: float
     expires_mono: float
+    vram: int = 0
+    """Bytes on the GPU: ``size`` unless llama-server had to put layers on the CPU."""
     state: Literal["loading", "loaded", "unloading"] = "loading"
     refcount: int = 0
     load_duration: float = 0.0
@@ -144,6 +173,7 @@ class _Pending:
 
     name: str
     keep_alive: float | None
+    num_gpu: int | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
     runner: _Runner | None = None
     error: str | None = None
@@ -167,7 +197,10 @@ class OllamaEmulator(EmulatedService):
         num_parallel: int = 1,
         num_predict: int = DEFAULT_NUM_PREDICT,
         owner: str = "ollama",
+        origins: Sequence[str] = (),
     ) -> None:
+        self.origins = tuple(origins)
+        """``OLLAMA_ORIGINS``: extra browser origins allowed on top of the loopback ones."""
         self.models = {_full_name(n): size for n, size in models.items()}
         self.load_seconds = load_seconds
         self.unload_seconds = unload_seconds
@@ -180,6 +213,8 @@ class OllamaEmulator(EmulatedService):
         """How many times a model was loaded onto the GPU."""
         self.unloads = 0
         """How many times a model was unloaded from the GPU."""
+        self.cpu_offloads = 0
+        """Loads that did not fit in free VRAM and ran partly on the CPU: a broker fault."""
         self._runners: dict[str, _Runner] = {}
         self._pending: deque[_Pending] = deque()
         self._pending_changed = Changed()
@@ -229,15 +264,28 @@ class OllamaEmulator(EmulatedService):
         self._runners[p.name] = runner
         started = anyio.current_time()
         await anyio.sleep(self.load_seconds)
+        # server/sched.go: (*Scheduler).load with requireFull=false (nothing of ours is left to
+        # evict): llama-server fits the layers it can on the GPU, the rest runs on the CPU.
+        # Only layers demanded on the GPU (num_gpu > 0) make the runner die of an OOM.
+        if p.num_gpu == 0:
+            vram = 0
+        elif p.num_gpu is not None or size <= self.gpu.free_bytes:
+            vram = size
+        else:
+            vram = max(0, self.gpu.free_bytes)
         try:
-            self.gpu.allocate(self.owner, size, tag=p.name)
+            if vram:
+                self.gpu.allocate(self.owner, vram, tag=p.name)
         except OutOfMemory as exc:
             del self._runners[p.name]
             runner.gone.set()
             p.error = f"llama runner process has terminated: {exc}"
             p.done.set()
             return
+        if vram < size and p.num_gpu != 0:
+            self.cpu_offloads += 1
         self.loads += 1
+        runner.vram = vram
         runner.state = "loaded"
         runner.load_duration = anyio.current_time() - started
         self.spawn(self._expire_when_idle, runner)
@@ -245,7 +293,10 @@ class OllamaEmulator(EmulatedService):
         self._grant(p, runner)
 
     def _grant(self, p: _Pending, runner: _Runner) -> None:
-        runner.session = self._session(p.keep_alive)
+        # server/sched.go: (*LlmRequest).useLoadedRunner — only a request that names a
+        # keep_alive changes the session; one without keeps what the runner has (even 0).
+        if p.keep_alive is not None:
+            runner.session = p.keep_alive
         runner.expires_mono = anyio.current_time() + runner.session
         if not p.abandoned:
             runner.refcount += 1
@@ -254,10 +305,15 @@ class OllamaEmulator(EmulatedService):
         p.done.set()
 
     async def _make_room(self, size: int) -> None:
-        """Unload our own runners until the count limit and free VRAM allow ``size``."""
+        """Unload our own runners until the count limit and free VRAM allow ``size``.
+
+        server/sched.go: (*Scheduler).processPending — at ``OLLAMA_MAX_LOADED_MODELS`` it
+        evicts ``findRunnerToUnload`` (idle first, shortest session, then name); with other
+        models loaded, ``load``'s pre-flight evicts when the prediction exceeds 80% of free.
+        """
         while self._runners:
             too_many = len(self._runners) >= self.max_loaded
-            too_big = size > self.gpu.free_bytes
+            too_big = size > self.gpu.free_bytes * 0.8
             if not (too_many or too_big):
                 return
             unloading = [r for r in self._runners.values() if r.state == "unloading"]
@@ -280,6 +336,8 @@ class OllamaEmulator(EmulatedService):
                     await runner.changed.wait()
             else:
                 await runner.changed.wait()
+        # processCompleted's expiredCh case: the runner is killed (runner.unload() waits for
+        # the process to exit, which frees its VRAM) and only then leaves s.loaded.
         runner.state = "unloading"
         await anyio.sleep(self.unload_seconds)
         self.gpu.free(self.owner, tag=runner.name)
@@ -299,9 +357,11 @@ class OllamaEmulator(EmulatedService):
     def _session(self, keep_alive: float | None) -> float:
         return self.default_keep_alive if keep_alive is None else keep_alive
 
-    async def _acquire(self, name: str, keep_alive: float | None) -> _Pending:
+    async def _acquire(
+        self, name: str, keep_alive: float | None, num_gpu: int | None = None
+    ) -> _Pending:
         """Queue for the scheduler; return the granted pending request (runner held)."""
-        p = _Pending(name, keep_alive)
+        p = _Pending(name, keep_alive, num_gpu)
         self.require_running()
         self._pending.append(p)
         self._pending_changed.notify()
@@ -337,6 +397,9 @@ class OllamaEmulator(EmulatedService):
             runner.changed.notify()
 
     # -- HTTP ---------------------------------------------------------------------------------
+
+    def _middleware(self) -> Sequence[Middleware]:
+        return [Middleware(_AccessGuard, origins=lambda: self.origins)]
 
     def _routes(self) -> Sequence[BaseRoute]:
         return [
@@ -380,9 +443,16 @@ class OllamaEmulator(EmulatedService):
         )
 
     async def _ps(self, _request: Request) -> Response:
+        # server/sched.go: (*Scheduler).loadedModels — a model being unloaded holds loadedMu
+        # and its refMu across the kill, so ps answers once it is gone; a model still loading
+        # is in activeLoading, not in s.loaded, so it is not listed at all.
+        while unloading := [r for r in self._runners.values() if r.state == "unloading"]:
+            await unloading[0].gone.wait()
         now_mono, now = anyio.current_time(), utc_now()
         entries = []
         for name, r in self._runners.items():
+            if r.state != "loaded":
+                continue
             left = r.expires_mono - now_mono
             expires = now + FOREVER if math.isinf(left) else now + timedelta(seconds=left)
             entries.append(
@@ -393,11 +463,12 @@ class OllamaEmulator(EmulatedService):
                     "digest": digest_of(name),
                     "details": _details(r.size),
                     "expires_at": iso_local(expires),
-                    "size_vram": r.size,
+                    "size_vram": r.vram,
                     "context_length": CONTEXT_LENGTH,
                     "_sort": left,
                 }
             )
+        # server/routes.go: (*Server).PsHandler — longest time left first.
         entries.sort(key=lambda e: e.pop("_sort"), reverse=True)
         return JSONResponse({"models": entries})
 
@@ -448,12 +519,15 @@ class OllamaEmulator(EmulatedService):
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         empty = not body.get("messages") if chat else not body.get("prompt")
+        # server/routes.go: GenerateHandler / ChatHandler — "expire the runner if unload is
+        # requested (empty prompt, keep alive is 0)", checked after the model lookup (404).
         if empty and keep_alive == 0:
             if (runner := self._runners.get(name)) is not None:
                 self._expire(runner)
             return JSONResponse(_native_done(model, chat, "unload"))
+        options = body.get("options") or {}
         try:
-            p = await self._acquire(name, keep_alive)
+            p = await self._acquire(name, keep_alive, _num_gpu(options))
         except LoadFailed as exc:
             return JSONResponse({"error": str(exc)}, status_code=500)
         assert p.runner is not None
@@ -461,7 +535,6 @@ class OllamaEmulator(EmulatedService):
         if empty:
             self._release(runner)
             return JSONResponse(_native_done(model, chat, "load"))
-        options = body.get("options") or {}
         count = _positive(options.get("num_predict"), self.num_predict)
         fail_after = options.get("sim_error_after")
         load_ns = nanos(runner.load_duration) if p.loaded_now else 0
@@ -744,3 +817,121 @@ async def _body(request: Request) -> tuple[dict[str, Any], Response | None]:
     if not isinstance(body, dict):
         return {}, JSONResponse({"error": "request body must be a JSON object"}, status_code=400)
     return body, None
+
+
+def _num_gpu(options: dict[str, Any]) -> int | None:
+    """``options.num_gpu`` when the client set it (-1, Ollama's "auto", counts as unset)."""
+    value = options.get("num_gpu")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+_LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+_PRIVATE = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
+_BROWSER_EXTENSIONS = ("chrome-extension://", "safari-extension://", "moz-extension://")
+# envconfig/config.go: AllowedOrigins — these come on top of OLLAMA_ORIGINS.
+_DEFAULT_ORIGINS = (
+    *(
+        f"{scheme}://{host}{port}"
+        for host in ("localhost", "127.0.0.1", "0.0.0.0")
+        for port in ("", ":*")
+        for scheme in ("http", "https")
+    ),
+    "app://*",
+    "file://*",
+    "tauri://*",
+    "vscode-webview://*",
+    "vscode-file://*",
+)
+
+
+def _split_host_port(host: str) -> str:
+    """Go's ``net.SplitHostPort`` host part, or the whole value where Go reports an error."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end > 0 and host[end + 1 : end + 2] == ":":
+            return host[1:end]
+        return host
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host
+
+
+def _allowed_host(host: str) -> bool:
+    """server/routes.go: allowedHost — by name alone; the port plays no part."""
+    host = host.lower()
+    if host in ("", "localhost") or host == socket.gethostname().lower():
+        return True
+    return host.endswith(_LOCAL_SUFFIXES)
+
+
+def _allowed_ip(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    private = any(ip in net for net in _PRIVATE if net.version == ip.version)
+    return ip.is_loopback or ip.is_unspecified or private
+
+
+class _AccessGuard:
+    """Ollama's two gates in front of every route, in its order.
+
+    1. gin-contrib/cors with ``envconfig.AllowedOrigins``: a request with an ``Origin`` that is
+       neither its own Host (same origin) nor allowed gets 403; an allowed preflight gets 204.
+    2. server/routes.go: allowedHostsMiddleware — only on a loopback listener: a Host that is
+       not a loopback/private/unspecified IP and not an allowed name gets 403 (empty body).
+    """
+
+    def __init__(self, app: ASGIApp, origins: Callable[[], Sequence[str]]) -> None:
+        self.app = app
+        self.origins = origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get(b"host", "")
+        origin = headers.get(b"origin", "")
+        method = scope["method"]
+        if origin and origin not in (f"http://{host}", f"https://{host}"):
+            if not self._origin_allowed(origin):
+                await _bare(send, 403)
+                return
+            if method == "OPTIONS":
+                await _bare(send, 204)
+                return
+        server = scope.get("server")
+        if server and _loopback_listener(server[0]):
+            name = _split_host_port(host)
+            if not _allowed_ip(name):
+                if not _allowed_host(name):
+                    await _bare(send, 403)
+                    return
+                if method == "OPTIONS":
+                    await _bare(send, 204)
+                    return
+        await self.app(scope, receive, send)
+
+    def _origin_allowed(self, origin: str) -> bool:
+        if origin.startswith(_BROWSER_EXTENSIONS):
+            return True
+        patterns = (*self.origins(), *_DEFAULT_ORIGINS)
+        return any(origin == p or ("*" in p and fnmatch.fnmatchcase(origin, p)) for p in patterns)
+
+
+def _loopback_listener(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return True  # Go: an address it cannot parse falls through to the Host check
+
+
+async def _bare(send: Send, status: int) -> None:
+    """gin's ``AbortWithStatus``: a status and no body."""
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": b""})

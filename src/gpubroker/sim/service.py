@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from gpubroker.sim.gpu import SimGPU
@@ -47,10 +48,18 @@ class EmulatedService:
         self.owner = owner
         """The process name this service allocates under on the :class:`SimGPU`."""
         self._tg: TaskGroup | None = None
-        self.app = Starlette(routes=list(self._routes()), lifespan=self._lifespan)
+        self.app = Starlette(
+            routes=list(self._routes()),
+            middleware=list(self._middleware()),
+            lifespan=self._lifespan,
+        )
 
     def _routes(self) -> Sequence[BaseRoute]:
         raise NotImplementedError
+
+    def _middleware(self) -> Sequence[Middleware]:
+        """What runs before every route (a service's own Host or Origin checks); none here."""
+        return ()
 
     async def startup(self) -> None:
         """Runs when the server starts, inside the lifespan; override to load eagerly."""

@@ -1,18 +1,36 @@
 """A vLLM emulator: flat VRAM held from start-up, and the sleep/wake API with its traps.
 
-What it reproduces (BACKENDS.md, section 3):
+Each behaviour names the vLLM code it mirrors (read in the vllm 0.33.0 wheel from PyPI;
+paths under vllm/):
 
 - start-up (the ASGI lifespan, or :meth:`VLLMEmulator.startup`) takes ``load_seconds`` and then
   holds ``weights`` + ``kv_cache`` (+ ``cuda_graphs``) on the :class:`SimGPU` under owner
   ``owner``, tags ``"weights"``, ``"kv_cache"``, ``"cuda_graphs"``; with too little free memory
   it fails with vLLM's "Free memory on device ... is less than desired GPU memory utilization";
-- ``/sleep``, ``/wake_up``, ``/is_sleeping``, ``/collective_rpc`` only in ``dev_mode`` (else
-  404); level 1 moves the weights to host RAM (``host_ram``), level 2 discards them, and waking
-  level-2 weights without ``reload_weights`` makes every answer garbage (vllm#29341); the CUDA
-  graphs stay allocated while asleep;
-- a request while any tag sleeps fails with 500 (never served); ``/health`` stays 200;
-- sleeping while requests are in flight (``mode=abort``, the default) aborts them and counts a
-  fault in :attr:`VLLMEmulator.sleep_with_inflight`; a broker must keep that at 0.
+- ``/sleep``, ``/wake_up``, ``/is_sleeping``, ``/collective_rpc`` exist only with
+  ``VLLM_SERVER_DEV_MODE=1`` (``dev_mode``; entrypoints/launchers/api_server/routers.py:
+  register_api_routers), else 404 ``{"detail": "Not Found"}``;
+- ``POST /sleep?level=0|1|2&mode=abort|wait|keep`` (entrypoints/serve/dev/sleep/api_router.py)
+  answers ``{"status": "sleeping", "level": N}`` once done; v1/engine/core.py:
+  EngineCore.sleep first pauses the scheduler (``pause_scheduler``: ``abort`` aborts in-flight
+  requests — a fault counted in :attr:`VLLMEmulator.sleep_with_inflight`; ``wait`` lets them
+  finish; ``keep`` freezes them), then level 1 moves the weights to host RAM (``host_ram``),
+  level 2 discards them, both drop the KV cache, level 0 only pauses. The CUDA graphs stay
+  allocated (device_allocator/sleep_mode_backend.py: CuMemBackend.suspend);
+- without ``--enable-sleep-mode`` (``sleep_mode=False``) nothing is in the cumem pool, so a
+  sleep "succeeds", ``/is_sleeping`` says true, and no byte is freed;
+- a request that arrives while the engine sleeps is *queued* (pause_scheduler: "all pause
+  modes queue new adds") and runs once ``/wake_up`` has made everything resident again
+  (EngineCore.wake_up resumes the scheduler only when fully awake); counted in
+  :attr:`VLLMEmulator.requests_while_asleep`, a broker fault, since that request hangs;
+- ``/wake_up?tags=`` answers ``{"status": "awake"|"sleeping", "tags": ...}``; a tag that is
+  not asleep or unknown makes the executor wake nothing (v1/executor/abstract.py:
+  Executor.wake_up only warns); waking level-2 weights without ``reload_weights`` makes every
+  answer garbage (vllm#29341);
+- ``/collective_rpc`` takes ``{"method", "args"?, "kwargs"?, "timeout"?}``
+  (entrypoints/serve/dev/rpc/api_router.py): 400 without ``method``, ``{"results": [null]}``
+  for ``reload_weights``;
+- ``/health`` stays 200 while asleep (entrypoints/serve/instrumentator/health.py).
 """
 
 from __future__ import annotations
@@ -31,8 +49,9 @@ from gpubroker.sim.gpu import GiB, OutOfMemory, SimGPU
 from gpubroker.sim.service import Changed, EmulatedService
 from gpubroker.sim.wire import EVENT_STREAM, SSE_DONE, GuardedStream, sse_event, tokens, unix_now
 
-VERSION = "0.11.0"
+VERSION = "0.33.0"
 TAGS = ("weights", "kv_cache")
+MODES = ("abort", "wait", "keep")
 
 
 class VLLMStartupError(RuntimeError):
@@ -63,8 +82,11 @@ class VLLMEmulator(EmulatedService):
         max_tokens: int = 8,
         max_model_len: int = 4096,
         owner: str = "vllm",
+        sleep_mode: bool = True,
     ) -> None:
         self.model = model
+        self.sleep_mode = sleep_mode
+        """``--enable-sleep-mode``: without it a sleep frees nothing (the cumem pool is empty)."""
         self.weights = weights
         self.kv_cache = kv_cache
         self.cuda_graphs = cuda_graphs
@@ -85,8 +107,13 @@ class VLLMEmulator(EmulatedService):
         self.sleep_with_inflight = 0
         """Sleeps requested while requests were in flight (they were aborted): a broker fault."""
         self.requests_while_asleep = 0
-        """Inference requests refused because the engine slept: a broker fault."""
+        """Inference requests that arrived while the engine slept (they wait): a broker fault."""
         self._asleep: set[str] = set()
+        self._freed: set[str] = set()
+        """Tags whose memory a sleep really released (none without ``sleep_mode``)."""
+        self._pause: str | None = None
+        """The scheduler's pause: None, "new" (queue new requests) or "all" (freeze all too)."""
+        self._resumed = Changed()
         self._inflight: set[_InFlight] = set()
         self._drained = Changed()
         self._transition = anyio.Lock()
@@ -99,7 +126,8 @@ class VLLMEmulator(EmulatedService):
 
     @property
     def is_sleeping(self) -> bool:
-        return bool(self._asleep)
+        """v1/engine/core.py: EngineCore.is_sleeping — scheduler paused or memory asleep."""
+        return self._pause is not None or bool(self._asleep)
 
     @property
     def reserved(self) -> int:
@@ -127,6 +155,8 @@ class VLLMEmulator(EmulatedService):
         if self.cuda_graphs:
             self.gpu.allocate(self.owner, self.cuda_graphs, tag="cuda_graphs")
         self._asleep.clear()
+        self._freed.clear()
+        self._pause = None
         self.weights_valid = True
         self.host_ram = 0
         self.started = True
@@ -134,6 +164,8 @@ class VLLMEmulator(EmulatedService):
     def _on_stopped(self) -> None:
         self.started = False
         self._asleep.clear()
+        self._freed.clear()
+        self._pause = None
         self._inflight.clear()
         self.host_ram = 0
 
@@ -215,65 +247,84 @@ class VLLMEmulator(EmulatedService):
     async def _sleep(self, request: Request) -> Response:
         if not self.dev_mode:
             return _not_found()
-        try:
-            level = int(request.query_params.get("level", "1"))
-        except ValueError:
-            level = 0
-        if level not in (1, 2):
-            return _error(400, f"Invalid sleep level: {request.query_params.get('level')}")
+        raw_level = request.query_params.get("level", "1")
         mode = request.query_params.get("mode", "abort")
+        try:
+            level = int(raw_level)
+        except ValueError:
+            level = -1
+        if level not in (0, 1, 2):  # Annotated[int, Query(ge=0, le=2)]: a validation error
+            return _error(
+                400, f"level: Input should be 0, 1 or 2, got {raw_level!r}", "Bad Request"
+            )
+        if mode not in MODES:
+            return _error(400, f"mode: Input should be one of {MODES}, got {mode!r}", "Bad Request")
         async with self._transition:
-            return await self._sleep_now(level, mode)
+            await self._sleep_now(level, mode)
+        return JSONResponse({"status": "sleeping", "level": level})
 
-    async def _sleep_now(self, level: int, mode: str) -> Response:
-        if self._inflight:
-            if mode == "abort":
+    async def _sleep_now(self, level: int, mode: str) -> None:
+        # v1/engine/core.py: EngineCoreProc.pause_scheduler, then Executor.sleep.
+        if mode == "abort":
+            if self._inflight:
                 self.sleep_with_inflight += 1
-                for request_state in self._inflight:
-                    request_state.aborted = True
-            else:  # "wait" (and "keep", which we treat the same): let them finish first
-                while self._inflight:
-                    await self._drained.wait()
-        awake = [tag for tag in TAGS if tag not in self._asleep]
-        if not awake:
-            return Response(status_code=200)
+            for request_state in self._inflight:
+                request_state.aborted = True
+        self._pause = "all" if mode == "keep" else "new"
+        if mode == "wait":
+            while self._inflight:
+                await self._drained.wait()
+        if level == 0 or "weights" in self._asleep:  # Executor.sleep: "already sleeping"
+            return
         await anyio.sleep(self.sleep_seconds)
-        for tag in awake:
+        for tag in TAGS:
+            self._asleep.add(tag)
+            if not self.sleep_mode:
+                continue  # nothing of ours is in the cumem pool: nothing to free
             freed = self.gpu.free(self.owner, tag=tag)
+            self._freed.add(tag)
             if tag == "weights":
                 if level == 1:
                     self.host_ram = freed
                 else:
                     self.host_ram = 0
                     self.weights_valid = False
-            self._asleep.add(tag)
-        return Response(status_code=200)
 
     async def _wake_up(self, request: Request) -> Response:
         if not self.dev_mode:
             return _not_found()
-        tags = request.query_params.getlist("tags") or list(TAGS)
-        unknown = [tag for tag in tags if tag not in TAGS]
-        if unknown:
-            return _error(400, f"Unknown tags: {unknown}")
+        tags: list[str] | None = request.query_params.getlist("tags") or None
         async with self._transition:
-            return await self._wake_now(tags)
-
-    async def _wake_now(self, tags: list[str]) -> Response:
-        waking = [tag for tag in TAGS if tag in tags and tag in self._asleep]
-        if not waking:
-            return Response(status_code=200)
-        await anyio.sleep(self.wake_seconds)
-        for tag in waking:
-            size = self.weights if tag == "weights" else self.kv_cache
             try:
-                self.gpu.allocate(self.owner, size, tag=tag)
+                awake = await self._wake_now(tags)
             except OutOfMemory as exc:
                 return _error(500, str(exc), "InternalServerError")
+        return JSONResponse({"status": "awake" if awake else "sleeping", "tags": tags})
+
+    async def _wake_now(self, tags: list[str] | None) -> bool:
+        # v1/engine/core.py: EngineCore.wake_up; "scheduling" only resumes the scheduler.
+        wanted = None if tags is None else [t for t in tags if t != "scheduling"]
+        if wanted is None or wanted:
+            await self._executor_wake(wanted)
+        if not self._asleep:  # fully awake: the scheduler resumes, queued requests run
+            self._pause = None
+            self._resumed.notify()
+        return not self._asleep
+
+    async def _executor_wake(self, tags: list[str] | None) -> None:
+        # v1/executor/abstract.py: Executor.wake_up — a tag that is not asleep: warn, no-op.
+        if not self._asleep or (tags and any(t not in self._asleep for t in tags)):
+            return
+        waking = [tag for tag in TAGS if tag in self._asleep and (not tags or tag in tags)]
+        await anyio.sleep(self.wake_seconds)
+        for tag in waking:
+            if tag in self._freed:
+                size = self.weights if tag == "weights" else self.kv_cache
+                self.gpu.allocate(self.owner, size, tag=tag)  # OutOfMemory: see _wake_up
+                self._freed.discard(tag)
             self._asleep.discard(tag)
             if tag == "weights":
                 self.host_ram = 0
-        return Response(status_code=200)
 
     async def _is_sleeping(self, _request: Request) -> Response:
         if not self.dev_mode:
@@ -285,13 +336,17 @@ class VLLMEmulator(EmulatedService):
             return _not_found()
         try:
             body = await request.json()
-        except ValueError:
-            return _error(400, "Request body must be JSON")
-        method = body.get("method") if isinstance(body, dict) else None
+        except ValueError as exc:
+            return _error(400, f"JSON decode error: {exc}", "Bad Request")
+        if not isinstance(body, dict):
+            return _error(400, "Request body must be a JSON object", "Bad Request")
+        method = body.get("method")
+        if method is None:
+            return _error(400, "Missing 'method' in request body", "Bad Request")
         if method != "reload_weights":
             return _error(500, f"Worker has no method {method!r}", "InternalServerError")
         async with self._transition:
-            if "weights" in self._asleep:
+            if "weights" in self._freed:
                 message = "Cannot reload weights while they are asleep"
                 return _error(500, message, "InternalServerError")
             await anyio.sleep(self.load_seconds)
@@ -299,6 +354,11 @@ class VLLMEmulator(EmulatedService):
         return JSONResponse({"results": [None]})
 
     # -- inference ----------------------------------------------------------------------------
+
+    async def _step(self) -> None:
+        """A running request makes no progress while a ``keep`` pause freezes the scheduler."""
+        while self._pause == "all":
+            await self._resumed.wait()
 
     async def _chat(self, request: Request) -> Response:
         return await self._infer(request, chat=True)
@@ -317,13 +377,11 @@ class VLLMEmulator(EmulatedService):
             return _error(404, f"The model `{body['model']}` does not exist.", "NotFoundError")
         if self.dead:
             return _error(500, "EngineCore encountered an issue.", "InternalServerError")
-        if self._asleep:
+        if self._pause is not None:
+            # pause_scheduler: new requests are queued until the scheduler resumes.
             self.requests_while_asleep += 1
-            return _error(
-                500,
-                "The engine is sleeping; wake it up (POST /wake_up) before sending requests.",
-                "InternalServerError",
-            )
+            while self._pause is not None:
+                await self._resumed.wait()
         count = int(body.get("max_completion_tokens") or body.get("max_tokens") or self.max_tokens)
         words = tokens(count, garbage=not self.weights_valid)
         state = _InFlight()
@@ -360,6 +418,7 @@ class VLLMEmulator(EmulatedService):
             try:
                 produced: list[str] = []
                 for word in words:
+                    await self._step()
                     if state.aborted:
                         break
                     await anyio.sleep(self.token_interval)
@@ -394,6 +453,7 @@ class VLLMEmulator(EmulatedService):
             if chat:
                 yield sse_event(chunk(None, None, first=True))
             for i, word in enumerate(words):
+                await self._step()
                 await anyio.sleep(self.token_interval)
                 if state.aborted:
                     yield sse_event(chunk("", "abort"))

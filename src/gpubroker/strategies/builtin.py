@@ -56,8 +56,12 @@ async def _json(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any)
 class OllamaStrategy(Strategy):
     """Unload every model in ``/api/ps`` with ``keep_alive: 0``, then wait until ps is empty.
 
-    Ollama replies to ``keep_alive: 0`` at once but unloads only after its running requests end,
-    so the reply proves nothing: ``/api/ps`` is the confirmation.
+    Ollama replies to ``keep_alive: 0`` at once but unloads only after its running requests end
+    (server/sched.go: expireRunner, processCompleted), so the reply proves nothing: ``/api/ps``
+    is the confirmation; a runner being killed keeps ps from answering until it is gone. A
+    model that is still *loading* is not in ps at all (it sits in the scheduler's
+    ``activeLoading``), so ps cannot confirm that nothing is on its way in: the broker's
+    telemetry check after an unload is what catches that.
     """
 
     name = "ollama"
@@ -166,6 +170,14 @@ class VLLMStrategy(Strategy):
     vLLM must never sleep with requests in flight (the broker drains first) and must be awake
     before anything is forwarded: ``load()`` wakes it, level 2 in the order weights →
     ``reload_weights`` → kv_cache, since a plain wake after level 2 serves garbage.
+
+    ``/sleep`` defaults to ``mode=abort`` (vllm/entrypoints/serve/dev/sleep/api_router.py),
+    which cuts whatever runs that the broker did not see (a client talking to vLLM directly,
+    a ``/v1/realtime`` WebSocket); we ask ``mode=wait`` so vLLM drains those itself. Versions
+    before the mode parameter ignore it. A request that reaches a sleeping vLLM is not refused
+    but queued until the wake (v1/engine/core.py: pause_scheduler), so a missed wake hangs.
+    Without ``--enable-sleep-mode`` a sleep frees nothing yet ``/is_sleeping`` says true: only
+    the broker's telemetry check after the unload can tell.
     """
 
     name = "vllm"
@@ -187,7 +199,8 @@ class VLLMStrategy(Strategy):
         return bool((await self._call("GET", "/is_sleeping") or {}).get("is_sleeping"))
 
     async def unload(self) -> None:
-        await self._call("POST", "/sleep", params={"level": self.backend.sleep_level})
+        params = {"level": self.backend.sleep_level, "mode": "wait"}
+        await self._call("POST", "/sleep", params=params)
         await poll_until(self._sleeping)
 
     async def load(self) -> None:
