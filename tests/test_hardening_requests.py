@@ -189,7 +189,8 @@ async def exchange(url: str, request: bytes) -> Response:
 
 
 def post(target: bytes, body: bytes = b"{}", *extra: bytes) -> bytes:
-    lines = [b"POST " + target + b" HTTP/1.1", b"Host: 127.0.0.1", b"Content-Length: %d" % len(body)]
+    lines = [b"POST " + target + b" HTTP/1.1", b"Host: 127.0.0.1"]
+    lines.append(b"Content-Length: %d" % len(body))
     return b"\r\n".join([*lines, *extra, b"", b""]) + body
 
 
@@ -233,7 +234,8 @@ async def test_cl_te_request_is_refused_and_its_hidden_request_never_runs() -> N
         (b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 005\r\n\r\nhello", b"hello"),
         (b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5, 5\r\n\r\nhello", b"hello"),
         (
-            b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+            b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
             b"hello",
         ),
         (
@@ -267,7 +269,8 @@ async def test_the_upstream_gets_exactly_one_framing_that_matches_the_body(
     "coding", [b"gzip, chunked", b"identity", b"chunked\r\nTransfer-Encoding: chunked"]
 )
 async def test_a_transfer_coding_other_than_chunked_is_never_forwarded(coding: bytes) -> None:
-    request = b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n"
+    head = b"POST /r HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: "
+    request = head + coding + b"\r\n\r\n0\r\n\r\n"
     async with broker_for() as (rec, ep):
         response = await exchange(ep.proxies["svc"], request)
     assert response.status in (400, 501)

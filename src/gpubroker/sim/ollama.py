@@ -449,14 +449,13 @@ class OllamaEmulator(EmulatedService):
         while unloading := [r for r in self._runners.values() if r.state == "unloading"]:
             await unloading[0].gone.wait()
         now_mono, now = anyio.current_time(), utc_now()
-        entries = []
+        entries: list[tuple[float, dict[str, object]]] = []
         for name, r in self._runners.items():
             if r.state != "loaded":
                 continue
             left = r.expires_mono - now_mono
             expires = now + FOREVER if math.isinf(left) else now + timedelta(seconds=left)
-            entries.append(
-                {
+            entries.append((left, {
                     "name": name,
                     "model": name,
                     "size": r.size,
@@ -465,12 +464,10 @@ class OllamaEmulator(EmulatedService):
                     "expires_at": iso_local(expires),
                     "size_vram": r.vram,
                     "context_length": CONTEXT_LENGTH,
-                    "_sort": left,
-                }
-            )
+                }))  # fmt: skip
         # server/routes.go: (*Server).PsHandler — longest time left first.
-        entries.sort(key=lambda e: e.pop("_sort"), reverse=True)
-        return JSONResponse({"models": entries})
+        entries.sort(key=lambda e: e[0], reverse=True)
+        return JSONResponse({"models": [entry for _, entry in entries]})
 
     async def _show(self, request: Request) -> Response:
         body, error = await _body(request)
