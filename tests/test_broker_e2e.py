@@ -500,19 +500,18 @@ async def test_stopping_refuses_queued_requests_at_once_and_lets_in_flight_finis
     assert b.loads == 0
 
 
-async def test_ollama_accepts_the_broker_port_in_host_and_refuses_a_foreign_name() -> None:
+async def test_ollama_gets_its_own_host_so_a_client_by_dns_name_is_not_refused() -> None:
     """Ollama's allowedHostsMiddleware (server/routes.go) checks the Host *name* on a loopback
-    listener. The broker keeps the client's Host, so through the broker Ollama sees
-    ``127.0.0.1:<proxyPort>``: accepted, since the port plays no part. A client that reached
-    the broker by a DNS name gets Ollama's 403 unless the backend says ``hostHeader:
-    upstream``."""
+    listener: a client that reached the broker by a DNS name would get Ollama's 403 if its
+    Host were kept. The ollama strategy therefore defaults to ``hostHeader: upstream``; a
+    backend that says ``hostHeader: client`` keeps the client's (and gets the 403)."""
     gpu = SimGPU(8 * GiB)
     ollama = ollama_emu(gpu)
     async with running(ollama.app) as o:
         cfg = make_config(
             {
-                "plain": {"upstream": o, "unloadStrategy": "ollama"},
-                "rewritten": {"upstream": o, "unloadStrategy": "ollama", "hostHeader": "upstream"},
+                "plain": {"upstream": o, "unloadStrategy": "ollama", "hostHeader": "client"},
+                "rewritten": {"upstream": o, "unloadStrategy": "ollama"},
             },
             allowedHosts=["gpu.example.com"],
         )

@@ -70,9 +70,10 @@ class BackendConfig:
     autostart: bool = False
     restart: Restart = "on-failure"
     log_file: str | None = None
-    host_header: HostHeader = "client"
+    host_header: HostHeader | None = None
     """``client``: forward the client's Host (a transparent proxy); ``upstream``: send the
-    upstream's own host instead (virtual hosts, TLS with SNI)."""
+    upstream's own host instead (virtual hosts, TLS with SNI). None: the strategy's default
+    (``Strategy.host_header``)."""
     upstream_idle_timeout: float | None = None  # None: the top-level upstreamIdleTimeout
 
     @property

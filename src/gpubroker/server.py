@@ -7,6 +7,7 @@ the upstream clients.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,13 @@ def make_strategy(
         supervisor=supervisor,
     )
     return plugins.strategies[backend.unload_strategy].cls(ctx)
+
+
+def proxy_view(backend: BackendConfig, strategy: Strategy) -> BackendConfig:
+    """The backend as its proxy sees it: ``hostHeader`` from the config, else the strategy's."""
+    return dataclasses.replace(
+        backend, host_header=backend.host_header or type(strategy).host_header
+    )
 
 
 def make_classifier(backend: BackendConfig, plugins: Plugins) -> Classifier:
@@ -144,7 +152,12 @@ async def run_broker(
         for b in config.backends
     }
     proxies = {
-        b.name: ProxyApp(b, make_classifier(b, plugins), broker, upstreams[b.name])
+        b.name: ProxyApp(
+            proxy_view(b, strategies[b.name]),
+            make_classifier(b, plugins),
+            broker,
+            upstreams[b.name],
+        )
         for b in config.backends
     }
     status = StatusApp(broker, monitor)

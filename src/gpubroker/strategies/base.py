@@ -50,6 +50,10 @@ class Strategy:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    host_header: ClassVar[Literal["client", "upstream"]] = "client"
+    """The Host the proxy sends when the backend's config does not say (``hostHeader``):
+    the client's, as a transparent proxy does, or the upstream's own for a service that
+    refuses Host names it does not know."""
     eviction_cost: ClassVar[int] = 2
     """How dear it is to evict and bring back: 1 sleeps (wakes in seconds), 2 unloads (a cold
     load), 3 stops a process. The budget scheduler evicts the cheapest first."""

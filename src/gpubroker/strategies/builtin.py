@@ -66,6 +66,11 @@ class OllamaStrategy(Strategy):
 
     name = "ollama"
     description = "Ollama: keep_alive 0 for each loaded model, confirmed through /api/ps"
+    # server/routes.go allowedHostsMiddleware: on a loopback listener Ollama answers 403 to a
+    # Host *name* other than localhost, its hostname or *.local/.internal/.localhost, so a
+    # client that reached the broker by DNS name would be refused; its Origin check (CORS)
+    # still sees the browser's Origin, exactly as it would directly.
+    host_header = "upstream"
 
     async def _loaded(self) -> list[str]:
         data = await _json(self.client, "GET", "/api/ps")
