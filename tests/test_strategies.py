@@ -131,3 +131,42 @@ async def test_a_failing_endpoint_raises_with_what_the_service_said() -> None:
         s = strategy(GenericStrategy, url, client, unload_endpoint="/no-such-route")
         with pytest.raises(StrategyFailed, match="404"):
             await s.unload()
+
+
+async def test_comfyui_jobs_are_its_queue_running_then_pending() -> None:
+    gpu = SimGPU(8 * GiB)
+    emu = ComfyUIEmulator(gpu, 2 * GiB, job_seconds=0.4)
+    async with running(emu.app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        s = strategy(ComfyUIStrategy, url, client)
+        assert await s.jobs() == [] and await s.busy() is False
+        ids = [
+            (await client.post("/prompt", json={"prompt": simple_workflow()})).json()["prompt_id"]
+            for _ in range(3)
+        ]
+        with anyio.fail_after(5):
+            while not (jobs := await s.jobs()) or jobs[0].state != "running":
+                await anyio.sleep(0.01)
+        assert [j.id for j in jobs] == ids and [j.state for j in jobs] == [
+            "running", "pending", "pending",
+        ]  # fmt: skip
+        assert {j.url for j in jobs} == {"/prompt"} and await s.busy() is True
+        with anyio.fail_after(10):
+            while await s.jobs():
+                await anyio.sleep(0.05)
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps", "privateuseone"])
+async def test_comfyui_off_cuda_neither_claims_residency_nor_waits_on_system_stats(
+    device: str,
+) -> None:
+    gpu = SimGPU(8 * GiB)
+    emu = ComfyUIEmulator(gpu, 2 * GiB, job_seconds=0.01, device_type=device)
+    async with running(emu.app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        s = strategy(ComfyUIStrategy, url, client)
+        await client.post("/prompt", json={"prompt": simple_workflow()})
+        with anyio.fail_after(5):
+            while await s.busy():
+                await anyio.sleep(0.01)
+        assert await s.resident() is None  # system RAM in torch_vram_total means nothing here
+        with anyio.fail_after(1):  # returns once /free is asked, not after unloadTimeout
+            await s.unload()

@@ -35,7 +35,7 @@ STATUS: dict[str, Any] = {
     "totals": {"inFlight": 2, "leases": 1, "jobs": 1},
     "queueLength": 1,
     "swapCount": 3,
-    "uptime": 125.0,
+    "uptime": 125,
     "policy": "budget",
     "swapping": True,
     "telemetry": {"source": "nvml", "notice": None, "error": None},

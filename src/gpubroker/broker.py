@@ -90,7 +90,6 @@ class LiveRequest:
     since: float
     admitted_at: float | None = None
     method: str = "POST"
-    url: str = ""  # path and query, as OneGPU4All's monitor shows it
 
 
 @dataclass(slots=True)
@@ -150,6 +149,8 @@ class Broker:
         }
         self._job_watch: set[str] = set()  # backends whose queue is being followed now
         self._jobs_failing: dict[str, float] = {}  # backend -> since when its queue is unreadable
+        self._jobs_lock = {name: anyio.Lock() for name in self.jobs}
+        self._jobs_read_at: dict[str, float] = {}  # backend -> when its last read began
         self.supervisor: Supervisor | None = None  # managed workers (`command:`), set by the server
         # Set by the server when telemetry runs: waits up to N s for a victim's memory to come
         # back; None when freed (or not measurable), else why not.
@@ -171,6 +172,12 @@ class Broker:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Reconcile with the services, then drive timeouts until cancelled."""
+        try:
+            await self._run(task_status)
+        finally:
+            self._tg = None  # leases that end from now on are released at once
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await self.reconcile()
@@ -217,7 +224,6 @@ class Broker:
         *,
         count: bool = True,
         method: str = "POST",
-        url: str | None = None,
     ) -> AsyncIterator[Grant]:
         """Hold the GPU for ``backend`` for the body of the ``async with``.
 
@@ -230,9 +236,8 @@ class Broker:
         now = self.clock()
         pending = _Pending()
         self._pending[lease] = pending
-        self.live[lease] = LiveRequest(
-            lease, backend, path, time.time(), method=method, url=path if url is None else url
-        )
+        self.live[lease] = LiveRequest(lease, backend, path, time.time(), method=method)
+        deferred = False  # the release (and the live entry) passed on to _settle
         try:
             self._apply(self.sched.request(lease, backend, now))
             try:
@@ -255,26 +260,44 @@ class Broker:
                 if backend in self.jobs and self._tg is not None:
                     # The request may have queued a job that runs after its HTTP call ended:
                     # the lease ends only once the service's queue has been read.
-                    self._tg.start_soon(self._settle, lease, backend)
+                    self._tg.start_soon(self._settle, lease, backend, self.clock())
+                    deferred = True
                 else:
                     self._apply(self.sched.released(lease, self.clock()))
         finally:
             self._pending.pop(lease, None)
-            self.live.pop(lease, None)
+            if not deferred:
+                self.live.pop(lease, None)
 
-    async def _settle(self, lease: int, backend: str) -> None:
+    async def _settle(self, lease: int, backend: str, ended: float) -> None:
         """End ``lease`` after reading ``backend``'s queue, so its job is counted before the
         lease stops counting: no instant in which the owner looks idle to the hold."""
-        if await self._read_jobs(backend):
-            self._follow_jobs(backend, wait_first=True)
-        self._apply(self.sched.released(lease, self.clock()))
+        try:
+            if await self._read_jobs(backend, after=ended):
+                self._follow_jobs(backend, wait_first=True)
+        finally:  # cancelled (the broker stops) or a plugin's answer was bad: still released
+            self.live.pop(lease, None)
+            self._apply(self.sched.released(lease, self.clock()))
 
-    async def _read_jobs(self, backend: str) -> int:
-        """Read ``backend``'s queue into the scheduler; returns how many jobs it holds."""
+    async def _read_jobs(self, backend: str, *, after: float | None = None) -> int:
+        """Read ``backend``'s queue into the scheduler; returns how many jobs it holds.
+
+        Reads of one backend take turns, so an older answer never overwrites a newer one, and
+        a caller that needs a reading begun ``after`` a moment shares one that did.
+        """
+        async with self._jobs_lock[backend]:
+            if after is not None and self._jobs_read_at.get(backend, float("-inf")) >= after:
+                return len(self.jobs[backend])
+            self._jobs_read_at[backend] = self.clock()
+            return await self._read_jobs_now(backend)
+
+    async def _read_jobs_now(self, backend: str) -> int:
         jobs: list[Job] | None = None
         try:
             with anyio.fail_after(min(self.config.unload_timeout, JOB_ASK_LIMIT)):
-                jobs = await self.strategies[backend].jobs()
+                jobs = [
+                    j for j in await self.strategies[backend].jobs() or [] if isinstance(j, Job)
+                ]
         except Exception as exc:
             # Cannot tell: keep the last reading for a while, but a service that stays
             # unreachable has lost its queue, and jobs nobody can see must not hold the GPU.
@@ -296,7 +319,9 @@ class Broker:
         self._apply(self.sched.jobs(backend, len(jobs), self.clock()))
         if len(jobs) != before and self.listeners:
             running = sum(1 for j in jobs if j.state == "running")
-            self._emit("jobs", backend, running=running, pending=len(jobs) - running)
+            self._emit(
+                "jobs", backend, count=len(jobs), running=running, pending=len(jobs) - running
+            )
         return len(jobs)
 
     def _follow_jobs(self, backend: str, *, wait_first: bool = False) -> None:

@@ -29,6 +29,7 @@ Restart = Literal["on-failure", "always", "never"]
 HostHeader = Literal["client", "upstream"]
 
 DEFAULT_STATUS_PORT = 5102
+DEFAULT_QUEUE_TIMEOUT = 120.0
 CONFIG_ENV = "GPUBROKER_CONFIG"
 CONFIG_NAMES = ("gpubroker.yaml", "onegpu4all.yaml")
 
@@ -90,7 +91,7 @@ class Config:
     status_port: int = DEFAULT_STATUS_PORT
     bind: str = "127.0.0.1"
     policy: Policy = "exclusive"
-    queue_timeout: float = 120.0
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     unload_timeout: float = 10.0
     hold_time: float = 10.0
     min_residency: float | None = None  # None: 3s under budget, 0 under exclusive
@@ -489,11 +490,12 @@ def parse_config(data: Any, source: str | None = None) -> Config:
         raise loader.fail(
             "telemetry", "`telemetry: sim` needs `telemetryUrl:` (the simulated GPUs' /gpus URL)"
         )
-    if "hold_time" in values and values["hold_time"] >= values.get("queue_timeout", 120.0):
+    queue_timeout = values.get("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
+    if "hold_time" in values and values["hold_time"] >= queue_timeout:
         raise loader.fail(
             "holdTime",
             f"holdTime ({format_duration(values['hold_time'])}) must be shorter than "
-            f"queueTimeout ({format_duration(values.get('queue_timeout', 120.0))}): while "
+            f"queueTimeout ({format_duration(queue_timeout)}): while "
             "others wait the owner keeps admitting for holdTime, so every waiter would time "
             "out before its turn",
         )

@@ -175,7 +175,7 @@ class ProxyApp:
                 tg.start_soon(self._watch_while_queued, body, tg.cancel_scope)
                 try:
                     grant = await stack.enter_async_context(
-                        self.broker.lease(self.name, path, method=method, url=_url(scope))
+                        self.broker.lease(self.name, path, method=method)
                     )
                 except Refused as refused:
                     refusal = refused.refusal
@@ -377,11 +377,6 @@ class ProxyApp:
                     await send({"type": "http.response.body", "body": tail, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             tg.cancel_scope.cancel()
-
-
-def _url(scope: Scope) -> str:
-    query = scope.get("query_string") or b""
-    return scope["path"] + ("?" + query.decode("latin-1") if query else "")
 
 
 def _stream_error_tail(headers: list[tuple[bytes, bytes]], message: str) -> bytes:

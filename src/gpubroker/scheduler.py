@@ -420,12 +420,12 @@ class Scheduler:
         its hold, a victim drains until they end, and they take ``maxConcurrency`` slots.
         """
         slot = self.slots[backend]
+        if count or slot.jobs:  # a job running or just ended is a use: idle time starts now
+            slot.last_used = now
         if count == slot.jobs:
             return []
         slot.jobs = count
-        if count:
-            slot.last_used = now
-        return [Note("jobs", backend, detail={"count": count}), *self._pump(now)]
+        return self._pump(now)
 
     def cancel(self, lease: int, now: float) -> list[Effect]:
         """The client of ``lease`` went away: leave the queue, or end the lease if admitted."""
@@ -772,7 +772,7 @@ class Scheduler:
             slot = self.slots[name]
             if slot.state is not State.DRAINING or name in plan.asked:
                 continue
-            if slot.busy and not plan.force:
+            if slot.active and not plan.force:  # its own jobs: the idle check (busy()) waits
                 continue
             plan.asked.add(name)
             if plan.force:

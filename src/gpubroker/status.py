@@ -90,7 +90,7 @@ def _telemetry(monitor: Monitor | None) -> dict[str, Any]:
 
 
 def _live(broker: Broker, now: float) -> list[dict[str, Any]]:
-    """Leases (queued or admitted) and the services' own jobs, oldest first.
+    """Leases (queued or admitted), then the services' own jobs.
 
     Each entry has OneGPU4All's ``method``, ``url``, ``startedAt`` and ``backend`` (its live
     monitor prints them) and our own fields beside them; ``kind`` tells a lease from a job.
@@ -98,7 +98,7 @@ def _live(broker: Broker, now: float) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [
         {
             "method": r.method,
-            "url": r.url or r.path,
+            "url": r.path,  # without the query, as OneGPU4All shows it
             "startedAt": _iso(r.since),
             "backend": r.backend,
             "kind": "lease",
@@ -114,13 +114,13 @@ def _live(broker: Broker, now: float) -> list[dict[str, Any]]:
         for job in jobs:
             out.append(
                 {
-                    "method": "POST",
-                    "url": "/prompt",
+                    "method": job.method,
+                    "url": job.url,
                     "startedAt": _iso(job.since),
                     "backend": backend,
                     "kind": "job",
                     "id": job.id,
-                    "path": "/prompt",
+                    "path": job.url,
                     "state": job.state,  # running, or pending in the service's own queue
                     "elapsedMs": None if job.since is None else round((now - job.since) * 1000),
                     "queuedMs": None,

@@ -70,6 +70,7 @@ async def proxy_websocket(
             additional_headers=headers,
             subprotocols=scope.get("subprotocols") or None,
             create_connection=_SameHost,
+            proxy=None,  # the upstream is reached directly, as upstream.py does
             user_agent_header=None,  # the client's own User-Agent passes through
             max_size=None,
             ping_interval=None,

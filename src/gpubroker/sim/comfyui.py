@@ -18,8 +18,9 @@ that relies on a behaviour the real service lacks fails its users, not its tests
 
 - server.py ``create_origin_only_middleware``: unless started with ``--enable-cors-header``,
   any request (pages, assets, API, the WebSocket upgrade) with both Host and Origin whose Host
-  is a loopback name gets a bare 403 when the two differ (ports compared only when the Origin
-  has one). A proxy that rewrites Host and not Origin breaks the web UI: see ``cors_header``.
+  is a loopback name gets a bare 403 when the two differ (ports compared only when both
+  carry one); any OPTIONS that passes is answered 200 (both middlewares answer preflights).
+  A proxy that rewrites Host and not Origin breaks the web UI: see ``cors_header``.
 - server.py ``PromptServer.add_routes``: every route also answers under ``/api/``.
 - comfy/model_management.py ``get_total_memory(dev, torch_total_too=True)``:
   ``torch_vram_total`` in ``/system_stats`` is torch's reserved bytes on cuda/xpu/npu/mlu, total
@@ -756,6 +757,16 @@ def origin_refused(host: str | None, origin: str | None) -> bool:
     return bool(host_domain and origin_domain and host_domain != origin_domain)
 
 
+def _cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
+    """server.py ``create_cors_middleware``: what ``--enable-cors-header`` adds to answers."""
+    return [
+        (b"access-control-allow-origin", origin.encode()),
+        (b"access-control-allow-methods", b"POST, GET, DELETE, PUT, OPTIONS"),
+        (b"access-control-allow-headers", b"Content-Type, Authorization"),
+        (b"access-control-allow-credentials", b"true"),
+    ]
+
+
 class _OriginCheck:
     """ComfyUI's default origin-only middleware in front of the emulator's app (raw ASGI).
 
@@ -772,7 +783,9 @@ class _OriginCheck:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers: dict[str, str] = {}
+        for k, v in scope["headers"]:  # aiohttp's request.headers[...] is the first one
+            headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
         cors = self.service.cors_header
         if cors is None and origin_refused(headers.get("host"), headers.get("origin")):
             self.service.origin_refusals += 1
@@ -786,6 +799,13 @@ class _OriginCheck:
                         "headers": [(b"content-length", b"0")]})  # fmt: skip
             await send({"type": "http.response.body", "body": b""})
             return
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            # server.py: both middlewares answer OPTIONS with an empty 200 themselves
+            extra = _cors_headers(cors) if cors is not None else []
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"0"), *extra]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b""})
+            return
         if cors is None or scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -793,13 +813,7 @@ class _OriginCheck:
         async def with_cors(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message = dict(message)
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"access-control-allow-origin", cors.encode()),
-                    (b"access-control-allow-methods", b"POST, GET, DELETE, PUT, OPTIONS"),
-                    (b"access-control-allow-headers", b"Content-Type, Authorization"),
-                    (b"access-control-allow-credentials", b"true"),
-                ]
+                message["headers"] = [*message.get("headers", []), *_cors_headers(cors)]
             await send(message)
 
         await self.app(scope, receive, with_cors)

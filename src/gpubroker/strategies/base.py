@@ -17,12 +17,16 @@ if TYPE_CHECKING:
 class Job:
     """One job in a service's own queue (a ComfyUI prompt): GPU work after its HTTP call ended.
 
-    ``since``: when the service accepted it (Unix seconds), None when the service does not say.
+    ``since``: when the service accepted it (Unix seconds), None when the service does not say
+    (the broker then keeps when it first saw it). ``method`` and ``url``: the request that
+    queues such jobs, for the status page.
     """
 
     id: str
     state: Literal["running", "pending"]
     since: float | None = None
+    method: str = "POST"
+    url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +49,8 @@ class Strategy:
     """Base class for unload strategies; subclass it, set ``name`` and override what you can.
 
     Every method is a coroutine and may raise: the broker records the error and goes on. None is
-    called concurrently with another for the same backend.
+    called concurrently with another for the same backend, except :meth:`jobs`, a read that
+    may run beside the others (never beside itself).
     """
 
     name: ClassVar[str]

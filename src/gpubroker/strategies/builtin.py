@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -116,6 +116,7 @@ class ComfyUIStrategy(Strategy):
     def __init__(self, ctx: StrategyContext) -> None:
         super().__init__(ctx)
         self._told: str | None = None  # the device type we already said cannot confirm
+        self._jobs: list[Job] = []  # the queue as last read
 
     async def _reserved(self) -> int | None:
         """Torch's reserved bytes on ComfyUI's device, or None where it does not report them."""
@@ -149,19 +150,31 @@ class ComfyUIStrategy(Strategy):
         await poll_until(freed)
 
     async def jobs(self) -> list[Job]:
+        # server.py get_prompt: {"exec_info": {"queue_remaining": n}}, a few bytes, where
+        # GET /queue (get_queue) carries every prompt in full, UI workflow included: read the
+        # count each time and the list only when the count changed.
+        info = await _json(self.client, "GET", "/prompt") or {}
+        remaining = (info.get("exec_info") or {}).get("queue_remaining")
+        if remaining == 0:
+            self._jobs = []
+        elif not isinstance(remaining, int) or remaining != len(self._jobs):
+            self._jobs = await self._queue()
+        return list(self._jobs)
+
+    async def _queue(self) -> list[Job]:
         # server.py get_queue: {"queue_running": [...], "queue_pending": [...]}, each item
-        # (number, prompt_id, prompt, extra_data, outputs_to_execute); extra_data carries
-        # create_time (ms) when the frontend or a client set it.
+        # (number, prompt_id, prompt, extra_data, outputs_to_execute). ComfyUI stamps no time
+        # on a job, so ``since`` is left to the broker (when it first saw the job).
         queue = await _json(self.client, "GET", "/queue") or {}
         out: list[Job] = []
-        for key, state in (("queue_running", "running"), ("queue_pending", "pending")):
+        states: tuple[tuple[str, Literal["running", "pending"]], ...] = (
+            ("queue_running", "running"),
+            ("queue_pending", "pending"),
+        )
+        for key, state in states:
             for item in queue.get(key) or []:
-                if not isinstance(item, list) or len(item) < 2:
-                    continue
-                extra = item[3] if len(item) > 3 and isinstance(item[3], dict) else {}
-                created = extra.get("create_time")
-                since = created / 1000 if isinstance(created, int | float) else None
-                out.append(Job(str(item[1]), state, since))  # type: ignore[arg-type]
+                if isinstance(item, list) and len(item) >= 2:
+                    out.append(Job(str(item[1]), state, url="/prompt"))
         return out
 
     async def resident(self) -> bool | None:
