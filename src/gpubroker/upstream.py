@@ -27,9 +27,13 @@ The contract the proxy relies on:
 
 Errors::
 
-    UpstreamError          cannot connect ("<base> unreachable: ..."), the connection broke,
-     |                     a malformed or oversized (> 64 KiB) response head
-     +-- UpstreamTimeout   no response head within ``response_timeout`` seconds
+    UpstreamError               cannot connect ("<base> unreachable: ..."), the connection
+     |                          broke, or an oversized (> 64 KiB) response head
+     +-- UpstreamTimeout        no response head within ``response_timeout`` seconds, or no
+     |                          body byte for ``idle_timeout`` seconds (the body's idle bound)
+     +-- BadUpstreamResponse    a head we must not pass on: malformed, both Content-Length and
+                                Transfer-Encoding, or obs-fold continuation lines; the
+                                connection is closed, never reused
 """
 
 from __future__ import annotations
@@ -52,7 +56,25 @@ class UpstreamError(Exception):
 
 
 class UpstreamTimeout(UpstreamError):
-    """The upstream did not send response headers in time."""
+    """The upstream did not send response headers in time, or went silent inside the body."""
+
+
+class BadUpstreamResponse(UpstreamError):
+    """The response head is ambiguous or malformed: passing it on could desynchronise a client.
+
+    Both Content-Length and Transfer-Encoding, or an obs-fold continuation line, are how
+    response splitting and smuggling start; RFC 9112 lets a client reject them, and a proxy
+    must not forward them (it would frame the body one way while the next hop frames it another).
+    """
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Silent())
+
+
+class _Silent(Exception):
+    """No byte arrived within ``fill()``'s timeout."""
 
 
 class _Closed(Exception):
@@ -122,19 +144,27 @@ class _Connection(asyncio.Protocol):
         t = self.transport
         return not self.eof and not self.buffer and t is not None and not t.is_closing()
 
-    async def fill(self) -> bool:
-        """Wait for more bytes; False when the peer has closed (nothing more will come)."""
+    async def fill(self, idle: float | None = None) -> bool:
+        """Wait for more bytes; False when the peer has closed (nothing more will come).
+
+        ``idle``: raise ``_Silent`` when nothing arrives for that long (a timer, not a cancel
+        scope: this is on the path of every streamed event).
+        """
         if self.eof:
             return False
         if not self._reading and self.transport is not None:
             self.transport.resume_reading()
             self._reading = True
         before = len(self.buffer)
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(idle, _expire, waiter) if idle is not None else None
         try:
-            await self._waiter
+            await waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
         return len(self.buffer) > before
 
     def take(self, n: int) -> bytes:
@@ -221,11 +251,12 @@ class UpstreamResponse:
         if self._done:
             return
         conn = self._conn
+        idle = self._upstream.idle_timeout
         try:
             if self._mode == _LENGTH:
                 left = self._length
                 while left:
-                    if not conn.buffer and not await conn.fill():
+                    if not conn.buffer and not await conn.fill(idle):
                         raise _Closed(f"{left} of {self._length} body bytes missing")
                     chunk = conn.take(left)
                     left -= len(chunk)
@@ -237,11 +268,11 @@ class UpstreamResponse:
                         yield data
                     if last:
                         break
-                    if not data and not await conn.fill():
+                    if not data and not await conn.fill(idle):
                         raise _Closed("connection closed inside a chunked body")
-                await self._skip_trailers()
+                await self._skip_trailers(idle)
             else:  # until the upstream closes
-                while conn.buffer or await conn.fill():
+                while conn.buffer or await conn.fill(idle):
                     yield conn.take(len(conn.buffer))
                 if conn.error is not None:
                     raise _Closed(conn.error)
@@ -249,6 +280,11 @@ class UpstreamResponse:
             self._finish(False)
             raise UpstreamError(
                 f"{self._upstream.base_url} broke off the response: {exc}"
+            ) from None
+        except _Silent:
+            self._finish(False)
+            raise UpstreamTimeout(
+                f"{self._upstream.base_url} sent no body byte for {idle:g}s"
             ) from None
         self._finish(self._reuse)
 
@@ -290,13 +326,13 @@ class UpstreamResponse:
             self._left = size
         return b"".join(out), False
 
-    async def _skip_trailers(self) -> None:
+    async def _skip_trailers(self, idle: float | None) -> None:
         """Read past the chunked body's end: an empty line, or trailer lines and an empty one."""
         buf = self._conn.buffer
         while not (buf.startswith(b"\r\n") or b"\r\n\r\n" in buf):
             if len(buf) > MAX_HEAD:
                 raise _Closed("trailers too long")
-            if not await self._conn.fill():
+            if not await self._conn.fill(idle):
                 raise _Closed("connection closed inside the trailers")
         del buf[: 2 if buf.startswith(b"\r\n") else buf.index(b"\r\n\r\n") + 4]
 
@@ -318,6 +354,7 @@ class Upstream:
         base_url: str,
         *,
         response_timeout: float = 600.0,
+        idle_timeout: float | None = None,
         max_connections: int = 512,
         max_idle: int = 64,
         keepalive_expiry: float = 4.0,
@@ -327,6 +364,7 @@ class Upstream:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.response_timeout = response_timeout
+        self.idle_timeout = idle_timeout  # None: a body may pause for ever
         self.max_idle = max_idle
         self.keepalive_expiry = keepalive_expiry
         self._host = parts.hostname
@@ -378,6 +416,9 @@ class Upstream:
                 conn = await self._connect()
             try:
                 return await self._roundtrip(conn, method, head, chunked, close, first, body)
+            except BadUpstreamResponse as exc:
+                conn.close()  # what follows on this connection cannot be trusted
+                raise BadUpstreamResponse(f"{self.base_url}: {exc}") from None
             except _Closed as exc:
                 conn.close()
                 # Sent again only when nothing of the body is lost: none, or an empty one.
@@ -432,9 +473,9 @@ class Upstream:
                 try:
                     n = int(value)
                 except ValueError:
-                    raise _Closed(f"bad Content-Length {value!r}") from None
+                    raise BadUpstreamResponse(f"bad Content-Length {value!r}") from None
                 if n < 0 or (mode == _LENGTH and n != length):
-                    raise _Closed(f"bad Content-Length {value!r}")
+                    raise BadUpstreamResponse(f"bad Content-Length {value!r}")
                 length, mode = n, _LENGTH
             elif name == b"transfer-encoding":
                 te = value.lower()
@@ -442,6 +483,8 @@ class Upstream:
                 tokens = value.lower()
                 persistent = b"close" not in tokens and (persistent or b"keep-alive" in tokens)
         if te:
+            if mode == _LENGTH:  # RFC 9112 6.3: a smuggling vector; never guess which one wins
+                raise BadUpstreamResponse("both Content-Length and Transfer-Encoding")
             mode = _CHUNKED if te.rsplit(b",", 1)[-1].strip() == b"chunked" else _CLOSE
         if method == "HEAD" or status in (204, 304):
             mode = _NONE
@@ -554,8 +597,10 @@ async def _read_head(
         raise _Closed(f"malformed status line {lines[0][:80]!r}")
     headers: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):  # obs-fold: the next hop may read it as a header of its own
+            raise BadUpstreamResponse(f"obs-fold continuation line {line[:80]!r}")
         name, sep, value = line.partition(b":")
         if not sep or not name or name[-1:] in (b" ", b"\t"):
-            raise _Closed(f"malformed header line {line[:80]!r}")
+            raise BadUpstreamResponse(f"malformed header line {line[:80]!r}")
         headers.append((name.lower(), value.strip()))
     return status, version, headers
