@@ -4,10 +4,17 @@ Bodies stream both ways with backpressure and are never held whole. A request it
 classifier calls GPU work first takes a lease from the broker; the lease is held until the
 response body has been sent to the end, or the client has gone away. Everything else passes
 straight through.
+
+A client that leaves releases its upstream connection at once (closed, as the upstream must
+learn that nobody reads its answer), whether it waits for a lease, for the head, or reads the
+body. A response is never passed on as complete when it is not: an upstream that breaks off
+(or goes silent for ``upstreamIdleTimeout``) ends an event stream with an error event, and
+aborts any other response's connection, as nginx and Go's ReverseProxy do.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -24,7 +31,13 @@ from .config import BackendConfig
 from .forwarding import request_headers, response_headers
 from .responses import retryable, send_error
 from .scheduler import Refuse
-from .upstream import Upstream, UpstreamError, UpstreamTimeout
+from .upstream import (
+    BadUpstreamResponse,
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 from .wsproxy import proxy_websocket
 
 log = logging.getLogger("gpubroker.proxy")
@@ -34,6 +47,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 QUEUED_BODY_LIMIT = 8 * 2**20  # bytes read ahead while queued, so a disconnect can be noticed
+WATCH_AFTER = 0.05  # s: a head slower than this gets a watcher for the client leaving
 
 
 class ClientGone(Exception):
@@ -203,13 +217,22 @@ class ProxyApp:
             if grant.swap is not None:
                 extra.append((b"x-gpubroker-swap", grant.swap.header().encode()))
         try:
-            response = await self.upstream.open(method, target, headers, body if has_body else None)
+            response = await self._open(method, target, headers, body, has_body, watched)
+            if response is None:
+                return  # the client left before the head came
         except ClientGone:
             return
         except UpstreamTimeout as exc:
             self.broker.counters[self.name]["upstream_errors"] += 1
             await send_error(
                 send, 504, "upstream_timeout", str(exc), backend=self.name, retryable=True
+            )
+            return
+        except BadUpstreamResponse as exc:
+            self.broker.counters[self.name]["upstream_errors"] += 1
+            log.warning("%s: refused a bad upstream response: %s", self.name, exc)
+            await send_error(
+                send, 502, "bad_upstream_response", str(exc), backend=self.name, retryable=False
             )
             return
         except UpstreamError as exc:
@@ -233,6 +256,47 @@ class ProxyApp:
         finally:
             with anyio.CancelScope(shield=True):  # close it even when the client left
                 await response.aclose()
+
+    async def _open(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: RequestBody,
+        has_body: bool,
+        watched: bool,
+    ) -> UpstreamResponse | None:
+        """``upstream.open()``; None when the client left first (the connection is then closed).
+
+        Unless the caller watches already, a client leaving while we wait for the head cancels
+        the wait: else each abandoned request would pin an upstream connection (and a pool
+        slot) until upstreamTimeout. A watcher costs a task, so it starts only once the head is
+        WATCH_AFTER late; the common fast answer pays for one timer and one cancel scope.
+        """
+        source = body if has_body else None
+        if watched:
+            return await self.upstream.open(method, target, headers, source)
+        loop = asyncio.get_running_loop()
+        scope = anyio.CancelScope()
+        watcher: asyncio.Task[None] | None = None
+        timer: asyncio.TimerHandle
+
+        def start_watching() -> None:
+            nonlocal timer, watcher
+            if has_body and not body.complete:  # reading the body notices a leave by itself
+                timer = loop.call_later(WATCH_AFTER, start_watching)
+            else:
+                watcher = loop.create_task(_cancel_when_gone(body, scope))
+
+        timer = loop.call_later(WATCH_AFTER, start_watching)
+        try:
+            with scope:
+                return await self.upstream.open(method, target, headers, source)
+            return None
+        finally:
+            timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
     async def _stream(
         self,
@@ -266,17 +330,23 @@ class ProxyApp:
             except UpstreamError as exc:
                 self.broker.counters[self.name]["upstream_errors"] += 1
                 log.warning("%s: upstream failed mid-stream: %s", self.name, exc)
-                if any(k == b"content-length" for k, _ in response.headers):
-                    # A promised length cannot be honoured: leaving the response unfinished
-                    # makes the server drop the connection, so the client sees the truncation
-                    # just as it would from the upstream itself.
+                tail = _stream_error_tail(response.headers, str(exc))
+                if not tail or any(k == b"content-length" for k, _ in response.headers):
+                    # Leaving the response unfinished makes the server drop the connection
+                    # (no terminating chunk, or short of the Content-Length), so the client
+                    # sees the truncation just as it would from the upstream itself, never a
+                    # complete-looking wrong body.
                     tg.cancel_scope.cancel()
                     return
-                tail = _stream_error_tail(response.headers, str(exc))
-                if tail:
-                    await send({"type": "http.response.body", "body": tail, "more_body": True})
+                # An event stream's client reads the error event; then the stream ends cleanly.
+                await send({"type": "http.response.body", "body": tail, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             tg.cancel_scope.cancel()
+
+
+async def _cancel_when_gone(body: RequestBody, scope: anyio.CancelScope) -> None:
+    await body.wait_disconnect()
+    scope.cancel()
 
 
 def _stream_error_tail(headers: list[tuple[bytes, bytes]], message: str) -> bytes:

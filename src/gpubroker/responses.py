@@ -3,7 +3,10 @@
 Shape: ``{"error": code, "message": …, "backend": …, "retryable": bool}``. An upstream's own
 4xx/5xx is never wrapped: it passes through untouched.
 
+    408 request_timeout        the request body sent nothing for clientIdleTimeout
     502 upstream_unreachable   the service refused or dropped the connection
+    502 bad_upstream_response  the service's response head was ambiguous or malformed (both
+                               Content-Length and Transfer-Encoding, obs-fold lines): not passed on
     502 load_failed            the service could not be made ready after a swap
     503 queue_timeout          waited past queueTimeout for the GPU (with Retry-After)
     503 shutting_down          the broker is stopping
