@@ -3,20 +3,165 @@
 Binding first (instead of letting Hypercorn bind) gives two things: a port-0 bind tells the
 caller which port it got, with no race between "find a free port" and "listen on it", and a
 bind error (port in use, permission) surfaces as an ``OSError`` before anything is started.
+
+Every port is bounded against slow or stalled clients (slowloris), with the bounds Hypercorn
+lacks added here: a request head must arrive whole within ``header_timeout`` of its first
+byte, a request body that sends nothing for ``client_idle_timeout`` is cut off (408), a
+client's EOF closes its idle connection at once, and an idle keep-alive connection closes
+after ``KEEP_ALIVE_TIMEOUT``. Hypercorn's own ``read_timeout`` is left off: it bounds every
+read for the connection's whole life, so it would cut a client waiting quietly for a long
+generation or an event stream.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+from hypercorn.asyncio import run as hypercorn_run
 from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.asyncio.tcp_server import MAX_RECV
+from hypercorn.asyncio.tcp_server import TCPServer as HypercornTCPServer
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, Event, RawData, Updated
+
+from .responses import send_error
 
 ASGIApp = Callable[..., Awaitable[None]]
+
+# Idle keep-alive connections close after this. Long enough to carry a client's bursts and a
+# UI's polls (1-5 s) on one connection, above the idle expiry of common client pools (httpx 5 s,
+# Node's undici 4 s) so they close first and never race us; five times fewer idle sockets (file
+# descriptors) held than nginx's 75 s.
+KEEP_ALIVE_TIMEOUT = 15.0
+
+
+class _TCPServer(HypercornTCPServer):
+    """Hypercorn 0.18's connection handler, plus a header deadline and close on client EOF.
+
+    Hypercorn's only bound on a slow head is its keep-alive timer (a head dribbled a byte at a
+    time holds the connection until it fires), and a client's EOF on an idle connection left
+    the socket open until then too. Here the first bytes of a head that does not complete at
+    once replace the keep-alive timer by one of ``gpubroker_header_timeout`` seconds (on the
+    Hypercorn config; None: Hypercorn's behaviour), which Hypercorn stops, as it stops its own,
+    when the head is complete. Installed in place of Hypercorn's class (its accept callback
+    looks the name up at each connection): every server in this process gets it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._idle = True  # no request in progress: a head is awaited
+        self._head_due = False  # part of a head came: the header timer runs
+        self._eof = False
+        self._header_s: float | None = None
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            if self._eof:
+                return  # nothing more can come: no keep-alive wait
+            if event.idle and self._head_due:
+                return  # HTTP/2 repeats idle=True per frame batch: keep the head's deadline
+            self._idle = event.idle
+            self._head_due = False
+        await super().protocol_send(event)
+
+    async def _read_data(self) -> None:
+        header_timeout = self._header_s = getattr(self.config, "gpubroker_header_timeout", None)
+        while not self.reader.at_eof():
+            try:
+                data = await asyncio.wait_for(self.reader.read(MAX_RECV), self.config.read_timeout)
+            except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
+                break
+            await self.protocol.handle(RawData(data))
+            if data and self._idle and not self._head_due and header_timeout is not None:
+                # A head began and is not complete yet (a complete one makes us busy at once).
+                self._head_due = True
+                await self.idle_task.restart(self._task_group, self._header_timeout)
+        self._eof = True
+        await self.protocol.handle(Closed())
+        await self.idle_task.stop()  # so the connection closes now, not when a timer fires
+
+    async def _header_timeout(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.context.terminated.wait(), self._header_s)
+        await asyncio.shield(self._initiate_server_close())
+
+
+hypercorn_run.TCPServer = _TCPServer  # type: ignore[misc]
+
+
+class _Config(HypercornConfig):
+    gpubroker_header_timeout: float | None = None  # read by _TCPServer
+
+
+class _BodyIdleGuard:
+    """Cut off a request body that sends nothing for ``timeout`` seconds (Hypercorn has no bound).
+
+    The app is cancelled where it waits (so the proxy closes its upstream connection and gives
+    up a lease), then the client gets a 408 and, its body unread, the connection closes.
+    Requests that cannot have a body (HTTP/1 with neither Content-Length nor Transfer-Encoding)
+    skip the guard: the proxy's fast path pays for one look at the headers.
+    """
+
+    def __init__(self, app: Any, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or (
+            scope.get("http_version", "1.1") in ("1.0", "1.1")
+            and not any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+        ):
+            await self.app(scope, receive, send)
+            return
+        timeout = self.timeout
+        loop = asyncio.get_running_loop()
+        pending = True  # body messages still to come
+        stalled = started = False
+
+        with anyio.CancelScope() as cancel:
+
+            def stall() -> None:
+                nonlocal stalled
+                stalled = True
+                cancel.cancel()  # lands in the receive() below, wherever the app awaits it
+
+            async def guarded_receive() -> dict[str, Any]:
+                nonlocal pending
+                if not pending:
+                    return await receive()  # type: ignore[no-any-return]
+                timer = loop.call_later(timeout, stall)  # a timer: cheaper than a cancel scope
+                try:
+                    message: dict[str, Any] = await receive()
+                finally:
+                    timer.cancel()
+                pending = message["type"] == "http.request" and message.get("more_body", False)
+                return message
+
+            async def tracked_send(message: dict[str, Any]) -> None:
+                nonlocal started
+                started = True
+                await send(message)
+
+            await self.app(scope, guarded_receive, tracked_send)
+        if stalled and not started:
+            text = f"the request body sent nothing for {timeout:g}s (clientIdleTimeout)"
+            await send_error(
+                send,
+                408,
+                "request_timeout",
+                text,
+                backend=None,
+                retryable=False,
+                headers=[(b"connection", b"close")],
+            )
 
 
 @dataclass(slots=True)
@@ -55,14 +200,20 @@ async def serve(
     *,
     graceful_timeout: float = 30.0,
     own_headers: bool = True,
+    header_timeout: float | None = 10.0,
+    client_idle_timeout: float | None = 60.0,
 ) -> None:
     """Serve ``app`` on ``listener`` until ``shutdown_trigger`` returns, then drain in-flight work.
 
     Hypercorn takes ownership of the socket. In-flight requests get ``graceful_timeout`` seconds
     to finish after the trigger fires. ``own_headers=False`` leaves out Hypercorn's Date and
-    Server headers (for the proxy ports, which pass the upstream's own).
+    Server headers (for the proxy ports, which pass the upstream's own). ``header_timeout`` and
+    ``client_idle_timeout`` (None: unbounded) are the config's headerTimeout and
+    clientIdleTimeout, described in the module docstring.
     """
-    config = HypercornConfig()
+    if client_idle_timeout is not None:
+        app = _BodyIdleGuard(app, client_idle_timeout)
+    config = _Config()
     config.bind = [f"fd://{listener.sock.detach()}"]
     config.graceful_timeout = graceful_timeout
     config.backlog = 1024  # Hypercorn listens again with its own backlog (100 by default)
@@ -71,7 +222,8 @@ async def serve(
     config.include_server_header = own_headers
     config.accesslog = None
     config.errorlog = logging.getLogger("gpubroker.http")
-    config.keep_alive_timeout = 75
-    config.h11_max_incomplete_size = 64 * 1024
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    config.gpubroker_header_timeout = header_timeout
+    config.h11_max_incomplete_size = 64 * 1024  # the largest request head (h11 answers 431)
     config.websocket_ping_interval = None
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
