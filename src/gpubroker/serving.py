@@ -29,8 +29,9 @@ from hypercorn.asyncio import run as hypercorn_run
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.asyncio.tcp_server import MAX_RECV
 from hypercorn.asyncio.tcp_server import TCPServer as HypercornTCPServer
+from hypercorn.asyncio.worker_context import AsyncioSingleTask
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.events import Closed, RawData
 
 from .responses import send_error
 
@@ -57,20 +58,11 @@ class _TCPServer(HypercornTCPServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._idle = True  # no request in progress: a head is awaited
-        self._head_due = False  # part of a head came: the header timer runs
-        self._eof = False
+        self.idle_task = _IdleTimer(self)
+        self.idle = True  # no request in progress: a head is awaited
+        self.head_due = False  # part of a head came: the header timer runs
+        self.eof = False
         self._header_s: float | None = None
-
-    async def protocol_send(self, event: Event) -> None:
-        if isinstance(event, Updated):
-            if self._eof:
-                return  # nothing more can come: no keep-alive wait
-            if event.idle and self._head_due:
-                return  # HTTP/2 repeats idle=True per frame batch: keep the head's deadline
-            self._idle = event.idle
-            self._head_due = False
-        await super().protocol_send(event)
 
     async def _read_data(self) -> None:
         header_timeout = self._header_s = getattr(self.config, "gpubroker_header_timeout", None)
@@ -80,18 +72,45 @@ class _TCPServer(HypercornTCPServer):
             except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
                 break
             await self.protocol.handle(RawData(data))
-            if data and self._idle and not self._head_due and header_timeout is not None:
+            if data and self.idle and not self.head_due and header_timeout is not None:
                 # A head began and is not complete yet (a complete one makes us busy at once).
-                self._head_due = True
-                await self.idle_task.restart(self._task_group, self._header_timeout)
-        self._eof = True
+                self.head_due = True
+                await self.idle_task.restart(self._task_group, self.header_timeout)
+        self.eof = True
         await self.protocol.handle(Closed())
         await self.idle_task.stop()  # so the connection closes now, not when a timer fires
 
-    async def _header_timeout(self) -> None:
+    async def header_timeout(self) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.context.terminated.wait(), self._header_s)
         await asyncio.shield(self._initiate_server_close())
+
+
+class _IdleTimer(AsyncioSingleTask):
+    """Hypercorn's idle-timer slot, which also tells the connection whether it is idle.
+
+    Hypercorn restarts it with its keep-alive timer when a connection turns idle and stops it
+    when a request head is complete; hooking here (rather than the connection's send path)
+    costs nothing per response write.
+    """
+
+    def __init__(self, conn: _TCPServer) -> None:
+        super().__init__()
+        self._conn = conn
+
+    async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
+        conn = self._conn
+        if conn.eof:
+            return  # nothing more can come: no keep-alive wait
+        if action != conn.header_timeout:  # Hypercorn's keep-alive timer: the connection is idle
+            if conn.head_due:
+                return  # HTTP/2 says "idle" again per frame batch: keep the head's deadline
+            conn.idle = True
+        await super().restart(task_group, action)
+
+    async def stop(self) -> None:
+        self._conn.idle = self._conn.head_due = False  # a request began (or the end came)
+        await super().stop()
 
 
 hypercorn_run.TCPServer = _TCPServer  # type: ignore[misc]
