@@ -271,32 +271,22 @@ class ProxyApp:
         Unless the caller watches already, a client leaving while we wait for the head cancels
         the wait: else each abandoned request would pin an upstream connection (and a pool
         slot) until upstreamTimeout. A watcher costs a task, so it starts only once the head is
-        WATCH_AFTER late; the common fast answer pays for one timer and one cancel scope.
+        WATCH_AFTER late, and it cancels this task natively (as ``asyncio.timeout`` does): the
+        common fast answer pays for one timer and one small object (~3 us), not a task or a
+        cancel scope.
         """
         source = body if has_body else None
         if watched:
             return await self.upstream.open(method, target, headers, source)
-        loop = asyncio.get_running_loop()
-        scope = anyio.CancelScope()
-        watcher: asyncio.Task[None] | None = None
-        timer: asyncio.TimerHandle
-
-        def start_watching() -> None:
-            nonlocal timer, watcher
-            if has_body and not body.complete:  # reading the body notices a leave by itself
-                timer = loop.call_later(WATCH_AFTER, start_watching)
-            else:
-                watcher = loop.create_task(_cancel_when_gone(body, scope))
-
-        timer = loop.call_later(WATCH_AFTER, start_watching)
+        watch = _LeaveWatch(body, has_body)
         try:
-            with scope:
-                return await self.upstream.open(method, target, headers, source)
-            return None
+            return await self.upstream.open(method, target, headers, source)
+        except asyncio.CancelledError:
+            if watch.left and watch.task.uncancel() == 0:  # ours alone: open() closed its conn
+                return None
+            raise
         finally:
-            timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
+            watch.close()
 
     async def _stream(
         self,
@@ -344,9 +334,43 @@ class ProxyApp:
             tg.cancel_scope.cancel()
 
 
-async def _cancel_when_gone(body: RequestBody, scope: anyio.CancelScope) -> None:
-    await body.wait_disconnect()
-    scope.cancel()
+class _LeaveWatch:
+    """While a response head is awaited: after WATCH_AFTER, a task that cancels the waiting
+    task if the client leaves. A class with bound methods, not closures: a closure that re-arms
+    its own timer references itself, and a reference cycle per request cost ~10 us of garbage
+    collection on the passthrough path (measured)."""
+
+    __slots__ = ("body", "has_body", "left", "loop", "task", "timer", "waiting", "watcher")
+
+    def __init__(self, body: RequestBody, has_body: bool) -> None:
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.body = body
+        self.has_body = has_body
+        self.waiting = True
+        self.left = False
+        self.watcher: asyncio.Task[None] | None = None
+        self.timer = self.loop.call_later(WATCH_AFTER, self._start)
+
+    def _start(self) -> None:
+        if self.has_body and not self.body.complete:  # reading the body notices a leave itself
+            self.timer = self.loop.call_later(WATCH_AFTER, self._start)
+        else:
+            self.watcher = self.loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        await self.body.wait_disconnect()
+        if self.waiting:  # never a cancel that would land after the head came
+            self.left = True
+            self.task.cancel()
+
+    def close(self) -> None:
+        self.waiting = False
+        self.timer.cancel()  # (also drops the handle's reference to us)
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 def _stream_error_tail(headers: list[tuple[bytes, bytes]], message: str) -> bytes:
