@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from hypercorn.asyncio import run as hypercorn_run
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.asyncio.tcp_server import MAX_RECV
@@ -140,38 +139,22 @@ class _BodyIdleGuard:
         ):
             await self.app(scope, receive, send)
             return
-        timeout = self.timeout
-        loop = asyncio.get_running_loop()
-        pending = True  # body messages still to come
-        stalled = started = False
-
-        with anyio.CancelScope() as cancel:
-
-            def stall() -> None:
-                nonlocal stalled
-                stalled = True
-                cancel.cancel()  # lands in the receive() below, wherever the app awaits it
-
-            async def guarded_receive() -> dict[str, Any]:
-                nonlocal pending
-                if not pending:
-                    return await receive()  # type: ignore[no-any-return]
-                timer = loop.call_later(timeout, stall)  # a timer: cheaper than a cancel scope
-                try:
-                    message: dict[str, Any] = await receive()
-                finally:
-                    timer.cancel()
-                pending = message["type"] == "http.request" and message.get("more_body", False)
-                return message
-
-            async def tracked_send(message: dict[str, Any]) -> None:
-                nonlocal started
-                started = True
-                await send(message)
-
-            await self.app(scope, guarded_receive, tracked_send)
-        if stalled and not started:
-            text = f"the request body sent nothing for {timeout:g}s (clientIdleTimeout)"
+        watch = _BodyWatch(receive, send, self.timeout)
+        cancelled: asyncio.CancelledError | None = None
+        try:
+            await self.app(scope, watch.receive, watch.send)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+        finally:
+            watch.close()
+        if not watch.stalled:
+            if cancelled is not None:
+                raise cancelled
+            return
+        if watch.task.uncancel() > 0 and cancelled is not None:
+            raise cancelled  # cancelled from elsewhere too: that one goes on
+        if not watch.started:
+            text = f"the request body sent nothing for {self.timeout:g}s (clientIdleTimeout)"
             await send_error(
                 send,
                 408,
@@ -181,6 +164,61 @@ class _BodyIdleGuard:
                 retryable=False,
                 headers=[(b"connection", b"close")],
             )
+
+
+class _BodyWatch:
+    """One request's body deadline: a single timer per request, not one per receive.
+
+    ``receive`` notes when it starts waiting on the client; the timer, when it fires, cancels
+    the app's task (natively, as ``asyncio.timeout`` does) if that wait is ``timeout`` old,
+    else re-arms for what is left. A class, not closures, so no reference cycle per request.
+    """
+
+    __slots__ = ("_receive", "_send", "loop", "since", "stalled", "started", "task", "timeout",
+                 "timer")  # fmt: skip
+
+    def __init__(self, receive: Any, send: Any, timeout: float) -> None:
+        self._receive = receive
+        self._send = send
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.since: float | None = None  # when the pending receive began waiting
+        self.stalled = self.started = False
+        self.timer: asyncio.TimerHandle | None = self.loop.call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        since, now = self.since, self.loop.time()
+        if since is not None and now - since >= self.timeout:
+            self.stalled = True
+            self.timer = None
+            self.task.cancel()
+        else:  # not waiting on the client now (the upstream reads slowly), or not for long
+            left = self.timeout if since is None else since + self.timeout - now
+            self.timer = self.loop.call_later(left, self._check)
+
+    async def receive(self) -> dict[str, Any]:
+        if self.timer is None:  # the body is complete (or cut off): nothing left to bound
+            return await self._receive()  # type: ignore[no-any-return]
+        self.since = self.loop.time()
+        try:
+            message: dict[str, Any] = await self._receive()
+        finally:
+            self.since = None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.close()
+        return message
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.started = True
+        await self._send(message)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 @dataclass(slots=True)
