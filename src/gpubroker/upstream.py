@@ -68,13 +68,8 @@ class BadUpstreamResponse(UpstreamError):
     """
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(_Silent())
-
-
 class _Silent(Exception):
-    """No byte arrived within ``fill()``'s timeout."""
+    """No body byte arrived within the upstream's idle timeout."""
 
 
 class _Closed(Exception):
@@ -97,6 +92,7 @@ class _Connection(asyncio.Protocol):
         self.eof = False
         self.error: Exception | None = None
         self.idle_since = 0.0
+        self.quiet_since = 0.0  # the last byte's arrival, or the start of the current wait
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._reading = True
@@ -109,6 +105,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self.quiet_since = time.monotonic()
         if self._reading and len(self.buffer) > READ_PAUSE and self.transport is not None:
             self.transport.pause_reading()
             self._reading = False
@@ -144,28 +141,30 @@ class _Connection(asyncio.Protocol):
         t = self.transport
         return not self.eof and not self.buffer and t is not None and not t.is_closing()
 
-    async def fill(self, idle: float | None = None) -> bool:
-        """Wait for more bytes; False when the peer has closed (nothing more will come).
-
-        ``idle``: raise ``_Silent`` when nothing arrives for that long (a timer, not a cancel
-        scope: this is on the path of every streamed event).
-        """
+    async def fill(self) -> bool:
+        """Wait for more bytes; False when the peer has closed (nothing more will come)."""
         if self.eof:
             return False
         if not self._reading and self.transport is not None:
             self.transport.resume_reading()
             self._reading = True
         before = len(self.buffer)
-        loop = asyncio.get_running_loop()
-        self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(idle, _expire, waiter) if idle is not None else None
+        self.quiet_since = time.monotonic()  # we were busy until now, not waiting on the peer
+        self._waiter = asyncio.get_running_loop().create_future()
         try:
-            await waiter
+            await self._waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
         return len(self.buffer) > before
+
+    def silent_for(self, idle: float) -> float:
+        """Fail the pending wait if nothing came for ``idle`` s; else how long until it may."""
+        left = self.quiet_since + idle - time.monotonic()
+        waiter = self._waiter
+        if left <= 0 and waiter is not None and not waiter.done():
+            waiter.set_exception(_Silent())
+            return 0.0
+        return left if left > 0 else idle
 
     def take(self, n: int) -> bytes:
         """Up to ``n`` buffered bytes, removed from the buffer."""
@@ -204,6 +203,7 @@ class UpstreamResponse:
         "_mode",
         "_reuse",
         "_upstream",
+        "_watchdog",
         "headers",
         "status",
     )
@@ -228,6 +228,7 @@ class UpstreamResponse:
         self._done = False
         self._left = 0  # chunked: data bytes still to come in the current chunk
         self._crlf = False  # chunked: the CRLF after a chunk's data is still to come
+        self._watchdog: asyncio.TimerHandle | None = None  # the body's idle bound
         if mode == _NONE or (mode == _LENGTH and length == 0):
             self._finish(reuse)
 
@@ -252,11 +253,13 @@ class UpstreamResponse:
             return
         conn = self._conn
         idle = self._upstream.idle_timeout
+        if idle is not None:  # one timer per response, not per read: checked when it fires
+            self._watchdog = asyncio.get_running_loop().call_later(idle, self._watch, idle)
         try:
             if self._mode == _LENGTH:
                 left = self._length
                 while left:
-                    if not conn.buffer and not await conn.fill(idle):
+                    if not conn.buffer and not await conn.fill():
                         raise _Closed(f"{left} of {self._length} body bytes missing")
                     chunk = conn.take(left)
                     left -= len(chunk)
@@ -268,11 +271,11 @@ class UpstreamResponse:
                         yield data
                     if last:
                         break
-                    if not data and not await conn.fill(idle):
+                    if not data and not await conn.fill():
                         raise _Closed("connection closed inside a chunked body")
-                await self._skip_trailers(idle)
+                await self._skip_trailers()
             else:  # until the upstream closes
-                while conn.buffer or await conn.fill(idle):
+                while conn.buffer or await conn.fill():
                     yield conn.take(len(conn.buffer))
                 if conn.error is not None:
                     raise _Closed(conn.error)
@@ -326,17 +329,26 @@ class UpstreamResponse:
             self._left = size
         return b"".join(out), False
 
-    async def _skip_trailers(self, idle: float | None) -> None:
+    async def _skip_trailers(self) -> None:
         """Read past the chunked body's end: an empty line, or trailer lines and an empty one."""
         buf = self._conn.buffer
         while not (buf.startswith(b"\r\n") or b"\r\n\r\n" in buf):
             if len(buf) > MAX_HEAD:
                 raise _Closed("trailers too long")
-            if not await self._conn.fill(idle):
+            if not await self._conn.fill():
                 raise _Closed("connection closed inside the trailers")
         del buf[: 2 if buf.startswith(b"\r\n") else buf.index(b"\r\n\r\n") + 4]
 
+    def _watch(self, idle: float) -> None:
+        if not self._done:
+            left = self._conn.silent_for(idle)
+            if left:
+                self._watchdog = asyncio.get_running_loop().call_later(left, self._watch, idle)
+
     def _finish(self, reuse: bool) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if not self._done:
             self._done = True
             self._upstream._release(self._conn, reuse)
