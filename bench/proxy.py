@@ -181,7 +181,12 @@ async def load(url: str, method: str, connections: int, duration: float) -> dict
         try:
             while (start := time.perf_counter()) < deadline:
                 writer.write(request)
-                status = await _read_response(reader)
+                try:
+                    status = await _read_response(reader)
+                except asyncio.IncompleteReadError:  # the server ended a keep-alive connection
+                    writer.close()  # (Hypercorn does after 1,000 requests): as wrk does, reconnect
+                    reader, writer = await asyncio.open_connection(host, port)
+                    continue
                 latencies.append(time.perf_counter() - start)
                 errors += status >= 400
         finally:

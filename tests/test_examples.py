@@ -54,3 +54,4 @@ def test_systemd_unit_runs_serve_and_outlasts_the_shutdown_grace() -> None:
     assert " serve --config " in fields["ExecStart"]
     assert fields["KillSignal"] == "SIGTERM"
     assert int(fields["TimeoutStopSec"]) > Config(backends=()).shutdown_grace
+    assert int(fields["LimitNOFILE"]) >= 65536  # a connection each way per streamed request

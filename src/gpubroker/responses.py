@@ -5,9 +5,12 @@ Shape: ``{"error": code, "message": …, "backend": …, "retryable": bool}``. A
 
     400 bad_request            a target or framing the proxy will not pass on (proxy.py)
     405 method_not_allowed     CONNECT and TRACE (with Allow)
+    408 request_timeout        the request body sent nothing for clientIdleTimeout
     431 headers_too_large      a request head over 64 KiB (serving.py)
     508 loop_detected          the request already passed 4 brokers (an upstream loop)
     502 upstream_unreachable   the service refused or dropped the connection
+    502 bad_upstream_response  the service's response head was ambiguous or malformed (both
+                               Content-Length and Transfer-Encoding, obs-fold lines): not passed on
     502 load_failed            the service could not be made ready after a swap
     503 queue_timeout          waited past queueTimeout for the GPU (with Retry-After)
     503 shutting_down          the broker is stopping

@@ -148,7 +148,15 @@ async def run_broker(
     if sampler.source.name != "none":
         broker.confirm_freed = monitor.wait_freed
     upstreams = {
-        b.name: Upstream(b.upstream, response_timeout=config.upstream_timeout)
+        b.name: Upstream(
+            b.upstream,
+            response_timeout=config.upstream_timeout,
+            idle_timeout=(
+                config.upstream_idle_timeout
+                if b.upstream_idle_timeout is None
+                else b.upstream_idle_timeout
+            ),
+        )
         for b in config.backends
     }
     proxies = {
@@ -178,7 +186,13 @@ async def run_broker(
                 grace = config.shutdown_grace
                 async with anyio.create_task_group() as servers:
                     for name, app in [("status", status.app), *proxies.items()]:
-                        run = partial(serve, graceful_timeout=grace, own_headers=name == "status")
+                        run = partial(
+                            serve,
+                            graceful_timeout=grace,
+                            own_headers=name == "status",
+                            header_timeout=config.header_timeout,
+                            client_idle_timeout=config.client_idle_timeout,
+                        )
                         servers.start_soon(run, app, listeners.pop(name), shutdown.wait)
                 stopped.set()
 

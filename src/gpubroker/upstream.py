@@ -27,9 +27,13 @@ The contract the proxy relies on:
 
 Errors::
 
-    UpstreamError          cannot connect ("<base> unreachable: ..."), the connection broke,
-     |                     a malformed or oversized (> 64 KiB) response head
-     +-- UpstreamTimeout   no response head within ``response_timeout`` seconds
+    UpstreamError               cannot connect ("<base> unreachable: ..."), the connection
+     |                          broke, or an oversized (> 64 KiB) response head
+     +-- UpstreamTimeout        no response head within ``response_timeout`` seconds, or no
+     |                          body byte for ``idle_timeout`` seconds (the body's idle bound)
+     +-- BadUpstreamResponse    a head we must not pass on: malformed, both Content-Length and
+                                Transfer-Encoding, or obs-fold continuation lines; the
+                                connection is closed, never reused
 """
 
 from __future__ import annotations
@@ -52,7 +56,20 @@ class UpstreamError(Exception):
 
 
 class UpstreamTimeout(UpstreamError):
-    """The upstream did not send response headers in time."""
+    """The upstream did not send response headers in time, or went silent inside the body."""
+
+
+class BadUpstreamResponse(UpstreamError):
+    """The response head is ambiguous or malformed: passing it on could desynchronise a client.
+
+    Both Content-Length and Transfer-Encoding, or an obs-fold continuation line, are how
+    response splitting and smuggling start; RFC 9112 lets a client reject them, and a proxy
+    must not forward them (it would frame the body one way while the next hop frames it another).
+    """
+
+
+class _Silent(Exception):
+    """No body byte arrived within the upstream's idle timeout."""
 
 
 class _Closed(Exception):
@@ -75,6 +92,7 @@ class _Connection(asyncio.Protocol):
         self.eof = False
         self.error: Exception | None = None
         self.idle_since = 0.0
+        self.quiet_since = 0.0  # the last byte's arrival, or the start of the current wait
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._reading = True
@@ -87,6 +105,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self.quiet_since = time.monotonic()
         if self._reading and len(self.buffer) > READ_PAUSE and self.transport is not None:
             self.transport.pause_reading()
             self._reading = False
@@ -130,12 +149,22 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
             self._reading = True
         before = len(self.buffer)
+        self.quiet_since = time.monotonic()  # we were busy until now, not waiting on the peer
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter
         finally:
             self._waiter = None
         return len(self.buffer) > before
+
+    def silent_for(self, idle: float) -> float:
+        """Fail the pending wait if nothing came for ``idle`` s; else how long until it may."""
+        left = self.quiet_since + idle - time.monotonic()
+        waiter = self._waiter
+        if left <= 0 and waiter is not None and not waiter.done():
+            waiter.set_exception(_Silent())
+            return 0.0
+        return left if left > 0 else idle
 
     def take(self, n: int) -> bytes:
         """Up to ``n`` buffered bytes, removed from the buffer."""
@@ -174,6 +203,7 @@ class UpstreamResponse:
         "_mode",
         "_reuse",
         "_upstream",
+        "_watchdog",
         "headers",
         "status",
     )
@@ -198,6 +228,7 @@ class UpstreamResponse:
         self._done = False
         self._left = 0  # chunked: data bytes still to come in the current chunk
         self._crlf = False  # chunked: the CRLF after a chunk's data is still to come
+        self._watchdog: asyncio.TimerHandle | None = None  # the body's idle bound
         if mode == _NONE or (mode == _LENGTH and length == 0):
             self._finish(reuse)
 
@@ -221,6 +252,9 @@ class UpstreamResponse:
         if self._done:
             return
         conn = self._conn
+        idle = self._upstream.idle_timeout
+        if idle is not None:  # one timer per response, not per read: checked when it fires
+            self._watchdog = asyncio.get_running_loop().call_later(idle, self._watch, idle)
         try:
             if self._mode == _LENGTH:
                 left = self._length
@@ -249,6 +283,11 @@ class UpstreamResponse:
             self._finish(False)
             raise UpstreamError(
                 f"{self._upstream.base_url} broke off the response: {exc}"
+            ) from None
+        except _Silent:
+            self._finish(False)
+            raise UpstreamTimeout(
+                f"{self._upstream.base_url} sent no body byte for {idle:g}s"
             ) from None
         self._finish(self._reuse)
 
@@ -300,7 +339,16 @@ class UpstreamResponse:
                 raise _Closed("connection closed inside the trailers")
         del buf[: 2 if buf.startswith(b"\r\n") else buf.index(b"\r\n\r\n") + 4]
 
+    def _watch(self, idle: float) -> None:
+        if not self._done:
+            left = self._conn.silent_for(idle)
+            if left:
+                self._watchdog = asyncio.get_running_loop().call_later(left, self._watch, idle)
+
     def _finish(self, reuse: bool) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if not self._done:
             self._done = True
             self._upstream._release(self._conn, reuse)
@@ -318,6 +366,7 @@ class Upstream:
         base_url: str,
         *,
         response_timeout: float = 600.0,
+        idle_timeout: float | None = None,
         max_connections: int = 512,
         max_idle: int = 64,
         keepalive_expiry: float = 4.0,
@@ -327,6 +376,7 @@ class Upstream:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.response_timeout = response_timeout
+        self.idle_timeout = idle_timeout  # None: a body may pause for ever
         self.max_idle = max_idle
         self.keepalive_expiry = keepalive_expiry
         self._host = parts.hostname
@@ -378,6 +428,9 @@ class Upstream:
                 conn = await self._connect()
             try:
                 return await self._roundtrip(conn, method, head, chunked, close, first, body)
+            except BadUpstreamResponse as exc:
+                conn.close()  # what follows on this connection cannot be trusted
+                raise BadUpstreamResponse(f"{self.base_url}: {exc}") from None
             except _Closed as exc:
                 conn.close()
                 # Sent again only when nothing of the body is lost: none, or an empty one.
@@ -432,9 +485,9 @@ class Upstream:
                 try:
                     n = int(value)
                 except ValueError:
-                    raise _Closed(f"bad Content-Length {value!r}") from None
+                    raise BadUpstreamResponse(f"bad Content-Length {value!r}") from None
                 if n < 0 or (mode == _LENGTH and n != length):
-                    raise _Closed(f"bad Content-Length {value!r}")
+                    raise BadUpstreamResponse(f"bad Content-Length {value!r}")
                 length, mode = n, _LENGTH
             elif name == b"transfer-encoding":
                 te = value.lower()
@@ -442,6 +495,8 @@ class Upstream:
                 tokens = value.lower()
                 persistent = b"close" not in tokens and (persistent or b"keep-alive" in tokens)
         if te:
+            if mode == _LENGTH:  # RFC 9112 6.3: a smuggling vector; never guess which one wins
+                raise BadUpstreamResponse("both Content-Length and Transfer-Encoding")
             mode = _CHUNKED if te.rsplit(b",", 1)[-1].strip() == b"chunked" else _CLOSE
         if method == "HEAD" or status in (204, 304):
             mode = _NONE
@@ -554,8 +609,10 @@ async def _read_head(
         raise _Closed(f"malformed status line {lines[0][:80]!r}")
     headers: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):  # obs-fold: the next hop may read it as a header of its own
+            raise BadUpstreamResponse(f"obs-fold continuation line {line[:80]!r}")
         name, sep, value = line.partition(b":")
         if not sep or not name or name[-1:] in (b" ", b"\t"):
-            raise _Closed(f"malformed header line {line[:80]!r}")
+            raise BadUpstreamResponse(f"malformed header line {line[:80]!r}")
         headers.append((name.lower(), value.strip()))
     return status, version, headers
