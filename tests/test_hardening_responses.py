@@ -188,7 +188,7 @@ async def test_a_stalled_response_body_ends_after_upstream_idle_timeout_and_free
         error = json.loads(events[1].removeprefix("data: "))["error"]
         assert error["type"] == "upstream_error" and "no body byte for 0.5s" in error["message"]
         assert events[2] == "data: [DONE]"
-    assert status["activeRequests"] == 0
+    assert status["totals"]["inFlight"] == 0
     assert status["backends"]["svc"]["upstreamErrors"] == 1
     warnings = [r for r in caplog.records if r.name == "gpubroker.proxy"]
     assert len(warnings) == 1 and "no body byte" in warnings[0].getMessage()
@@ -277,7 +277,7 @@ async def test_a_client_closing_its_idle_connection_is_closed_at_once() -> None:
         host, port = hostport(ep.status_url)
         with anyio.fail_after(5):  # not when the keep-alive timer fires
             async with await anyio.connect_tcp(host, port) as stream:
-                await stream.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                await stream.send(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
                 answer = b""
                 while b"\r\n\r\n" not in answer:
                     answer += await stream.receive()
@@ -326,7 +326,7 @@ async def test_a_stalled_request_body_is_cut_off_after_client_idle_timeout(
     assert head.startswith(b"HTTP/1.1 408")
     assert json.loads(body)["error"] == "request_timeout"
     assert upstream_saw == ["http.disconnect"]  # the half-sent body was never passed on whole
-    assert status["activeRequests"] == 0
+    assert status["totals"]["inFlight"] == 0
     no_errors_logged(caplog)
 
 
@@ -358,13 +358,13 @@ async def test_ambiguous_upstream_framing_is_a_502_and_closes_that_connection(
         async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
             with anyio.fail_after(10):
                 r = await client.get(ep.proxies["svc"] + "/x")
-                while not closed:
+                while b"/x" not in closed:
                     await anyio.sleep(0.02)
             status = await status_of(client, ep.status_url)
     assert r.status_code == 502
     assert r.json()["error"] == "bad_upstream_response" and r.json()["backend"] == "svc"
     assert "x-injected" not in r.headers
-    assert closed == [b"/x"]
+    assert closed.count(b"/x") == 1  # (the broker's health probe of "/" may close too)
     assert status["backends"]["svc"]["upstreamErrors"] == 1
     no_errors_logged(caplog)
 
@@ -397,5 +397,5 @@ async def test_a_body_stalling_while_queued_for_the_gpu_leaves_the_queue_with_a_
             after = await status_of(client, ep.status_url)
     assert answer.startswith(b"HTTP/1.1 408")
     assert mid["queueLength"] == 0 and mid["vramOwner"] == "a"  # left the queue, a unharmed
-    assert after["activeRequests"] == 0
+    assert after["totals"]["inFlight"] == 0
     assert b.loads == 0  # the stalled request never reached b
