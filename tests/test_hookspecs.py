@@ -52,3 +52,26 @@ def test_markers_belong_to_the_project() -> None:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     assert sorted(name for name in vars(pm.hook) if not name.startswith("_")) == sorted(HOOKS)
+
+
+def test_the_plugin_api_is_importable_from_the_package_itself() -> None:
+    import gpubroker
+    from gpubroker import Classifier, Job, Strategy, TelemetrySource, hookimpl
+    from gpubroker.classifiers.base import Classifier as ClassifierImpl
+    from gpubroker.hookspecs import hookimpl as hookimpl_impl
+    from gpubroker.strategies.base import Job as JobImpl
+    from gpubroker.strategies.base import Strategy as StrategyImpl
+    from gpubroker.telemetry.base import TelemetrySource as TelemetrySourceImpl
+
+    assert hookimpl is hookimpl_impl and Strategy is StrategyImpl and Job is JobImpl
+    assert Classifier is ClassifierImpl and TelemetrySource is TelemetrySourceImpl
+    assert set(gpubroker.__all__) >= {"hookimpl", "Strategy", "Classifier", "TelemetrySource"}
+    with pytest.raises(AttributeError):
+        gpubroker.nothing_of_that_name  # noqa: B018
+
+
+def test_every_public_name_resolves() -> None:
+    import gpubroker
+
+    for name in gpubroker.__all__:
+        assert getattr(gpubroker, name) is not None, name

@@ -138,8 +138,13 @@ def test_idle_timeout_unloads_an_unused_backend() -> None:
     assert done[-1].reason == "idle"
 
 
-def test_sleeping_backend_is_asleep_not_absent_and_is_woken_by_load() -> None:
-    h = budget(BackendSpec("vllm", need=20 * G, cost=1), BackendSpec("o", need=20 * G))
+@pytest.mark.parametrize(("cost", "sleeps"), [(1, True), (2, True)])
+def test_sleeping_backend_is_asleep_not_absent_and_is_woken_by_load(
+    cost: int, sleeps: bool
+) -> None:
+    h = budget(
+        BackendSpec("vllm", need=20 * G, cost=cost, sleeps=sleeps), BackendSpec("o", need=20 * G)
+    )
     h.request(1, "vllm")
     h.run_io()
     h.feed(h.sched.released(1, h.now))
@@ -150,6 +155,17 @@ def test_sleeping_backend_is_asleep_not_absent_and_is_woken_by_load() -> None:
     h.request(3, "vllm")
     h.run_io()
     assert [e.backend for e in h.effects if isinstance(e, Load)] == ["vllm", "o", "vllm"]
+
+
+def test_a_cheap_backend_that_unloads_is_absent_not_asleep() -> None:
+    # the rank says "evict me first"; only frees_by == "sleep" makes a backend asleep
+    h = budget(BackendSpec("cheap", need=20 * G, cost=1), BackendSpec("o", need=20 * G))
+    h.request(1, "cheap")
+    h.run_io()
+    h.feed(h.sched.released(1, h.now))
+    h.request(2, "o")
+    h.run_io()
+    assert h.sched.state("cheap") is State.ABSENT
 
 
 def test_backends_on_different_gpus_never_wait_for_each_other() -> None:
@@ -203,13 +219,13 @@ def test_priority_with_aging_orders_waiting_backends() -> None:
 
 SPECS_ONE = [
     BackendSpec("a", need=10 * G, priority=1, max_concurrency=2),
-    BackendSpec("b", need=8 * G, cost=1),
+    BackendSpec("b", need=8 * G, cost=1, sleeps=True),
     BackendSpec("c", need=6 * G, pinned=True),
     BackendSpec("d", need=14 * G),
 ]
 SPECS_TWO = [
     BackendSpec("a", gpus=("0",), need=10 * G),
-    BackendSpec("b", gpus=("1",), need=16 * G, cost=1),
+    BackendSpec("b", gpus=("1",), need=16 * G, cost=1, sleeps=True),
     BackendSpec("w", gpus=("0", "1"), need=12 * G, priority=1),
     BackendSpec("p", gpus=("1",), need=4 * G, pinned=True),
 ]

@@ -122,6 +122,7 @@ class Broker:
                     pinned=b.pinned,
                     max_concurrency=b.max_concurrency,
                     cost=type(self.strategies[b.name]).eviction_cost,
+                    sleeps=type(self.strategies[b.name]).frees_by == "sleep",
                     idle_timeout=b.idle_timeout,
                 )
                 for b in config.backends
@@ -531,7 +532,7 @@ class Broker:
         kind, name, detail = note.kind, note.backend, dict(note.detail)
         if kind == "unloading" and name is not None:
             self._held_before[name] = self.measured_total(name)
-            if self.sched.slots[name].spec.cost == 1:
+            if self.sched.slots[name].spec.sleeps:
                 kind = "sleeping"
         elif kind == "unloaded" and name is not None:
             held = self._held_before.pop(name, None)

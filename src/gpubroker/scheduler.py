@@ -50,8 +50,10 @@ HOLDS_VRAM = frozenset(
 class BackendSpec:
     """What the scheduler knows of a backend. ``need`` in bytes per GPU; None = whole GPU.
 
-    ``cost`` ranks how cheap the backend is to evict and bring back: 1 sleeps (vLLM wakes in
-    seconds), 2 unloads (a cold load), 3 stops a process (the slowest to come back).
+    ``cost`` ranks how cheap the backend is to evict and bring back: 1 (vLLM, which wakes in
+    seconds), 2 (a cold load), 3 (a process to restart). ``sleeps`` says what its unload does
+    and so what state follows (asleep rather than absent): a different fact, not inferred from
+    the rank.
     """
 
     name: str
@@ -62,6 +64,7 @@ class BackendSpec:
     max_concurrency: int | None = None
     cost: int = 2
     idle_timeout: float | None = None
+    sleeps: bool = False  # its unload is a sleep: afterwards it is asleep, not absent
 
 
 # --- effects: what the driver must do --------------------------------------------------------
@@ -492,7 +495,7 @@ class Scheduler:
         if holding:
             slot.state = State.RESIDENT
         else:
-            slot.state = State.ASLEEP if slot.spec.cost == 1 and error is None else State.ABSENT
+            slot.state = State.ASLEEP if slot.spec.sleeps and error is None else State.ABSENT
         slot.plan = None
         detail: dict[str, object] = {"error": error, "swap": swap, "holding": holding}
         effects: list[Effect] = [Note("unloaded", backend, detail=detail)]

@@ -59,6 +59,10 @@ class Strategy:
     """The Host the proxy sends when the backend's config does not say (``hostHeader``):
     the client's, as a transparent proxy does, or the upstream's own for a service that
     refuses Host names it does not know."""
+    frees_by: ClassVar[Literal["sleep", "unload", "stop"]] = "unload"
+    """How ``unload()`` frees the VRAM: ``sleep`` keeps the service up with its weights off
+    the GPU (it is reported asleep and woken by ``load()``), ``unload`` drops the model,
+    ``stop`` ends the process. Separate from :attr:`eviction_cost`, which only ranks."""
     eviction_cost: ClassVar[int] = 2
     """How dear it is to evict and bring back: 1 sleeps (wakes in seconds), 2 unloads (a cold
     load), 3 stops a process. The budget scheduler evicts the cheapest first."""

@@ -200,6 +200,7 @@ class VLLMStrategy(Strategy):
 
     name = "vllm"
     description = "vLLM: POST /sleep?level=N, wake with /wake_up (dev mode + --enable-sleep-mode)"
+    frees_by = "sleep"
     eviction_cost = 1
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:

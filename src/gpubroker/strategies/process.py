@@ -37,6 +37,7 @@ class ProcessStrategy(Strategy):
 
     name = "process"
     description = "Managed worker (`command:`): stop the process to free VRAM, start on demand"
+    frees_by = "stop"
     eviction_cost = 3
 
     def _supervisor(self) -> Supervisor:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gpubroker.classifiers import Classifier, RouteClassifier
-from gpubroker.hookspecs import hookimpl
-from gpubroker.strategies import Strategy
+from gpubroker import Classifier, RouteClassifier, Strategy, hookimpl
 
 __all__ = ["SDWebUIClassifier", "SDWebUIFailed", "SDWebUIStrategy"]
 
