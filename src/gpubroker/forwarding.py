@@ -7,7 +7,9 @@ added, and the client's ``Host`` is kept. Keeping Host is what nginx's
 with the browser's ``Origin`` to refuse cross-site requests (ComfyUI answers 403 on a loopback
 address when they differ), so a proxy that rewrites one and not the other breaks every page
 loaded through it. A backend with ``hostHeader: upstream`` gets the upstream's own host instead
-(name-based virtual hosts, TLS with SNI); the client's stays in ``X-Forwarded-Host``.
+(name-based virtual hosts, TLS with SNI); the client's stays in ``X-Forwarded-Host``. A
+strategy may make ``upstream`` its backends' default (``Strategy.host_header``): Ollama does,
+since its Host allow-list refuses names it does not know.
 """
 
 from __future__ import annotations
