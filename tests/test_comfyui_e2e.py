@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -311,3 +311,24 @@ async def test_status_keeps_onegpu4alls_shapes_for_its_live_monitor() -> None:
     assert isinstance(s["uptime"], int)
     assert isinstance(s["queueLength"], int) and isinstance(s["queuedBackends"], list)
     assert s["totals"]["inFlight"] == 1 and s["totals"]["gpuRequests"] == 1
+
+
+async def test_jobs_of_a_comfyui_that_went_away_stop_holding_the_gpu() -> None:
+    """A queue nobody can read any more is counted as empty after unloadTimeout: its jobs died
+    with the service and must not keep the backend busy (or the other backend waiting)."""
+    gpu = SimGPU(16 * GiB)
+    comfy = ComfyUIEmulator(gpu, 2 * GiB, job_seconds=30.0)
+    async with AsyncExitStack() as service:
+        c = await service.enter_async_context(running(comfy.app))
+        cfg = make_config({"comfyui": {"upstream": c, "unloadStrategy": "comfyui"}},
+                          unloadTimeout="1s", telemetry="none")  # fmt: skip
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            await queue_prompt(client, ep.proxies["comfyui"])
+            with anyio.fail_after(5):
+                while not (await client.get(ep.status_url + "/")).json()["totals"]["jobs"]:
+                    await anyio.sleep(0.02)
+            await service.aclose()  # ComfyUI stops with its job in the queue
+            with anyio.fail_after(10):
+                while (s := (await client.get(ep.status_url + "/")).json())["totals"]["jobs"]:
+                    await anyio.sleep(0.05)
+    assert s["activeRequests"] == {"comfyui": 0} and s["liveRequests"] == []
