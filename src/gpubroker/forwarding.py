@@ -14,7 +14,11 @@ since its Host allow-list refuses names it does not know.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from .config import BackendConfig
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -43,6 +47,14 @@ WEBSOCKET_HANDSHAKE = frozenset(
         b"sec-websocket-protocol",
     }
 )
+
+
+def sent_host(backend: BackendConfig) -> bytes | None:
+    """The Host to send in place of the client's: the upstream's own under ``hostHeader:
+    upstream``, else None (the client's goes through)."""
+    if backend.host_header != "upstream":
+        return None
+    return urlsplit(backend.upstream).netloc.encode()
 
 
 def hop_by_hop(headers: Headers) -> frozenset[bytes]:

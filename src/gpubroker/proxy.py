@@ -22,14 +22,13 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 
 from .broker import Broker, Grant, Refused
 from .classifiers.base import Classifier
 from .config import BackendConfig
-from .forwarding import MAX_HOPS, request_headers, response_headers, via_hops
+from .forwarding import MAX_HOPS, request_headers, response_headers, sent_host, via_hops
 from .responses import retryable, send_error
 from .scheduler import Refuse
 from .target import BadTarget, normalise, route_variants
@@ -140,12 +139,7 @@ class ProxyApp:
         self.broker = broker
         self.upstream = upstream
         self.name = backend.name
-        # None: the client's Host goes through (see forwarding.py)
-        self._upstream_host = (
-            urlsplit(backend.upstream).netloc.encode()
-            if backend.host_header == "upstream"
-            else None
-        )
+        self._upstream_host = sent_host(backend)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -17,7 +17,7 @@ from websockets.datastructures import HeadersLike
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .config import BackendConfig
-from .forwarding import request_headers
+from .forwarding import request_headers, sent_host
 
 log = logging.getLogger("gpubroker.ws")
 
@@ -57,12 +57,9 @@ async def proxy_websocket(
     url = base + target.decode("latin-1").split("?", 1)[0]
     if scope.get("query_string"):
         url += "?" + scope["query_string"].decode("latin-1")
-    own_host = urlsplit(backend.upstream).netloc.encode()
-    forwarded = request_headers(
-        scope, own_host if backend.host_header == "upstream" else None, websocket=True
-    )
-    if not any(k == b"host" for k, _ in forwarded):
-        forwarded.append((b"host", own_host))
+    forwarded = request_headers(scope, sent_host(backend), websocket=True)
+    if not any(k == b"host" for k, _ in forwarded):  # a client that sent none
+        forwarded.append((b"host", urlsplit(backend.upstream).netloc.encode()))
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in forwarded]
     try:
         upstream = await connect(
