@@ -1,6 +1,6 @@
 """How much does gpubroker's proxy cost? Direct vs through the broker, on loopback, in one run.
 
-    .venv/bin/python bench/proxy.py                  # the lean client (gpubroker.upstream)
+    .venv/bin/python bench/proxy.py                  # the lean client (gpubroker.proxy.upstream)
     .venv/bin/python bench/proxy.py --compare httpx  # and the old httpx client, for reference
     .venv/bin/python bench/proxy.py --only "c16|SSE" --duration 5  # some cases, longer
 
@@ -11,7 +11,7 @@ Pieces, each in its own process so none shares a GIL with another:
   ``POST /gpu`` answer 13 bytes; ``GET /sse?n=&interval=`` streams ``n`` token events, one every
   ``interval`` ms (on a fixed schedule, like a GPU-bound token stream: a late event does not
   delay the next ones), each stamped with the wall-clock time it was written.
-- broker: the real one, ``gpubroker.server.run_broker`` in this process, with one ``generic``
+- broker: the real one, ``gpubroker.runtime.run_broker`` in this process, with one ``generic``
   backend whose ``gpuPaths`` is ``POST /gpu`` (a GPU lease per request; the rest pass through).
 - load: ``wrk`` when installed (``apt-get install wrk``), else this script's own asyncio client
   (``--load``) in a child process; the SSE client is always this script's (``--sse``).
@@ -264,7 +264,7 @@ def httpx_upstream_class() -> type:
     """gpubroker's former upstream client (httpx), behind the same interface."""
     import httpx
 
-    from gpubroker.upstream import UpstreamError, UpstreamTimeout
+    from gpubroker.proxy.upstream import UpstreamError, UpstreamTimeout
 
     @dataclass(slots=True)
     class Response:
@@ -327,7 +327,7 @@ def aiohttp_upstream_class() -> type:
     from multidict import CIMultiDict
     from yarl import URL
 
-    from gpubroker.upstream import UpstreamError, UpstreamTimeout
+    from gpubroker.proxy.upstream import UpstreamError, UpstreamTimeout
 
     @dataclass(slots=True)
     class Response:
@@ -500,15 +500,15 @@ async def start_upstream(python: bool) -> tuple[str, Any, str]:
 
 async def with_broker(upstream: str, client: str, fn: Any) -> Any:
     """Run ``fn(proxy_url)`` against a real broker in front of ``upstream``."""
-    from gpubroker import server
-    from gpubroker.config import parse_config
-    from gpubroker.plugins import create_plugins
+    from gpubroker import runtime
+    from gpubroker.config.load import parse_config
+    from gpubroker.plugins.manager import create_plugins
 
-    original = server.Upstream
+    original = runtime.Upstream
     if client == "httpx":
-        server.Upstream = httpx_upstream_class()  # type: ignore[misc]
+        runtime.Upstream = httpx_upstream_class()  # type: ignore[misc]
     elif client == "aiohttp":
-        server.Upstream = aiohttp_upstream_class()  # type: ignore[misc]
+        runtime.Upstream = aiohttp_upstream_class()  # type: ignore[misc]
     config = parse_config(
         {
             "backends": [
@@ -526,7 +526,7 @@ async def with_broker(upstream: str, client: str, fn: Any) -> Any:
     try:
         async with anyio.create_task_group() as tg:
             endpoints = await tg.start(
-                lambda task_status: server.run_broker(
+                lambda task_status: runtime.run_broker(
                     config,
                     create_plugins(entry_points=False),
                     shutdown,
@@ -539,7 +539,7 @@ async def with_broker(upstream: str, client: str, fn: Any) -> Any:
             finally:
                 shutdown.set()
     finally:
-        server.Upstream = original  # type: ignore[misc]
+        runtime.Upstream = original  # type: ignore[misc]
 
 
 def _ratio(a: float, b: float) -> str:

@@ -51,8 +51,8 @@ from typing import Any
 import anyio
 import httpx
 
-import gpubroker.broker as broker_module
-import gpubroker.strategies.builtin as strategies_module
+import gpubroker.plugins.strategies.builtin as strategies_module
+import gpubroker.scheduling.broker as broker_module
 from gpubroker.sim import (
     ComfyUIEmulator,
     GenericEmulator,
@@ -102,8 +102,8 @@ BROKER_REAL = {
     "unloadTimeout": 10.0,
     "startTimeout": 120.0,
 }
-IDLE_POLL_REAL = 0.05  # gpubroker.broker.IDLE_POLL
-CONFIRM_POLL_REAL = 0.02  # gpubroker.strategies.builtin.POLL_INTERVAL
+IDLE_POLL_REAL = 0.05  # gpubroker.scheduling.broker.IDLE_POLL
+CONFIRM_POLL_REAL = 0.02  # gpubroker.plugins.strategies.builtin.POLL_INTERVAL
 HISTORY_POLL_REAL = 0.5  # how often the bench's client polls ComfyUI's /history
 
 

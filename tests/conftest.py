@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from gpubroker.serving import Listener, listen, serve
+from gpubroker.proxy.listener import Listener, listen, serve
 
 ENV_VARS = (
     "GPUBROKER_CONFIG",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gpubroker.scheduler import Admit, Effect, Load, Scheduler, Unload, WaitIdle
+from gpubroker.scheduling.scheduler import Admit, Effect, Load, Scheduler, Unload, WaitIdle
 
 
 @dataclass

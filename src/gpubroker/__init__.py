@@ -1,7 +1,7 @@
 """gpubroker: one GPU, many inference services, no OOMs.
 
 The plugin API is public here and stable: ``from gpubroker import hookimpl, Strategy,
-Classifier, TelemetrySource`` (see ``gpubroker.hookspecs`` for the hooks). The names are
+Classifier, TelemetrySource`` (see ``gpubroker.plugins.hookspecs`` for the hooks). The names are
 loaded on first use, so ``import gpubroker`` stays cheap for the CLI.
 """
 
@@ -17,22 +17,27 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 if TYPE_CHECKING:
-    from .classifiers.base import Classifier, RouteClassifier
-    from .hookspecs import hookimpl
-    from .strategies.base import Job, Strategy, StrategyContext
-    from .telemetry.base import GpuProcess, GpuSample, TelemetrySnapshot, TelemetrySource
+    from gpubroker.observe.telemetry.base import (
+        GpuProcess,
+        GpuSample,
+        TelemetrySnapshot,
+        TelemetrySource,
+    )
+    from gpubroker.plugins.classifiers.base import Classifier, RouteClassifier
+    from gpubroker.plugins.hookspecs import hookimpl
+    from gpubroker.plugins.strategies.base import Job, Strategy, StrategyContext
 
 _PUBLIC = {
-    "hookimpl": ".hookspecs",
-    "Strategy": ".strategies.base",
-    "StrategyContext": ".strategies.base",
-    "Job": ".strategies.base",
-    "Classifier": ".classifiers.base",
-    "RouteClassifier": ".classifiers.base",
-    "TelemetrySource": ".telemetry.base",
-    "TelemetrySnapshot": ".telemetry.base",
-    "GpuSample": ".telemetry.base",
-    "GpuProcess": ".telemetry.base",
+    "hookimpl": ".plugins.hookspecs",
+    "Strategy": ".plugins.strategies.base",
+    "StrategyContext": ".plugins.strategies.base",
+    "Job": ".plugins.strategies.base",
+    "Classifier": ".plugins.classifiers.base",
+    "RouteClassifier": ".plugins.classifiers.base",
+    "TelemetrySource": ".observe.telemetry.base",
+    "TelemetrySnapshot": ".observe.telemetry.base",
+    "GpuSample": ".observe.telemetry.base",
+    "GpuProcess": ".observe.telemetry.base",
 }
 
 __all__ = [

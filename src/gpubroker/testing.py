@@ -15,9 +15,9 @@ from typing import Any
 
 import anyio
 
-from .config import Config, parse_config
-from .plugins import Plugins, create_plugins
-from .server import Endpoints, run_broker
+from gpubroker.config.load import Config, parse_config
+from gpubroker.plugins.manager import Plugins, create_plugins
+from gpubroker.runtime import Endpoints, run_broker
 
 
 def make_config(backends: Mapping[str, Mapping[str, Any]], **top: Any) -> Config:

@@ -12,10 +12,10 @@ import anyio
 import httpx
 import pytest
 from gpubroker.cli.main import app
-from gpubroker.config import BackendConfig
-from gpubroker.plugins import create_plugins
-from gpubroker.serving import Listener, listen, serve
-from gpubroker.strategies import StrategyContext
+from gpubroker.config.load import BackendConfig
+from gpubroker.plugins.manager import create_plugins
+from gpubroker.plugins.strategies import StrategyContext
+from gpubroker.proxy.listener import Listener, listen, serve
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse

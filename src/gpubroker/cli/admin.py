@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import UsageError
-from .common import ConfigOption, JsonOption, TokenOption, UrlOption
+from gpubroker.cli.common import ConfigOption, JsonOption, TokenOption, UrlOption
+from gpubroker.errors import UsageError
 
 
 def _print(data: dict[str, Any], as_json: bool, line: str) -> None:
@@ -35,9 +35,9 @@ def status(
     """Show who holds the GPU, what is queued, what each backend uses, and any warnings."""
     from rich.console import Console
 
-    from ..client import broker_target, call
-    from .watch import render
-    from .watch import watch as live
+    from gpubroker.cli.client import broker_target, call
+    from gpubroker.cli.watch import render
+    from gpubroker.cli.watch import watch as live
 
     if watch and json_:
         raise UsageError("--watch draws a dashboard; it does not combine with --json")
@@ -62,7 +62,7 @@ def unload(
     json_: JsonOption = False,
 ) -> None:
     """Free a backend's VRAM now (waits for its in-flight requests unless --force)."""
-    from ..client import AdminFailed, broker_target, call
+    from gpubroker.cli.client import AdminFailed, broker_target, call
 
     if (name is None) == (not all_):
         raise UsageError("name one backend, or pass --all (not both)")
@@ -85,7 +85,7 @@ def swap(
     json_: JsonOption = False,
 ) -> None:
     """Make a backend the GPU's owner now (frees the others, preloads or wakes it)."""
-    from ..client import broker_target, call
+    from gpubroker.cli.client import broker_target, call
 
     base, tok = broker_target(url, config, token)
     data = call("POST", base, "/api/swap", token=tok, json={"backend": name})

@@ -9,7 +9,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from ..errors import GPUBrokerError
+from gpubroker.errors import GPUBrokerError
 
 ConfigOption = Annotated[
     Path | None,

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..errors import GPUBrokerError
-from . import admin, serve, workers
-from .common import ConfigOption, fail, friendly
+from gpubroker.cli import admin, serve, workers
+from gpubroker.cli.common import ConfigOption, fail, friendly
+from gpubroker.errors import GPUBrokerError
 
 if TYPE_CHECKING:
-    from ..plugins import Provided
+    from gpubroker.plugins.manager import Provided
 
 app = typer.Typer(
     name="gpubroker",
@@ -32,7 +32,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from gpubroker import __version__
 
         typer.echo(f"gpubroker {__version__}")
         raise typer.Exit()
@@ -64,9 +64,9 @@ def init(
     """Write a commented gpubroker.yaml, pre-filled with the GPUs and services found here."""
     import anyio
 
-    from ..config import load_config_file
-    from ..detect import find_gpus, find_services
-    from ..initfile import build_document, render
+    from gpubroker.config.detect import find_gpus, find_services
+    from gpubroker.config.initfile import build_document, render
+    from gpubroker.config.load import load_config_file
 
     if path.exists() and not force:
         typer.echo(f"gpubroker: {path} already exists; use --force to overwrite it.", err=True)
@@ -108,9 +108,9 @@ def plugins_(
     """List every unload strategy, classifier and telemetry source, and who provides it."""
     import json as jsonlib
 
-    from ..config import resolve_config
-    from ..errors import ConfigError
-    from ..plugins import create_plugins
+    from gpubroker.config.load import resolve_config
+    from gpubroker.errors import ConfigError
+    from gpubroker.plugins.manager import create_plugins
 
     disabled: tuple[str, ...] = ()
     if config is not None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import ConfigOption
+from gpubroker.cli.common import ConfigOption
 
 
 def _logging(verbose: bool) -> None:
@@ -33,9 +33,9 @@ def serve(
 
     import anyio
 
-    from ..config import describe_config, resolve_config
-    from ..plugins import check_config_names, create_plugins
-    from ..server import run_broker
+    from gpubroker.config.load import describe_config, resolve_config
+    from gpubroker.plugins.manager import check_config_names, create_plugins
+    from gpubroker.runtime import run_broker
 
     cfg = resolve_config(config)
     if not cfg.backends:
@@ -94,6 +94,6 @@ def demo(
     ] = 24,
 ) -> None:
     """Run simulated Ollama, ComfyUI and vLLM on a simulated 24 GiB GPU behind a real broker."""
-    from ..demo import run_demo
+    from gpubroker.cli.demo import run_demo
 
     run_demo(keep=keep, requests=requests)

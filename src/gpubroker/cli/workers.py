@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import UsageError
-from .common import ConfigOption, JsonOption, TokenOption, UrlOption, friendly
+from gpubroker.cli.common import ConfigOption, JsonOption, TokenOption, UrlOption, friendly
+from gpubroker.errors import UsageError
 
 app = typer.Typer(
     name="workers",
@@ -43,7 +43,7 @@ def _verb(
     json_: bool,
 ) -> None:
     """POST a verb, print one line per worker, exit 1 when any of them failed."""
-    from ..client import AdminFailed, broker_target, call
+    from gpubroker.cli.client import AdminFailed, broker_target, call
 
     base, tok = broker_target(url, config, token)
     data = call("POST", base, path, token=tok, json=body, timeout=None)
@@ -89,7 +89,7 @@ def list_(
 ) -> None:
     """List managed workers: state, PID, GPU, uptime, restarts, VRAM (and, with the admin
     token, the log tail of a failed one)."""
-    from ..client import broker_target, call
+    from gpubroker.cli.client import broker_target, call
 
     base, tok = broker_target(url, config, token)
     data = call("GET", base, "/api/workers", token=tok, timeout=10.0)
@@ -206,7 +206,7 @@ def logs(
     token: TokenOption = None,
 ) -> None:
     """Show a managed worker's captured output (stdout and stderr)."""
-    from ..client import broker_target, call
+    from gpubroker.cli.client import broker_target, call
 
     if not name.strip():
         raise UsageError("the worker name is empty")

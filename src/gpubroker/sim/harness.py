@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from gpubroker.serving import listen, serve
+from gpubroker.proxy.listener import listen, serve
 
 
 class StartupFailed(RuntimeError):

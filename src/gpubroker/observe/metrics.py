@@ -1,0 +1,234 @@
+"""``GET /metrics``: the broker and its GPUs in Prometheus' text format (prometheus-client).
+
+Each broker has a registry of its own, never the process-global one, so tests and embedded
+brokers never collide. Gauges and counts the broker already keeps are read at scrape time by a
+collector; only what needs a distribution (queue wait, swap phases, first byte) is observed as
+events happen. A reading telemetry cannot give is left out, never exported as zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gpubroker.observe.monitor import Monitor
+from gpubroker.scheduling.broker import Broker
+from gpubroker.scheduling.scheduler import State
+
+WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SWAP_BUCKETS = (0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300)
+PHASES = ("drain", "unload", "load", "total")
+ALERT_CODES = (
+    "backend_down",
+    "unmanaged_gpu_process",
+    "gpu_near_full",
+    "pinned-to-wrong-GPU",
+    "vram_mismatch",
+    "unload_not_freed",
+    "telemetry_failed",
+)
+
+# (metric suffix, help, GpuSample attribute, scale)
+_GPU_GAUGES = (
+    ("memory_total_bytes", "GPU memory in total", "memory_total", 1),
+    ("memory_used_bytes", "GPU memory in use", "memory_used", 1),
+    ("memory_free_bytes", "GPU memory free", "memory_free", 1),
+    ("utilization_ratio", "GPU busy time over the last sample period (0-1)", "utilization", 0.01),
+    ("power_watts", "GPU power draw", "power_draw", 1),
+    ("power_limit_watts", "GPU enforced power limit", "power_limit", 1),
+    ("temperature_celsius", "GPU core temperature", "temperature", 1),
+    ("fan_ratio", "GPU fan speed (0-1 of maximum)", "fan", 0.01),
+    ("sm_clock_hertz", "GPU SM clock", "sm_clock", 1e6),
+    ("memory_clock_hertz", "GPU memory clock", "mem_clock", 1e6),
+)
+
+
+class _StateCollector(Collector):
+    """Reads the broker, the telemetry snapshot and the alerts at scrape time."""
+
+    def __init__(
+        self, broker: Broker, monitor: Monitor | None, health: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        self.broker = broker
+        self.monitor = monitor
+        self.health = health
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._gpus()
+        yield from self._backends()
+        sched = self.broker.sched
+        queue = GaugeMetricFamily("gpubroker_queue_length", "Requests waiting for the GPU")
+        queue.add_metric([], len(sched.queue))
+        yield queue
+        swaps = CounterMetricFamily("gpubroker_swaps", "Swaps that evicted something")
+        swaps.add_metric([], sched.swap_count)
+        yield swaps
+        alerts = GaugeMetricFamily("gpubroker_warnings", "Active warnings by code", labels=["code"])
+        active = self.monitor.alerts.current() if self.monitor else []
+        for code in ALERT_CODES:
+            alerts.add_metric([code], sum(1 for a in active if a.code == code))
+        yield alerts
+
+    def _gpus(self) -> Iterator[Metric]:
+        if self.monitor is None:
+            return
+        snap = self.monitor.snapshot
+        up = GaugeMetricFamily("gpubroker_telemetry_up", "1 when the last GPU reading succeeded")
+        up.add_metric([], 0 if snap.error else 1)
+        yield up
+        labels = ["gpu", "uuid", "name"]
+        for suffix, text, attr, scale in _GPU_GAUGES:
+            family = GaugeMetricFamily(f"gpubroker_gpu_{suffix}", text, labels=labels)
+            for g in snap.gpus:
+                value = getattr(g, attr)
+                if value is not None:
+                    family.add_metric([str(g.index), g.uuid, g.name], value * scale)
+            yield family
+        procs = GaugeMetricFamily(
+            "gpubroker_gpu_process_memory_bytes",
+            "GPU memory per process, with the backend that owns it (empty: none)",
+            labels=["gpu", "pid", "owner"],
+        )
+        for p in self.monitor.attribution.processes:
+            if p.used is not None:
+                procs.add_metric([p.gpu, str(p.pid), p.owner or ""], p.used)
+        yield procs
+
+    def _backends(self) -> Iterator[Metric]:
+        broker, sched = self.broker, self.broker.sched
+        by_kind = CounterMetricFamily(
+            "gpubroker_requests",
+            "Requests per backend: kind=gpu took a lease, kind=passthrough did not",
+            labels=["backend", "kind"],
+        )
+        refused = CounterMetricFamily(
+            "gpubroker_refusals", "Requests the scheduler refused (503, 507…)", labels=["backend"]
+        )
+        errors = CounterMetricFamily(
+            "gpubroker_upstream_errors", "Upstream failures seen by the proxy", labels=["backend"]
+        )
+        active = GaugeMetricFamily(
+            "gpubroker_active_requests", "GPU leases held", labels=["backend"]
+        )
+        jobs = GaugeMetricFamily(
+            "gpubroker_service_jobs",
+            "Jobs in the service's own queue (ComfyUI), running or pending: in flight too",
+            labels=["backend"],
+        )
+        queued = GaugeMetricFamily(
+            "gpubroker_queued_requests", "Requests waiting", labels=["backend"]
+        )
+        state = GaugeMetricFamily(
+            "gpubroker_backend_state",
+            "1 for the backend's scheduler state",
+            labels=["backend", "state"],
+        )
+        up = GaugeMetricFamily(
+            "gpubroker_backend_up", "1 when the health probe passes", labels=["backend"]
+        )
+        declared = GaugeMetricFamily(
+            "gpubroker_backend_vram_declared_bytes", "The config's vram", labels=["backend"]
+        )
+        measured = GaugeMetricFamily(
+            "gpubroker_backend_vram_measured_bytes",
+            "VRAM the backend's processes hold, per telemetry",
+            labels=["backend"],
+        )
+        for b in broker.config.backends:
+            counts = broker.counters[b.name]
+            by_kind.add_metric([b.name, "gpu"], counts["gpu"])
+            by_kind.add_metric([b.name, "passthrough"], counts["passthrough"])
+            refused.add_metric([b.name], counts["refused"])
+            errors.add_metric([b.name], counts["upstream_errors"])
+            active.add_metric([b.name], sched.active(b.name))
+            if b.name in broker.jobs:
+                jobs.add_metric([b.name], sched.jobs_of(b.name))
+            queued.add_metric([b.name], sched.queued(b.name))
+            current = sched.state(b.name)
+            for s in State:
+                state.add_metric([b.name, s.value], 1 if s is current else 0)
+            health = self.health.get(b.name, {}).get("status")
+            if health in ("up", "down"):
+                up.add_metric([b.name], 1 if health == "up" else 0)
+            if b.vram is not None:
+                declared.add_metric([b.name], b.vram)
+            held = broker.measured_total(b.name)
+            if held is not None and b.name in broker.measured:
+                measured.add_metric([b.name], held)
+        yield from (by_kind, refused, errors, active, jobs, queued, state, up, declared, measured)
+
+
+class Metrics:
+    """The registry for one broker, fed by its events."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        monitor: Monitor | None = None,
+        health: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        names = [b.name for b in broker.config.backends]
+        self.queue_wait = Histogram(
+            "gpubroker_queue_wait_seconds",
+            "Time from arrival to admission of GPU requests",
+            ["backend"],
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_byte = Histogram(
+            "gpubroker_first_byte_seconds",
+            "Time from arrival to the first response body byte of GPU requests",
+            ["backend"],
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        self.swap_duration = Histogram(
+            "gpubroker_swap_duration_seconds",
+            "Swap time by phase (drain: in-flight work ends; unload; load)",
+            ["phase"],
+            buckets=SWAP_BUCKETS,
+            registry=self.registry,
+        )
+        self.unload_failures = Counter(
+            "gpubroker_unload_failures",
+            "Unloads that failed or timed out",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.oom_avoided = Counter(
+            "gpubroker_oom_avoided",
+            "Requests refused with 507 because they could never fit (an OOM avoided)",
+            ["backend"],
+            registry=self.registry,
+        )
+        for name in names:  # every series exists from the start, at zero
+            self.queue_wait.labels(name)
+            self.first_byte.labels(name)
+            self.unload_failures.labels(name)
+            self.oom_avoided.labels(name)
+        for phase in PHASES:
+            self.swap_duration.labels(phase)
+        self.registry.register(_StateCollector(broker, monitor, {} if health is None else health))
+        broker.listeners.append(self.on_event)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind, backend = event["event"], event["backend"]
+        if kind == "admitted":
+            self.queue_wait.labels(backend).observe(event["queueMs"] / 1000)
+        elif kind == "first_byte" and "elapsedMs" in event:
+            self.first_byte.labels(backend).observe(event["elapsedMs"] / 1000)
+        elif kind == "swapped":
+            for phase in PHASES:
+                self.swap_duration.labels(phase).observe(event[f"{phase}Ms"] / 1000)
+        elif kind == "unload_failed":
+            self.unload_failures.labels(backend).inc()
+        elif kind == "refused" and event.get("status") == 507:
+            self.oom_avoided.labels(backend).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,156 @@
+"""One loop that samples the GPUs, attributes their processes and raises warnings.
+
+Once per ``telemetryInterval``: a bounded telemetry sample (shared by everyone who asks), owners
+for the GPU processes, each backend's measured VRAM handed to the scheduler, and the alert rules
+run over the result. Warnings that appear or clear become ``warning`` / ``warning_cleared``
+events. Nothing here blocks the event loop: psutil and NVML run in worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from gpubroker.observe.alerts import Alerts, Facts
+from gpubroker.observe.attribution import Attribution, attribute, existing, find_trees
+from gpubroker.observe.telemetry.base import TelemetrySnapshot
+from gpubroker.observe.telemetry.sampler import Sampler, SingleFlight
+from gpubroker.scheduling.broker import Broker
+
+log = logging.getLogger("gpubroker.observe.monitor")
+
+TREE_TTL = 10.0  # seconds a backend's process tree is reused before psutil looks again
+TREE_RETRY = 1.0  # …but a new stranger on the GPU sends it looking again after this long
+MiB = 2**20
+FREED_FLOOR = 512 * MiB  # what a freed backend may still hold (CUDA context, graphs)
+FREED_POLL = 0.1  # seconds between samples while confirming an unload
+
+Roots = Callable[[], Mapping[str, Iterable[int]]]
+
+
+class Monitor:
+    """Telemetry, attribution and alerts for one broker."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        sampler: Sampler,
+        *,
+        health: Mapping[str, Mapping[str, Any]] | None = None,
+        roots: Roots | None = None,
+    ) -> None:
+        self.broker = broker
+        self.sampler = sampler
+        self.interval = broker.config.telemetry_interval
+        self.health = health if health is not None else {}
+        self.roots = roots
+        self.attribution = Attribution()
+        self.alerts = Alerts(broker.config.gpu_near_full)
+        self._trees: dict[str, set[int]] = {}
+        self._trees_at = float("-inf")
+        self._strangers: set[int] = set()  # pids no tree held when the trees were last found
+        self._refresh = SingleFlight(self._refresh_once)
+        broker.listeners.append(self._on_event)
+
+    @property
+    def snapshot(self) -> TelemetrySnapshot:
+        return self.sampler.latest
+
+    async def run(self) -> None:
+        """Sample, attribute and evaluate every interval until cancelled."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # watching the GPU must never take the proxy down with it
+                log.exception("telemetry refresh failed; trying again next interval")
+            await anyio.sleep(self.interval)
+
+    async def refresh(self) -> None:
+        """Sample, attribute and evaluate once.
+
+        ``run`` and ``wait_freed`` both ask: one asking while a refresh is in progress awaits
+        that one rather than sampling, tracing and evaluating the same moment twice.
+        """
+        await self._refresh()
+
+    async def _refresh_once(self) -> None:
+        snap = await self.sampler.sample()
+        if snap.error is None:  # a failed read says nothing of who holds what: keep the last
+            try:
+                self.attribution = await self._attribute(snap)
+            except Exception as exc:  # psutil trouble must not stop the sampling
+                log.warning("attribution failed: %s: %s", type(exc).__name__, exc)
+            for b in self.broker.config.backends:
+                per_gpu = self.attribution.measured.get(b.name)
+                if per_gpu is None:  # cannot trace it: forget any old measurement
+                    per_gpu = dict.fromkeys((str(g.index) for g in snap.gpus), None)
+                self.broker.measure(b.name, per_gpu)
+        sched = self.broker.sched
+        facts = Facts(
+            now=time.time(),
+            snapshot=snap,
+            attribution=self.attribution,
+            backends=self.broker.config.backends,
+            states={name: slot.state.value for name, slot in sched.slots.items()},
+            gpus={name: slot.spec.gpus for name, slot in sched.slots.items()},
+            health=self.health,
+        )
+        raised, cleared = self.alerts.evaluate(facts)
+        for a in raised:
+            log.warning("%s: %s", a.code, a.message)
+            self.broker.emit(
+                "warning", a.backend, code=a.code, subject=a.subject, message=a.message
+            )
+        for a in cleared:
+            self.broker.emit("warning_cleared", a.backend, code=a.code, subject=a.subject)
+
+    async def _attribute(self, snap: TelemetrySnapshot) -> Attribution:
+        names = [b.name for b in self.broker.config.backends]
+        if self.sampler.source.names_owners or not snap.gpus:
+            return attribute(snap, names, {}, owners_named=self.sampler.source.names_owners)
+        pids = {p.pid for g in snap.gpus for p in g.processes}
+        known = set().union(*self._trees.values()) if self._trees else set()
+        age = time.monotonic() - self._trees_at
+        # A process no tree holds may be a worker's new child: look again, but only once per
+        # stranger, so a lasting one (a desktop, a container) does not cost a /proc walk a sample.
+        if age > TREE_TTL or (pids - known - self._strangers and age > TREE_RETRY):
+            roots = dict(self.roots()) if self.roots else {}
+            backends = self.broker.config.backends
+            self._trees = await anyio.to_thread.run_sync(find_trees, backends, roots)
+            self._trees_at = time.monotonic()
+            self._strangers = pids - set().union(*self._trees.values())
+        visible = await anyio.to_thread.run_sync(existing, pids)
+        return attribute(snap, names, self._trees, visible=visible)
+
+    async def wait_freed(self, backend: str, limit: float) -> str | None:
+        """After an unload: sample until ``backend``'s memory is back, for up to ``limit`` s.
+
+        None when it came back, or when telemetry cannot see this backend's memory at all (then
+        the service's word is all there is). Otherwise why not, for the swap's record. A sleep
+        keeps the CUDA context, so "back" means down to a quarter of what it held (512 MiB at
+        least), not zero.
+        """
+        before = self.broker.measured_total(backend)
+        if before is None:
+            return None
+        goal = max(FREED_FLOOR, before // 4)
+        held: int | None = before
+        with anyio.move_on_after(limit):
+            while True:
+                await self.refresh()
+                held = self.broker.measured_total(backend)
+                if held is None or held <= goal:
+                    return None
+                await anyio.sleep(FREED_POLL)
+        return f"its memory did not come back: {(held or 0) / MiB:.0f} MiB still held after unload"
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event["event"] == "freed" and event["backend"] is not None:
+            mib = event.get("mib")
+            before = mib * MiB if event.get("measured") and mib is not None else None
+            self.alerts.unloaded(event["backend"], event["at"], before)

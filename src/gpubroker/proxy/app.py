@@ -1,0 +1,495 @@
+"""The per-backend proxy: a raw ASGI app that forwards every request and WebSocket upstream.
+
+Bodies stream both ways with backpressure and are never held whole. A request its backend's
+classifier calls GPU work first takes a lease from the broker; the lease is held until the
+response body has been sent to the end, or the client has gone away. Everything else passes
+straight through. What goes upstream is what was classified: one normal-form target
+(target.py), one framing, and nothing the broker refuses itself (``_target``).
+
+A client that leaves releases its upstream connection at once (closed, as the upstream must
+learn that nobody reads its answer), whether it waits for a lease, for the head, or reads the
+body. A response is never passed on as complete when it is not: an upstream that breaks off
+(or goes silent for ``upstreamIdleTimeout``) ends an event stream with an error event, and
+aborts any other response's connection, as nginx and Go's ReverseProxy do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from gpubroker.config.load import BackendConfig
+from gpubroker.plugins.classifiers.base import Classifier
+from gpubroker.proxy.forwarding import (
+    MAX_HOPS,
+    request_headers,
+    response_headers,
+    sent_host,
+    via_hops,
+)
+from gpubroker.proxy.target import BadTarget, normalise, route_variants
+from gpubroker.proxy.upstream import (
+    BadUpstreamResponse,
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+from gpubroker.proxy.websocket import proxy_websocket
+from gpubroker.responses import retryable, send_error
+from gpubroker.scheduling.broker import Broker, Grant, Refused
+from gpubroker.scheduling.scheduler import Refuse
+
+log = logging.getLogger("gpubroker.proxy.app")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+QUEUED_BODY_LIMIT = 8 * 2**20  # bytes read ahead while queued, so a disconnect can be noticed
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})  # a reverse proxy tunnels and echoes nothing
+ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+WATCH_AFTER = 0.05  # s: a head slower than this gets a watcher for the client leaving
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+class _Reject(Exception):
+    """A request the broker answers itself, before any upstream or lease is involved."""
+
+    def __init__(self, status: int, code: str, message: str, *headers: tuple[bytes, bytes]):
+        super().__init__(message)
+        self.status, self.code, self.headers = status, code, list(headers)
+
+
+class RequestBody:
+    """The client's request body as an async iterator, with read-ahead while queued.
+
+    While a GPU request waits in the queue we read its body ahead (up to a bound), because the
+    ASGI server reports a client's disconnect only after the body messages before it.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._buffered: deque[bytes] = deque()
+        self._size = 0
+        self.complete = False
+        self.disconnected = False
+
+    async def _next(self) -> bytes | None:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+            raise ClientGone
+        if not message.get("more_body", False):
+            self.complete = True
+        return message.get("body", b"")
+
+    async def read_ahead(self) -> None:
+        """Read and keep body chunks until complete or the bound; raise ClientGone on leave."""
+        while not self.complete and self._size < QUEUED_BODY_LIMIT:
+            chunk = await self._next()
+            if chunk:
+                self._buffered.append(chunk)
+                self._size += len(chunk)
+
+    async def ended_empty(self) -> bool:
+        """Whether the body turns out empty; reads up to its first bytes (kept for the upstream).
+
+        HTTP/2 ends a body with END_STREAM, not with a header, so this is how to tell.
+        """
+        while not self._buffered and not self.complete:
+            chunk = await self._next()
+            if chunk:
+                self._buffered.append(chunk)
+                self._size += len(chunk)
+        return not self._buffered
+
+    async def wait_disconnect(self) -> None:
+        """After the body is read: return when the client goes away."""
+        while not self.disconnected:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self._buffered:
+            yield self._buffered.popleft()
+        while not self.complete:
+            chunk = await self._next()
+            if chunk:
+                yield chunk
+
+
+class ProxyApp:
+    """One backend's proxy (ASGI). ``upstream`` does the HTTP; ``broker`` hands out leases."""
+
+    def __init__(
+        self,
+        backend: BackendConfig,
+        classifier: Classifier,
+        broker: Broker,
+        upstream: Upstream,
+    ) -> None:
+        self.backend = backend
+        self.classifier = classifier
+        self.broker = broker
+        self.upstream = upstream
+        self.name = backend.name
+        self._upstream_host = sent_host(backend)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket" and via_hops(scope["headers"]) >= MAX_HOPS:
+            await send({"type": "websocket.http.response.start", "status": 508, "headers": []})
+            await send({"type": "websocket.http.response.body", "body": b"loop detected"})
+            return
+        if kind == "http":
+            await self.http(scope, receive, send)
+        elif kind == "websocket":
+            await proxy_websocket(self.backend, scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        try:
+            target, variants = self._target(scope)
+        except _Reject as reject:
+            await send_error(
+                send,
+                reject.status,
+                reject.code,
+                str(reject),
+                backend=self.name,
+                retryable=False,
+                headers=reject.headers,
+            )
+            return
+        path = variants[0]
+        body = RequestBody(receive)
+        if not any(self.classifier.is_gpu(method, p) for p in variants):
+            self.broker.record_passthrough(self.name)
+            await self.forward(scope, target, body, send, None)
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            grant: Grant | None = None
+            refusal: Refuse | None = None
+            forwarded = False
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_while_queued, body, tg.cancel_scope)
+                try:
+                    grant = await stack.enter_async_context(
+                        self.broker.lease(self.name, path, method=method)
+                    )
+                except Refused as refused:
+                    refusal = refused.refusal
+                if grant is not None and body.complete:
+                    # The watcher now only waits for a disconnect: keep it for the whole
+                    # exchange, so a client that leaves (even before the upstream's first
+                    # byte, as with a non-streaming generation) ends the lease at once.
+                    forwarded = True
+                    await self.forward(scope, target, body, send, grant, watched=True)
+                tg.cancel_scope.cancel()  # decided (or done): stop watching
+            if refusal is not None:
+                r = refusal
+                retry = (
+                    [(b"retry-after", str(round(r.retry_after)).encode())] if r.retry_after else []
+                )
+                await send_error(
+                    send,
+                    r.status,
+                    r.code,
+                    r.message,
+                    backend=self.name,
+                    retryable=retryable(r.status),
+                    headers=retry,
+                )
+                return
+            if grant is None:
+                return  # the client left while queued; the lease never started
+            if not forwarded:  # a body too big to read ahead: forward() reads the rest
+                await self.forward(scope, target, body, send, grant)
+
+    @staticmethod
+    def _target(scope: Scope) -> tuple[bytes, tuple[str, ...]]:
+        """The target to forward and the paths to classify, or a ``_Reject`` to answer.
+
+        What the upstream gets must be what was classified, framed as the client framed it:
+        one normal-form target (target.py), and never two framings (RFC 9112 §6.3: a request
+        with both Content-Length and Transfer-Encoding was de-chunked by the server, so its
+        Content-Length no longer describes the body; forwarded, the rest of the body would
+        be read upstream as a request of its own, with no lease).
+        """
+        method: str = scope["method"]
+        if method in REFUSED_METHODS:
+            raise _Reject(405, "method_not_allowed", f"{method} is not proxied", (b"allow", ALLOW))
+        headers = scope["headers"]
+        if via_hops(headers) >= MAX_HOPS:
+            raise _Reject(
+                508,
+                "loop_detected",
+                f"the request already passed {MAX_HOPS} gpubroker proxies: an upstream points "
+                "back at a broker",
+            )
+        lengths = {v.strip() for k, v in headers if k == b"content-length"}
+        if lengths and any(k == b"transfer-encoding" for k, _ in headers):
+            raise _Reject(
+                400,
+                "bad_request",
+                "a request must not have both Content-Length and Transfer-Encoding",
+                (b"connection", b"close"),
+            )
+        if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
+            raise _Reject(
+                400, "bad_request", "conflicting Content-Length values", (b"connection", b"close")
+            )
+        raw = scope.get("raw_path") or scope["path"].encode()
+        try:
+            path = normalise(raw)
+        except BadTarget as exc:
+            raise _Reject(400, "bad_request", str(exc)) from None
+        if path == b"*" and method != "OPTIONS":
+            raise _Reject(400, "bad_request", "the * target is for OPTIONS only")
+        query = scope.get("query_string")
+        return (path + b"?" + query if query else path), route_variants(path)
+
+    @staticmethod
+    async def _watch_while_queued(body: RequestBody, scope: anyio.CancelScope) -> None:
+        """Read the body ahead while queued and give up the wait if the client leaves."""
+        try:
+            await body.read_ahead()
+            if body.complete:
+                await body.wait_disconnect()
+            else:
+                return  # body larger than the read-ahead bound: cannot watch without buffering
+        except ClientGone:
+            pass
+        scope.cancel()
+
+    async def forward(
+        self,
+        scope: Scope,
+        target: bytes,
+        body: RequestBody,
+        send: Send,
+        grant: Grant | None,
+        *,
+        watched: bool = False,
+    ) -> None:
+        """Send the request upstream and stream the answer back.
+
+        ``target`` is the normalised one from ``_target``. ``watched``: the caller already
+        watches for the client leaving (and cancels us).
+        """
+        method: str = scope["method"]
+        headers = request_headers(scope, self._upstream_host)
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        length = next((v for k, v in raw if k == b"content-length"), None)
+        has_body = length is not None or any(k == b"transfer-encoding" for k, _ in raw)
+        if length is not None:  # exactly one, as the server framed the body ("005" -> "5")
+            n = b"%d" % int(length)
+            if [v for k, v in headers if k == b"content-length"] != [n]:  # or named in Connection
+                headers = [(k, v) for k, v in headers if k != b"content-length"]
+                headers.append((b"content-length", n))
+        if not scope.get("http_version", "1.1").startswith("1"):
+            cookies = [v for k, v in headers if k == b"cookie"]
+            if len(cookies) > 1:  # h2 splits Cookie per crumb; HTTP/1.1 wants one (RFC 9113)
+                headers = [(k, v) for k, v in headers if k != b"cookie"]
+                headers.append((b"cookie", b"; ".join(cookies)))
+            if not has_body:  # HTTP/2 (and 3) may send a body with no Content-Length
+                try:
+                    has_body = not await body.ended_empty()
+                except ClientGone:
+                    return
+        extra: list[tuple[bytes, bytes]] = []
+        if grant is not None:
+            extra.append((b"x-gpubroker-queue-ms", str(round(grant.queued_s * 1000)).encode()))
+            if grant.swap is not None:
+                extra.append((b"x-gpubroker-swap", grant.swap.header().encode()))
+        try:
+            response = await self._open(method, target, headers, body, has_body, watched)
+            if response is None:
+                return  # the client left before the head came
+        except ClientGone:
+            return
+        except UpstreamTimeout as exc:
+            self.broker.counters[self.name]["upstream_errors"] += 1
+            await send_error(
+                send, 504, "upstream_timeout", str(exc), backend=self.name, retryable=True
+            )
+            return
+        except BadUpstreamResponse as exc:
+            self.broker.counters[self.name]["upstream_errors"] += 1
+            log.warning("%s: refused a bad upstream response: %s", self.name, exc)
+            await send_error(
+                send, 502, "bad_upstream_response", str(exc), backend=self.name, retryable=False
+            )
+            return
+        except UpstreamError as exc:
+            self.broker.counters[self.name]["upstream_errors"] += 1
+            await send_error(
+                send, 502, "upstream_unreachable", str(exc), backend=self.name, retryable=True
+            )
+            return
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": response_headers(response.headers) + extra,
+                }
+            )
+            lease = grant.lease if grant else None
+            await self._stream(
+                body, send, response, lease, watch=not watched and (body.complete or not has_body)
+            )
+        finally:
+            with anyio.CancelScope(shield=True):  # close it even when the client left
+                await response.aclose()
+
+    async def _open(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: RequestBody,
+        has_body: bool,
+        watched: bool,
+    ) -> UpstreamResponse | None:
+        """``upstream.open()``; None when the client left first (the connection is then closed).
+
+        Unless the caller watches already, a client leaving while we wait for the head cancels
+        the wait: else each abandoned request would pin an upstream connection (and a pool
+        slot) until upstreamTimeout. A watcher costs a task, so it starts only once the head is
+        WATCH_AFTER late, and it cancels this task natively (as ``asyncio.timeout`` does): the
+        common fast answer pays for one timer and one small object (~3 us), not a task or a
+        cancel scope.
+        """
+        source = body if has_body else None
+        if watched:
+            return await self.upstream.open(method, target, headers, source)
+        watch = _LeaveWatch(body, has_body)
+        try:
+            return await self.upstream.open(method, target, headers, source)
+        except asyncio.CancelledError:
+            if watch.left and watch.task.uncancel() == 0:  # ours alone: open() closed its conn
+                return None
+            raise
+        finally:
+            watch.close()
+
+    async def _stream(
+        self,
+        body: RequestBody,
+        send: Send,
+        response: Any,
+        lease: int | None = None,
+        watch: bool = True,
+    ) -> None:
+        """Copy the response body to the client until it ends or the client leaves."""
+        whole = response.buffered_body()
+        if whole is not None:  # arrived with the head: one send, nothing to watch meanwhile
+            await send({"type": "http.response.body", "body": whole, "more_body": False})
+            if lease is not None and whole:
+                self.broker.first_byte(lease)
+            return
+        async with anyio.create_task_group() as tg:
+
+            async def watch_client() -> None:
+                await body.wait_disconnect()
+                tg.cancel_scope.cancel()
+
+            if watch:  # nothing left to read but a disconnect: notice the client leaving
+                tg.start_soon(watch_client)
+            try:
+                async for chunk in response.body():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if lease is not None:  # once per GPU request: the event stream's first byte
+                        self.broker.first_byte(lease)
+                        lease = None
+            except UpstreamError as exc:
+                self.broker.counters[self.name]["upstream_errors"] += 1
+                log.warning("%s: upstream failed mid-stream: %s", self.name, exc)
+                tail = _stream_error_tail(response.headers, str(exc))
+                if not tail or any(k == b"content-length" for k, _ in response.headers):
+                    # Leaving the response unfinished makes the server drop the connection
+                    # (no terminating chunk, or short of the Content-Length), so the client
+                    # sees the truncation just as it would from the upstream itself, never a
+                    # complete-looking wrong body.
+                    tg.cancel_scope.cancel()
+                    return
+                # An event stream's client reads the error event; then the stream ends cleanly.
+                await send({"type": "http.response.body", "body": tail, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            tg.cancel_scope.cancel()
+
+
+class _LeaveWatch:
+    """While a response head is awaited: after WATCH_AFTER, a task that cancels the waiting
+    task if the client leaves. A class with bound methods, not closures: a closure that re-arms
+    its own timer references itself, and a reference cycle per request cost ~10 us of garbage
+    collection on the passthrough path (measured)."""
+
+    __slots__ = ("body", "has_body", "left", "loop", "task", "timer", "waiting", "watcher")
+
+    def __init__(self, body: RequestBody, has_body: bool) -> None:
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.body = body
+        self.has_body = has_body
+        self.waiting = True
+        self.left = False
+        self.watcher: asyncio.Task[None] | None = None
+        self.timer = self.loop.call_later(WATCH_AFTER, self._start)
+
+    def _start(self) -> None:
+        if self.has_body and not self.body.complete:  # reading the body notices a leave itself
+            self.timer = self.loop.call_later(WATCH_AFTER, self._start)
+        else:
+            self.watcher = self.loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        await self.body.wait_disconnect()
+        if self.waiting:  # never a cancel that would land after the head came
+            self.left = True
+            self.task.cancel()
+
+    def close(self) -> None:
+        self.waiting = False
+        self.timer.cancel()  # (also drops the handle's reference to us)
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
+def _stream_error_tail(headers: list[tuple[bytes, bytes]], message: str) -> bytes:
+    """A last event telling a streaming client the upstream died, in the stream's own format."""
+    ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"").lower()
+    text = f"upstream closed the stream early: {message}"
+    if b"text/event-stream" in ctype:
+        error = json.dumps({"error": {"message": text, "type": "upstream_error"}})
+        return f"data: {error}\n\ndata: [DONE]\n\n".encode()
+    if b"ndjson" in ctype:
+        return (json.dumps({"error": text}) + "\n").encode()
+    return b""
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,229 @@
+"""Wire the broker together and serve every port from one event loop, with a graceful stop.
+
+Order of shutdown, decided here rather than by Hypercorn's own signal handlers: stop accepting,
+let in-flight responses finish (up to ``shutdownGrace``), then stop the broker's tasks and close
+the upstream clients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+import httpx
+
+from gpubroker.config.load import BackendConfig, Config
+from gpubroker.errors import ConfigError
+from gpubroker.observe.monitor import Monitor
+from gpubroker.observe.status import StatusApp
+from gpubroker.observe.telemetry.sampler import Sampler, choose_source
+from gpubroker.plugins.classifiers.base import Classifier, RouteClassifier
+from gpubroker.plugins.manager import Plugins, check_config_names
+from gpubroker.plugins.strategies.base import Strategy, StrategyContext
+from gpubroker.proxy.app import ProxyApp
+from gpubroker.proxy.listener import Listener, listen, serve
+from gpubroker.proxy.upstream import Upstream
+from gpubroker.scheduling.broker import Broker
+from gpubroker.workers.routes import forget
+from gpubroker.workers.supervisor import Supervisor, WorkerState
+
+log = logging.getLogger("gpubroker.runtime")
+
+HEALTH_INTERVAL = 10.0
+
+
+@dataclass(slots=True)
+class Endpoints:
+    """Where a running broker listens (ports may be ephemeral in tests and the demo)."""
+
+    status_url: str
+    proxies: dict[str, str] = field(default_factory=dict)
+    broker: Broker | None = None
+    monitor: Monitor | None = None
+
+
+def make_strategy(
+    backend: BackendConfig, config: Config, plugins: Plugins, supervisor: Supervisor | None = None
+) -> Strategy:
+    client = httpx.AsyncClient(
+        base_url=backend.upstream,
+        timeout=httpx.Timeout(min(config.unload_timeout, 30.0)),
+        trust_env=False,
+    )
+    ctx = StrategyContext(
+        backend=backend,
+        client=client,
+        unload_timeout=config.unload_timeout,
+        supervisor=supervisor,
+    )
+    return plugins.strategies[backend.unload_strategy].cls(ctx)
+
+
+def proxy_view(backend: BackendConfig, strategy: Strategy) -> BackendConfig:
+    """The backend as its proxy sees it: ``hostHeader`` from the config, else the strategy's."""
+    return dataclasses.replace(
+        backend, host_header=backend.host_header or type(strategy).host_header
+    )
+
+
+def make_classifier(backend: BackendConfig, plugins: Plugins) -> Classifier:
+    if backend.gpu_paths is not None:
+        return RouteClassifier(backend.gpu_paths)
+    return plugins.classifiers[backend.classifier_name].cls()
+
+
+def _bind(host: str, port: int, what: str) -> Listener:
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}"
+        ) from None
+
+
+async def _probe_health(status: StatusApp, config: Config, supervisor: Supervisor) -> None:
+    """Probe each upstream now and then, so the status page can say which are down."""
+    async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+        while True:
+            for b in config.backends:
+                worker = supervisor.workers.get(b.name)
+                if worker is not None and worker.state is not WorkerState.READY:
+                    # a managed worker stopped on purpose is not "down"
+                    status.health[b.name] = {"status": worker.state.value, "checkedAt": time.time()}
+                    continue
+                path = b.health_path or "/"
+                started = time.perf_counter()
+                try:  # the status line is enough: never download what the path serves
+                    async with client.stream("GET", b.upstream + path) as response:
+                        ok = response.status_code < 500
+                        detail: dict[str, Any] = {"code": response.status_code}
+                except httpx.HTTPError as exc:
+                    ok, detail = False, {"error": type(exc).__name__}
+                status.health[b.name] = {
+                    "status": "up" if ok else "down",
+                    "latencyMs": round((time.perf_counter() - started) * 1000, 1),
+                    "checkedAt": time.time(),
+                    **detail,
+                }
+            await anyio.sleep(HEALTH_INTERVAL)
+
+
+async def run_broker(
+    config: Config,
+    plugins: Plugins,
+    shutdown: anyio.Event,
+    *,
+    ephemeral_ports: bool = False,
+    task_status: anyio.abc.TaskStatus[Endpoints] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown`` is set, then drain and return.
+
+    With ``ephemeral_ports`` every port is chosen by the OS (tests, ``gpubroker demo``).
+    """
+    check_config_names(config, plugins)
+    source, notice = await choose_source(config, plugins)
+    if notice:
+        log.warning("telemetry: %s; the broker runs on declared VRAM sizes", notice)
+    sampler = Sampler(source, notice=notice)
+    first = await sampler.sample()  # bounded; GPU sizes and UUIDs for the scheduler's domains
+
+    supervisor = Supervisor(config, telemetry=lambda: sampler.latest)  # the monitor's samples
+    strategies = {b.name: make_strategy(b, config, plugins, supervisor) for b in config.backends}
+    broker = Broker(config, strategies, telemetry=first if first.gpus else None)
+    unknown = [g for g, cap in broker.sched.capacity.items() if cap is None]
+    if config.policy == "budget" and unknown:
+        log.warning(
+            "policy budget: no capacity known for GPU %s (no telemetry reading and no `gpus:` "
+            "memory declared); backends there take turns as under exclusive",
+            ", ".join(unknown),
+        )
+    broker.supervisor, supervisor.emit = supervisor, broker.emit
+    supervisor.on_exit = partial(forget, broker)
+    monitor = Monitor(broker, sampler, roots=supervisor.roots)
+    if sampler.source.name != "none":
+        broker.confirm_freed = monitor.wait_freed
+    upstreams = {
+        b.name: Upstream(
+            b.upstream,
+            response_timeout=config.upstream_timeout,
+            idle_timeout=(
+                config.upstream_idle_timeout
+                if b.upstream_idle_timeout is None
+                else b.upstream_idle_timeout
+            ),
+        )
+        for b in config.backends
+    }
+    proxies = {
+        b.name: ProxyApp(
+            proxy_view(b, strategies[b.name]),
+            make_classifier(b, plugins),
+            broker,
+            upstreams[b.name],
+        )
+        for b in config.backends
+    }
+    status = StatusApp(broker, monitor)
+    host = config.bind
+    listeners: dict[str, Listener] = {}
+    try:
+        listeners["status"] = _bind(
+            host, 0 if ephemeral_ports else config.status_port, "statusPort"
+        )
+        for b in config.backends:
+            listeners[b.name] = _bind(host, 0 if ephemeral_ports else b.proxy_port, b.name)
+        async with anyio.create_task_group() as tg:
+            await tg.start(supervisor.run)  # leftovers adopted or stopped before reconciling
+            await tg.start(broker.run)
+            stopped = anyio.Event()
+
+            async def serve_all() -> None:
+                grace = config.shutdown_grace
+                async with anyio.create_task_group() as servers:
+                    for name, app in [("status", status.app), *proxies.items()]:
+                        run = partial(
+                            serve,
+                            graceful_timeout=grace,
+                            own_headers=name == "status",
+                            header_timeout=config.header_timeout,
+                            client_idle_timeout=config.client_idle_timeout,
+                        )
+                        servers.start_soon(run, app, listeners.pop(name), shutdown.wait)
+                stopped.set()
+
+            endpoints = Endpoints(
+                status_url=_url(host, listeners["status"].port),
+                proxies={b.name: _url(host, listeners[b.name].port) for b in config.backends},
+                broker=broker,
+                monitor=monitor,
+            )
+
+            async def refuse_when_stopping() -> None:
+                await shutdown.wait()
+                broker.close()
+
+            tg.start_soon(serve_all)
+            tg.start_soon(refuse_when_stopping)
+            tg.start_soon(monitor.run)
+            tg.start_soon(_probe_health, status, config, supervisor)
+            task_status.started(endpoints)
+            await stopped.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        for listener in listeners.values():
+            listener.sock.close()
+        with anyio.CancelScope(shield=True):
+            for upstream in upstreams.values():
+                await upstream.aclose()
+            for strategy in strategies.values():
+                await strategy.client.aclose()
+            await sampler.close()
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -1,0 +1,577 @@
+"""The broker: carries out the scheduler's effects and hands out leases to the proxy.
+
+The scheduler decides synchronously; this module does the I/O it asks for (idle checks, unloads,
+loads), each in its own task and each bounded in time, and feeds the outcomes back. Everything
+runs on one event loop and every scheduler call is synchronous, so the scheduler's state has one
+writer at a time without a lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from gpubroker.config.load import Config
+from gpubroker.observe.telemetry.base import TelemetrySnapshot
+from gpubroker.plugins.strategies.base import Job, Strategy, tracks_jobs
+from gpubroker.plugins.strategies.builtin import FIRST_POLL
+from gpubroker.scheduling.domains import backend_gpus, capacities
+from gpubroker.scheduling.scheduler import (
+    Admit,
+    BackendSpec,
+    CancelSwap,
+    Effect,
+    Load,
+    Note,
+    Refuse,
+    Scheduler,
+    SwapDone,
+    SwapInfo,
+    Unload,
+    WaitIdle,
+)
+
+if TYPE_CHECKING:
+    from gpubroker.workers.supervisor import Supervisor
+
+log = logging.getLogger("gpubroker.scheduling.broker")
+
+IDLE_POLL = 0.05  # seconds between busy() polls at most while a victim drains (from 5 ms up)
+HISTORY = 50  # swaps kept for the status page
+SHUTTING_DOWN = "gpubroker is shutting down; try again once it is back"
+CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload freed memory anyway
+MiB = 2**20
+JOB_POLL = 0.1  # seconds between queue reads while a service has jobs of its own in flight
+JOB_ASK_LIMIT = 5.0  # at most this long for one queue read; a service that hangs is "unknown"
+
+
+class Refused(Exception):
+    """The scheduler refused a lease; the proxy turns this into a JSON error response."""
+
+    def __init__(self, refusal: Refuse) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+
+@dataclass(slots=True)
+class Grant:
+    """An admitted lease, as the proxy sees it."""
+
+    lease: int
+    backend: str
+    queued_s: float
+    swap: SwapInfo | None
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A lease waiting for the scheduler's answer."""
+
+    event: anyio.Event = field(default_factory=anyio.Event)
+    admit: Admit | None = None
+    refuse: Refuse | None = None
+
+
+@dataclass(slots=True)
+class LiveRequest:
+    lease: int
+    backend: str
+    path: str
+    since: float
+    admitted_at: float | None = None
+    method: str = "POST"
+
+
+@dataclass(slots=True)
+class EvictJob:
+    done: anyio.Event = field(default_factory=anyio.Event)
+    info: SwapInfo | None = None
+
+
+class Broker:
+    """Owns the scheduler and the strategies; one per ``gpubroker serve``."""
+
+    def __init__(
+        self,
+        config: Config,
+        strategies: Mapping[str, Strategy],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        telemetry: TelemetrySnapshot | None = None,
+    ) -> None:
+        self.config = config
+        self.strategies = dict(strategies)
+        self.clock = clock
+        self.sched = Scheduler(
+            [
+                BackendSpec(
+                    name=b.name,
+                    gpus=backend_gpus(b, telemetry),
+                    need=b.vram,
+                    priority=b.priority,
+                    pinned=b.pinned,
+                    max_concurrency=b.max_concurrency,
+                    cost=type(self.strategies[b.name]).eviction_cost,
+                    sleeps=type(self.strategies[b.name]).frees_by == "sleep",
+                    idle_timeout=b.idle_timeout,
+                )
+                for b in config.backends
+            ],
+            capacities=capacities(config, telemetry),
+            policy=config.policy,
+            queue_timeout=config.queue_timeout,
+            hold_time=config.effective_hold_time,
+            min_residency=config.min_residency
+            if config.min_residency is not None
+            else (3.0 if config.policy == "budget" else 0.0),
+            aging=config.priority_aging,
+        )
+        self.started_at = time.time()
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.live: dict[int, LiveRequest] = {}
+        self.counters: dict[str, dict[str, int]] = {
+            b.name: {"gpu": 0, "passthrough": 0, "refused": 0, "upstream_errors": 0}
+            for b in config.backends
+        }
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        # The services' own queues (ComfyUI's), as last read; only backends that report one.
+        self.jobs: dict[str, list[Job]] = {
+            name: [] for name, strategy in self.strategies.items() if tracks_jobs(strategy)
+        }
+        self._job_watch: set[str] = set()  # backends whose queue is being followed now
+        self._jobs_failing: dict[str, float] = {}  # backend -> since when its queue is unreadable
+        self._jobs_lock = {name: anyio.Lock() for name in self.jobs}
+        self._jobs_read_at: dict[str, float] = {}  # backend -> when its last read began
+        self.supervisor: Supervisor | None = None  # managed workers (`command:`), set by the server
+        # Set by the server when telemetry runs: waits up to N s for a victim's memory to come
+        # back; None when freed (or not measurable), else why not.
+        self.confirm_freed: Callable[[str, float], Awaitable[str | None]] | None = None
+        self.measured: dict[str, dict[str, int | None]] = {}  # backend -> GPU -> bytes seen held
+        self._held_before: dict[str, int | None] = {}  # measured as an unload began
+        self._pending: dict[int, _Pending] = {}
+        self._evictions: dict[int, EvictJob] = {}
+        self._idle_scopes: dict[int, list[anyio.CancelScope]] = {}
+        self._ids = itertools.count(1)
+        self._tg: TaskGroup | None = None
+        self._wake = anyio.Event()
+        self._armed: float | None = None  # the deadline the clock loop sleeps until
+        self.closing = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Reconcile with the services, then drive timeouts until cancelled."""
+        try:
+            await self._run(task_status)
+        finally:
+            self._tg = None  # leases that end from now on are released at once
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self.reconcile()
+            for name in self.jobs:  # work queued before we started is in flight too
+                self._follow_jobs(name)
+            task_status.started()
+            await self._clock_loop()
+
+    async def reconcile(self) -> None:
+        """Ask every strategy what it holds, all at once, each bounded by ``unloadTimeout``."""
+        results: dict[str, bool | None] = {}
+
+        async def ask(name: str, strategy: Strategy) -> None:
+            results[name] = None
+            with anyio.move_on_after(self.config.unload_timeout):
+                try:
+                    results[name] = await strategy.resident()
+                except Exception as exc:  # a service that is down is simply unknown
+                    log.info("%s: cannot tell what it holds (%s)", name, exc)
+
+        async with anyio.create_task_group() as tg:
+            for name, strategy in self.strategies.items():
+                tg.start_soon(ask, name, strategy)
+        for name in self.strategies:
+            self._apply(self.sched.reconciled(name, results[name], self.clock()))
+
+    async def _clock_loop(self) -> None:
+        """Tick at the scheduler's next deadline; ``_apply`` wakes us when one comes sooner."""
+        while True:
+            deadline = self._armed = self.sched.next_deadline()
+            wait = None if deadline is None else max(0.0, deadline - self.clock())
+            with anyio.move_on_after(wait if wait is not None else float("inf")):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            self._apply(self.sched.tick(self.clock()))
+
+    # --- leases ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lease(
+        self,
+        backend: str,
+        path: str = "",
+        *,
+        count: bool = True,
+        method: str = "POST",
+    ) -> AsyncIterator[Grant]:
+        """Hold the GPU for ``backend`` for the body of the ``async with``.
+
+        Waits in the queue as long as the scheduler says; raises :class:`Refused` when refused.
+        Cancelling the waiting task (the client went away) leaves the queue cleanly.
+        """
+        if self.closing:
+            raise Refused(Refuse(0, backend, 503, "shutting_down", SHUTTING_DOWN, retry_after=5.0))
+        lease = next(self._ids)
+        now = self.clock()
+        pending = _Pending()
+        self._pending[lease] = pending
+        self.live[lease] = LiveRequest(lease, backend, path, time.time(), method=method)
+        deferred = False  # the release (and the live entry) passed on to _settle
+        try:
+            self._apply(self.sched.request(lease, backend, now))
+            try:
+                await pending.event.wait()
+            except BaseException:
+                self._apply(self.sched.cancel(lease, self.clock()))
+                raise
+            if pending.refuse is not None:
+                self.counters[backend]["refused"] += 1
+                raise Refused(pending.refuse)
+            assert pending.admit is not None
+            self.live[lease].admitted_at = time.time()
+            if count:
+                self.counters[backend]["gpu"] += 1
+            queued_ms = round((self.clock() - now) * 1000, 1)
+            self._emit("admitted", backend, lease=lease, queueMs=queued_ms)
+            try:
+                yield Grant(lease, backend, self.clock() - now, pending.admit.swap)
+            finally:
+                if backend in self.jobs and self._tg is not None:
+                    # The request may have queued a job that runs after its HTTP call ended:
+                    # the lease ends only once the service's queue has been read.
+                    self._tg.start_soon(self._settle, lease, backend, self.clock())
+                    deferred = True
+                else:
+                    self._apply(self.sched.released(lease, self.clock()))
+        finally:
+            self._pending.pop(lease, None)
+            if not deferred:
+                self.live.pop(lease, None)
+
+    async def _settle(self, lease: int, backend: str, ended: float) -> None:
+        """End ``lease`` after reading ``backend``'s queue, so its job is counted before the
+        lease stops counting: no instant in which the owner looks idle to the hold."""
+        try:
+            if await self._read_jobs(backend, after=ended):
+                self._follow_jobs(backend, wait_first=True)
+        finally:  # cancelled (the broker stops) or a plugin's answer was bad: still released
+            self.live.pop(lease, None)
+            self._apply(self.sched.released(lease, self.clock()))
+
+    async def _read_jobs(self, backend: str, *, after: float | None = None) -> int:
+        """Read ``backend``'s queue into the scheduler; returns how many jobs it holds.
+
+        Reads of one backend take turns, so an older answer never overwrites a newer one, and
+        a caller that needs a reading begun ``after`` a moment shares one that did.
+        """
+        async with self._jobs_lock[backend]:
+            if after is not None and self._jobs_read_at.get(backend, float("-inf")) >= after:
+                return len(self.jobs[backend])
+            self._jobs_read_at[backend] = self.clock()
+            return await self._read_jobs_now(backend)
+
+    async def _read_jobs_now(self, backend: str) -> int:
+        jobs: list[Job] | None = None
+        try:
+            with anyio.fail_after(min(self.config.unload_timeout, JOB_ASK_LIMIT)):
+                jobs = [
+                    j for j in await self.strategies[backend].jobs() or [] if isinstance(j, Job)
+                ]
+        except Exception as exc:
+            # Cannot tell: keep the last reading for a while, but a service that stays
+            # unreachable has lost its queue, and jobs nobody can see must not hold the GPU.
+            failing = self._jobs_failing.setdefault(backend, self.clock())
+            if self.clock() - failing < self.config.unload_timeout:
+                log.debug("%s: cannot read its queue (%s)", backend, exc)
+                return len(self.jobs[backend])
+            log.warning("%s: its queue cannot be read (%s); counting it as empty", backend, exc)
+        self._jobs_failing.pop(backend, None)
+        # ComfyUI stamps no time on a job: "since" is when we first saw it, kept across reads.
+        seen = {j.id: j.since for j in self.jobs[backend]}
+        now = time.time()
+        jobs = [
+            j if j.since is not None else dataclasses.replace(j, since=seen.get(j.id) or now)
+            for j in jobs or []
+        ]
+        before = len(self.jobs[backend])
+        self.jobs[backend] = jobs
+        self._apply(self.sched.jobs(backend, len(jobs), self.clock()))
+        if len(jobs) != before and self.listeners:
+            running = sum(1 for j in jobs if j.state == "running")
+            self._emit(
+                "jobs", backend, count=len(jobs), running=running, pending=len(jobs) - running
+            )
+        return len(jobs)
+
+    def _follow_jobs(self, backend: str, *, wait_first: bool = False) -> None:
+        """Read ``backend``'s queue every JOB_POLL seconds until it is empty (one follower)."""
+        if backend in self._job_watch or self._tg is None:
+            return
+        self._job_watch.add(backend)
+
+        async def follow() -> None:
+            try:
+                if wait_first:
+                    await anyio.sleep(JOB_POLL)
+                while await self._read_jobs(backend):
+                    await anyio.sleep(JOB_POLL)
+            finally:
+                self._job_watch.discard(backend)
+
+        self._tg.start_soon(follow)
+
+    def first_byte(self, lease: int) -> None:
+        """The proxy sent the first body byte of ``lease``'s response."""
+        live = self.live.get(lease)
+        if live is not None and self.listeners:
+            self._emit("first_byte", live.backend, lease=lease)
+
+    def measure(self, backend: str, per_gpu: Mapping[str, int | None]) -> None:
+        """Telemetry's bytes held by ``backend`` per GPU; the scheduler sizes by the larger."""
+        if per_gpu:
+            self.measured[backend] = dict(per_gpu)
+        else:  # no GPU readings at all: nothing measured
+            self.measured.pop(backend, None)
+        for gpu, nbytes in per_gpu.items():
+            self._apply(self.sched.measured(backend, gpu, nbytes, self.clock()))
+
+    def measured_total(self, backend: str) -> int | None:
+        per_gpu = self.measured.get(backend)
+        if per_gpu is None or any(v is None for v in per_gpu.values()):
+            return None
+        return sum(v or 0 for v in per_gpu.values())
+
+    def close(self) -> None:
+        """The broker is stopping: refuse what waits and what comes; in-flight work finishes."""
+        self.closing = True
+        self._apply(self.sched.refuse_all(503, "shutting_down", SHUTTING_DOWN, self.clock()))
+        self._emit("shutting_down", None)
+
+    async def evict(self, backend: str | None, *, force: bool = False) -> SwapInfo | None:
+        """Admin unload: free ``backend`` (all when None) and wait until it is done."""
+        swap_id, effects = self.sched.evict(backend, force, self.clock())
+        if swap_id is None:
+            return None
+        job = self._evictions[swap_id] = EvictJob()
+        self._apply(effects)
+        await job.done.wait()
+        return job.info
+
+    async def preload(self, backend: str) -> Grant:
+        """Admin swap: take and at once release a lease, so ``backend`` becomes the owner."""
+        async with self.lease(backend, "(swap)", count=False) as grant:
+            return grant
+
+    # --- effects --------------------------------------------------------------------------
+
+    def _apply(self, effects: list[Effect]) -> None:
+        self._carry_out(effects)
+        # Any event may set a sooner deadline (a hold, a minimum residency, an idle timeout):
+        # wake the clock loop so it re-arms, without waking it for deadlines it already has.
+        deadline = self.sched.next_deadline()
+        if deadline is not None and (self._armed is None or deadline < self._armed):
+            self._wake.set()
+
+    def _carry_out(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Admit | Refuse):
+                pending = self._pending.get(effect.lease)
+                if pending is None:
+                    continue
+                if isinstance(effect, Admit):
+                    pending.admit = effect
+                else:
+                    pending.refuse = effect
+                    self._emit(
+                        "refused",
+                        effect.backend,
+                        lease=effect.lease,
+                        status=effect.status,
+                        reason=effect.code,
+                    )
+                pending.event.set()
+            elif isinstance(effect, WaitIdle):
+                self._spawn(self._wait_idle, effect)
+            elif isinstance(effect, Unload):
+                self._spawn(self._unload, effect)
+            elif isinstance(effect, Load):
+                self._spawn(self._load, effect)
+            elif isinstance(effect, CancelSwap):
+                for scope in self._idle_scopes.pop(effect.swap, []):
+                    scope.cancel()
+            elif isinstance(effect, SwapDone):
+                self._swap_done(effect)
+            elif isinstance(effect, Note):
+                self._note(effect)
+
+    def _spawn(self, fn: Callable[[Any], Any], effect: Effect) -> None:
+        if self._tg is None:
+            raise RuntimeError("the broker is not running")
+        self._tg.start_soon(fn, effect)
+
+    async def _wait_idle(self, effect: WaitIdle) -> None:
+        strategy = self.strategies[effect.backend]
+        with anyio.CancelScope() as scope:
+            self._idle_scopes.setdefault(effect.swap, []).append(scope)
+            delay = FIRST_POLL
+            while True:
+                try:
+                    with anyio.fail_after(self.config.unload_timeout):
+                        busy = await strategy.busy()
+                except Exception as exc:  # cannot ask: do not hold the GPU forever on it
+                    log.warning("%s: busy() failed (%s); treating it as idle", effect.backend, exc)
+                    busy = False
+                if not busy:
+                    break
+                await anyio.sleep(delay)
+                delay = min(delay * 2, IDLE_POLL)
+        if scope.cancel_called:
+            return
+        self._apply(self.sched.idle(effect.swap, effect.backend, self.clock()))
+
+    async def _unload(self, effect: Unload) -> None:
+        started = self.clock()
+        error = await self._bounded(
+            self.strategies[effect.backend].unload, self.config.unload_timeout
+        )
+        holding = False
+        if error:
+            log.warning("%s: unload failed: %s", effect.backend, error)
+            if self.confirm_freed is not None:  # did it free its memory all the same?
+                holding = (
+                    await self.confirm_freed(effect.backend, CONFIRM_AFTER_FAILURE) is not None
+                )
+        elif self.confirm_freed is not None:
+            # The service said done; where telemetry can see its memory, believe that instead.
+            left = max(0.0, self.config.unload_timeout - (self.clock() - started))
+            error = await self.confirm_freed(effect.backend, left)
+            holding = error is not None
+            if holding:
+                log.warning("%s: %s; it still counts as resident", effect.backend, error)
+        effects = self.sched.unloaded(
+            effect.swap, effect.backend, error, self.clock(), holding=holding
+        )
+        self._apply(effects)
+
+    async def _load(self, effect: Load) -> None:
+        backend = self.config.backend(effect.backend)
+        strategy = self.strategies[effect.backend]
+
+        async def load() -> None:
+            if self.supervisor is not None and backend.name in self.supervisor.workers:
+                await self.supervisor.start(backend.name)  # a managed worker must run first
+            await strategy.load()
+
+        error = await self._bounded(load, backend.start_timeout)
+        self._apply(self.sched.loaded(effect.swap, effect.backend, error, self.clock()))
+
+    @staticmethod
+    async def _bounded(fn: Callable[[], Any], limit: float) -> str | None:
+        try:
+            with anyio.fail_after(limit):
+                await fn()
+        except TimeoutError:
+            return f"timed out after {limit:g}s"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _swap_done(self, effect: SwapDone) -> None:
+        info = effect.info
+        self._idle_scopes.pop(effect.swap, None)
+        if info.evicted:
+            self.history.appendleft(
+                {
+                    "at": time.time(),
+                    "to": info.target,
+                    "evicted": list(info.evicted),
+                    "drainMs": round(info.drain_s * 1000, 1),
+                    "unloadMs": round(info.unload_s * 1000, 1),
+                    "loadMs": round(info.load_s * 1000, 1),
+                    "totalMs": round(info.total_s * 1000, 1),
+                    "failures": list(info.failures),
+                }
+            )
+            self._emit(
+                "swapped",
+                info.target,
+                evicted=list(info.evicted),
+                total_ms=round(info.total_s * 1000, 1),
+                swap=effect.swap,
+                **{k: v for k, v in self.history[0].items() if k.endswith("Ms")},
+            )
+        job = self._evictions.pop(effect.swap, None)
+        if job is not None:
+            job.info = info
+            job.done.set()
+
+    def _note(self, note: Note) -> None:
+        """A scheduler note as an event, named for what a watcher sees happen."""
+        kind, name, detail = note.kind, note.backend, dict(note.detail)
+        if kind == "unloading" and name is not None:
+            self._held_before[name] = self.measured_total(name)
+            if self.sched.slots[name].spec.sleeps:
+                kind = "sleeping"
+        elif kind == "unloaded" and name is not None:
+            held = self._held_before.pop(name, None)
+            if detail.get("error"):
+                kind = "unload_failed"
+            else:
+                kind = "freed"
+                detail.pop("error", None)
+                declared = self.config.backend(name).vram
+                detail["measured"] = held is not None
+                held = held if held is not None else declared
+                detail["mib"] = None if held is None else round(held / MiB)
+        elif kind == "loading" and detail.pop("wake", False):
+            kind = "waking"
+        elif kind == "swap_started":
+            detail["requests"] = [w.lease for w in self.sched.queue if w.backend == name]
+        self._emit(kind, name, lease=note.lease, **detail)
+
+    def emit(self, kind: str, backend: str | None, **detail: Any) -> None:
+        """Tell every listener (event stream, metrics) of something beside the scheduler's."""
+        self._emit(kind, backend, **detail)
+
+    def _emit(self, kind: str, backend: str | None, **detail: Any) -> None:
+        """Every event carries its request id and elapsed time where it has them."""
+        lease = detail.pop("lease", None)
+        event: dict[str, Any] = {"event": kind, "backend": backend, "at": time.time()}
+        if lease is not None:
+            event["request"] = lease
+            live = self.live.get(lease)
+            if live is not None:
+                event["elapsedMs"] = round((event["at"] - live.since) * 1000, 1)
+        elif (plan := self.sched.plans.get(detail.get("swap", -1))) is not None:
+            event["elapsedMs"] = round((self.clock() - plan.started) * 1000, 1)
+        event.update(detail)
+        log.debug("%s", event)
+        for listener in list(self.listeners):
+            listener(event)
+
+    # --- status ---------------------------------------------------------------------------
+
+    def record_passthrough(self, backend: str) -> None:
+        self.counters[backend]["passthrough"] += 1

@@ -1,5 +1,0 @@
-"""Unload strategies: how each kind of service frees its VRAM and comes back."""
-
-from .base import Strategy, StrategyContext
-
-__all__ = ["Strategy", "StrategyContext"]

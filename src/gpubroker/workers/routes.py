@@ -1,0 +1,318 @@
+"""Admin routes for managed workers, on the status port (for ``gpubroker workers …``).
+
+    GET  /api/workers                  every managed worker: state, PID, GPU, uptime, restarts,
+                                       VRAM, warnings; its command and log tail for admins
+    GET  /api/workers/{name}/logs      its captured output (?since=N&limit=M; admin)
+    POST /api/workers/start            {"name": …} or {"all": true}
+    POST /api/workers/stop             {"name": …}, {"all": true} or {"pid": N}; "force" skips
+                                       the drain of in-flight requests
+    POST /api/workers/restart          {"name": …}
+    POST /api/workers/ensure           {"name": …} or {"all": true}: start what is not ready
+
+Verbs go through the scheduler, so it stays truthful: a start is a swap to the worker (what must
+make room is freed first, per policy), a stop is an unload (in-flight requests drain first,
+unless ``force``) followed by stopping the process. Each verb answers 200 with ``ok`` and a
+result per worker; an unknown name is 404, a malformed body 400, a body that is not
+``application/json`` 415 (the status port's guard, so no web page can send one). POSTs and logs
+need the admin token where one is set (the rule of ``/api/unload``): a worker's output, and its
+command line, may show its secrets. For the same reason ``GET /api/workers`` stays open but
+tells only an authorised caller a worker's ``command`` and ``logTail`` (``"admin": true`` says
+it did).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gpubroker.observe.alerts import PINNED_TO_WRONG_GPU
+from gpubroker.responses import error_response, json_object
+from gpubroker.scheduling.broker import Broker, Refused
+from gpubroker.scheduling.scheduler import SwapInProgress
+from gpubroker.workers.supervisor import LOG_LINES, Supervisor, WorkerError, WorkerState
+
+if TYPE_CHECKING:
+    from gpubroker.observe.status import StatusApp
+
+
+class WorkersApi:
+    """The routes, bound to one status app (for its broker and its admin rule)."""
+
+    def __init__(self, status: StatusApp) -> None:
+        self.status = status
+        self.broker = status.broker
+
+    @property
+    def supervisor(self) -> Supervisor | None:
+        return self.broker.supervisor
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/workers", self.list_, methods=["GET"]),
+            Route("/api/workers/{name}/logs", self.logs, methods=["GET"]),
+            Route("/api/workers/start", self.start, methods=["POST"]),
+            Route("/api/workers/stop", self.stop, methods=["POST"]),
+            Route("/api/workers/restart", self.restart, methods=["POST"]),
+            Route("/api/workers/ensure", self.ensure, methods=["POST"]),
+        ]
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _check(self, name: object) -> str | Response:
+        """``name`` if it is a managed worker, else the 404 that says what it is instead."""
+        sup = self.supervisor
+        managed = list(sup.workers) if sup else []
+        known = ", ".join(managed) or "none: give a backend `command:`"
+        if not isinstance(name, str) or not name:
+            return error_response(400, "bad_request", 'name a worker: {"name": …} or {"all": true}')
+        if sup is not None and name in sup.workers:
+            return name
+        if name in self.broker.sched.slots:
+            return error_response(
+                404,
+                "not_managed",
+                f"{name} is not a managed worker (it has no `command:`); managed: {known}",
+                name,
+            )
+        return error_response(
+            404, "unknown_worker", f"no managed worker named {name!r} ({known})", name
+        )
+
+    async def _names(self, request: Request, *, allow_all: bool = True) -> list[str] | Response:
+        if (denied := self.status._authorise(request)) is not None:
+            return denied
+        data = await self._json(request)
+        if isinstance(data, Response):
+            return data
+        return self._targets(data, allow_all=allow_all)
+
+    async def _json(self, request: Request) -> dict[str, Any] | Response:
+        return await json_object(request)
+
+    def _targets(self, data: dict[str, Any], *, allow_all: bool) -> list[str] | Response:
+        everything = data.get("all") is True
+        if everything and allow_all:
+            if "name" in data:
+                return error_response(400, "bad_request", 'give "name" or "all", not both')
+            return list(self.supervisor.workers) if self.supervisor else []
+        checked = self._check(data.get("name"))
+        return checked if isinstance(checked, Response) else [checked]
+
+    def _workers(self, *, admin: bool) -> list[dict[str, Any]]:
+        """Each worker as the supervisor knows it, with what telemetry adds: the VRAM it holds
+        and the pinning warning, both from the monitor (one reading of the GPUs, one rule)."""
+        sup = self.supervisor
+        if sup is None:
+            return []
+        monitor = self.status.monitor
+        alerts = monitor.alerts.current() if monitor is not None else []
+        out = []
+        for w in sup.describe(admin=admin):
+            name = w["name"]
+            measured = w["pid"] is not None and name in self.broker.measured
+            w["vram"] = self.broker.measured_total(name) if measured else None
+            w["warnings"] = [
+                f"{a.code}: {a.message}"
+                for a in alerts
+                if a.backend == name and a.code == PINNED_TO_WRONG_GPU
+            ]
+            out.append(w)
+        return out
+
+    def _reply(self, results: list[dict[str, Any]]) -> Response:
+        """The answer to a verb (only authorised callers get one)."""
+        return JSONResponse(
+            {
+                "ok": all(r["ok"] for r in results),
+                "results": results,
+                "workers": self._workers(admin=True),
+            }
+        )
+
+    def _result(self, name: str, ok: bool, message: str, **extra: Any) -> dict[str, Any]:
+        sup = self.supervisor
+        state = sup.workers[name].state.value if sup and name in sup.workers else None
+        return {"name": name, "ok": ok, "state": state, "message": message, **extra}
+
+    # --- the verbs, one worker at a time --------------------------------------------------
+
+    async def _start_one(self, name: str) -> dict[str, Any]:
+        sup = self.supervisor
+        assert sup is not None
+        try:
+            grant = await self.broker.preload(name)  # the scheduler makes room and loads it
+            await sup.start(name)  # and if it counted it resident, the process must run too
+        except Refused as exc:
+            return self._result(
+                name, False, exc.refusal.message, logTail=sup.workers[name].log.tail()
+            )
+        except WorkerError as exc:
+            return self._result(name, False, str(exc), logTail=sup.workers[name].log.tail())
+        evicted = list(grant.swap.evicted) if grant.swap else []
+        w = sup.workers[name]
+        note = f" (evicted {', '.join(evicted)})" if evicted else ""
+        return self._result(name, True, f"{name} is ready, pid {w.pid}{note}", evicted=evicted)
+
+    async def _stop_one(self, name: str, force: bool) -> dict[str, Any]:
+        sup = self.supervisor
+        assert sup is not None
+        before = sup.workers[name].last_stop
+        try:
+            await self.broker.evict(name, force=force)  # drain, then the strategy's unload
+            report = await sup.stop(name)  # (the process strategy's unload stopped it already)
+            if not report["stopped"] and sup.workers[name].last_stop is not before:
+                report = sup.workers[name].last_stop or report
+        except SwapInProgress as exc:
+            return self._result(name, False, str(exc))
+        except WorkerError as exc:
+            return self._result(name, False, str(exc))
+        return self._result(name, True, _stopped(name, report), report=report)
+
+    # --- routes ---------------------------------------------------------------------------
+
+    async def list_(self, request: Request) -> Response:
+        admin = self.status._authorise(request) is None
+        return JSONResponse({"admin": admin, "workers": self._workers(admin=admin)})
+
+    async def logs(self, request: Request) -> Response:
+        if (denied := self.status._authorise(request)) is not None:
+            return denied
+        name = self._check(request.path_params["name"])
+        if isinstance(name, Response):
+            return name
+        try:
+            since = int(request.query_params.get("since", "-1"))
+            limit = int(request.query_params.get("limit", str(LOG_LINES)))
+        except ValueError:
+            return error_response(400, "bad_request", "since and limit must be integers")
+        assert self.supervisor is not None
+        w = self.supervisor.workers[name]
+        if since < 0:  # the last `limit` lines
+            since = max(0, w.log.next - limit)
+        lines, next_ = w.log.since(since, max(1, limit))
+        return JSONResponse(
+            {
+                "name": name,
+                "state": w.state.value,
+                "lines": lines,
+                "next": next_,
+                "file": w.spec.log_file,
+            }
+        )
+
+    async def start(self, request: Request) -> Response:
+        names = await self._names(request)
+        if isinstance(names, Response):
+            return names
+        return self._reply([await self._start_one(n) for n in names])
+
+    async def ensure(self, request: Request) -> Response:
+        names = await self._names(request)
+        if isinstance(names, Response):
+            return names
+        sup = self.supervisor
+        results = []
+        for n in names:
+            if sup is not None and sup.workers[n].state is WorkerState.READY:
+                results.append(self._result(n, True, f"{n} was already ready", started=False))
+            else:
+                results.append({**await self._start_one(n), "started": True})
+        # under `exclusive`, a later start may have stopped an earlier one: report the truth
+        for r in results:
+            state = sup.workers[r["name"]].state if sup is not None else None
+            if r["ok"] and state is not WorkerState.READY:
+                r.update(
+                    ok=False,
+                    state=state.value if state else None,
+                    message=f"{r['name']} was stopped again to make room for another worker "
+                    f"(policy {self.broker.config.policy})",
+                )
+        return self._reply(results)
+
+    async def stop(self, request: Request) -> Response:
+        if (denied := self.status._authorise(request)) is not None:
+            return denied
+        data = await self._json(request)
+        if isinstance(data, Response):
+            return data
+        force = data.get("force", False) is True
+        if "pid" in data:
+            return await self._stop_pid(data)
+        names = self._targets(data, allow_all=True)
+        if isinstance(names, Response):
+            return names
+        return self._reply([await self._stop_one(n, force) for n in names])
+
+    async def _stop_pid(self, data: dict[str, Any]) -> Response:
+        pid = data.get("pid")
+        if "name" in data or "all" in data:
+            return error_response(400, "bad_request", 'give "pid" alone, not with "name" or "all"')
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return error_response(400, "bad_request", "pid must be a positive integer")
+        sup = self.supervisor
+        if sup is None:
+            return error_response(404, "no_supervisor", "this broker has no supervisor running")
+        owner = await sup.owner_of(pid)
+        if owner is not None:
+            result = await self._stop_one(owner, force=False)
+            return self._reply([{**result, "pid": pid}])
+        try:
+            report = await sup.stop_pid(pid)
+        except WorkerError as exc:
+            return self._reply([{"name": None, "pid": pid, "ok": False, "message": str(exc)}])
+        return self._reply(
+            [
+                {
+                    "name": None,
+                    "pid": pid,
+                    "ok": True,
+                    "message": _stopped(f"pid {pid}", report),
+                    "report": report,
+                }
+            ]
+        )
+
+    async def restart(self, request: Request) -> Response:
+        names = await self._names(request, allow_all=False)
+        if isinstance(names, Response):
+            return names
+        name = names[0]
+        stopped = await self._stop_one(name, force=False)
+        if not stopped["ok"]:
+            return self._reply([stopped])
+        return self._reply([await self._start_one(name)])
+
+
+def _stopped(what: str, report: dict[str, Any]) -> str:
+    if not report.get("stopped", True):
+        return report.get("message") or f"{what} was not running"
+    how = report.get("signal", "SIGTERM")
+    text = f"{what} stopped ({how}, {report.get('ms', 0):.0f} ms"
+    if report.get("portClosed") is False:
+        text += ", port still open"
+    if report.get("vramFreed") is False:
+        text += ", VRAM not yet freed"
+    if report.get("survivors"):
+        text += f", survivors {report['survivors']}"
+    return text + ")"
+
+
+async def forget(broker: Broker, name: str) -> None:
+    """A managed worker ended unasked and will not come back by itself: free it in the
+    scheduler too (forced: its requests are gone with it), so the next request starts it
+    again rather than meeting a dead port."""
+    for _ in range(100):  # bounded: a plan on the same GPU ends within its own timeouts
+        try:
+            await broker.evict(name, force=True)
+            return
+        except SwapInProgress:
+            await anyio.sleep(0.1)
+
+
+def worker_routes(status: StatusApp) -> list[Route]:
+    """The routes to add to the status app."""
+    return WorkersApi(status).routes()

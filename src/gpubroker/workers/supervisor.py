@@ -1,0 +1,753 @@
+"""Managed workers: GPU services that gpubroker starts, pins, supervises and stops itself.
+
+A backend with ``command:`` is a managed worker. Its ``upstream`` says where it listens, and
+``{port}`` in the command is that URL's port; ``{gpu_uuid}`` is the GPU it is pinned to.
+
+- **Start**: the port must be free (a worker from a previous run found there is adopted or
+  stopped; anything else there is refused: never a duplicate). The command is spawned in its own
+  process group (its own session) with ``CUDA_VISIBLE_DEVICES`` set to its GPU (a UUID where
+  telemetry or the config gives one), and ``healthPath`` is polled (a plain TCP connect when
+  unset) until it answers below 500, within ``startTimeout``, with a progress event each second.
+- **Stop**: SIGTERM to the group and every descendant, SIGKILL after ``stopTimeout``, wait until
+  every process of the tree is gone, then confirm the port is closed and (with telemetry) that
+  none of its PIDs still holds VRAM, all within one deadline (:func:`procs.stop_tree`; how an
+  eviction fits it into ``unloadTimeout`` is told in ``strategies/process.py``). A stop runs in
+  the supervisor's own task group and shielded, so it always completes, whoever asked for it
+  and whatever their timeout.
+- **Crash**: an exit nobody asked for is restarted per ``restart:`` (``on-failure``: a non-zero
+  exit or a signal; ``always``; ``never``) after an exponential backoff; ``max_crashes`` exits
+  within ``window`` seconds mark it ``failed``. An exit during an explicit start (the command
+  itself is wrong) fails at once: retrying a typo helps nobody.
+- **Logs**: stdout and stderr, line by line, into a ring buffer (``gpubroker workers logs``) and,
+  with ``logFile:``, appended to a file. A worker's output and its command line may show its
+  secrets: they are for admins only (``describe(admin=True)``), never in an event.
+- **Pinning**: the monitor's warnings (``alerts.py``) raise ``pinned-to-wrong-GPU`` when
+  telemetry sees a worker's PIDs (handed over by :meth:`Supervisor.roots`) on another GPU.
+
+Worker states, and the race each transition guards against (a per-worker lock serialises the
+operations that move them; crash recovery takes the same lock)::
+
+    stopped ──start──► starting ──health answers──► ready ──stop──► stopping ──► stopped
+       ▲                 │  ▲                         │                             ▲
+       │     exit/timeout│  └──backoff── crash ◄──────┘                             │
+       │                 ▼                                                          │
+       └──── start ─── failed ◄── crash loop / restart: never ─── stop ─────────────┘
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import subprocess
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import httpx
+import psutil
+
+from gpubroker.config.load import BackendConfig, Config
+from gpubroker.observe.telemetry.base import TelemetrySnapshot
+from gpubroker.scheduling.domains import cuda_devices
+from gpubroker.workers.parts import LOG_LINES, Backoff, LogBuffer
+from gpubroker.workers.procs import (
+    AFTER_GRACE,
+    MARKER,
+    MARKER_UPSTREAM,
+    Telemetry,
+    ancestors,
+    cmdline,
+    describe_pid,
+    environ,
+    is_alive,
+    listening_on,
+    marked,
+    port_open,
+    process,
+    process_tree,
+    stop_tree,
+)
+
+log = logging.getLogger("gpubroker.workers.supervisor")
+
+T = TypeVar("T")
+
+HEALTH_INTERVAL = 0.1
+PROGRESS_INTERVAL = 1.0
+OUTPUT_WAIT = 1.0  # after a stop, for the worker's last words to reach its log
+
+
+class WorkerState(enum.Enum):
+    """Where a managed worker is. Each transition and the race it guards against:
+
+    - ``stopped``/``failed`` → ``starting`` (start): under the worker's lock, so two starts at
+      once (two queued requests, ``workers ensure`` racing the scheduler's load) spawn one
+      process; the second finds ``ready`` and returns. The port is checked first: a process
+      already there is adopted (ours, healthy, same command and pin) or refused, never doubled.
+    - ``starting`` → ``ready`` (health answered): accepted only while *our* process is still
+      alive, so a stranger that grabbed the port after ours died cannot pass for it.
+    - ``starting`` → ``stopping`` (stop during start): the stop cancels the health wait first,
+      so a stop never queues behind a start that may take ``startTimeout``.
+    - ``starting`` → ``failed`` (exit before ready, or ``startTimeout``): the process group is
+      killed before the state changes, so a half-started worker holds no VRAM.
+    - ``ready`` → ``stopping`` → ``stopped``: ``stopped`` is set only once the tree was killed
+      and reaped and the port checked (or the stop's deadline passed: its report then says what
+      was not confirmed), so the scheduler never loads the next backend onto VRAM still held.
+    - ``ready`` → ``starting`` (crash, restart after backoff) or ``failed`` (crash loop,
+      ``restart: never``): an exit seen while ``stopping`` is the one we asked for, not a crash;
+      a stop cancels a pending backoff.
+    - ``failed`` → ``starting``: only an explicit start (CLI, or a request through the
+      scheduler); it clears the crash count.
+    """
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class WorkerError(Exception):
+    """A worker could not be started or stopped; one line saying why (the log's tail is in
+    the worker's status, shown to admins only)."""
+
+
+def render(template: str, *, port: int, gpu: str, name: str) -> str:
+    """Fill ``{port}``, ``{gpu_uuid}`` and ``{name}``; other braces stay as they are."""
+    return template.replace("{port}", str(port)).replace("{gpu_uuid}", gpu).replace("{name}", name)
+
+
+def upstream_address(upstream: str) -> tuple[str, int]:
+    parts = urlsplit(upstream)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.hostname or "127.0.0.1", port
+
+
+class Worker:
+    """One managed worker. Its state is moved only by the supervisor (see WorkerState)."""
+
+    def __init__(self, spec: BackendConfig, log_size: int = LOG_LINES) -> None:
+        assert spec.command is not None
+        self.spec = spec
+        self.name = spec.name
+        self.host, self.port = upstream_address(spec.upstream)
+        self.state = WorkerState.STOPPED
+        self.pid: int | None = None
+        self.proc: anyio.abc.Process | None = None
+        self.adopted = False
+        self.started_at: float | None = None  # wall clock, for uptime
+        self.ready_at: float | None = None
+        self.restarts = 0
+        self.crashes: deque[float] = deque()
+        self.last_exit: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.gpu_ids: tuple[str, ...] = ()
+        self.argv: list[str] = []
+        self.log = LogBuffer(log_size)
+        self.lock = anyio.Lock()
+        self.want_running = False
+        self.start_scope: anyio.CancelScope | None = None
+        self.backoff_scope: anyio.CancelScope | None = None
+        self.output_done: anyio.Event | None = None  # set when its output is read to the end
+        self.last_stop: dict[str, Any] | None = None  # the report of the last stop
+
+    def describe(self, *, admin: bool = False) -> dict[str, Any]:
+        """What the supervisor knows of it. ``admin`` adds what may show secrets: the command
+        line and, once it failed, the tail of its log."""
+        now = time.time()
+        out: dict[str, Any] = {
+            "name": self.name,
+            "state": self.state.value,
+            "pid": self.pid,
+            "adopted": self.adopted,
+            "gpu": list(self.gpu_ids) or [str(g) for g in (self.spec.gpu or (0,))],
+            "upstream": self.spec.upstream,
+            "uptime": round(now - self.started_at, 1)
+            if self.started_at and self.state is WorkerState.READY
+            else None,
+            "restarts": self.restarts,
+            "lastExit": self.last_exit,
+            "error": self.error,
+        }
+        if admin:
+            out["logTail"] = self.log.tail() if self.state is WorkerState.FAILED else []
+            out["command"] = self.argv or list(self.spec.command or ())
+        return out
+
+
+class Supervisor:
+    """Starts, watches and stops every managed worker of one broker.
+
+    ``telemetry`` (optional) returns the latest shared telemetry snapshot (the monitor's; it
+    never reads the GPUs itself): it turns GPU indexes into UUIDs for the pin, lets a stop
+    confirm the VRAM was freed, and lets ``stop_pid`` recognise a GPU process.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        telemetry: Telemetry | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.config = config
+        self.workers = {b.name: Worker(b) for b in config.backends if b.command is not None}
+        self.telemetry = telemetry
+        self.backoff = backoff or Backoff()
+        self.emit: Callable[..., None] | None = None  # e.g. Broker.emit(kind, backend, **detail)
+        # called when a worker ended unasked for good (exit 0 under on-failure, crash loop…):
+        # the server tells the scheduler, so the next request starts it instead of a dead port
+        self.on_exit: Callable[[str], Coroutine[Any, Any, None]] | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._http: httpx.AsyncClient | None = None  # for health checks, made on first use
+
+    @property
+    def snapshot(self) -> TelemetrySnapshot | None:
+        return self.telemetry() if self.telemetry is not None else None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Adopt or stop leftovers, start ``autostart`` workers, watch until cancelled; then stop
+        every worker (shielded: none survives its broker). This is the only place that stops
+        them all: whoever runs the supervisor need not."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                try:
+                    await self._reconcile()
+                    for w in self.workers.values():
+                        if w.spec.autostart and w.state is WorkerState.STOPPED:
+                            # starting from now on: whoever asks (the broker's reconcile) sees it
+                            w.state, w.want_running = WorkerState.STARTING, True
+                            tg.start_soon(self._autostart, w)
+                    task_status.started()
+                    await anyio.sleep_forever()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._shutdown()
+        finally:
+            self._tg = None
+
+    async def _shutdown(self) -> None:
+        """Stop every worker (all at once) and release the health client."""
+        async with anyio.create_task_group() as tg:
+            for w in self.workers.values():
+                tg.start_soon(self._stop_now, w)
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
+
+    async def _reconcile(self) -> None:
+        """Broker start: each worker's leftovers from an earlier run are adopted (ours, healthy,
+        same command and pin, listening) or stopped; a stranger on the port is reported."""
+        for w in self.workers.values():
+            w.argv, _ = self._command(w)
+            found = set(await anyio.to_thread.run_sync(marked, w.name, w.spec.upstream))
+            if not await port_open(w.host, w.port):
+                for pid in sorted(found):
+                    log.info("%s: stopping pid %d left by an earlier run", w.name, pid)
+                    await self._kill_leftover(w, pid)
+                continue
+            owners = await anyio.to_thread.run_sync(listening_on, w.port) or []
+            ours = [pid for pid in owners if pid in found]
+            if ours:
+                w.want_running = True
+                error = await self._adopt_or_stop(w, ours[0], found)
+                if error not in (None, "adopted"):
+                    w.error = error
+                if w.state is not WorkerState.READY:
+                    w.want_running = False
+                continue
+            for pid in sorted(found):
+                await self._kill_leftover(w, pid)
+            who = await anyio.to_thread.run_sync(describe_pid, owners[0]) if owners else "?"
+            w.error = f"port {w.port} is taken by {who}, which gpubroker did not start"
+            log.warning("%s: %s; it will not be started while that lasts", w.name, w.error)
+
+    async def _autostart(self, w: Worker) -> None:
+        try:
+            await self.start(w.name)
+        except WorkerError as exc:
+            log.warning("%s: autostart failed: %s", w.name, exc)
+
+    # --- public verbs -----------------------------------------------------------------------
+
+    def worker(self, name: str) -> Worker:
+        try:
+            return self.workers[name]
+        except KeyError:
+            raise WorkerError(f"no managed worker named {name!r}") from None
+
+    def resident(self, name: str) -> bool | None:
+        """For the scheduler: True when ready, False when stopped or failed, None (may hold
+        VRAM, cannot say) while starting or stopping."""
+        w = self.worker(name)
+        if w.state is WorkerState.READY:
+            return True
+        if w.state in (WorkerState.STOPPED, WorkerState.FAILED):
+            return False
+        return None
+
+    def roots(self) -> dict[str, list[int]]:
+        """Each running worker's leader PID, for attributing GPU processes to backends."""
+        return {w.name: [w.pid] for w in self.workers.values() if w.pid is not None}
+
+    async def start(self, name: str) -> None:
+        """Start ``name`` and wait until its health check passes (at once if it is ready)."""
+        w = self.worker(name)
+        await self._job(lambda: self._start(w))
+
+    async def stop(
+        self, name: str, *, grace: float | None = None, limit: float | None = None
+    ) -> dict[str, Any]:
+        """Stop ``name`` (TERM, KILL after ``grace``, reap, confirm); report what was done.
+
+        ``grace`` defaults to its ``stopTimeout``; ``limit`` bounds the whole stop, lock wait
+        included (default ``grace`` + ``AFTER_GRACE``): what could not be confirmed by then is
+        reported as such (see :func:`procs.stop_tree`).
+        """
+        w = self.worker(name)
+        return await self._job(lambda: self._stop(w, grace, limit))
+
+    async def stop_pid(self, pid: int, *, grace: float = 10.0) -> dict[str, Any]:
+        """Stop a stray process: a GPU process per telemetry, or a marked gpubroker worker.
+
+        A PID belonging to a managed worker stops that worker the usual way.
+        """
+        name = await self.owner_of(pid)
+        if name is not None:
+            return {**(await self.stop(name)), "worker": name}
+        return await self._job(lambda: self._stop_stray(pid, grace))
+
+    async def owner_of(self, pid: int) -> str | None:
+        """The managed worker whose process tree holds ``pid``, if any."""
+        for w in self.workers.values():
+            if w.pid is None:
+                continue
+            tree = await anyio.to_thread.run_sync(process_tree, w.pid)
+            if pid == w.pid or pid in {p.pid for p in tree}:
+                return w.name
+        return None
+
+    def describe(self, *, admin: bool = False) -> list[dict[str, Any]]:
+        """Every worker (see :meth:`Worker.describe`; ``admin`` adds logs and commands)."""
+        return [w.describe(admin=admin) for w in self.workers.values()]
+
+    # --- jobs: run in our own task group, so a caller's timeout never cuts one short ----------
+
+    async def _job(self, fn: Callable[[], Awaitable[T]]) -> T:
+        if self._tg is None:
+            raise WorkerError("the supervisor is not running")
+        done = anyio.Event()
+        box: dict[str, Any] = {}
+
+        async def job() -> None:
+            try:
+                box["value"] = await fn()
+            except Exception as exc:
+                box["error"] = exc
+            finally:
+                done.set()
+
+        self._tg.start_soon(job)
+        await done.wait()
+        if "error" in box:
+            raise box["error"]
+        if "value" not in box:  # cancelled with the supervisor: it is shutting down
+            raise WorkerError("the supervisor is shutting down")
+        return box["value"]
+
+    def _emit(self, kind: str, w: Worker, **detail: Any) -> None:
+        """An event for ``/events``, which anyone may read: never a log line nor a command."""
+        log.debug("%s %s %s", kind, w.name, detail)
+        if self.emit is not None:
+            self.emit(kind, w.name, **detail)
+
+    def _ended(self, w: Worker) -> None:
+        """``w`` ended unasked and will not come back by itself: tell ``on_exit``."""
+        if self.on_exit is not None and self._tg is not None:
+            self._tg.start_soon(self.on_exit, w.name)
+
+    def _fail(self, w: Worker, error: str) -> None:
+        w.state = WorkerState.FAILED
+        w.error = error
+        log.warning("%s: failed: %s", w.name, error)
+        self._emit("worker_failed", w, error=error)
+
+    # --- start ------------------------------------------------------------------------------
+
+    async def _start(self, w: Worker) -> None:
+        async with w.lock:
+            if w.state is WorkerState.READY:
+                return
+            w.want_running = True
+            w.crashes.clear()
+            error = await self._launch(w)
+            if error is None:
+                return
+            if not w.want_running:
+                raise WorkerError(f"{w.name}: stopped while starting")
+            self._fail(w, error)  # its log's tail goes to the status, not into the message:
+            raise WorkerError(  # the message reaches proxy clients (502 load_failed)
+                f"{w.name}: {error} (its log: gpubroker workers logs {w.name})"
+            )
+
+    def _command(self, w: Worker) -> tuple[list[str], dict[str, str]]:
+        gpus = cuda_devices(w.spec, self.snapshot)
+        gpu = ",".join(gpus)
+        argv = [render(a, port=w.port, gpu=gpu, name=w.name) for a in w.spec.command or ()]
+        env = {
+            **os.environ,
+            **{k: render(v, port=w.port, gpu=gpu, name=w.name) for k, v in w.spec.env.items()},
+        }
+        env["CUDA_VISIBLE_DEVICES"] = gpu  # the pin: `gpu:` decides, `env:` cannot undo it
+        if any(g.isdigit() for g in gpus):
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's indexes = NVML's
+        env[MARKER] = w.name
+        env[MARKER_UPSTREAM] = w.spec.upstream
+        env.setdefault("PYTHONUNBUFFERED", "1")  # Python workers: logs as they happen
+        w.gpu_ids = gpus
+        return argv, env
+
+    async def _launch(self, w: Worker) -> str | None:
+        """Spawn and wait for health; None when ready, else why not (the process is gone)."""
+        w.state = WorkerState.STARTING
+        w.error = None
+        argv, env = self._command(w)
+        w.argv = argv
+        claimed = await self._claim_port(w)
+        if claimed == "adopted":
+            return None
+        if claimed is not None:
+            return claimed
+        if not w.want_running:
+            return "stopped while starting"
+        try:
+            proc = await anyio.open_process(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=w.spec.cwd,
+                env=env,
+                start_new_session=True,  # its own process group: a stop reaches every child
+            )
+        except OSError as exc:
+            return f"cannot run {argv[0]!r}: {exc.strerror or exc}"
+        w.proc, w.pid, w.adopted = proc, proc.pid, False
+        w.started_at, w.ready_at = time.time(), None
+        w.log.add(f"[gpubroker] started pid {proc.pid}: {' '.join(argv)}")
+        log.info(
+            "%s: started pid %d (CUDA_VISIBLE_DEVICES=%s)",
+            w.name,
+            proc.pid,
+            env["CUDA_VISIBLE_DEVICES"],
+        )
+        self._emit("worker_starting", w, pid=proc.pid)
+        assert self._tg is not None
+        w.output_done = anyio.Event()
+        self._tg.start_soon(self._pump_log, w, proc, w.output_done)
+        self._tg.start_soon(self._monitor, w, proc)
+        error: str | None = "stopped while starting"
+        with anyio.CancelScope() as scope:
+            w.start_scope = scope
+            error = await self._await_health(w, proc)
+        w.start_scope = None
+        if scope.cancel_called:
+            return "stopped while starting"  # the stop that cancelled us ends the process
+        if error is not None:
+            with anyio.CancelScope(shield=True):
+                await self._terminate(w, grace=min(w.spec.stop_timeout, 2.0), quiet=True)
+            w.state = WorkerState.STARTING  # the caller decides: failed, or another try
+            return error
+        w.state = WorkerState.READY
+        w.ready_at = time.time()
+        start_ms = round((w.ready_at - (w.started_at or w.ready_at)) * 1000, 1)
+        log.info("%s: ready after %.0f ms", w.name, start_ms)
+        self._emit("worker_ready", w, pid=w.pid, startMs=start_ms)
+        return None
+
+    async def _await_health(self, w: Worker, proc: anyio.abc.Process) -> str | None:
+        started = time.monotonic()
+        deadline = started + w.spec.start_timeout
+        last_progress = started
+        while True:
+            if proc.returncode is not None:
+                return f"exited with code {proc.returncode} before it was ready"
+            if await self._healthy(w):
+                if proc.returncode is None:
+                    return None
+                continue
+            now = time.monotonic()
+            if now >= deadline:
+                return f"not ready after startTimeout {w.spec.start_timeout:g}s"
+            if now - last_progress >= PROGRESS_INTERVAL:
+                last_progress = now
+                self._emit("worker_progress", w, elapsedMs=round((now - started) * 1000))
+            await anyio.sleep(HEALTH_INTERVAL)
+
+    async def _healthy(self, w: Worker) -> bool:
+        if not w.spec.health_path:
+            return await port_open(w.host, w.port)
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=2.0, trust_env=False)
+        try:
+            response = await self._http.get(w.spec.upstream + w.spec.health_path)
+        except httpx.HTTPError:
+            return False
+        return response.status_code < 500
+
+    async def _claim_port(self, w: Worker) -> str | None:
+        """Before spawning: None when the port is free, "adopted" when our own leftover there
+        was taken over, else why we refuse to start a second one."""
+        if not await port_open(w.host, w.port):
+            return None
+        owners = await anyio.to_thread.run_sync(listening_on, w.port)
+        if not owners:
+            return (
+                f"port {w.port} is already taken by a process gpubroker cannot identify; "
+                f"refusing to start a second {w.name}"
+            )
+        found = set(await anyio.to_thread.run_sync(marked, w.name, w.spec.upstream))
+        ours = [pid for pid in owners if pid in found]
+        if not ours:
+            who = await anyio.to_thread.run_sync(describe_pid, owners[0])
+            return (
+                f"port {w.port} is already taken by {who}, which gpubroker did not start; "
+                f"refusing to start a second {w.name} (stop it with `gpubroker workers stop "
+                f"--pid {owners[0]}` or point upstream elsewhere)"
+            )
+        return await self._adopt_or_stop(w, ours[0], found)
+
+    async def _adopt_or_stop(self, w: Worker, listener: int, found: set[int]) -> str | None:
+        """Our own worker from an earlier run is listening: adopt it when it is healthy and runs
+        this very command with this pin; otherwise stop it. Other leftovers are stopped."""
+        leader = listener
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            pgid = os.getpgid(listener)
+            if pgid in found:
+                leader = pgid
+        proc = await anyio.to_thread.run_sync(process, leader)
+        env = environ(proc) if proc else {}
+        argv = await anyio.to_thread.run_sync(cmdline, leader)
+        same = argv == w.argv and env.get("CUDA_VISIBLE_DEVICES") == ",".join(w.gpu_ids)
+        if same and await self._healthy(w):
+            w.proc, w.pid, w.adopted = None, leader, True
+            try:
+                w.started_at = proc.create_time() if proc else time.time()
+            except psutil.Error:
+                w.started_at = time.time()
+            w.ready_at = time.time()
+            w.state = WorkerState.READY
+            w.want_running = True
+            w.log.add(
+                f"[gpubroker] adopted pid {leader} from an earlier run (its output before now "
+                "was not captured, nor is it from here on)"
+            )
+            log.info("%s: adopted pid %d from an earlier run", w.name, leader)
+            self._emit("worker_adopted", w, pid=leader)
+            assert self._tg is not None
+            self._tg.start_soon(self._monitor_adopted, w, leader)
+            tree = await anyio.to_thread.run_sync(process_tree, leader)
+            for other in found - {p.pid for p in tree}:
+                await self._kill_leftover(w, other)
+            return "adopted"
+        why = "it does not answer its health check" if same else "its command or GPU pin changed"
+        log.info("%s: stopping pid %d left by an earlier run (%s)", w.name, leader, why)
+        w.log.add(f"[gpubroker] stopping pid {leader} left by an earlier run: {why}")
+        for pid in sorted(found):
+            await self._kill_leftover(w, pid)
+        if await port_open(w.host, w.port):
+            return f"port {w.port} is still taken after stopping the earlier run's {w.name}"
+        return None
+
+    async def _kill_leftover(self, w: Worker, pid: int) -> None:
+        with anyio.CancelScope(shield=True):
+            await stop_tree(pid, w.spec.stop_timeout, telemetry=self.telemetry)
+
+    # --- watching ---------------------------------------------------------------------------
+
+    async def _pump_log(self, w: Worker, proc: anyio.abc.Process, done: anyio.Event) -> None:
+        """Copy the worker's output into its ring buffer (and ``logFile``) until it closes."""
+        sink = None
+        try:
+            if w.spec.log_file:
+                with contextlib.suppress(OSError):
+                    sink = await anyio.open_file(w.spec.log_file, "a", encoding="utf-8")
+            assert proc.stdout is not None
+            try:
+                async for chunk in proc.stdout:
+                    lines = w.log.feed(chunk)
+                    if sink is not None and lines:
+                        await sink.write("".join(line + "\n" for line in lines))
+            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
+            lines = w.log.flush()
+            if sink is not None and lines:
+                await sink.write(lines[0] + "\n")
+        finally:
+            done.set()
+            with anyio.CancelScope(shield=True):
+                if sink is not None:
+                    await sink.aclose()
+                with anyio.move_on_after(w.spec.stop_timeout + AFTER_GRACE):
+                    await proc.aclose()
+
+    async def _monitor(self, w: Worker, proc: anyio.abc.Process) -> None:
+        """Notice the exit of a spawned worker; an exit while ``ready`` is a crash."""
+        code = await proc.wait()
+        if w.proc is proc and w.state is WorkerState.READY:
+            assert self._tg is not None
+            self._tg.start_soon(self._recover, w, proc, code)
+
+    async def _monitor_adopted(self, w: Worker, pid: int) -> None:
+        p = await anyio.to_thread.run_sync(process, pid)
+        while p is not None and await anyio.to_thread.run_sync(is_alive, p):
+            await anyio.sleep(0.5)
+            if w.pid != pid or not w.adopted:
+                return
+        if w.pid == pid and w.adopted and w.state is WorkerState.READY:
+            await self._recover(w, None, None)
+
+    async def _recover(self, w: Worker, proc: anyio.abc.Process | None, code: int | None) -> None:
+        """A worker exited unasked: clean up what is left, then restart with backoff or fail."""
+        async with w.lock:
+            if w.proc is not proc or not w.want_running or w.state is not WorkerState.READY:
+                return
+            while True:
+                pid = w.pid
+                if pid is not None:  # whatever the dead leader left behind may hold VRAM
+                    with anyio.CancelScope(shield=True):
+                        await self._terminate(w, grace=1.0, quiet=True)
+                now = time.monotonic()
+                w.crashes.append(now)
+                while w.crashes and now - w.crashes[0] > self.backoff.window:
+                    w.crashes.popleft()
+                if code is not None:
+                    w.last_exit = {"code": code, "at": time.time()}
+                log.warning("%s: pid %s exited unasked (code %s)", w.name, pid, code)
+                policy = w.spec.restart
+                clean = code == 0
+                if policy == "never" or (policy == "on-failure" and clean):
+                    if clean:
+                        w.state = WorkerState.STOPPED
+                        self._emit("worker_exited", w, code=code)
+                    else:
+                        self._fail(w, f"exited with code {code} (restart: never)")
+                    self._ended(w)
+                    return
+                if len(w.crashes) >= self.backoff.max_crashes:
+                    self._fail(
+                        w,
+                        f"crash loop: exited {len(w.crashes)} times within "
+                        f"{self.backoff.window:g}s (last code {code})",
+                    )
+                    self._ended(w)
+                    return
+                delay = self.backoff.delay(len(w.crashes))
+                w.state = WorkerState.STARTING
+                self._emit("worker_crashed", w, code=code, restartIn=delay)
+                with anyio.CancelScope() as scope:
+                    w.backoff_scope = scope
+                    await anyio.sleep(delay)
+                w.backoff_scope = None
+                if scope.cancel_called or not w.want_running:
+                    return
+                w.restarts += 1
+                error = await self._launch(w)
+                if error is None or not w.want_running:
+                    return
+                code = (w.last_exit or {}).get("code")  # and go round: another crash
+
+    # --- stop -------------------------------------------------------------------------------
+
+    async def _stop(self, w: Worker, grace: float | None, limit: float | None) -> dict[str, Any]:
+        grace = w.spec.stop_timeout if grace is None else grace
+        limit = grace + AFTER_GRACE if limit is None else limit
+        deadline = anyio.current_time() + limit
+        w.want_running = False
+        if w.start_scope is not None:
+            w.start_scope.cancel()
+        if w.backoff_scope is not None:
+            w.backoff_scope.cancel()
+        async with w.lock:
+            w.want_running = False
+            if w.pid is None:  # a failed worker stays failed (with its log) until started
+                if w.state is not WorkerState.FAILED:
+                    w.state = WorkerState.STOPPED
+                return {"stopped": False, "message": f"{w.name} was not running"}
+            grace = max(0.0, min(grace, deadline - anyio.current_time()))
+            with anyio.CancelScope(shield=True):
+                report = await self._terminate(w, grace=grace, deadline=deadline)
+            w.state = WorkerState.STOPPED
+            w.error = None
+            w.last_stop = {"stopped": True, **report}
+            self._emit("worker_stopped", w, **report)
+            return w.last_stop
+
+    async def _stop_now(self, w: Worker) -> None:
+        """Shutdown: cancel what is pending and stop, never raising."""
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._stop(w, None, None)
+        except Exception as exc:  # pragma: no cover - a stop must not stop the others
+            log.error("%s: stop at shutdown failed: %s", w.name, exc)
+
+    async def _terminate(
+        self, w: Worker, *, grace: float, deadline: float | None = None, quiet: bool = False
+    ) -> dict[str, Any]:
+        """Stop the worker's tree (see :func:`procs.stop_tree`) within ``deadline``, then let its
+        last output reach the log, in what is left of that time."""
+        pid = w.pid
+        assert pid is not None
+        if deadline is None:
+            deadline = anyio.current_time() + grace + AFTER_GRACE
+        if not quiet:
+            w.state = WorkerState.STOPPING
+            self._emit("worker_stopping", w, pid=pid)
+        report = await stop_tree(
+            pid,
+            grace,
+            deadline=deadline,
+            child=w.proc,
+            address=(w.host, w.port),
+            telemetry=self.telemetry,
+        )
+        if w.output_done is not None:  # its last words go in the log before ours
+            with anyio.CancelScope(deadline=min(deadline, anyio.current_time() + OUTPUT_WAIT)):
+                await w.output_done.wait()
+        w.log.add(f"[gpubroker] pid {pid} stopped ({report['signal']}, {report['ms']:.0f} ms)")
+        if w.proc is not None and w.proc.returncode is not None:
+            w.last_exit = {"code": w.proc.returncode, "at": time.time()}
+        w.proc, w.pid, w.adopted = None, None, False
+        return report
+
+    async def _stop_stray(self, pid: int, grace: float) -> dict[str, Any]:
+        target = await anyio.to_thread.run_sync(process, pid)
+        if target is None or not await anyio.to_thread.run_sync(is_alive, target):
+            raise WorkerError(f"no process with pid {pid}")
+        if pid in await anyio.to_thread.run_sync(ancestors):
+            raise WorkerError(f"pid {pid} is gpubroker itself (or its parent); not stopping it")
+        snapshot = self.snapshot
+        on_gpu = snapshot is not None and any(
+            p.pid == pid for g in snapshot.gpus for p in g.processes
+        )
+        is_marked = MARKER in await anyio.to_thread.run_sync(environ, target)
+        if not (on_gpu or is_marked):
+            who = await anyio.to_thread.run_sync(describe_pid, pid)
+            raise WorkerError(
+                f"{who} is neither a GPU process (per telemetry) nor a gpubroker worker; "
+                "not stopping it"
+            )
+        report = await stop_tree(pid, grace, telemetry=self.telemetry)
+        return {"stopped": True, "worker": None, **report}

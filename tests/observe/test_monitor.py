@@ -1,0 +1,291 @@
+"""Telemetry in a running broker: the status JSON's GPUs, measured VRAM, and warnings.
+
+Emulators allocate on a simulated GPU; the broker reads it through the ``sim`` source, as it
+reads NVML on a real machine.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, ClassVar
+
+import anyio
+import httpx
+import pytest
+
+from gpubroker.config.load import Config
+from gpubroker.observe import alerts, monitor
+from gpubroker.observe.monitor import Monitor
+from gpubroker.observe.telemetry.base import TelemetryError, TelemetrySnapshot
+from gpubroker.observe.telemetry.sampler import Sampler
+from gpubroker.observe.telemetry.sim import SimTelemetry
+from gpubroker.plugins.manager import Provided, create_plugins
+from gpubroker.scheduling.broker import Broker
+from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, gpu_app, running
+from gpubroker.testing import broker_running, make_config
+
+pytestmark = pytest.mark.anyio
+
+FAST = {"telemetry": "sim", "telemetryInterval": "100ms"}
+
+
+def generic(url: str, **extra: Any) -> dict[str, Any]:
+    return {"upstream": url, "unloadStrategy": "generic", "unloadEndpoint": "/unload", **extra}
+
+
+async def wait_status(
+    client: httpx.AsyncClient, url: str, ok: Callable[[dict[str, Any]], bool], limit: float = 5
+) -> dict[str, Any]:
+    """Poll ``GET /`` until ``ok(status)``; fail after ``limit`` seconds."""
+    with anyio.fail_after(limit):
+        while not ok(status := (await client.get(url + "/")).json()):
+            await anyio.sleep(0.05)
+    return status
+
+
+@asynccontextmanager
+async def two_generics(gpu: SimGPU, size: int) -> AsyncIterator[tuple[str, str, str]]:
+    a = GenericEmulator(gpu, size, owner="a")
+    b = GenericEmulator(gpu, size, owner="b")
+    async with running(a.app) as ua, running(b.app) as ub, running(gpu_app(gpu)) as g:
+        yield ua, ub, g
+
+
+def codes(status: dict[str, Any]) -> set[str]:
+    return {w["code"] for w in status["warnings"]}
+
+
+async def test_status_shows_the_gpu_its_owners_and_measured_next_to_declared() -> None:
+    gpu = SimGPU(16 * GiB, name="Sim 16G")
+    gpu.allocate("stranger", 2 * GiB)  # a process no backend owns
+    ollama = OllamaEmulator(gpu, {"llama3.2:latest": 6 * GiB})
+    async with running(ollama.app) as o, running(gpu_app(gpu)) as g:
+        cfg = make_config(
+            {
+                "ollama": {"upstream": o, "unloadStrategy": "ollama", "vram": "4GiB"},
+                "gone": {"upstream": "http://127.0.0.1:9", "unloadStrategy": "generic"},
+            },
+            telemetryUrl=g,
+            **FAST,
+        )
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            body = {"model": "llama3.2:latest", "prompt": "hi", "stream": False}
+            r = await client.post(ep.proxies["ollama"] + "/api/generate", json=body)
+            assert r.status_code == 200
+            status = await wait_status(
+                client,
+                ep.status_url,
+                lambda s: (
+                    s["backends"]["ollama"]["measuredVram"] == 6 * GiB
+                    and {"vram_mismatch", "backend_down"} <= codes(s)
+                ),
+            )
+    (card,) = status["gpus"]
+    assert (card["name"], card["memoryTotal"], card["memoryUsed"]) == ("Sim 16G", 16 * GiB, 8 * GiB)
+    assert card["utilization"] is None  # the simulator does not model it: unknown, not 0
+    owners = {p["name"]: (p["owner"], p["usedBytes"]) for p in card["processes"]}
+    assert owners == {"stranger": (None, 2 * GiB), "ollama": ("ollama", 6 * GiB)}
+    backend = status["backends"]["ollama"]
+    assert (backend["declaredVram"], backend["measuredByGpu"]) == (4 * GiB, {"0": 6 * GiB})
+    assert status["telemetry"]["source"] == "sim" and status["telemetry"]["error"] is None
+    by_code = {w["code"]: w for w in status["warnings"]}
+    assert by_code["unmanaged_gpu_process"]["message"].startswith(
+        f"pid {gpu.pid('stranger')} (stranger) holds 2.0 GiB on GPU 0"
+    )
+    assert by_code["vram_mismatch"]["backend"] == "ollama"
+    assert by_code["backend_down"]["subject"] == "gone"
+    assert by_code["backend_down"]["since"].endswith("Z")
+
+
+async def test_measured_vram_keeps_an_under_declared_backend_from_ooming() -> None:
+    async def run(telemetry: dict[str, Any]) -> tuple[int, int, int]:
+        gpu = SimGPU(8 * GiB)
+        async with two_generics(gpu, 5 * GiB) as (ua, ub, g):  # both really take 5 GiB
+            cfg = make_config(
+                {"a": generic(ua, vram="2GiB"), "b": generic(ub, vram="4GiB")},
+                policy="budget",
+                minResidency=0,
+                gpus=[{"id": 0, "memory": "8GiB"}],
+                **({k: v.format(g=g) for k, v in telemetry.items()}),
+            )
+            async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+                assert (
+                    await client.post(ep.proxies["a"] + "/generate", json={})
+                ).status_code == 200
+                if "telemetryUrl" in telemetry:
+                    await wait_status(
+                        client,
+                        ep.status_url,
+                        lambda s: s["backends"]["a"]["measuredVram"] == 5 * GiB,
+                    )
+                r = await client.post(ep.proxies["b"] + "/generate", json={})
+                swaps = (await client.get(ep.status_url + "/")).json()["swapCount"]
+        return r.status_code, gpu.oom_count, swaps
+
+    # Declared sizes alone (2 + 4 of 8 GiB) let both in, and the card runs out of memory…
+    assert await run({"telemetry": "none"}) == (500, 1, 0)
+    # …while a's measured 5 GiB (5 + 4 > 8) makes the broker free a first.
+    assert await run({**FAST, "telemetryUrl": "{g}"}) == (200, 0, 1)
+
+
+async def test_unload_that_does_not_free_memory_is_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(alerts, "UNLOAD_GRACE", 0.2)
+    gpu = SimGPU(16 * GiB)
+    async with two_generics(gpu, 3 * GiB) as (ua, ub, g):
+        cfg = make_config({"a": generic(ua), "b": generic(ub)}, telemetryUrl=g, **FAST)
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            await client.post(ep.proxies["a"] + "/generate", json={})
+            await wait_status(
+                client, ep.status_url, lambda s: s["backends"]["a"]["measuredVram"] == 3 * GiB
+            )
+            r = await client.post(ep.status_url + "/api/unload", json={"backend": "a"})
+            assert r.json()["unloaded"] == ["a"]
+            gpu.allocate("a", 2 * GiB, tag="leak")  # the service says unloaded, keeps memory
+            status = await wait_status(
+                client, ep.status_url, lambda s: "unload_not_freed" in codes(s)
+            )
+            gpu.free("a")
+            cleared = await wait_status(
+                client, ep.status_url, lambda s: "unload_not_freed" not in codes(s)
+            )
+    (warning,) = [w for w in status["warnings"] if w["code"] == "unload_not_freed"]
+    assert (
+        warning["message"].startswith("a was unloaded")
+        and "holds 2.0 GiB of 3.0 GiB" in (warning["message"])
+    )
+    assert cleared["backends"]["a"]["measuredVram"] == 0
+
+
+async def test_sim_endpoint_down_mid_run_is_a_warning_and_the_broker_serves_on() -> None:
+    gpu = SimGPU(16 * GiB)
+    a = GenericEmulator(gpu, 3 * GiB, owner="a")
+    async with running(a.app) as ua, AsyncExitStack() as gpu_endpoint:
+        g = await gpu_endpoint.enter_async_context(running(gpu_app(gpu)))
+        cfg = make_config({"a": generic(ua)}, telemetryUrl=g, **FAST)
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            await wait_status(client, ep.status_url, lambda s: bool(s["gpus"]))
+            await gpu_endpoint.aclose()  # the telemetry endpoint goes away mid-run
+            down = await wait_status(client, ep.status_url, lambda s: s["telemetry"]["error"])
+            r = await client.post(ep.proxies["a"] + "/generate", json={})
+    assert r.status_code == 200  # serving does not depend on telemetry
+    assert down["telemetry"]["error"].startswith("simulated GPUs at ")
+    assert down["gpus"][0]["memoryTotal"] is None  # the card is still listed, readings unknown
+    assert codes(down) == {"telemetry_failed"}
+
+
+async def test_no_driver_is_one_log_line_and_the_broker_runs_on_declared_sizes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if ctypes.util.find_library("nvidia-ml") is not None:
+        pytest.skip("this machine has an NVIDIA driver")
+    gpu = SimGPU(8 * GiB)
+    a = GenericEmulator(gpu, 3 * GiB, owner="a")
+    caplog.set_level(logging.INFO, logger="gpubroker")
+    async with running(a.app) as ua:
+        cfg = make_config({"a": generic(ua, vram="3GiB")}, telemetryInterval="100ms")
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            assert (await client.post(ep.proxies["a"] + "/generate", json={})).status_code == 200
+            await anyio.sleep(0.3)  # a few samples: the notice must not repeat
+            status = (await client.get(ep.status_url + "/")).json()
+    notices = [m for r in caplog.records if "telemetry" in (m := r.getMessage())]
+    assert notices == [
+        "telemetry: no NVIDIA driver found (libnvidia-ml.so.1 is missing); "
+        "the broker runs on declared VRAM sizes"
+    ]
+    assert status["telemetry"]["source"] == "none"
+    assert status["telemetry"]["notice"].startswith("no NVIDIA driver found")
+    assert status["gpus"] == [] and status["warnings"] == []
+    assert status["backends"]["a"]["measuredVram"] is None
+
+
+class OneReadAtATime(SimTelemetry):
+    """The simulated GPUs read slowly, under NVML's rule: a read begun during another fails."""
+
+    name = "one_at_a_time"
+    made: ClassVar[list[OneReadAtATime]] = []
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.reads = self.overlaps = 0
+        self.busy = False
+        self.made.append(self)
+
+    async def sample(self) -> TelemetrySnapshot:
+        if self.busy:
+            self.overlaps += 1
+            raise TelemetryError("the previous read is not done yet")
+        self.busy = True
+        try:
+            self.reads += 1
+            await anyio.sleep(0.05)  # a driver that takes its time
+            return await super().sample()
+        finally:
+            self.busy = False
+
+
+async def test_refreshes_asked_for_together_are_one_sample_traced_and_judged_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    traced: list[TelemetrySnapshot] = []
+
+    def counting(snap: TelemetrySnapshot, *args: Any, **kwargs: Any) -> Any:
+        traced.append(snap)
+        return real(snap, *args, **kwargs)
+
+    real = monitor.attribute
+    monkeypatch.setattr(monitor, "attribute", counting)
+    gpu = SimGPU(16 * GiB)
+    gpu.allocate("stranger", 2 * GiB)
+    async with running(gpu_app(gpu)) as g:
+        cfg = make_config({}, telemetry="sim", telemetryUrl=g, telemetryInterval="100ms")
+        broker = Broker(cfg, {})
+        events: list[dict[str, Any]] = []
+        broker.listeners.append(events.append)
+        source = OneReadAtATime(cfg)
+        watch = Monitor(broker, Sampler(source))
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):  # the monitor's loop and unload confirmations, at once
+                tg.start_soon(watch.refresh)
+        await source.close()
+    assert (source.reads, source.overlaps, len(traced)) == (1, 0, 1)
+    warnings = [e for e in events if e["event"].startswith("warning")]
+    assert [(e["event"], e["code"]) for e in warnings] == [("warning", "unmanaged_gpu_process")]
+    assert watch.snapshot.error is None
+
+
+async def test_confirming_an_unload_never_reads_the_gpus_while_the_loop_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gpu = SimGPU(16 * GiB)
+    a = GenericEmulator(gpu, 4 * GiB, owner="a")
+    plugins = create_plugins(env={}, entry_points=False)
+    plugins.telemetry[OneReadAtATime.name] = Provided(
+        OneReadAtATime.name, OneReadAtATime, "test", "test", "0"
+    )
+    OneReadAtATime.made.clear()
+    async with running(a.app) as ua, running(gpu_app(gpu)) as g:
+        cfg = make_config(
+            {"a": generic(ua)},
+            telemetry=OneReadAtATime.name,
+            telemetryUrl=g,
+            telemetryInterval="100ms",
+            unloadTimeout="700ms",
+        )
+        async with broker_running(cfg, plugins) as ep, httpx.AsyncClient(timeout=10) as client:
+            await client.post(ep.proxies["a"] + "/generate", json={})
+            gpu.allocate("a", 4 * GiB, tag="leak")  # kept after unload: confirmation polls on
+            await wait_status(
+                client, ep.status_url, lambda s: s["backends"]["a"]["measuredVram"] == 8 * GiB
+            )
+            r = await client.post(ep.status_url + "/api/unload", json={"backend": "a"})
+            assert r.json()["unloaded"] == ["a"]
+            status = (await client.get(ep.status_url + "/")).json()
+    # The confirmation sampled ten times a second for 0.7 s, beside the loop's samples…
+    assert "a: its memory did not come back: 4096 MiB still held" in caplog.text
+    (source,) = OneReadAtATime.made
+    assert source.overlaps == 0  # …never at once: no failed sample, no telemetry_failed
+    assert source.reads >= 5 and status["telemetry"]["error"] is None
+    assert "telemetry" not in caplog.text
