@@ -21,14 +21,12 @@ Shape: ``{"error": code, "message": …, "backend": …, "retryable": bool}``. A
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
+from starlette.types import Send
 
 RETRYABLE = frozenset({409, 502, 503, 504})  # the same request may succeed later
 

@@ -127,7 +127,7 @@ def test_waiter_timing_out_mid_swap_does_not_wedge_ownership() -> None:
     (unload,) = h.pending(Unload)
     h.feed(h.sched.unloaded(unload.swap, "a", None, h.now))
     h.run_io()
-    assert h.sched.owner == "b" and h.sched.swap is None
+    assert h.sched.owner == "b" and not h.sched.swapping
     h.request(3, "a")  # the GPU is still usable afterwards
     h.run_io()
     assert 3 in h.admitted() and h.sched.owner == "a"
@@ -178,7 +178,7 @@ def test_load_failure_refuses_its_waiters_with_502() -> None:
         e for e in h.feed(h.sched.loaded(load.swap, "a", "boom", 0)) if isinstance(e, Refuse)
     ]
     assert [(r.lease, r.status) for r in refused] == [(1, 502)]
-    assert h.sched.swap is None
+    assert not h.sched.swapping
 
 
 def test_max_concurrency_queues_beyond_the_limit() -> None:

@@ -19,7 +19,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-GiB = 2**30
+from gpubroker.vram import GiB
+
 BAR = 24  # characters in a full bar
 
 Fetch = Callable[[], dict[str, Any]]

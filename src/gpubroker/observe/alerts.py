@@ -12,7 +12,8 @@ Codes (stable; dashboards and scripts may match on them):
 - ``pinned-to-wrong-GPU``: a backend's process runs on a GPU it is not set to (a backend with
   ``gpu:``, or a managed worker, which gpubroker pins to its ``gpu:``, GPU 0 by default).
 - ``vram_mismatch``: a backend's declared ``vram`` is far from what it really holds.
-- ``unload_not_freed``: after an unload the backend still holds most of its memory.
+- ``unload_not_freed``: after an unload the backend still holds more than it may
+  (:func:`gpubroker.vram.freed_goal`).
 - ``telemetry_failed``: the GPUs could not be read this time (e.g. NVML's GPU is lost).
 """
 
@@ -27,14 +28,22 @@ from gpubroker.config.load import BackendConfig
 from gpubroker.config.units import format_size
 from gpubroker.observe.attribution import Attribution
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
+from gpubroker.vram import GiB, MiB, freed_goal
 
-MiB = 2**20
-GiB = 2**30
 UNMANAGED_MIN = 256 * MiB  # smaller strangers (a desktop's compositor) are not worth a warning
 UNLOAD_GRACE = 3.0  # seconds a service may take to hand memory back after saying it unloaded
-UNLOAD_FLOOR = 512 * MiB  # what a freed service may keep (a CUDA context, a sleeping engine)
 MISMATCH_MIN = GiB  # declared and measured may differ by this much, or a quarter, unremarked
 PINNED_TO_WRONG_GPU = "pinned-to-wrong-GPU"
+# Every code a warning may carry (the list above): /metrics exports one series per code.
+ALERT_CODES = (
+    "backend_down",
+    "unmanaged_gpu_process",
+    "gpu_near_full",
+    PINNED_TO_WRONG_GPU,
+    "vram_mismatch",
+    "unload_not_freed",
+    "telemetry_failed",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +223,7 @@ class Alerts:
             if facts.snapshot.taken_at < at + UNLOAD_GRACE:
                 continue
             now_held = facts.attribution.total(b.name)
-            limit = max(UNLOAD_FLOOR, (before or b.vram or 0) / 2)
-            if now_held is None or now_held < limit:
+            if now_held is None or now_held <= freed_goal(before or b.vram or 0):
                 del self._unloads[b.name]
                 continue
             add(

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gpubroker.observe.alerts import ALERT_CODES
 from gpubroker.observe.monitor import Monitor
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.scheduler import State
@@ -22,15 +23,6 @@ from gpubroker.scheduling.scheduler import State
 WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300)
 SWAP_BUCKETS = (0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300)
 PHASES = ("drain", "unload", "load", "total")
-ALERT_CODES = (
-    "backend_down",
-    "unmanaged_gpu_process",
-    "gpu_near_full",
-    "pinned-to-wrong-GPU",
-    "vram_mismatch",
-    "unload_not_freed",
-    "telemetry_failed",
-)
 
 # (metric suffix, help, GpuSample attribute, scale)
 _GPU_GAUGES = (

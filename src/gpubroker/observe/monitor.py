@@ -21,13 +21,12 @@ from gpubroker.observe.attribution import Attribution, attribute, existing, find
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.observe.telemetry.sampler import Sampler, SingleFlight
 from gpubroker.scheduling.broker import Broker
+from gpubroker.vram import MiB, freed_goal
 
 log = logging.getLogger("gpubroker.observe.monitor")
 
 TREE_TTL = 10.0  # seconds a backend's process tree is reused before psutil looks again
 TREE_RETRY = 1.0  # …but a new stranger on the GPU sends it looking again after this long
-MiB = 2**20
-FREED_FLOOR = 512 * MiB  # what a freed backend may still hold (CUDA context, graphs)
 FREED_POLL = 0.1  # seconds between samples while confirming an unload
 
 Roots = Callable[[], Mapping[str, Iterable[int]]]
@@ -132,13 +131,13 @@ class Monitor:
 
         None when it came back, or when telemetry cannot see this backend's memory at all (then
         the service's word is all there is). Otherwise why not, for the swap's record. A sleep
-        keeps the CUDA context, so "back" means down to a quarter of what it held (512 MiB at
-        least), not zero.
+        keeps the CUDA context, so "back" means down to :func:`~gpubroker.vram.freed_goal`,
+        not zero.
         """
         before = self.broker.measured_total(backend)
         if before is None:
             return None
-        goal = max(FREED_FLOOR, before // 4)
+        goal = freed_goal(before)
         held: int | None = before
         with anyio.move_on_after(limit):
             while True:

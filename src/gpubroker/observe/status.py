@@ -201,7 +201,7 @@ def snapshot(
             "passthroughRequests": sum(c["passthrough"] for c in broker.counters.values()),
         },
         "policy": broker.config.policy,
-        "swapping": sched.swap is not None,
+        "swapping": sched.swapping,
         "backends": backends,
         "swaps": [dict(s, at=_iso(s["at"])) for s in broker.history],
         "queue": queue,

@@ -20,10 +20,11 @@ import contextlib
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+from starlette.types import Receive, Scope, Send
 
 from gpubroker.config.load import BackendConfig
 from gpubroker.plugins.classifiers.base import Classifier
@@ -49,9 +50,6 @@ from gpubroker.scheduling.scheduler import Refuse
 
 log = logging.getLogger("gpubroker.proxy.app")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 QUEUED_BODY_LIMIT = 8 * 2**20  # bytes read ahead while queued, so a disconnect can be noticed
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})  # a reverse proxy tunnels and echoes nothing

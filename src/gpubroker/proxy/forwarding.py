@@ -14,10 +14,12 @@ since its Host allow-list refuses names it does not know.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
+    from starlette.types import Scope
+
     from gpubroker.config.load import BackendConfig
 
 Headers = list[tuple[bytes, bytes]]
@@ -69,7 +71,7 @@ def hop_by_hop(headers: Headers) -> frozenset[bytes]:
 
 
 def request_headers(
-    scope: dict[str, Any], upstream_host: bytes | None, *, websocket: bool = False
+    scope: Scope, upstream_host: bytes | None, *, websocket: bool = False
 ) -> Headers:
     """The client's headers as the upstream should see them.
 

@@ -43,8 +43,6 @@ from hypercorn.protocol.h11 import H11Protocol
 from gpubroker.proxy.target import MAX_HEAD, head_size
 from gpubroker.responses import error_body, send_error
 
-ASGIApp = Callable[..., Awaitable[None]]
-
 _PHRASES = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _RESPONSES = (h11.Response, h11.InformationalResponse)
 

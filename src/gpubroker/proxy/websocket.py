@@ -7,11 +7,11 @@ lease: the work they report on was leased by the HTTP request that queued it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
+from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import HeadersLike
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -20,9 +20,6 @@ from gpubroker.config.load import BackendConfig
 from gpubroker.proxy.forwarding import request_headers, sent_host
 
 log = logging.getLogger("gpubroker.ws")
-
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class _SameHost(ClientConnection):
@@ -47,7 +44,7 @@ class _SameHost(ClientConnection):
 
 
 async def proxy_websocket(
-    backend: BackendConfig, scope: dict[str, Any], receive: Receive, send: Send
+    backend: BackendConfig, scope: Scope, receive: Receive, send: Send
 ) -> None:
     message = await receive()
     if message["type"] != "websocket.connect":

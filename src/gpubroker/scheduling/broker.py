@@ -23,8 +23,7 @@ from anyio.abc import TaskGroup
 
 from gpubroker.config.load import Config
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
-from gpubroker.plugins.strategies.base import Job, Strategy, tracks_jobs
-from gpubroker.plugins.strategies.builtin import FIRST_POLL
+from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy, tracks_jobs
 from gpubroker.scheduling.domains import backend_gpus, capacities
 from gpubroker.scheduling.scheduler import (
     Admit,
@@ -40,6 +39,7 @@ from gpubroker.scheduling.scheduler import (
     Unload,
     WaitIdle,
 )
+from gpubroker.vram import MiB
 
 if TYPE_CHECKING:
     from gpubroker.workers.supervisor import Supervisor
@@ -50,7 +50,6 @@ IDLE_POLL = 0.05  # seconds between busy() polls at most while a victim drains (
 HISTORY = 50  # swaps kept for the status page
 SHUTTING_DOWN = "gpubroker is shutting down; try again once it is back"
 CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload freed memory anyway
-MiB = 2**20
 JOB_POLL = 0.1  # seconds between queue reads while a service has jobs of its own in flight
 JOB_ASK_LIMIT = 5.0  # at most this long for one queue read; a service that hangs is "unknown"
 

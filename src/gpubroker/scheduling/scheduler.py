@@ -26,9 +26,8 @@ import enum
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
-Policy = Literal["exclusive", "budget"]
+from gpubroker.config.load import Policy
 
 
 class State(enum.Enum):
@@ -365,9 +364,9 @@ class Scheduler:
         return residents[0] if residents else None
 
     @property
-    def swap(self) -> _Plan | None:
-        """A plan in progress, if any (the oldest)."""
-        return next(iter(self.plans.values()), None)
+    def swapping(self) -> bool:
+        """Whether a plan (a swap, an unload) is in progress on any GPU."""
+        return bool(self.plans)
 
     def next_deadline(self) -> float | None:
         """When ``tick`` next has something to do."""

@@ -12,6 +12,10 @@ from gpubroker.config.load import BackendConfig
 if TYPE_CHECKING:
     from gpubroker.workers.supervisor import Supervisor
 
+# The first re-check of a state a service is asked to change (busy, unloaded) comes this soon;
+# the gap then doubles up to the caller's ceiling. Shared by the broker and the strategies.
+FIRST_POLL = 0.005
+
 
 @dataclass(frozen=True, slots=True)
 class Job:

@@ -14,13 +14,13 @@ import anyio
 import httpx
 
 from gpubroker.plugins.hookspecs import hookimpl
-from gpubroker.plugins.strategies.base import Job, Strategy, StrategyContext
+from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy, StrategyContext
 from gpubroker.plugins.strategies.process import ProcessStrategy
+from gpubroker.vram import freed_goal
 
 log = logging.getLogger("gpubroker.plugins.strategies")
 
 POLL_INTERVAL = 0.02  # seconds between confirmation polls at most: a swap waits on them
-FIRST_POLL = 0.005  # the first re-check comes this soon; the gap doubles up to POLL_INTERVAL
 
 
 async def poll_until(done: Callable[[], Awaitable[bool]]) -> None:
@@ -141,7 +141,7 @@ class ComfyUIStrategy(Strategy):
         await _json(self.client, "POST", "/free", json={"unload_models": True, "free_memory": True})
         if not before:
             return
-        goal = before // 4
+        goal = freed_goal(before)
 
         async def freed() -> bool:
             now = await self._reserved()
