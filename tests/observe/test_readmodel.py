@@ -1,0 +1,167 @@
+"""The read model on a busy broker: one view, and the status JSON it gives is the declared one.
+
+The broker is real (sim emulators on a simulated GPU read through the ``sim`` telemetry
+source): leases queued behind a ComfyUI job, a swap in the history, GPU processes with and
+without owners, a backend that is down, and a managed worker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import types
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Union, get_args, get_origin, get_type_hints, is_typeddict
+from unittest.mock import patch
+
+import anyio
+import httpx
+import pytest
+
+from gpubroker.observe import readmodel, status
+from gpubroker.observe.schema import StatusJson, WorkerJson
+from gpubroker.runtime import Endpoints
+from gpubroker.sim import ComfyUIEmulator, GenericEmulator, GiB, SimGPU, gpu_app, running
+from gpubroker.testing import broker_running, make_config
+from gpubroker.workers.routes import WorkersApi
+from processes import FAKE, free_port
+
+pytestmark = pytest.mark.anyio
+
+EMPTY_WORKFLOW = {  # EmptyImage -> SaveImage: nothing to load
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1}},
+    "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "t", "images": ["1", 0]}},
+}
+
+
+def shape_errors(value: Any, typ: Any, where: str = "$") -> list[str]:
+    """Where ``value`` has a key its TypedDict does not declare, or lacks a required one."""
+    if is_typeddict(typ):
+        hints = get_type_hints(typ)
+        if not isinstance(value, dict):
+            return [f"{where}: {type(value).__name__}, not an object"]
+        errors = [f"{where}.{k}: not declared" for k in value if k not in hints]
+        errors += [f"{where}.{k}: missing" for k in typ.__required_keys__ if k not in value]
+        for k, v in value.items():
+            if k in hints:
+                errors += shape_errors(v, hints[k], f"{where}.{k}")
+        return errors
+    origin = get_origin(typ)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(typ):
+            return []
+        nested = [a for a in get_args(typ) if is_typeddict(a) or get_origin(a) in (list, dict)]
+        return shape_errors(value, nested[0], where) if len(nested) == 1 else []
+    if origin is list:
+        (item,) = get_args(typ)
+        return [e for i, x in enumerate(value) for e in shape_errors(x, item, f"{where}[{i}]")]
+    if origin is dict:
+        _, item = get_args(typ)
+        return [e for k, x in value.items() for e in shape_errors(x, item, f"{where}.{k}")]
+    return []
+
+
+def generic(url: str, **extra: Any) -> dict[str, Any]:
+    return {"upstream": url, "unloadStrategy": "generic", "unloadEndpoint": "/unload", **extra}
+
+
+@asynccontextmanager
+async def busy_broker() -> AsyncIterator[tuple[Endpoints, httpx.AsyncClient]]:
+    """A broker whose every status section has something in it, held still by a ComfyUI job."""
+    gpu = SimGPU(16 * GiB)
+    gpu.allocate("stranger", GiB)  # a process no backend owns
+    a = GenericEmulator(gpu, 5 * GiB, owner="a")
+    b = GenericEmulator(gpu, 5 * GiB, owner="b")
+    comfy = ComfyUIEmulator(gpu, 2 * GiB, job_seconds=3.0)
+    port = free_port()
+    worker = {
+        "upstream": f"http://127.0.0.1:{port}",
+        "unloadStrategy": "process",
+        "command": [*FAKE],
+        "healthPath": "/v1/models",
+        "startTimeout": "10s",
+        "stopTimeout": "2s",
+    }
+    async with (
+        running(a.app) as ua,
+        running(b.app) as ub,
+        running(comfy.app) as uc,
+        running(gpu_app(gpu)) as g,
+    ):
+        cfg = make_config(
+            {
+                "a": generic(ua, vram="2GiB"),
+                "b": generic(ub),
+                "comfyui": {"upstream": uc, "unloadStrategy": "comfyui"},
+                "gone": {"upstream": "http://127.0.0.1:9", "unloadStrategy": "generic"},
+                "w": worker,
+            },
+            telemetry="sim",
+            telemetryUrl=g,
+            telemetryInterval="100ms",
+        )
+        async with (
+            broker_running(cfg) as ep,
+            httpx.AsyncClient(timeout=20) as client,
+            anyio.create_task_group() as tg,
+        ):
+            for name in ("a", "b"):  # exclusive: b's request swaps a out
+                r = await client.post(ep.proxies[name] + "/generate", json={})
+                assert r.status_code == 200
+            prompt = {"prompt": EMPTY_WORKFLOW}
+            r = await client.post(ep.proxies["comfyui"] + "/prompt", json=prompt)
+            assert r.status_code == 200
+            for name in ("a", "b"):  # both wait for ComfyUI's job to end
+
+                async def ask(base: str = ep.proxies[name]) -> None:
+                    await client.post(base + "/generate", json={})
+
+                tg.start_soon(ask)
+            await wait_status(
+                client,
+                ep.status_url,
+                lambda s: (
+                    s["queueLength"] == 2
+                    and any(e["kind"] == "job" for e in s["liveRequests"])
+                    and {"backend_down", "unmanaged_gpu_process"}
+                    <= {w["code"] for w in s["warnings"]}
+                    and s["backends"]["a"]["measuredVram"] is not None
+                ),
+            )
+            yield ep, client
+            tg.cancel_scope.cancel()
+
+
+async def wait_status(
+    client: httpx.AsyncClient, url: str, ok: Callable[[dict[str, Any]], bool], limit: float = 10
+) -> dict[str, Any]:
+    with anyio.fail_after(limit):
+        while not ok(s := (await client.get(url + "/")).json()):
+            await anyio.sleep(0.05)
+    return s
+
+
+async def test_the_view_gives_what_snapshot_gave_and_only_declared_keys() -> None:
+    async with busy_broker() as (ep, client):
+        broker, monitor = ep.broker, ep.monitor
+        assert broker is not None and monitor is not None
+        health = monitor.health
+        api = WorkersApi(types.SimpleNamespace(broker=broker, monitor=monitor))  # type: ignore[arg-type]
+        with patch("time.time", return_value=time.time()):  # one moment for both
+            old = status.snapshot(broker, dict(health), monitor)  # type: ignore[arg-type]
+            old_workers = [api._workers(admin=admin) for admin in (False, True)]
+            view = readmodel.read(broker, monitor, health)
+            new, new_workers = view.to_json(), [view.workers_json(admin=a) for a in (False, True)]
+        with patch("time.time", return_value=time.time()):
+            bare_old = status.snapshot(broker, dict(health), None)  # type: ignore[arg-type]
+            bare = readmodel.read(broker, None, health).to_json()
+        served = (await client.get(ep.status_url + "/")).json()
+    assert json.dumps(new) == json.dumps(old)  # same keys, same order, same values
+    assert json.dumps(new_workers) == json.dumps(old_workers)
+    assert json.dumps(bare) == json.dumps(bare_old)
+    assert new["queueLength"] == 2 and new["swapCount"] >= 1 and new["gpus"][0]["processes"]
+    for body in (new, bare, served):
+        assert shape_errors(body, StatusJson) == []
+    for listed in new_workers:
+        assert [e for w in listed for e in shape_errors(w, WorkerJson)] == []
