@@ -7,24 +7,22 @@ without owners, a backend that is down, and a managed worker.
 
 from __future__ import annotations
 
-import json
-import time
 import types
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Union, get_args, get_origin, get_type_hints, is_typeddict
-from unittest.mock import patch
 
 import anyio
 import httpx
 import pytest
 
-from gpubroker.observe import readmodel, status
+from gpubroker.observe import readmodel
 from gpubroker.observe.schema import StatusJson, WorkerJson
 from gpubroker.runtime import Endpoints
+from gpubroker.scheduling.scheduler import State
 from gpubroker.sim import ComfyUIEmulator, GenericEmulator, GiB, SimGPU, gpu_app, running
 from gpubroker.testing import broker_running, make_config
-from gpubroker.workers.routes import WorkersApi
+from gpubroker.workers.supervisor import WorkerState
 from processes import FAKE, free_port
 
 pytestmark = pytest.mark.anyio
@@ -142,26 +140,42 @@ async def wait_status(
     return s
 
 
-async def test_the_view_gives_what_snapshot_gave_and_only_declared_keys() -> None:
+async def test_the_status_json_and_the_workers_list_have_exactly_the_declared_keys() -> None:
     async with busy_broker() as (ep, client):
         broker, monitor = ep.broker, ep.monitor
         assert broker is not None and monitor is not None
-        health = monitor.health
-        api = WorkersApi(types.SimpleNamespace(broker=broker, monitor=monitor))  # type: ignore[arg-type]
-        with patch("time.time", return_value=time.time()):  # one moment for both
-            old = status.snapshot(broker, dict(health), monitor)  # type: ignore[arg-type]
-            old_workers = [api._workers(admin=admin) for admin in (False, True)]
-            view = readmodel.read(broker, monitor, health)
-            new, new_workers = view.to_json(), [view.workers_json(admin=a) for a in (False, True)]
-        with patch("time.time", return_value=time.time()):
-            bare_old = status.snapshot(broker, dict(health), None)  # type: ignore[arg-type]
-            bare = readmodel.read(broker, None, health).to_json()
+        view = readmodel.read(broker, monitor, monitor.health)
+        bare = readmodel.read(broker, None, monitor.health)  # no telemetry running
         served = (await client.get(ep.status_url + "/")).json()
-    assert json.dumps(new) == json.dumps(old)  # same keys, same order, same values
-    assert json.dumps(new_workers) == json.dumps(old_workers)
-    assert json.dumps(bare) == json.dumps(bare_old)
-    assert new["queueLength"] == 2 and new["swapCount"] >= 1 and new["gpus"][0]["processes"]
-    for body in (new, bare, served):
-        assert shape_errors(body, StatusJson) == []
-    for listed in new_workers:
-        assert [e for w in listed for e in shape_errors(w, WorkerJson)] == []
+        listed = (await client.get(ep.status_url + "/api/workers")).json()["workers"]
+    body = view.to_json()
+    assert body["queueLength"] == 2 and body["swapCount"] >= 1 and body["gpus"][0]["processes"]
+    assert body["telemetry"]["source"] == "sim" and "takenAt" not in bare.to_json()["telemetry"]
+    for status in (body, bare.to_json(), served):
+        assert shape_errors(status, StatusJson) == []
+    workers = [*view.workers_json(admin=False), *view.workers_json(admin=True), *listed]
+    assert len(workers) == 3 and "command" in workers[1] and "command" not in workers[0]
+    assert [e for w in workers for e in shape_errors(w, WorkerJson)] == []
+
+
+async def test_the_view_is_python_units_and_what_the_json_and_metrics_say() -> None:
+    async with busy_broker() as (ep, client):
+        assert ep.broker is not None and ep.monitor is not None
+        view = readmodel.read(ep.broker, ep.monitor, ep.monitor.health)
+        metrics = (await client.get(ep.status_url + "/metrics")).text
+    by_name = {b.name: b for b in view.backends}
+    assert by_name["comfyui"].state is State.RESIDENT and by_name["comfyui"].job_count == 1
+    a = by_name["a"]  # swapped out, so its process holds nothing now
+    assert (a.state, a.measured_vram, a.declared_vram) == (State.ABSENT, 0, 2 * GiB)
+    assert a.measured_by_gpu == {"0": 0}
+    assert by_name["gone"].up is False and by_name["gone"].jobs is None
+    assert [q.backend for q in view.queue] == sorted(q.backend for q in view.queue)
+    assert all(q.waited_s >= 0 for q in view.queue) and view.swaps[0].total_s < 60
+    assert (view.workers[0].name, view.workers[0].state) == ("w", WorkerState.STOPPED)
+    body = view.to_json()
+    assert body["swaps"][0]["totalMs"] == round(view.swaps[0].total_s * 1000, 1)
+    assert body["uptime"] == int(view.now - view.started_at)
+    assert 'gpubroker_backend_state{backend="comfyui",state="resident"} 1.0' in metrics
+    assert 'gpubroker_backend_up{backend="gone"} 0.0' in metrics
+    assert 'gpubroker_backend_vram_measured_bytes{backend="a"} 0.0' in metrics
+    assert 'gpubroker_backend_vram_declared_bytes{backend="a"} 2.147483648e+09' in metrics
