@@ -7,16 +7,19 @@ without owners, a backend that is down, and a managed worker.
 
 from __future__ import annotations
 
+import ast
 import types
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints, is_typeddict
 
 import anyio
 import httpx
 import pytest
 
-from gpubroker.observe import readmodel
+from gpubroker.cli import watch
+from gpubroker.observe import readmodel, schema
 from gpubroker.observe.schema import StatusJson, WorkerJson
 from gpubroker.runtime import Endpoints
 from gpubroker.scheduling.scheduler import State
@@ -179,3 +182,29 @@ async def test_the_view_is_python_units_and_what_the_json_and_metrics_say() -> N
     assert 'gpubroker_backend_up{backend="gone"} 0.0' in metrics
     assert 'gpubroker_backend_vram_measured_bytes{backend="a"} 0.0' in metrics
     assert 'gpubroker_backend_vram_declared_bytes{backend="a"} 2.147483648e+09' in metrics
+
+
+def test_the_dashboard_reads_only_keys_the_schema_declares() -> None:
+    # mypy checks d["key"] on a TypedDict but lets d.get("key") of an unknown key pass as
+    # `object`: this catches a lookup of a key the status JSON does not declare.
+    declared = {
+        key
+        for value in vars(schema).values()
+        if is_typeddict(value)
+        for key in get_type_hints(value)
+    }
+    tree = ast.parse(Path(watch.__file__).read_text())
+    looked_up = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            looked_up.add(node.slice.value)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            looked_up.add(node.args[0].value)
+    strings = {k for k in looked_up if isinstance(k, str)}
+    assert len(strings) > 30 and strings <= declared, strings - declared
