@@ -36,7 +36,7 @@ def status(
     from rich.console import Console
 
     from gpubroker.cli.client import broker_target, call
-    from gpubroker.cli.watch import render
+    from gpubroker.cli.watch import as_status, render
     from gpubroker.cli.watch import watch as live
 
     if watch and json_:
@@ -49,7 +49,7 @@ def status(
     if json_:
         typer.echo(json.dumps(data, indent=2))
         return
-    Console(soft_wrap=False).print(render(data, url=base))
+    Console(soft_wrap=False).print(render(as_status(data), url=base))
 
 
 def unload(

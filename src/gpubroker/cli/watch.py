@@ -1,9 +1,10 @@
 """The terminal dashboard of ``gpubroker status`` (one shot) and ``gpubroker status --watch``.
 
-:func:`render` is a pure function from the status JSON (``GET /``) to a rich renderable, so it
-is tested by rendering to a string. :func:`frames` polls the broker and yields one frame per
-poll, showing the last good data marked "reconnecting" while the broker is away; :func:`watch`
-draws them in place until Ctrl-C.
+:func:`render` is a pure function from the status JSON (``GET /``, typed as
+:class:`~gpubroker.observe.schema.StatusJson`) to a rich renderable, so it is tested by
+rendering to a string. Sections read with ``.get``: a broker of another version may lack a key.
+:func:`frames` polls the broker and yields one frame per poll, showing the last good data marked
+"reconnecting" while the broker is away; :func:`watch` draws them in place until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,18 +13,27 @@ import io
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import cast
 
 from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gpubroker.observe.schema import (
+    BackendJson,
+    GpuJson,
+    LiveEntryJson,
+    QueueEntryJson,
+    StatusJson,
+    SwapJson,
+    WarningJson,
+)
 from gpubroker.vram import GiB
 
 BAR = 24  # characters in a full bar
 
-Fetch = Callable[[], dict[str, Any]]
+Fetch = Callable[[], StatusJson]
 
 
 # --- small formatters: unknown stays visibly unknown ------------------------------------------
@@ -69,7 +79,7 @@ def bar(fraction: float | None, width: int = BAR) -> Text:
 # --- sections ----------------------------------------------------------------------------------
 
 
-def _header(data: Mapping[str, Any], url: str, error: str | None, stale_s: float | None) -> Text:
+def _header(data: StatusJson, url: str, error: str | None, stale_s: float | None) -> Text:
     owner = data.get("vramOwner") or "nobody"
     text = Text()
     text.append("gpubroker ", style="bold")
@@ -80,25 +90,28 @@ def _header(data: Mapping[str, Any], url: str, error: str | None, stale_s: float
     else:
         text.append(f"up {_ago(data.get('uptime', 0))}", style="green")
     text.append(f"\nGPU owner: {owner}", style="bold")
+    totals = data.get("totals")
     text.append(
-        f"   in flight: {(data.get('totals') or {}).get('inFlight', 0)}"
+        f"   in flight: {totals.get('inFlight', 0) if totals else 0}"
         f"   queued: {data.get('queueLength', 0)}"
         f"   swaps: {data.get('swapCount', 0)}   policy: {data.get('policy', '?')}"
     )
     if data.get("swapping"):
         text.append("   swapping…", style="yellow")
-    tele = data.get("telemetry") or {}
-    if tele.get("source"):
-        text.append(f"\ntelemetry: {tele['source']}", style="dim")
-    if tele.get("notice"):
-        text.append(f" ({tele['notice']})", style="dim")
-    if tele.get("error"):
-        text.append(f"  read failed: {tele['error']}", style="red")
+    tele = data.get("telemetry")
+    if tele is None:
+        return text
+    if source := tele.get("source"):
+        text.append(f"\ntelemetry: {source}", style="dim")
+    if notice := tele.get("notice"):
+        text.append(f" ({notice})", style="dim")
+    if failed := tele.get("error"):
+        text.append(f"  read failed: {failed}", style="red")
     return text
 
 
-def _gpus(data: Mapping[str, Any]) -> RenderableType | None:
-    gpus = data.get("gpus") or []
+def _gpus(data: StatusJson) -> RenderableType | None:
+    gpus: list[GpuJson] = data.get("gpus") or []
     if not gpus:
         return None
     rows: list[RenderableType] = []
@@ -153,7 +166,7 @@ def _gpus(data: Mapping[str, Any]) -> RenderableType | None:
     return Panel(Group(*rows), title="GPUs", title_align="left")
 
 
-def _backends(data: Mapping[str, Any]) -> RenderableType:
+def _backends(data: StatusJson) -> RenderableType:
     table = Table(title="Backends", title_justify="left", expand=False)
     for col, just in (
         ("backend", "left"),
@@ -167,14 +180,15 @@ def _backends(data: Mapping[str, Any]) -> RenderableType:
         ("health", "left"),
     ):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
-    for name, b in (data.get("backends") or {}).items():
+    backends: Mapping[str, BackendJson] = data.get("backends") or {}
+    for name, b in backends.items():
         state = Text(b["state"], style="green" if b["state"] == "resident" else "")
         if b.get("owner"):
             state.append(" ★", style="bold yellow")
-        health = b.get("health") or {}
-        status = health.get("status", "unknown")
+        health = b.get("health")
+        status = health.get("status", "unknown") if health else "unknown"
         health_text = Text(status, style={"up": "green", "down": "red"}.get(status, "dim"))
-        if "latencyMs" in health:
+        if health and "latencyMs" in health:
             health_text.append(f" {health['latencyMs']:.0f}ms", style="dim")
         table.add_row(
             name,
@@ -190,11 +204,11 @@ def _backends(data: Mapping[str, Any]) -> RenderableType:
     return table
 
 
-def _requests(data: Mapping[str, Any]) -> RenderableType | None:
-    everything = data.get("liveRequests") or []
+def _requests(data: StatusJson) -> RenderableType | None:
+    everything: list[LiveEntryJson] = data.get("liveRequests") or []
     live = [r for r in everything if r.get("state") == "active"]
     jobs = [r for r in everything if r.get("kind") == "job"]
-    queue = data.get("queue") or []
+    queue: list[QueueEntryJson] = data.get("queue") or []
     if not live and not jobs and not queue:
         return Text("No requests in flight or queued.", style="dim")
     table = Table(title="Requests", title_justify="left")
@@ -220,8 +234,8 @@ def _requests(data: Mapping[str, Any]) -> RenderableType | None:
     return table
 
 
-def _swaps(data: Mapping[str, Any], limit: int = 5) -> RenderableType | None:
-    swaps = (data.get("swaps") or [])[:limit]
+def _swaps(data: StatusJson, limit: int = 5) -> RenderableType | None:
+    swaps: list[SwapJson] = (data.get("swaps") or [])[:limit]
     if not swaps:
         return None
     table = Table(title="Recent swaps", title_justify="left")
@@ -243,8 +257,8 @@ def _swaps(data: Mapping[str, Any], limit: int = 5) -> RenderableType | None:
     return table
 
 
-def _warnings(data: Mapping[str, Any], now: float) -> RenderableType:
-    warnings = data.get("warnings") or []
+def _warnings(data: StatusJson, now: float) -> RenderableType:
+    warnings: list[WarningJson] = data.get("warnings") or []
     if not warnings:
         return Text("No warnings.", style="green")
     table = Table(title="Warnings", title_justify="left", title_style="bold red")
@@ -256,8 +270,16 @@ def _warnings(data: Mapping[str, Any], now: float) -> RenderableType:
     return table
 
 
+def as_status(data: object) -> StatusJson:
+    """The status JSON as its declared type (a broker of another version may lack some keys,
+    which is why every section reads with ``.get``); ValueError when it is not an object."""
+    if not isinstance(data, dict):
+        raise ValueError("not a status object")
+    return cast(StatusJson, data)
+
+
 def render(
-    data: Mapping[str, Any] | None,
+    data: StatusJson | None,
     *,
     url: str,
     error: str | None = None,
@@ -299,7 +321,7 @@ def frames(
     fetch: Fetch, url: str, *, clock: Callable[[], float] = time.monotonic
 ) -> Iterator[RenderableType]:
     """One frame per ``next()``: a fresh poll, or the last good data marked reconnecting."""
-    last: dict[str, Any] | None = None
+    last: StatusJson | None = None
     last_ok: float | None = None
     while True:
         try:
@@ -319,13 +341,10 @@ def http_fetch(url: str, timeout: float = 3.0) -> tuple[Fetch, Callable[[], None
 
     client = httpx.Client(timeout=httpx.Timeout(timeout, connect=2.0), trust_env=False)
 
-    def fetch() -> dict[str, Any]:
+    def fetch() -> StatusJson:
         response = client.get(url + "/")
         response.raise_for_status()
-        data = response.json()
-        if not isinstance(data, dict):
-            raise ValueError("not a status object")
-        return data
+        return as_status(response.json())
 
     return fetch, client.close
 

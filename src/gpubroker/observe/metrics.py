@@ -1,14 +1,15 @@
 """``GET /metrics``: the broker and its GPUs in Prometheus' text format (prometheus-client).
 
 Each broker has a registry of its own, never the process-global one, so tests and embedded
-brokers never collide. Gauges and counts the broker already keeps are read at scrape time by a
-collector; only what needs a distribution (queue wait, swap phases, first byte) is observed as
-events happen. A reading telemetry cannot give is left out, never exported as zero.
+brokers never collide. Gauges and counts the broker already keeps are read at scrape time, from
+one :mod:`~gpubroker.observe.readmodel` view; only what needs a distribution (queue wait, swap
+phases, first byte) is observed as events happen. A reading telemetry cannot give is left out,
+never exported as zero.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -17,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from gpubroker.observe.alerts import ALERT_CODES
 from gpubroker.observe.monitor import Monitor
+from gpubroker.observe.readmodel import StatusView, read
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.scheduler import State
 
@@ -40,118 +42,105 @@ _GPU_GAUGES = (
 
 
 class _StateCollector(Collector):
-    """Reads the broker, the telemetry snapshot and the alerts at scrape time."""
+    """Reads one view of the broker, its GPUs and its warnings at scrape time."""
 
-    def __init__(
-        self, broker: Broker, monitor: Monitor | None, health: Mapping[str, Mapping[str, Any]]
-    ) -> None:
-        self.broker = broker
-        self.monitor = monitor
-        self.health = health
+    def __init__(self, view: Callable[[], StatusView]) -> None:
+        self.view = view
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._gpus()
-        yield from self._backends()
-        sched = self.broker.sched
+        view = self.view()
+        yield from _gpus(view)
+        yield from _backends(view)
         queue = GaugeMetricFamily("gpubroker_queue_length", "Requests waiting for the GPU")
-        queue.add_metric([], len(sched.queue))
+        queue.add_metric([], len(view.queue))
         yield queue
         swaps = CounterMetricFamily("gpubroker_swaps", "Swaps that evicted something")
-        swaps.add_metric([], sched.swap_count)
+        swaps.add_metric([], view.swap_count)
         yield swaps
         alerts = GaugeMetricFamily("gpubroker_warnings", "Active warnings by code", labels=["code"])
-        active = self.monitor.alerts.current() if self.monitor else []
         for code in ALERT_CODES:
-            alerts.add_metric([code], sum(1 for a in active if a.code == code))
+            alerts.add_metric([code], sum(1 for a in view.warnings if a.code == code))
         yield alerts
 
-    def _gpus(self) -> Iterator[Metric]:
-        if self.monitor is None:
-            return
-        snap = self.monitor.snapshot
-        up = GaugeMetricFamily("gpubroker_telemetry_up", "1 when the last GPU reading succeeded")
-        up.add_metric([], 0 if snap.error else 1)
-        yield up
-        labels = ["gpu", "uuid", "name"]
-        for suffix, text, attr, scale in _GPU_GAUGES:
-            family = GaugeMetricFamily(f"gpubroker_gpu_{suffix}", text, labels=labels)
-            for g in snap.gpus:
-                value = getattr(g, attr)
-                if value is not None:
-                    family.add_metric([str(g.index), g.uuid, g.name], value * scale)
-            yield family
-        procs = GaugeMetricFamily(
-            "gpubroker_gpu_process_memory_bytes",
-            "GPU memory per process, with the backend that owns it (empty: none)",
-            labels=["gpu", "pid", "owner"],
-        )
-        for p in self.monitor.attribution.processes:
-            if p.used is not None:
-                procs.add_metric([p.gpu, str(p.pid), p.owner or ""], p.used)
-        yield procs
 
-    def _backends(self) -> Iterator[Metric]:
-        broker, sched = self.broker, self.broker.sched
-        by_kind = CounterMetricFamily(
-            "gpubroker_requests",
-            "Requests per backend: kind=gpu took a lease, kind=passthrough did not",
-            labels=["backend", "kind"],
-        )
-        refused = CounterMetricFamily(
-            "gpubroker_refusals", "Requests the scheduler refused (503, 507…)", labels=["backend"]
-        )
-        errors = CounterMetricFamily(
-            "gpubroker_upstream_errors", "Upstream failures seen by the proxy", labels=["backend"]
-        )
-        active = GaugeMetricFamily(
-            "gpubroker_active_requests", "GPU leases held", labels=["backend"]
-        )
-        jobs = GaugeMetricFamily(
-            "gpubroker_service_jobs",
-            "Jobs in the service's own queue (ComfyUI), running or pending: in flight too",
-            labels=["backend"],
-        )
-        queued = GaugeMetricFamily(
-            "gpubroker_queued_requests", "Requests waiting", labels=["backend"]
-        )
-        state = GaugeMetricFamily(
-            "gpubroker_backend_state",
-            "1 for the backend's scheduler state",
-            labels=["backend", "state"],
-        )
-        up = GaugeMetricFamily(
-            "gpubroker_backend_up", "1 when the health probe passes", labels=["backend"]
-        )
-        declared = GaugeMetricFamily(
-            "gpubroker_backend_vram_declared_bytes", "The config's vram", labels=["backend"]
-        )
-        measured = GaugeMetricFamily(
-            "gpubroker_backend_vram_measured_bytes",
-            "VRAM the backend's processes hold, per telemetry",
-            labels=["backend"],
-        )
-        for b in broker.config.backends:
-            counts = broker.counters[b.name]
-            by_kind.add_metric([b.name, "gpu"], counts["gpu"])
-            by_kind.add_metric([b.name, "passthrough"], counts["passthrough"])
-            refused.add_metric([b.name], counts["refused"])
-            errors.add_metric([b.name], counts["upstream_errors"])
-            active.add_metric([b.name], sched.active(b.name))
-            if b.name in broker.jobs:
-                jobs.add_metric([b.name], sched.jobs_of(b.name))
-            queued.add_metric([b.name], sched.queued(b.name))
-            current = sched.state(b.name)
-            for s in State:
-                state.add_metric([b.name, s.value], 1 if s is current else 0)
-            health = self.health.get(b.name, {}).get("status")
-            if health in ("up", "down"):
-                up.add_metric([b.name], 1 if health == "up" else 0)
-            if b.vram is not None:
-                declared.add_metric([b.name], b.vram)
-            held = broker.measured_total(b.name)
-            if held is not None and b.name in broker.measured:
-                measured.add_metric([b.name], held)
-        yield from (by_kind, refused, errors, active, jobs, queued, state, up, declared, measured)
+def _gpus(view: StatusView) -> Iterator[Metric]:
+    if view.telemetry is None:
+        return
+    up = GaugeMetricFamily("gpubroker_telemetry_up", "1 when the last GPU reading succeeded")
+    up.add_metric([], 0 if view.telemetry.error else 1)
+    yield up
+    labels = ["gpu", "uuid", "name"]
+    for suffix, text, attr, scale in _GPU_GAUGES:
+        family = GaugeMetricFamily(f"gpubroker_gpu_{suffix}", text, labels=labels)
+        for g in (gpu.sample for gpu in view.gpus):
+            value = getattr(g, attr)
+            if value is not None:
+                family.add_metric([str(g.index), g.uuid, g.name], value * scale)
+        yield family
+    procs = GaugeMetricFamily(
+        "gpubroker_gpu_process_memory_bytes",
+        "GPU memory per process, with the backend that owns it (empty: none)",
+        labels=["gpu", "pid", "owner"],
+    )
+    for p in view.processes:
+        if p.used is not None:
+            procs.add_metric([p.gpu, str(p.pid), p.owner or ""], p.used)
+    yield procs
+
+
+def _backends(view: StatusView) -> Iterator[Metric]:
+    by_kind = CounterMetricFamily(
+        "gpubroker_requests",
+        "Requests per backend: kind=gpu took a lease, kind=passthrough did not",
+        labels=["backend", "kind"],
+    )
+    refused = CounterMetricFamily(
+        "gpubroker_refusals", "Requests the scheduler refused (503, 507…)", labels=["backend"]
+    )
+    errors = CounterMetricFamily(
+        "gpubroker_upstream_errors", "Upstream failures seen by the proxy", labels=["backend"]
+    )
+    active = GaugeMetricFamily("gpubroker_active_requests", "GPU leases held", labels=["backend"])
+    jobs = GaugeMetricFamily(
+        "gpubroker_service_jobs",
+        "Jobs in the service's own queue (ComfyUI), running or pending: in flight too",
+        labels=["backend"],
+    )
+    queued = GaugeMetricFamily("gpubroker_queued_requests", "Requests waiting", labels=["backend"])
+    state = GaugeMetricFamily(
+        "gpubroker_backend_state",
+        "1 for the backend's scheduler state",
+        labels=["backend", "state"],
+    )
+    up = GaugeMetricFamily(
+        "gpubroker_backend_up", "1 when the health probe passes", labels=["backend"]
+    )
+    declared = GaugeMetricFamily(
+        "gpubroker_backend_vram_declared_bytes", "The config's vram", labels=["backend"]
+    )
+    measured = GaugeMetricFamily(
+        "gpubroker_backend_vram_measured_bytes",
+        "VRAM the backend's processes hold, per telemetry",
+        labels=["backend"],
+    )
+    for b in view.backends:
+        by_kind.add_metric([b.name, "gpu"], b.gpu_requests)
+        by_kind.add_metric([b.name, "passthrough"], b.passthrough_requests)
+        refused.add_metric([b.name], b.refused)
+        errors.add_metric([b.name], b.upstream_errors)
+        active.add_metric([b.name], b.active)
+        if b.jobs is not None:
+            jobs.add_metric([b.name], b.job_count)
+        queued.add_metric([b.name], b.queued)
+        for s in State:
+            state.add_metric([b.name, s.value], 1 if s is b.state else 0)
+        if b.up is not None:
+            up.add_metric([b.name], 1 if b.up else 0)
+        if b.declared_vram is not None:
+            declared.add_metric([b.name], b.declared_vram)
+        if b.measured_vram is not None:
+            measured.add_metric([b.name], b.measured_vram)
+    yield from (by_kind, refused, errors, active, jobs, queued, state, up, declared, measured)
 
 
 class Metrics:
@@ -205,7 +194,8 @@ class Metrics:
             self.oom_avoided.labels(name)
         for phase in PHASES:
             self.swap_duration.labels(phase)
-        self.registry.register(_StateCollector(broker, monitor, {} if health is None else health))
+        state = {} if health is None else health
+        self.registry.register(_StateCollector(lambda: read(broker, monitor, state)))
         broker.listeners.append(self.on_event)
 
     def on_event(self, event: dict[str, Any]) -> None:

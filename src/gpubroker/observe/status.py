@@ -13,7 +13,6 @@ this port answers to (DNS rebinding), no foreign Origin on a verb, no CORS, JSON
 
 from __future__ import annotations
 
-import datetime as dt
 import hmac
 import json
 import time
@@ -30,7 +29,7 @@ from starlette.routing import Route
 from gpubroker.observe.guard import HostPolicy, ListenerGuard, is_loopback
 from gpubroker.observe.metrics import Metrics
 from gpubroker.observe.monitor import Monitor
-from gpubroker.observe.telemetry.base import GpuSample
+from gpubroker.observe.readmodel import StatusView, read
 from gpubroker.responses import error_response, json_object
 from gpubroker.scheduling.broker import Broker, Refused
 from gpubroker.scheduling.scheduler import State, SwapInProgress
@@ -38,180 +37,6 @@ from gpubroker.workers.routes import worker_routes
 
 EVENT_BUFFER = 256  # events kept for one slow /events reader before it starts losing them
 HEARTBEAT = 15.0  # seconds of silence after which /events sends a comment line
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
-
-
-def _gpu(g: GpuSample, monitor: Monitor) -> dict[str, Any]:
-    key = str(g.index)
-    return {
-        "index": g.index,
-        "uuid": g.uuid,
-        "name": g.name,
-        "memoryTotal": g.memory_total,
-        "memoryUsed": g.memory_used,
-        "memoryFree": g.memory_free,
-        "utilization": g.utilization,
-        "powerDraw": g.power_draw,
-        "powerLimit": g.power_limit,
-        "temperature": g.temperature,
-        "fan": g.fan,
-        "smClock": g.sm_clock,
-        "memClock": g.mem_clock,
-        "processes": [
-            {
-                "pid": p.pid,
-                "name": p.name,
-                "usedBytes": p.used,
-                "owner": p.owner,
-                "visible": p.visible,
-            }
-            for p in monitor.attribution.processes
-            if p.gpu == key
-        ],
-    }
-
-
-def _telemetry(monitor: Monitor | None) -> dict[str, Any]:
-    if monitor is None:
-        return {"source": None, "notice": "telemetry is not running", "error": None}
-    snap = monitor.snapshot
-    return {
-        "source": monitor.sampler.source.name,
-        "notice": snap.notice,
-        "error": snap.error,
-        "takenAt": _iso(snap.taken_at),
-        "intervalS": monitor.interval,
-    }
-
-
-def _live(broker: Broker, now: float) -> list[dict[str, Any]]:
-    """Leases (queued or admitted), then the services' own jobs.
-
-    Each entry has OneGPU4All's ``method``, ``url``, ``startedAt`` and ``backend`` (its live
-    monitor prints them) and our own fields beside them; ``kind`` tells a lease from a job.
-    """
-    out: list[dict[str, Any]] = [
-        {
-            "method": r.method,
-            "url": r.path,  # without the query, as OneGPU4All shows it
-            "startedAt": _iso(r.since),
-            "backend": r.backend,
-            "kind": "lease",
-            "id": r.lease,
-            "path": r.path,
-            "state": "active" if r.admitted_at else "queued",
-            "elapsedMs": round((now - r.since) * 1000),
-            "queuedMs": round(((r.admitted_at or now) - r.since) * 1000),
-        }
-        for r in broker.live.values()
-    ]
-    for backend, jobs in broker.jobs.items():
-        for job in jobs:
-            out.append(
-                {
-                    "method": job.method,
-                    "url": job.url,
-                    "startedAt": _iso(job.since),
-                    "backend": backend,
-                    "kind": "job",
-                    "id": job.id,
-                    "path": job.url,
-                    "state": job.state,  # running, or pending in the service's own queue
-                    "elapsedMs": None if job.since is None else round((now - job.since) * 1000),
-                    "queuedMs": None,
-                }
-            )
-    return out
-
-
-def snapshot(
-    broker: Broker,
-    health: dict[str, dict[str, Any]] | None = None,
-    monitor: Monitor | None = None,
-) -> dict[str, Any]:
-    """Everything ``GET /`` shows, as plain JSON-able data.
-
-    The first fields are OneGPU4All's, with its shapes and meanings, so tools written for it
-    (its ``onegpu4all-status`` monitor reads ``Object.keys(activeRequests)``) keep working:
-    ``activeRequests``, ``gpuRequests`` and ``passthroughRequests`` are keyed by backend,
-    ``queuedBackends`` names one backend per waiter, ``uptime`` is whole seconds. Our totals
-    are under ``totals``.
-    """
-    sched = broker.sched
-    now = time.time()
-    names = [b.name for b in broker.config.backends]
-    arrived = {r.lease: r.since for r in broker.live.values()}
-    queue = [
-        {
-            "position": i,
-            "id": w.lease,
-            "backend": w.backend,
-            "waitedMs": round((now - arrived.get(w.lease, now)) * 1000),
-        }
-        for i, w in enumerate(sched.queue, 1)
-    ]
-    last_swap = broker.history[0]["at"] if broker.history else None
-    backends = {}
-    for b in broker.config.backends:
-        counts = broker.counters[b.name]
-        jobs = broker.jobs.get(b.name)
-        backends[b.name] = {
-            "state": sched.state(b.name).value,
-            "owner": sched.owner == b.name,
-            "active": sched.active(b.name),
-            "inFlight": sched.in_flight(b.name),
-            "jobs": None
-            if jobs is None
-            else [{"id": j.id, "state": j.state, "since": _iso(j.since)} for j in jobs],
-            "queued": sched.queued(b.name),
-            "upstream": b.upstream,
-            "proxyPort": b.proxy_port,
-            "strategy": b.unload_strategy,
-            "gpuRequests": counts["gpu"],
-            "passthroughRequests": counts["passthrough"],
-            "refused": counts["refused"],
-            "upstreamErrors": counts["upstream_errors"],
-            "health": (health or {}).get(b.name, {"status": "unknown"}),
-            "gpus": list(sched.slots[b.name].spec.gpus),
-            "declaredVram": b.vram,
-            "measuredVram": broker.measured_total(b.name) if b.name in broker.measured else None,
-            "measuredByGpu": broker.measured.get(b.name, {}),
-        }
-    return {
-        "vramOwner": sched.owner,
-        "activeRequests": {n: sched.in_flight(n) for n in names},
-        "queueLength": len(sched.queue),
-        "queuedBackends": [w.backend for w in sched.queue],
-        "gpuRequests": {n: broker.counters[n]["gpu"] for n in names},
-        "passthroughRequests": {n: broker.counters[n]["passthrough"] for n in names},
-        "swapCount": sched.swap_count,
-        "lastSwapAt": _iso(last_swap),
-        "liveRequests": _live(broker, now),
-        "uptime": int(now - broker.started_at),
-        "totals": {
-            "inFlight": sum(sched.in_flight(n) for n in names),
-            "leases": sum(sched.active(n) for n in names),
-            "jobs": sum(sched.jobs_of(n) for n in names),
-            "gpuRequests": sum(c["gpu"] for c in broker.counters.values()),
-            "passthroughRequests": sum(c["passthrough"] for c in broker.counters.values()),
-        },
-        "policy": broker.config.policy,
-        "swapping": sched.swapping,
-        "backends": backends,
-        "swaps": [dict(s, at=_iso(s["at"])) for s in broker.history],
-        "queue": queue,
-        "telemetry": _telemetry(monitor),
-        "gpus": [_gpu(g, monitor) for g in monitor.snapshot.gpus] if monitor else [],
-        "warnings": [
-            dict(a.to_json(), since=_iso(a.since), sinceTs=a.since)
-            for a in (monitor.alerts.current() if monitor else [])
-        ],
-    }
 
 
 class StatusApp:
@@ -243,8 +68,12 @@ class StatusApp:
         policy = HostPolicy(cfg.bind, cfg.allowed_hosts)
         self.app = ListenerGuard(self.routes, policy, json_only=True)
 
+    def view(self) -> StatusView:
+        """What this app shows, read now (one read per request)."""
+        return read(self.broker, self.monitor, self.health)
+
     async def index(self, request: Request) -> Response:
-        return JSONResponse(snapshot(self.broker, self.health, self.monitor))
+        return JSONResponse(self.view().to_json())
 
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)

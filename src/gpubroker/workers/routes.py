@@ -29,13 +29,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gpubroker.observe.alerts import PINNED_TO_WRONG_GPU
 from gpubroker.responses import error_response, json_object
 from gpubroker.scheduling.broker import Broker, Refused
 from gpubroker.scheduling.scheduler import SwapInProgress
 from gpubroker.workers.supervisor import LOG_LINES, Supervisor, WorkerError, WorkerState
 
 if TYPE_CHECKING:
+    from gpubroker.observe.schema import WorkerJson
     from gpubroker.observe.status import StatusApp
 
 
@@ -102,26 +102,10 @@ class WorkersApi:
         checked = self._check(data.get("name"))
         return checked if isinstance(checked, Response) else [checked]
 
-    def _workers(self, *, admin: bool) -> list[dict[str, Any]]:
-        """Each worker as the supervisor knows it, with what telemetry adds: the VRAM it holds
-        and the pinning warning, both from the monitor (one reading of the GPUs, one rule)."""
-        sup = self.supervisor
-        if sup is None:
-            return []
-        monitor = self.status.monitor
-        alerts = monitor.alerts.current() if monitor is not None else []
-        out = []
-        for w in sup.describe(admin=admin):
-            name = w["name"]
-            measured = w["pid"] is not None and name in self.broker.measured
-            w["vram"] = self.broker.measured_total(name) if measured else None
-            w["warnings"] = [
-                f"{a.code}: {a.message}"
-                for a in alerts
-                if a.backend == name and a.code == PINNED_TO_WRONG_GPU
-            ]
-            out.append(w)
-        return out
+    def _workers(self, *, admin: bool) -> list[WorkerJson]:
+        """Each worker as the supervisor knows it, with the VRAM it holds and its pinning
+        warning (the status app's read model: one reading of the GPUs, one rule)."""
+        return self.status.view().workers_json(admin=admin)
 
     def _reply(self, results: list[dict[str, Any]]) -> Response:
         """The answer to a verb (only authorised callers get one)."""
