@@ -19,20 +19,22 @@ A ``ClientError`` reaches the client as ``{"error": code, "message": …, "backe
 4xx/5xx is never wrapped: it passes through untouched.
 
     400 bad_request            a target, framing or admin body the broker will not take
-                               (BadRequest; BadTarget for a request target)
+                               (BadTarget: a request target no router reads one way)
     401 unauthorized           an admin verb without the right Bearer token
-    403 forbidden              admin verbs are off (beyond loopback, no adminToken); the
-                               guard's forbidden_host, forbidden_origin and cors_refused
+    403 forbidden              admin verbs are off: beyond loopback with no adminToken
+    403 forbidden_host         the status port does not answer to that Host name (guard)
+    403 forbidden_origin       a web page's Origin on a verb or WebSocket (guard)
+    403 cors_refused           a CORS preflight (guard)
     404 unknown_backend        an admin verb named no backend we have
     404 unknown_worker         ... no managed worker we have
     404 not_managed            ... a backend that has no ``command:``
     404 no_supervisor          ... a worker, and this broker supervises none
     405 method_not_allowed     CONNECT and TRACE (with Allow)
     408 request_timeout        the request body sent nothing for clientIdleTimeout
-    409 swap_in_progress       an admin eviction while a plan runs on the same GPU (retryable)
-    415 unsupported_media_type an admin verb whose body is not application/json
+    409 swap_in_progress       an admin eviction while a plan runs on that GPU (retryable)
+    415 unsupported_media_type an admin verb whose body is not application/json (guard)
     431 headers_too_large      a request head over 64 KiB
-    500 internal_error         an admin route failed unexpectedly (the log has the traceback)
+    500 internal_error         a status/admin route failed unexpectedly (the log says why)
     502 upstream_unreachable   the service refused or dropped the connection (retryable)
     502 bad_upstream_response  the service's response head was ambiguous or malformed (both
                                Content-Length and Transfer-Encoding, obs-fold lines): not
@@ -44,7 +46,8 @@ A ``ClientError`` reaches the client as ``{"error": code, "message": …, "backe
     507 never_fits             the request can never fit on its GPU
     508 loop_detected          the request already passed 4 brokers (an upstream loop)
 
-The last four of 502-507 are the scheduler's refusals of a lease (:class:`Refused`).
+load_failed, queue_timeout, shutting_down and never_fits are the scheduler's refusals of a
+lease (:class:`Refused`). ``tests/test_errors.py`` holds the classes to this table.
 """
 
 from __future__ import annotations
@@ -287,7 +290,7 @@ class Refused(ClientError):
 
     @staticmethod
     def of(refusal: Refusal) -> Refused:
-        return next(c for c in _REFUSALS if c.code == refusal.code)(refusal)
+        return next(c for c in Refused.__subclasses__() if c.code == refusal.code)(refusal)
 
 
 class LoadFailed(Refused):
@@ -304,6 +307,3 @@ class ShuttingDown(Refused):
 
 class NeverFits(Refused):
     status, code, retryable = 507, "never_fits", False
-
-
-_REFUSALS: tuple[type[Refused], ...] = (LoadFailed, QueueTimeout, ShuttingDown, NeverFits)
