@@ -1,88 +1,87 @@
-"""Errors the broker itself answers with, as raw ASGI sends.
+"""The one rendering of a :class:`~gpubroker.errors.ClientError`: status, headers and JSON body.
 
-Shape: ``{"error": code, "message": …, "backend": …, "retryable": bool}``. An upstream's own
-4xx/5xx is never wrapped: it passes through untouched.
-
-    400 bad_request            a target or framing the proxy will not pass on (proxy.py)
-    405 method_not_allowed     CONNECT and TRACE (with Allow)
-    408 request_timeout        the request body sent nothing for clientIdleTimeout
-    431 headers_too_large      a request head over 64 KiB (serving.py)
-    508 loop_detected          the request already passed 4 brokers (an upstream loop)
-    502 upstream_unreachable   the service refused or dropped the connection
-    502 bad_upstream_response  the service's response head was ambiguous or malformed (both
-                               Content-Length and Transfer-Encoding, obs-fold lines): not passed on
-    502 load_failed            the service could not be made ready after a swap
-    503 queue_timeout          waited past queueTimeout for the GPU (with Retry-After)
-    503 shutting_down          the broker is stopping
-    504 upstream_timeout       no response headers within upstreamTimeout
-    507 never_fits             the request can never fit on its GPU
+The proxy and the listeners send it as raw ASGI messages (``send_error``); the status app gets
+it from its exception handlers (``exception_handlers``), so an admin route just raises. The
+codes, statuses and the retryable rule are the error classes' (see ``gpubroker.errors``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.types import Send
+from starlette.responses import Response
+from starlette.types import ExceptionHandler, Send
 
-RETRYABLE = frozenset({409, 502, 503, 504})  # the same request may succeed later
+from gpubroker.errors import BadRequest, ClientError, Header, InternalError
 
-
-def retryable(status: int) -> bool:
-    return status in RETRYABLE
+INTERNAL = "the broker failed while answering this request; its log says why"
 
 
-def error_body(code: str, message: str, backend: str | None, retryable: bool) -> bytes:
-    return json.dumps(
-        {"error": code, "message": message, "backend": backend, "retryable": retryable}
+def render(error: ClientError, backend: str | None = None) -> tuple[int, list[Header], bytes]:
+    """``error`` as (status, headers, body). ``backend`` names the backend when the error's
+    raiser did not know it (the proxy's upstream client)."""
+    body = json.dumps(
+        {
+            "error": error.code,
+            "message": error.message,
+            "backend": backend or error.backend,
+            "retryable": error.retryable,
+        }
     ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *error.headers,
+    ]
+    return error.status, headers, body
 
 
 async def send_error(
-    send: Send,
-    status: int,
-    code: str,
-    message: str,
-    *,
-    backend: str | None,
-    retryable: bool,
-    headers: Iterable[tuple[bytes, bytes]] = (),
+    send: Send, error: ClientError, *, backend: str | None = None, prefix: str = "http"
 ) -> None:
-    body = error_body(code, message, backend, retryable)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    """Answer with ``error`` over raw ASGI; ``prefix`` is ``websocket.http`` to answer a
+    WebSocket handshake."""
+    status, headers, body = render(error, backend)
+    await send({"type": f"{prefix}.response.start", "status": status, "headers": headers})
+    await send({"type": f"{prefix}.response.body", "body": body, "more_body": False})
 
 
-def error_response(
-    status: int, code: str, message: str, backend: str | None = None
-) -> JSONResponse:
-    """The same error shape for the status and admin routes (Starlette)."""
-    body = {"error": code, "message": message, "backend": backend, "retryable": retryable(status)}
-    return JSONResponse(body, status_code=status)
+def error_response(error: ClientError) -> Response:
+    """``error`` as a Starlette response, the same bytes ``send_error`` sends."""
+    status, headers, body = render(error)
+    return Response(body, status, {k.decode("latin-1"): v.decode("latin-1") for k, v in headers})
 
 
-async def json_object(request: Request) -> dict[str, Any] | Response:
-    """An admin verb's body: {} when empty, else a JSON object, else a 400 to send back."""
+async def _client_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ClientError)
+    return error_response(exc)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Starlette re-raises ``exc`` after this answer, so the server logs its traceback; the
+    # client is told only that it happened.
+    return error_response(InternalError(INTERNAL))
+
+
+# For ``Starlette(exception_handlers=…)``: a ClientError is its JSON answer, anything else
+# unexpected a 500 ``internal_error`` in the same shape.
+exception_handlers: dict[Any, ExceptionHandler] = {
+    ClientError: _client_error,
+    Exception: _internal_error,
+}
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """An admin verb's body: {} when empty, else a JSON object; else raises ``BadRequest``."""
     raw = await request.body()
     if not raw:
         return {}
     try:
         data = json.loads(raw)
     except ValueError:
-        return error_response(400, "bad_request", "the body must be JSON")
+        raise BadRequest("the body must be JSON") from None
     if not isinstance(data, dict):
-        return error_response(400, "bad_request", "the body must be a JSON object")
+        raise BadRequest("the body must be a JSON object")
     return data

@@ -17,9 +17,10 @@ import httpx
 import pytest
 
 from gpubroker.config.load import Config
+from gpubroker.errors import TelemetryError
 from gpubroker.observe import alerts, monitor
 from gpubroker.observe.monitor import Monitor
-from gpubroker.observe.telemetry.base import TelemetryError, TelemetrySnapshot
+from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.observe.telemetry.sampler import Sampler
 from gpubroker.observe.telemetry.sim import SimTelemetry
 from gpubroker.plugins.manager import Provided, create_plugins

@@ -18,11 +18,10 @@ import pynvml
 import pytest
 
 from gpubroker.config.load import load_config_file, parse_config
-from gpubroker.errors import ConfigError
+from gpubroker.errors import ConfigError, TelemetryError
 from gpubroker.observe.telemetry import nvml
 from gpubroker.observe.telemetry.base import (
     GpuProcess,
-    TelemetryError,
     TelemetrySnapshot,
     TelemetrySource,
 )

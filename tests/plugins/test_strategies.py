@@ -7,12 +7,12 @@ import httpx
 import pytest
 
 from gpubroker.config.load import BackendConfig
+from gpubroker.errors import StrategyFailed
 from gpubroker.plugins.strategies.base import Strategy, StrategyContext
 from gpubroker.plugins.strategies.builtin import (
     ComfyUIStrategy,
     GenericStrategy,
     OllamaStrategy,
-    StrategyFailed,
     VLLMStrategy,
 )
 from gpubroker.sim import (

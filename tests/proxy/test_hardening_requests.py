@@ -29,9 +29,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gpubroker.errors import BadTarget
 from gpubroker.plugins.classifiers.builtin import OllamaClassifier
 from gpubroker.proxy.forwarding import MAX_HOPS, VIA
-from gpubroker.proxy.target import MAX_HEAD, BadTarget, normalise, route_variants
+from gpubroker.proxy.target import MAX_HEAD, normalise, route_variants
 from gpubroker.runtime import Endpoints
 from gpubroker.sim import running
 from gpubroker.testing import broker_running, make_config

@@ -21,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gpubroker.proxy.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
+from gpubroker.errors import UpstreamError, UpstreamTimeout
+from gpubroker.proxy.upstream import Upstream, UpstreamResponse
 
 pytestmark = pytest.mark.anyio
 

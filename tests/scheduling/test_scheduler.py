@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gpubroker.errors import SwapInProgress
 from gpubroker.scheduling.scheduler import (
     Admit,
     CancelSwap,
@@ -12,7 +13,6 @@ from gpubroker.scheduling.scheduler import (
     Scheduler,
     State,
     SwapDone,
-    SwapInProgress,
     Unload,
     WaitIdle,
 )

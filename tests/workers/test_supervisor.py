@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from gpubroker.config.load import Config
+from gpubroker.errors import WorkerError
 from gpubroker.observe.telemetry.base import GpuSample, TelemetrySnapshot
 from gpubroker.plugins.strategies.base import StrategyContext
 from gpubroker.plugins.strategies.process import STOP_SHARE, ProcessStrategy
@@ -30,7 +31,6 @@ from gpubroker.workers.supervisor import (
     MARKER,
     MARKER_UPSTREAM,
     Supervisor,
-    WorkerError,
     WorkerState,
     render,
 )

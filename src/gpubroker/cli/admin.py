@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from gpubroker.cli.common import ConfigOption, JsonOption, TokenOption, UrlOption
-from gpubroker.errors import UsageError
+from gpubroker.errors import AdminFailed, UsageError
 
 
 def _print(data: dict[str, Any], as_json: bool, line: str) -> None:
@@ -62,7 +62,7 @@ def unload(
     json_: JsonOption = False,
 ) -> None:
     """Free a backend's VRAM now (waits for its in-flight requests unless --force)."""
-    from gpubroker.cli.client import AdminFailed, broker_target, call
+    from gpubroker.cli.client import broker_target, call
 
     if (name is None) == (not all_):
         raise UsageError("name one backend, or pass --all (not both)")

@@ -15,13 +15,7 @@ from typing import Any
 import httpx
 
 from gpubroker.config.load import DEFAULT_STATUS_PORT, resolve_config
-from gpubroker.errors import BrokerUnreachable, ConfigError, GPUBrokerError, UsageError
-
-
-class AdminFailed(GPUBrokerError):
-    """The broker answered, and said no (exit code 1)."""
-
-    exit_code = 1
+from gpubroker.errors import AdminFailed, BrokerUnreachable, ConfigError, UsageError
 
 
 def broker_target(

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from gpubroker.cli.common import ConfigOption, JsonOption, TokenOption, UrlOption, friendly
-from gpubroker.errors import UsageError
+from gpubroker.errors import AdminFailed, UsageError
 
 app = typer.Typer(
     name="workers",
@@ -43,7 +43,7 @@ def _verb(
     json_: bool,
 ) -> None:
     """POST a verb, print one line per worker, exit 1 when any of them failed."""
-    from gpubroker.cli.client import AdminFailed, broker_target, call
+    from gpubroker.cli.client import broker_target, call
 
     base, tok = broker_target(url, config, token)
     data = call("POST", base, path, token=tok, json=body, timeout=None)

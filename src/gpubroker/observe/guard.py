@@ -35,6 +35,14 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gpubroker.errors import (
+    BadRequest,
+    ClientError,
+    CorsRefused,
+    ForbiddenHost,
+    ForbiddenOrigin,
+    UnsupportedMediaType,
+)
 from gpubroker.responses import send_error
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -168,11 +176,10 @@ class ListenerGuard:
             return
         refusal = self._check(scope)
         if refusal is not None:
-            status, code, message = refusal
             if kind == "websocket":  # closing before accepting answers the handshake with 403
-                await send({"type": "websocket.close", "code": 1008, "reason": code})
+                await send({"type": "websocket.close", "code": 1008, "reason": refusal.code})
             else:
-                await send_error(send, status, code, message, backend=None, retryable=False)
+                await send_error(send, refusal)
             return
 
         async def send_without_cors(message: Message) -> None:
@@ -186,25 +193,23 @@ class ListenerGuard:
 
         await self.app(scope, receive, send_without_cors)
 
-    def _check(self, scope: Scope) -> tuple[int, str, str] | None:
+    def _check(self, scope: Scope) -> ClientError | None:
         headers: dict[bytes, list[str]] = {}
         for key, value in scope["headers"]:
             headers.setdefault(key.lower(), []).append(value.decode("latin-1"))
         hosts = headers.get(b"host", [""])
         host = split_host(hosts[0]) if len(hosts) == 1 else None
         if host is None:
-            return 400, "bad_request", "the request needs one well-formed Host header"
+            return BadRequest("the request needs one well-formed Host header")
         if not self.policy.allows(host[0]):
             shown = f"[{host[0]}]" if ":" in host[0] else host[0]
-            return (
-                403,
-                "forbidden_host",
+            return ForbiddenHost(
                 f"this port does not answer to the name {shown!r}: to reach the broker by it, "
-                f"add {host[0]!r} to allowedHosts in the config",
+                f"add {host[0]!r} to allowedHosts in the config"
             )
         method = scope.get("method", "GET")
         if method == "OPTIONS" and b"access-control-request-method" in headers:
-            return 403, "cors_refused", "cross-origin requests are not allowed on this port"
+            return CorsRefused("cross-origin requests are not allowed on this port")
         if scope["type"] == "websocket" or method not in SAFE_METHODS:
             origins = headers.get(b"origin")
             server = scope.get("server")
@@ -212,19 +217,15 @@ class ListenerGuard:
             if origins is not None and (
                 len(origins) != 1 or not self.policy.same_origin(origins[0], host, port)
             ):
-                return (
-                    403,
-                    "forbidden_origin",
+                return ForbiddenOrigin(
                     f"a page from {origins[0]!r} may not act on this port; use the gpubroker "
-                    "CLI or call it from a script (they send no Origin)",
+                    "CLI or call it from a script (they send no Origin)"
                 )
         if self.json_only and scope["type"] == "http" and method not in SAFE_METHODS:
             types = headers.get(b"content-type", [])
             media = types[0].split(";", 1)[0].strip().lower() if len(types) == 1 else ""
             if media != "application/json":
-                return (
-                    415,
-                    "unsupported_media_type",
-                    "admin verbs take a JSON body: send Content-Type: application/json",
+                return UnsupportedMediaType(
+                    "admin verbs take a JSON body: send Content-Type: application/json"
                 )
         return None

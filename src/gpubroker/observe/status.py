@@ -26,13 +26,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gpubroker.errors import ClientError, Forbidden, Unauthorized, UnknownBackend
 from gpubroker.observe.guard import HostPolicy, ListenerGuard, is_loopback
 from gpubroker.observe.metrics import Metrics
 from gpubroker.observe.monitor import Monitor
 from gpubroker.observe.readmodel import StatusView, read
-from gpubroker.responses import error_response, json_object
-from gpubroker.scheduling.broker import Broker, Refused
-from gpubroker.scheduling.scheduler import State, SwapInProgress
+from gpubroker.responses import exception_handlers, json_object
+from gpubroker.scheduling.broker import Broker
+from gpubroker.scheduling.scheduler import State
 from gpubroker.workers.routes import worker_routes
 
 EVENT_BUFFER = 256  # events kept for one slow /events reader before it starts losing them
@@ -62,7 +63,8 @@ class StatusApp:
                 Route("/events", self.events),
                 Route("/metrics", self.prometheus),
                 *worker_routes(self),
-            ]
+            ],
+            exception_handlers=exception_handlers,  # a route raises; the answer is made here
         )
         # every state-changing request on this port is an admin verb, so all of them take JSON
         policy = HostPolicy(cfg.bind, cfg.allowed_hosts)
@@ -81,53 +83,41 @@ class StatusApp:
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"ok": True})
 
-    def _authorise(self, request: Request) -> Response | None:
+    def _authorise(self, request: Request) -> ClientError | None:
+        """None when ``request`` may use admin verbs, else the error that says why not."""
         if self.open_admin:
             return None
         if self.token is None:
-            return error_response(
-                403,
-                "forbidden",
+            return Forbidden(
                 "admin verbs are off: the status port binds beyond "
-                "loopback and no adminToken is set",
+                "loopback and no adminToken is set"
             )
         # the scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
         matches = hmac.compare_digest(given.strip().encode("latin-1"), self.token.encode())
         if scheme.lower() != "bearer" or not matches:
-            return error_response(
-                401, "unauthorized", "admin verbs need Authorization: Bearer <adminToken>"
-            )
+            return Unauthorized("admin verbs need Authorization: Bearer <adminToken>")
         return None
 
-    async def _body(self, request: Request) -> dict[str, Any] | Response:
-        return await json_object(request)
+    def admin(self, request: Request) -> None:
+        """Raise the 401/403 unless ``request`` may use admin verbs."""
+        if (denied := self._authorise(request)) is not None:
+            raise denied
 
-    def _backend(self, data: dict[str, Any], *, required: bool) -> str | Response | None:
+    def _backend(self, data: dict[str, Any], *, required: bool) -> str | None:
         name = data.get("backend")
         if name is None and not required:
             return None
         if not isinstance(name, str) or name not in self.broker.sched.slots:
             known = ", ".join(self.broker.sched.slots)
-            return error_response(
-                404, "unknown_backend", f"no backend named {name!r} (known: {known})", name
-            )
+            raise UnknownBackend(f"no backend named {name!r} (known: {known})", backend=name)
         return name
 
     async def unload(self, request: Request) -> Response:
-        if (denied := self._authorise(request)) is not None:
-            return denied
-        data = await self._body(request)
-        if isinstance(data, Response):
-            return data
+        self.admin(request)
+        data = await json_object(request)
         name = self._backend(data, required=False)
-        if isinstance(name, Response):
-            return name
-        force = bool(data.get("force", False))
-        try:
-            info = await self.broker.evict(name, force=force)
-        except SwapInProgress as exc:
-            return error_response(409, "swap_in_progress", str(exc), name)
+        info = await self.broker.evict(name, force=bool(data.get("force", False)))
         if info is None:
             return JSONResponse({"ok": True, "unloaded": [], "message": "nothing to unload"})
         return JSONResponse(
@@ -140,21 +130,10 @@ class StatusApp:
         )
 
     async def swap(self, request: Request) -> Response:
-        if (denied := self._authorise(request)) is not None:
-            return denied
-        data = await self._body(request)
-        if isinstance(data, Response):
-            return data
-        name = self._backend(data, required=True)
-        if isinstance(name, Response):
-            return name
+        self.admin(request)
+        name = self._backend(await json_object(request), required=True)
         assert name is not None  # required=True: a missing name is a 404 above
-
-        try:
-            grant = await self.broker.preload(name)
-        except Refused as exc:
-            r = exc.refusal
-            return error_response(r.status, r.code, r.message, name)
+        grant = await self.broker.preload(name)  # or Refused
         swap = grant.swap
         return JSONResponse(
             {

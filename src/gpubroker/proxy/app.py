@@ -27,6 +27,16 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from gpubroker.config.load import BackendConfig
+from gpubroker.errors import (
+    BadRequest,
+    BadUpstreamResponse,
+    ClientError,
+    ClientGone,
+    LoopDetected,
+    MethodNotAllowed,
+    Refused,
+    UpstreamError,
+)
 from gpubroker.plugins.classifiers.base import Classifier
 from gpubroker.proxy.forwarding import (
     MAX_HOPS,
@@ -35,18 +45,11 @@ from gpubroker.proxy.forwarding import (
     sent_host,
     via_hops,
 )
-from gpubroker.proxy.target import BadTarget, normalise, route_variants
-from gpubroker.proxy.upstream import (
-    BadUpstreamResponse,
-    Upstream,
-    UpstreamError,
-    UpstreamResponse,
-    UpstreamTimeout,
-)
+from gpubroker.proxy.lease import Lease, LeaseBroker
+from gpubroker.proxy.target import normalise, route_variants
+from gpubroker.proxy.upstream import Upstream, UpstreamResponse
 from gpubroker.proxy.websocket import proxy_websocket
-from gpubroker.responses import retryable, send_error
-from gpubroker.scheduling.broker import Broker, Grant, Refused
-from gpubroker.scheduling.scheduler import Refuse
+from gpubroker.responses import send_error
 
 log = logging.getLogger("gpubroker.proxy.app")
 
@@ -54,19 +57,8 @@ log = logging.getLogger("gpubroker.proxy.app")
 QUEUED_BODY_LIMIT = 8 * 2**20  # bytes read ahead while queued, so a disconnect can be noticed
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})  # a reverse proxy tunnels and echoes nothing
 ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+CLOSE = (b"connection", b"close")  # after a request whose framing we refused
 WATCH_AFTER = 0.05  # s: a head slower than this gets a watcher for the client leaving
-
-
-class ClientGone(Exception):
-    """The client disconnected before its request body was complete."""
-
-
-class _Reject(Exception):
-    """A request the broker answers itself, before any upstream or lease is involved."""
-
-    def __init__(self, status: int, code: str, message: str, *headers: tuple[bytes, bytes]):
-        super().__init__(message)
-        self.status, self.code, self.headers = status, code, list(headers)
 
 
 class RequestBody:
@@ -135,7 +127,7 @@ class ProxyApp:
         self,
         backend: BackendConfig,
         classifier: Classifier,
-        broker: Broker,
+        broker: LeaseBroker,
         upstream: Upstream,
     ) -> None:
         self.backend = backend
@@ -162,16 +154,8 @@ class ProxyApp:
         method: str = scope["method"]
         try:
             target, variants = self._target(scope)
-        except _Reject as reject:
-            await send_error(
-                send,
-                reject.status,
-                reject.code,
-                str(reject),
-                backend=self.name,
-                retryable=False,
-                headers=reject.headers,
-            )
+        except ClientError as reject:
+            await send_error(send, reject, backend=self.name)
             return
         path = variants[0]
         body = RequestBody(receive)
@@ -180,8 +164,8 @@ class ProxyApp:
             await self.forward(scope, target, body, send, None)
             return
         async with contextlib.AsyncExitStack() as stack:
-            grant: Grant | None = None
-            refusal: Refuse | None = None
+            grant: Lease | None = None
+            refusal: Refused | None = None
             forwarded = False
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_while_queued, body, tg.cancel_scope)
@@ -190,7 +174,7 @@ class ProxyApp:
                         self.broker.lease(self.name, path, method=method)
                     )
                 except Refused as refused:
-                    refusal = refused.refusal
+                    refusal = refused
                 if grant is not None and body.complete:
                     # The watcher now only waits for a disconnect: keep it for the whole
                     # exchange, so a client that leaves (even before the upstream's first
@@ -199,19 +183,7 @@ class ProxyApp:
                     await self.forward(scope, target, body, send, grant, watched=True)
                 tg.cancel_scope.cancel()  # decided (or done): stop watching
             if refusal is not None:
-                r = refusal
-                retry = (
-                    [(b"retry-after", str(round(r.retry_after)).encode())] if r.retry_after else []
-                )
-                await send_error(
-                    send,
-                    r.status,
-                    r.code,
-                    r.message,
-                    backend=self.name,
-                    retryable=retryable(r.status),
-                    headers=retry,
-                )
+                await send_error(send, refusal, backend=self.name)
                 return
             if grant is None:
                 return  # the client left while queued; the lease never started
@@ -220,7 +192,7 @@ class ProxyApp:
 
     @staticmethod
     def _target(scope: Scope) -> tuple[bytes, tuple[str, ...]]:
-        """The target to forward and the paths to classify, or a ``_Reject`` to answer.
+        """The target to forward and the paths to classify; raises the ClientError to answer.
 
         What the upstream gets must be what was classified, framed as the client framed it:
         one normal-form target (target.py), and never two framings (RFC 9112 §6.3: a request
@@ -230,34 +202,24 @@ class ProxyApp:
         """
         method: str = scope["method"]
         if method in REFUSED_METHODS:
-            raise _Reject(405, "method_not_allowed", f"{method} is not proxied", (b"allow", ALLOW))
+            raise MethodNotAllowed(f"{method} is not proxied", headers=[(b"allow", ALLOW)])
         headers = scope["headers"]
         if via_hops(headers) >= MAX_HOPS:
-            raise _Reject(
-                508,
-                "loop_detected",
+            raise LoopDetected(
                 f"the request already passed {MAX_HOPS} gpubroker proxies: an upstream points "
                 "back at a broker",
             )
         lengths = {v.strip() for k, v in headers if k == b"content-length"}
         if lengths and any(k == b"transfer-encoding" for k, _ in headers):
-            raise _Reject(
-                400,
-                "bad_request",
+            raise BadRequest(
                 "a request must not have both Content-Length and Transfer-Encoding",
-                (b"connection", b"close"),
+                headers=[CLOSE],
             )
         if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
-            raise _Reject(
-                400, "bad_request", "conflicting Content-Length values", (b"connection", b"close")
-            )
-        raw = scope.get("raw_path") or scope["path"].encode()
-        try:
-            path = normalise(raw)
-        except BadTarget as exc:
-            raise _Reject(400, "bad_request", str(exc)) from None
+            raise BadRequest("conflicting Content-Length values", headers=[CLOSE])
+        path = normalise(scope.get("raw_path") or scope["path"].encode())  # or BadTarget
         if path == b"*" and method != "OPTIONS":
-            raise _Reject(400, "bad_request", "the * target is for OPTIONS only")
+            raise BadRequest("the * target is for OPTIONS only")
         query = scope.get("query_string")
         return (path + b"?" + query if query else path), route_variants(path)
 
@@ -280,7 +242,7 @@ class ProxyApp:
         target: bytes,
         body: RequestBody,
         send: Send,
-        grant: Grant | None,
+        grant: Lease | None,
         *,
         watched: bool = False,
     ) -> None:
@@ -320,24 +282,11 @@ class ProxyApp:
                 return  # the client left before the head came
         except ClientGone:
             return
-        except UpstreamTimeout as exc:
-            self.broker.counters[self.name]["upstream_errors"] += 1
-            await send_error(
-                send, 504, "upstream_timeout", str(exc), backend=self.name, retryable=True
-            )
-            return
-        except BadUpstreamResponse as exc:
-            self.broker.counters[self.name]["upstream_errors"] += 1
-            log.warning("%s: refused a bad upstream response: %s", self.name, exc)
-            await send_error(
-                send, 502, "bad_upstream_response", str(exc), backend=self.name, retryable=False
-            )
-            return
-        except UpstreamError as exc:
-            self.broker.counters[self.name]["upstream_errors"] += 1
-            await send_error(
-                send, 502, "upstream_unreachable", str(exc), backend=self.name, retryable=True
-            )
+        except UpstreamError as exc:  # unreachable, timed out, or a head not fit to pass on
+            self.broker.record_upstream_error(self.name)
+            if isinstance(exc, BadUpstreamResponse):
+                log.warning("%s: refused a bad upstream response: %s", self.name, exc)
+            await send_error(send, exc, backend=self.name)
             return
         try:
             await send(
@@ -416,7 +365,7 @@ class ProxyApp:
                         self.broker.first_byte(lease)
                         lease = None
             except UpstreamError as exc:
-                self.broker.counters[self.name]["upstream_errors"] += 1
+                self.broker.record_upstream_error(self.name)
                 log.warning("%s: upstream failed mid-stream: %s", self.name, exc)
                 tail = _stream_error_tail(response.headers, str(exc))
                 if not tail or any(k == b"content-length" for k, _ in response.headers):

@@ -40,8 +40,9 @@ from hypercorn.events import Closed, RawData
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 
+from gpubroker.errors import HeadersTooLarge, RequestTimeout
 from gpubroker.proxy.target import MAX_HEAD, head_size
-from gpubroker.responses import error_body, send_error
+from gpubroker.responses import send_error
 
 _PHRASES = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _RESPONSES = (h11.Response, h11.InformationalResponse)
@@ -108,16 +109,11 @@ class _HeadLimit:
         if scope["type"] == "lifespan" or head_size(scope) <= MAX_HEAD:
             await self.app(scope, receive, send)
             return
-        body = error_body(
-            "headers_too_large",
-            f"the request head is over {MAX_HEAD // 1024} KiB",
-            None,
-            False,
+        error = HeadersTooLarge(
+            f"the request head is over {MAX_HEAD // 1024} KiB", headers=[(b"connection", b"close")]
         )
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         prefix = "websocket.http" if scope["type"] == "websocket" else "http"
-        await send({"type": f"{prefix}.response.start", "status": 431, "headers": headers})
-        await send({"type": f"{prefix}.response.body", "body": body})
+        await send_error(send, error, prefix=prefix)
 
 
 # Idle keep-alive connections close after this. Long enough to carry a client's bursts and a
@@ -239,15 +235,7 @@ class _BodyIdleGuard:
             raise cancelled  # cancelled from elsewhere too: that one goes on
         if not watch.started:
             text = f"the request body sent nothing for {self.timeout:g}s (clientIdleTimeout)"
-            await send_error(
-                send,
-                408,
-                "request_timeout",
-                text,
-                backend=None,
-                retryable=False,
-                headers=[(b"connection", b"close")],
-            )
+            await send_error(send, RequestTimeout(text, headers=[(b"connection", b"close")]))
 
 
 class _BodyWatch:

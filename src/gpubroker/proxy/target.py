@@ -17,6 +17,8 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
+from gpubroker.errors import BadTarget
+
 MAX_HEAD = 64 * 1024  # request target + header names and values, the documented bound
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -25,10 +27,6 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 _PLAIN = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
 _ABSOLUTE = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://")
 _VISIBLE = re.compile(rb"[\x21-\x7e]*")
-
-
-class BadTarget(ValueError):
-    """The request target cannot be brought to one origin-form path safely."""
 
 
 def normalise(raw_path: bytes) -> bytes:

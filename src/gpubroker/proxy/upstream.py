@@ -44,28 +44,13 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 from urllib.parse import urlsplit
 
+from gpubroker.errors import BadUpstreamResponse, UpstreamError, UpstreamTimeout
+
 MAX_HEAD = 64 * 1024  # response head (status line + headers) and chunk-size lines
 READ_PAUSE = 256 * 1024  # stop reading the socket with this much unread; resume below a quarter
 CONNECT_TIMEOUT = 10.0
 
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)  # response body framings
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached, or broke the connection."""
-
-
-class UpstreamTimeout(UpstreamError):
-    """The upstream did not send response headers in time, or went silent inside the body."""
-
-
-class BadUpstreamResponse(UpstreamError):
-    """The response head is ambiguous or malformed: passing it on could desynchronise a client.
-
-    Both Content-Length and Transfer-Encoding, or an obs-fold continuation line, are how
-    response splitting and smuggling start; RFC 9112 lets a client reject them, and a proxy
-    must not forward them (it would frame the body one way while the next hop frames it another).
-    """
 
 
 class _Silent(Exception):

@@ -22,6 +22,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from gpubroker.config.load import Config
+from gpubroker.errors import Refused
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy, tracks_jobs
 from gpubroker.scheduling.domains import backend_gpus, capacities
@@ -52,14 +53,6 @@ SHUTTING_DOWN = "gpubroker is shutting down; try again once it is back"
 CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload freed memory anyway
 JOB_POLL = 0.1  # seconds between queue reads while a service has jobs of its own in flight
 JOB_ASK_LIMIT = 5.0  # at most this long for one queue read; a service that hangs is "unknown"
-
-
-class Refused(Exception):
-    """The scheduler refused a lease; the proxy turns this into a JSON error response."""
-
-    def __init__(self, refusal: Refuse) -> None:
-        super().__init__(refusal.message)
-        self.refusal = refusal
 
 
 @dataclass(slots=True)
@@ -231,7 +224,9 @@ class Broker:
         Cancelling the waiting task (the client went away) leaves the queue cleanly.
         """
         if self.closing:
-            raise Refused(Refuse(0, backend, 503, "shutting_down", SHUTTING_DOWN, retry_after=5.0))
+            raise Refused.of(
+                Refuse(0, backend, 503, "shutting_down", SHUTTING_DOWN, retry_after=5.0)
+            )
         lease = next(self._ids)
         now = self.clock()
         pending = _Pending()
@@ -247,7 +242,7 @@ class Broker:
                 raise
             if pending.refuse is not None:
                 self.counters[backend]["refused"] += 1
-                raise Refused(pending.refuse)
+                raise Refused.of(pending.refuse)
             assert pending.admit is not None
             self.live[lease].admitted_at = time.time()
             if count:
@@ -574,3 +569,6 @@ class Broker:
 
     def record_passthrough(self, backend: str) -> None:
         self.counters[backend]["passthrough"] += 1
+
+    def record_upstream_error(self, backend: str) -> None:
+        self.counters[backend]["upstream_errors"] += 1

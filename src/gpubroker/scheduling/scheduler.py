@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gpubroker.config.load import Policy
+from gpubroker.errors import SwapInProgress
 
 
 class State(enum.Enum):
@@ -574,7 +575,7 @@ class Scheduler:
         gpus = frozenset(g for n in victims for g in self.slots[n].spec.gpus)
         busy = [p for p in self.plans.values() if p.gpus & gpus]
         if busy:
-            raise SwapInProgress(busy[0].target)
+            raise SwapInProgress(busy[0].target, backend=backend)
         plan, effects = self._start(None, victims, gpus, now, force=force, reason=reason)
         return plan.id, effects
 
@@ -814,10 +815,3 @@ class Scheduler:
             self.queue.remove(waiter)
             effects.append(self._admit(waiter.lease, slot, now, info if plan.victims else None))
         return effects
-
-
-class SwapInProgress(Exception):
-    """An admin eviction was asked for while a plan runs on the same GPU; try again soon."""
-
-    def __init__(self, target: str | None) -> None:
-        super().__init__(f"a swap to {target or 'nothing'} is in progress; try again shortly")

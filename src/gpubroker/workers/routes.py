@@ -29,10 +29,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gpubroker.responses import error_response, json_object
-from gpubroker.scheduling.broker import Broker, Refused
-from gpubroker.scheduling.scheduler import SwapInProgress
-from gpubroker.workers.supervisor import LOG_LINES, Supervisor, WorkerError, WorkerState
+from gpubroker.errors import (
+    BadRequest,
+    NoSupervisor,
+    NotManaged,
+    Refused,
+    SwapInProgress,
+    UnknownWorker,
+    WorkerError,
+)
+from gpubroker.responses import json_object
+from gpubroker.scheduling.broker import Broker
+from gpubroker.workers.supervisor import LOG_LINES, Supervisor, WorkerState
 
 if TYPE_CHECKING:
     from gpubroker.observe.schema import WorkerJson
@@ -62,45 +70,33 @@ class WorkersApi:
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _check(self, name: object) -> str | Response:
-        """``name`` if it is a managed worker, else the 404 that says what it is instead."""
+    def _check(self, name: object) -> str:
+        """``name`` if it is a managed worker; else raises the error that says what it is."""
         sup = self.supervisor
         managed = list(sup.workers) if sup else []
         known = ", ".join(managed) or "none: give a backend `command:`"
         if not isinstance(name, str) or not name:
-            return error_response(400, "bad_request", 'name a worker: {"name": …} or {"all": true}')
+            raise BadRequest('name a worker: {"name": …} or {"all": true}')
         if sup is not None and name in sup.workers:
             return name
         if name in self.broker.sched.slots:
-            return error_response(
-                404,
-                "not_managed",
+            raise NotManaged(
                 f"{name} is not a managed worker (it has no `command:`); managed: {known}",
-                name,
+                backend=name,
             )
-        return error_response(
-            404, "unknown_worker", f"no managed worker named {name!r} ({known})", name
-        )
+        raise UnknownWorker(f"no managed worker named {name!r} ({known})", backend=name)
 
-    async def _names(self, request: Request, *, allow_all: bool = True) -> list[str] | Response:
-        if (denied := self.status._authorise(request)) is not None:
-            return denied
-        data = await self._json(request)
-        if isinstance(data, Response):
-            return data
-        return self._targets(data, allow_all=allow_all)
+    async def _names(self, request: Request, *, allow_all: bool = True) -> list[str]:
+        """The workers an admin verb's body names (raises for a caller or body we refuse)."""
+        self.status.admin(request)
+        return self._targets(await json_object(request), allow_all=allow_all)
 
-    async def _json(self, request: Request) -> dict[str, Any] | Response:
-        return await json_object(request)
-
-    def _targets(self, data: dict[str, Any], *, allow_all: bool) -> list[str] | Response:
-        everything = data.get("all") is True
-        if everything and allow_all:
+    def _targets(self, data: dict[str, Any], *, allow_all: bool) -> list[str]:
+        if data.get("all") is True and allow_all:
             if "name" in data:
-                return error_response(400, "bad_request", 'give "name" or "all", not both')
+                raise BadRequest('give "name" or "all", not both')
             return list(self.supervisor.workers) if self.supervisor else []
-        checked = self._check(data.get("name"))
-        return checked if isinstance(checked, Response) else [checked]
+        return [self._check(data.get("name"))]
 
     def _workers(self, *, admin: bool) -> list[WorkerJson]:
         """Each worker as the supervisor knows it, with the VRAM it holds and its pinning
@@ -163,16 +159,13 @@ class WorkersApi:
         return JSONResponse({"admin": admin, "workers": self._workers(admin=admin)})
 
     async def logs(self, request: Request) -> Response:
-        if (denied := self.status._authorise(request)) is not None:
-            return denied
+        self.status.admin(request)
         name = self._check(request.path_params["name"])
-        if isinstance(name, Response):
-            return name
         try:
             since = int(request.query_params.get("since", "-1"))
             limit = int(request.query_params.get("limit", str(LOG_LINES)))
         except ValueError:
-            return error_response(400, "bad_request", "since and limit must be integers")
+            raise BadRequest("since and limit must be integers") from None
         assert self.supervisor is not None
         w = self.supervisor.workers[name]
         if since < 0:  # the last `limit` lines
@@ -190,14 +183,10 @@ class WorkersApi:
 
     async def start(self, request: Request) -> Response:
         names = await self._names(request)
-        if isinstance(names, Response):
-            return names
         return self._reply([await self._start_one(n) for n in names])
 
     async def ensure(self, request: Request) -> Response:
         names = await self._names(request)
-        if isinstance(names, Response):
-            return names
         sup = self.supervisor
         results = []
         for n in names:
@@ -218,28 +207,23 @@ class WorkersApi:
         return self._reply(results)
 
     async def stop(self, request: Request) -> Response:
-        if (denied := self.status._authorise(request)) is not None:
-            return denied
-        data = await self._json(request)
-        if isinstance(data, Response):
-            return data
+        self.status.admin(request)
+        data = await json_object(request)
         force = data.get("force", False) is True
         if "pid" in data:
             return await self._stop_pid(data)
         names = self._targets(data, allow_all=True)
-        if isinstance(names, Response):
-            return names
         return self._reply([await self._stop_one(n, force) for n in names])
 
     async def _stop_pid(self, data: dict[str, Any]) -> Response:
         pid = data.get("pid")
         if "name" in data or "all" in data:
-            return error_response(400, "bad_request", 'give "pid" alone, not with "name" or "all"')
+            raise BadRequest('give "pid" alone, not with "name" or "all"')
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-            return error_response(400, "bad_request", "pid must be a positive integer")
+            raise BadRequest("pid must be a positive integer")
         sup = self.supervisor
         if sup is None:
-            return error_response(404, "no_supervisor", "this broker has no supervisor running")
+            raise NoSupervisor("this broker has no supervisor running")
         owner = await sup.owner_of(pid)
         if owner is not None:
             result = await self._stop_one(owner, force=False)
@@ -261,10 +245,7 @@ class WorkersApi:
         )
 
     async def restart(self, request: Request) -> Response:
-        names = await self._names(request, allow_all=False)
-        if isinstance(names, Response):
-            return names
-        name = names[0]
+        name = (await self._names(request, allow_all=False))[0]
         stopped = await self._stop_one(name, force=False)
         if not stopped["ok"]:
             return self._reply([stopped])

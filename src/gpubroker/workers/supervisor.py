@@ -54,6 +54,7 @@ import httpx
 import psutil
 
 from gpubroker.config.load import BackendConfig, Config
+from gpubroker.errors import WorkerError
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.scheduling.domains import cuda_devices
 from gpubroker.workers.parts import LOG_LINES, Backoff, LogBuffer
@@ -112,11 +113,6 @@ class WorkerState(enum.Enum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
-
-
-class WorkerError(Exception):
-    """A worker could not be started or stopped; one line saying why (the log's tail is in
-    the worker's status, shown to admins only)."""
 
 
 def render(template: str, *, port: int, gpu: str, name: str) -> str:

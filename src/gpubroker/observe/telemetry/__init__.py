@@ -1,9 +1,9 @@
 """Telemetry sources: what the GPUs hold and do, keyed by GPU UUID."""
 
+from gpubroker.errors import TelemetryError  # what a source raises for one failed sample
 from gpubroker.observe.telemetry.base import (
     GpuProcess,
     GpuSample,
-    TelemetryError,
     TelemetrySnapshot,
     TelemetrySource,
 )

@@ -55,13 +55,6 @@ class TelemetrySnapshot:
     error: str | None = None  # this reading failed; the GPUs listed carry unknown readings
 
 
-class TelemetryError(Exception):
-    """This sample could not be read (e.g. NVML's GPU-is-lost); the next one may succeed.
-
-    The sampler keeps the GPUs it knew and reports their readings as unknown meanwhile.
-    """
-
-
 class TelemetrySource:
     """Base class; subclass it, set ``name`` and implement ``available`` and ``sample``.
 

@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import pynvml
 
+from gpubroker.errors import TelemetryError
 from gpubroker.observe.telemetry.base import (
     GpuProcess,
     GpuSample,
-    TelemetryError,
     TelemetrySnapshot,
     TelemetrySource,
 )

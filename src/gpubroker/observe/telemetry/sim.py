@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 import httpx
 
 from gpubroker.config.load import Config
+from gpubroker.errors import TelemetryError
 from gpubroker.observe.telemetry.base import (
     GpuProcess,
     GpuSample,
-    TelemetryError,
     TelemetrySnapshot,
     TelemetrySource,
 )

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import anyio
 import httpx
 
+from gpubroker.errors import StrategyFailed
 from gpubroker.plugins.hookspecs import hookimpl
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy, StrategyContext
 from gpubroker.plugins.strategies.process import ProcessStrategy
@@ -33,10 +34,6 @@ async def poll_until(done: Callable[[], Awaitable[bool]]) -> None:
     while not await done():
         await anyio.sleep(delay)
         delay = min(delay * 2, POLL_INTERVAL)
-
-
-class StrategyFailed(Exception):
-    """A strategy could not do what it was asked; the message says what the service answered."""
 
 
 async def _json(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> Any:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from gpubroker.errors import WorkerError
 from gpubroker.plugins.strategies.base import Strategy
-from gpubroker.workers.supervisor import WorkerError
 
 if TYPE_CHECKING:
     from gpubroker.workers.supervisor import Supervisor

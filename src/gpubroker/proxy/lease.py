@@ -1,0 +1,50 @@
+"""``LeaseBroker``: all the proxy asks of the scheduling side, as one interface.
+
+The proxy takes a lease for a GPU request and reports what the broker counts and shows
+(passthroughs, upstream failures, a GPU response's first byte); nothing else crosses. The
+broker (``gpubroker.scheduling.broker.Broker``) satisfies it structurally, so the proxy never
+imports ``scheduling``, and a test can hand ProxyApp a fake.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+
+class SwapNote(Protocol):
+    """The swap a lease waited for, as the ``X-GPUBroker-Swap`` header tells it."""
+
+    def header(self) -> str: ...
+
+
+class Lease(Protocol):
+    """An admitted lease: its id, how long it queued and the swap that made room, if any."""
+
+    @property
+    def lease(self) -> int: ...
+    @property
+    def queued_s(self) -> float: ...
+    @property
+    def swap(self) -> SwapNote | None: ...
+
+
+class LeaseBroker(Protocol):
+    def lease(
+        self, backend: str, path: str = "", *, method: str = "POST"
+    ) -> AbstractAsyncContextManager[Lease]:
+        """Hold the GPU for ``backend`` inside the ``async with``; may queue. Raises
+        :class:`gpubroker.errors.Refused` when refused."""
+        ...
+
+    def first_byte(self, lease: int) -> None:
+        """The first body byte of ``lease``'s response went to the client."""
+        ...
+
+    def record_passthrough(self, backend: str) -> None:
+        """A request that needed no lease was forwarded."""
+        ...
+
+    def record_upstream_error(self, backend: str) -> None:
+        """The upstream failed a request (unreachable, timed out, malformed, broke off)."""
+        ...
