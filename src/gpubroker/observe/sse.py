@@ -55,10 +55,8 @@ class EventStream:
                 yield b": connected\n\n"
                 while True:
                     event = await feed.next(HEARTBEAT)
-                    if feed.dropped:
-                        lost = Dropped(count=feed.dropped)
-                        feed.dropped = 0
-                        yield _sse(lost)
+                    if lost := feed.take_dropped():
+                        yield _sse(Dropped(count=lost))
                     if event is None:
                         yield b": ping\n\n"
                     elif isinstance(event, ShuttingDown):
@@ -96,6 +94,11 @@ class EventFeed(Generic[T]):
             self.dropped += 1
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass
+
+    def take_dropped(self) -> int:
+        """How many were dropped since the last call (the reader is about to be told)."""
+        lost, self.dropped = self.dropped, 0
+        return lost
 
     async def next(self, wait: float) -> T | None:
         """The next event, or None after ``wait`` seconds without one."""
