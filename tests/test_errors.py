@@ -20,9 +20,10 @@ from gpubroker.errors import (
     Refused,
     SwapInProgress,
 )
+from gpubroker.events import EventBus
 from gpubroker.observe.status import StatusApp
 from gpubroker.responses import error_response, render, send_error
-from gpubroker.scheduling.broker import Broker
+from gpubroker.scheduling.broker import Broker, build_scheduler
 from gpubroker.scheduling.scheduler import Refuse
 from gpubroker.testing import make_config
 
@@ -119,8 +120,9 @@ def test_a_scheduler_refusal_becomes_its_class(
 
 
 def _status_app() -> tuple[StatusApp, Broker]:
-    broker = Broker(make_config({}, telemetry="none"), {})
-    return StatusApp(broker), broker
+    config, bus = make_config({}, telemetry="none"), EventBus()
+    broker = Broker(config, {}, build_scheduler(config, {}, None), bus)
+    return StatusApp(broker, bus), broker
 
 
 async def _post(app: StatusApp, path: str, body: Any) -> httpx.Response:

@@ -1,4 +1,25 @@
-"""Wire the broker together and serve every port from one event loop, with a graceful stop.
+"""The composition root: the one place that builds and wires, then serves every port from one
+event loop, with a graceful stop.
+
+Everything is passed in through constructors; nothing is assigned onto another object after it
+is built. News travels up the :class:`~gpubroker.events.EventBus`, calls go down::
+
+    sampler    = Sampler(telemetry source)
+    bus        = EventBus()
+    supervisor = Supervisor(config, bus, telemetry=sampler.latest)     publishes worker_*,
+                                                                        WorkerGone
+    strategies = {backend: Strategy(StrategyContext(.., supervisor))}
+    sched      = build_scheduler(config, strategies, first sample)     pure, no I/O
+    health     = HealthProbe(config, supervisor)                       .results, read-only
+    monitor    = Monitor(config, sched (read-only), sampler, bus,      publishes Measured,
+                         health.results, roots=supervisor.roots)        warning, warning_cleared
+    broker     = Broker(config, strategies, sched, bus, supervisor,    publishes lease/swap events;
+                        confirm_freed=monitor | None)                   applies Measured, WorkerGone
+    proxies    = {backend: ProxyApp(.., broker, Upstream)}
+    status     = StatusApp(broker, bus, monitor, health)               Metrics(bus), /events(bus)
+
+Subscribers of the bus: the broker (Measured, WorkerGone), the monitor's alerts (freed),
+metrics (admitted, first_byte, swapped, unload_failed, refused) and each ``/events`` reader.
 
 Order of shutdown, decided here rather than by Hypercorn's own signal handlers: stop accepting,
 let in-flight responses finish (up to ``shutdownGrace``), then stop the broker's tasks and close
@@ -9,16 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import anyio
 import httpx
 
 from gpubroker.config.load import BackendConfig, Config
 from gpubroker.errors import ConfigError
+from gpubroker.events import EventBus
+from gpubroker.observe.health import HealthProbe
 from gpubroker.observe.monitor import Monitor
 from gpubroker.observe.status import StatusApp
 from gpubroker.observe.telemetry.sampler import Sampler, choose_source
@@ -28,13 +49,10 @@ from gpubroker.plugins.strategies.base import Strategy, StrategyContext
 from gpubroker.proxy.app import ProxyApp
 from gpubroker.proxy.listener import Listener, listen, serve
 from gpubroker.proxy.upstream import Upstream
-from gpubroker.scheduling.broker import Broker
-from gpubroker.workers.routes import forget
-from gpubroker.workers.supervisor import Supervisor, WorkerState
+from gpubroker.scheduling.broker import Broker, build_scheduler
+from gpubroker.workers.supervisor import Supervisor
 
 log = logging.getLogger("gpubroker.runtime")
-
-HEALTH_INTERVAL = 10.0
 
 
 @dataclass(slots=True)
@@ -45,6 +63,7 @@ class Endpoints:
     proxies: dict[str, str] = field(default_factory=dict)
     broker: Broker | None = None
     monitor: Monitor | None = None
+    bus: EventBus | None = None  # every event, typed (``events.on_wire`` gives the SSE form)
 
 
 def make_strategy(
@@ -86,33 +105,6 @@ def _bind(host: str, port: int, what: str) -> Listener:
         ) from None
 
 
-async def _probe_health(status: StatusApp, config: Config, supervisor: Supervisor) -> None:
-    """Probe each upstream now and then, so the status page can say which are down."""
-    async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-        while True:
-            for b in config.backends:
-                worker = supervisor.workers.get(b.name)
-                if worker is not None and worker.state is not WorkerState.READY:
-                    # a managed worker stopped on purpose is not "down"
-                    status.health[b.name] = {"status": worker.state.value, "checkedAt": time.time()}
-                    continue
-                path = b.health_path or "/"
-                started = time.perf_counter()
-                try:  # the status line is enough: never download what the path serves
-                    async with client.stream("GET", b.upstream + path) as response:
-                        ok = response.status_code < 500
-                        detail: dict[str, Any] = {"code": response.status_code}
-                except httpx.HTTPError as exc:
-                    ok, detail = False, {"error": type(exc).__name__}
-                status.health[b.name] = {
-                    "status": "up" if ok else "down",
-                    "latencyMs": round((time.perf_counter() - started) * 1000, 1),
-                    "checkedAt": time.time(),
-                    **detail,
-                }
-            await anyio.sleep(HEALTH_INTERVAL)
-
-
 async def run_broker(
     config: Config,
     plugins: Plugins,
@@ -132,21 +124,28 @@ async def run_broker(
     sampler = Sampler(source, notice=notice)
     first = await sampler.sample()  # bounded; GPU sizes and UUIDs for the scheduler's domains
 
-    supervisor = Supervisor(config, telemetry=lambda: sampler.latest)  # the monitor's samples
+    bus = EventBus()
+    # the monitor's samples: the supervisor never reads the GPUs itself
+    supervisor = Supervisor(config, bus=bus, telemetry=lambda: sampler.latest)
     strategies = {b.name: make_strategy(b, config, plugins, supervisor) for b in config.backends}
-    broker = Broker(config, strategies, telemetry=first if first.gpus else None)
-    unknown = [g for g, cap in broker.sched.capacity.items() if cap is None]
+    sched = build_scheduler(config, strategies, first if first.gpus else None)
+    unknown = [g for g, cap in sched.capacity.items() if cap is None]
     if config.policy == "budget" and unknown:
         log.warning(
             "policy budget: no capacity known for GPU %s (no telemetry reading and no `gpus:` "
             "memory declared); backends there take turns as under exclusive",
             ", ".join(unknown),
         )
-    broker.supervisor, supervisor.emit = supervisor, broker.emit
-    supervisor.on_exit = partial(forget, broker)
-    monitor = Monitor(broker, sampler, roots=supervisor.roots)
-    if sampler.source.name != "none":
-        broker.confirm_freed = monitor.wait_freed
+    health = HealthProbe(config, supervisor)
+    monitor = Monitor(config, sched, sampler, bus, health=health.results, roots=supervisor.roots)
+    broker = Broker(
+        config,
+        strategies,
+        sched,
+        bus,
+        supervisor=supervisor,
+        confirm_freed=monitor if sampler.source.name != "none" else None,
+    )
     upstreams = {
         b.name: Upstream(
             b.upstream,
@@ -168,7 +167,7 @@ async def run_broker(
         )
         for b in config.backends
     }
-    status = StatusApp(broker, monitor)
+    status = StatusApp(broker, bus, monitor, health)
     host = config.bind
     listeners: dict[str, Listener] = {}
     try:
@@ -201,6 +200,7 @@ async def run_broker(
                 proxies={b.name: _url(host, listeners[b.name].port) for b in config.backends},
                 broker=broker,
                 monitor=monitor,
+                bus=bus,
             )
 
             async def refuse_when_stopping() -> None:
@@ -210,7 +210,7 @@ async def run_broker(
             tg.start_soon(serve_all)
             tg.start_soon(refuse_when_stopping)
             tg.start_soon(monitor.run)
-            tg.start_soon(_probe_health, status, config, supervisor)
+            tg.start_soon(health.run)
             task_status.started(endpoints)
             await stopped.wait()
             tg.cancel_scope.cancel()

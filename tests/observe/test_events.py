@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import anyio
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
-from gpubroker.observe.status import EventFeed
+from gpubroker.events import EventBus, WireEvent, on_wire
+from gpubroker.observe.sse import EventFeed
 from gpubroker.sim import GenericEmulator, GiB, SimGPU, gpu_app, running
 from gpubroker.testing import broker_running, make_config
 
@@ -22,10 +24,27 @@ def generic(url: str) -> dict[str, Any]:
     return {"upstream": url, "unloadStrategy": "generic", "unloadEndpoint": "/unload"}
 
 
-async def subscribed(broker: Any, count: int) -> None:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Probe(WireEvent):
+    """An event of the test's own, to flood the stream with."""
+
+    kind: ClassVar[str] = "test"
+    n: int
+    pad: str
+
+    def detail(self) -> dict[str, Any]:
+        return {"n": self.n, "pad": self.pad}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class After(WireEvent):
+    kind: ClassVar[str] = "after"
+
+
+async def subscribed(bus: EventBus, count: int) -> None:
     """Wait until exactly ``count`` listeners are attached (SSE streams started or ended)."""
     with anyio.fail_after(5):
-        while len(broker.listeners) != count:
+        while len(bus) != count:
             await anyio.sleep(0.01)
 
 
@@ -55,12 +74,13 @@ async def test_an_sse_client_follows_one_request_through_a_whole_swap() -> None:
                         if event["event"] == "released" and event["backend"] == "b":
                             return
 
-            baseline = len(ep.broker.listeners)
+            assert ep.bus is not None
+            baseline = len(ep.bus)
             with anyio.fail_after(10):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(follow, "", everything)
                     tg.start_soon(follow, "?request=2", followed)  # leases count from 1
-                    await subscribed(ep.broker, baseline + 2)
+                    await subscribed(ep.bus, baseline + 2)
                     assert (await client.post(ep.proxies["a"] + "/generate", json={})).is_success
                     while (await client.get(ep.status_url + "/")).json()["backends"]["a"][
                         "measuredVram"
@@ -68,7 +88,7 @@ async def test_an_sse_client_follows_one_request_through_a_whole_swap() -> None:
                         await anyio.sleep(0.05)
                     r = await client.post(ep.proxies["b"] + "/generate", json={})
                     assert r.status_code == 200
-            await subscribed(ep.broker, baseline)  # closed streams leave no listener behind
+            await subscribed(ep.bus, baseline)  # closed streams leave no listener behind
     assert names[0] == everything[0]["event"]  # the SSE event name is the event's kind
     queued_b = next(e for e in everything if e["event"] == "queued" and e["backend"] == "b")
     assert queued_b["request"] == 2 and queued_b["position"] == 1
@@ -105,17 +125,18 @@ async def test_a_slow_sse_reader_never_slows_the_broker() -> None:
     async with running(a.app) as ua:
         cfg = make_config({"a": generic(ua)}, telemetry="none")
         async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
-            broker = ep.broker
+            bus = ep.bus
+            assert bus is not None
             emitted: list[dict[str, Any]] = []
-            broker.listeners.append(emitted.append)
-            baseline = len(broker.listeners)
+            bus.subscribe(on_wire(emitted.append))
+            baseline = len(bus)
             async with client.stream("GET", ep.status_url + "/events") as stalled:
-                await subscribed(broker, baseline + 1)
+                await subscribed(bus, baseline + 1)
                 # The reader reads nothing while ~2 MB of events go out: far more than the
                 # socket buffers and the reader's feed hold together.
                 started = time.perf_counter()
                 for i in range(2000):
-                    broker.emit("test", None, n=i, pad="x" * 1000)
+                    bus.publish(Probe(backend=None, n=i, pad="x" * 1000))
                 emitting = time.perf_counter() - started
                 with anyio.fail_after(5):  # the broker serves on meanwhile
                     for _ in range(5):
@@ -129,7 +150,7 @@ async def test_a_slow_sse_reader_never_slows_the_broker() -> None:
                             continue
                         seen.append(json.loads(line[6:]))
                         if seen[-1]["event"] == "dropped":
-                            broker.emit("after", None)
+                            bus.publish(After(backend=None))
                         elif seen[-1]["event"] == "after":
                             break
     assert emitting < 1.0  # 2000 pushes never waited for the reader

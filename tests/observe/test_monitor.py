@@ -18,13 +18,14 @@ import pytest
 
 from gpubroker.config.load import Config
 from gpubroker.errors import TelemetryError
+from gpubroker.events import EventBus, on_wire
 from gpubroker.observe import alerts, monitor
 from gpubroker.observe.monitor import Monitor
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.observe.telemetry.sampler import Sampler
 from gpubroker.observe.telemetry.sim import SimTelemetry
 from gpubroker.plugins.manager import Provided, create_plugins
-from gpubroker.scheduling.broker import Broker
+from gpubroker.scheduling.broker import Broker, build_scheduler
 from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, gpu_app, running
 from gpubroker.testing import broker_running, make_config
 
@@ -242,11 +243,13 @@ async def test_refreshes_asked_for_together_are_one_sample_traced_and_judged_onc
     gpu.allocate("stranger", 2 * GiB)
     async with running(gpu_app(gpu)) as g:
         cfg = make_config({}, telemetry="sim", telemetryUrl=g, telemetryInterval="100ms")
-        broker = Broker(cfg, {})
+        bus = EventBus()
+        sched = build_scheduler(cfg, {}, None)
+        Broker(cfg, {}, sched, bus)  # what the monitor measures goes to a broker, as in serve
         events: list[dict[str, Any]] = []
-        broker.listeners.append(events.append)
+        bus.subscribe(on_wire(events.append))
         source = OneReadAtATime(cfg)
-        watch = Monitor(broker, Sampler(source))
+        watch = Monitor(cfg, sched, Sampler(source), bus)
         async with anyio.create_task_group() as tg:
             for _ in range(3):  # the monitor's loop and unload confirmations, at once
                 tg.start_soon(watch.refresh)

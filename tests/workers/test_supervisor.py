@@ -22,6 +22,7 @@ import pytest
 
 from gpubroker.config.load import Config
 from gpubroker.errors import WorkerError
+from gpubroker.events import EventBus, on_wire
 from gpubroker.observe.telemetry.base import GpuSample, TelemetrySnapshot
 from gpubroker.plugins.strategies.base import StrategyContext
 from gpubroker.plugins.strategies.process import STOP_SHARE, ProcessStrategy
@@ -57,6 +58,7 @@ def worker_config(*args: str, name: str = "w", port: int | None = None, **keys: 
 
 @asynccontextmanager
 async def supervising(config: Config, **kw: Any) -> AsyncIterator[Supervisor]:
+    kw.setdefault("bus", EventBus())
     sup = Supervisor(config, backoff=kw.pop("backoff", FAST), **kw)
     async with anyio.create_task_group() as tg:
         await tg.start(sup.run)
@@ -69,9 +71,12 @@ async def supervising(config: Config, **kw: Any) -> AsyncIterator[Supervisor]:
 def recorded(sup: Supervisor) -> list[dict[str, Any]]:
     """The events ``sup`` emits (as the broker would pass them to ``/events``), from now on."""
     events: list[dict[str, Any]] = []
-    sup.emit = lambda kind, backend, **detail: events.append(
-        {"event": kind, "backend": backend, **detail}
-    )
+
+    def record(event: dict[str, Any]) -> None:
+        event.pop("at")  # what the supervisor says, without the bus's timestamp
+        events.append(event)
+
+    sup.bus.subscribe(on_wire(record))
     return events
 
 

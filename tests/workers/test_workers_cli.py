@@ -22,6 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gpubroker.cli.main import app
+from gpubroker.events import on_wire
 from gpubroker.observe.telemetry.base import (
     GpuProcess,
     GpuSample,
@@ -355,7 +356,7 @@ async def test_open_routes_and_events_carry_no_worker_output_nor_command_line() 
     admin = {"authorization": "Bearer s3cret"}
     async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=20) as client:
         events: list[dict[str, Any]] = []
-        ep.broker.listeners.append(events.append)  # what /events streams to anyone
+        ep.bus.subscribe(on_wire(events.append))  # what /events streams to anyone
         base = ep.status_url
         body = {"name": "bad"}
         started = await client.post(base + "/api/workers/start", json=body, headers=admin)

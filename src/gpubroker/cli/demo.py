@@ -13,13 +13,13 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import httpx
 import typer
 
 from gpubroker.config.load import Config, parse_config
+from gpubroker.events import Event, Swapped
 from gpubroker.plugins.manager import create_plugins
 from gpubroker.runtime import run_broker
 from gpubroker.sim import (
@@ -189,14 +189,14 @@ async def run(keep: bool, n: int) -> int:
             )
             broker = endpoints.broker
 
-            def on_event(event: dict[str, Any]) -> None:
-                if event["event"] == "swapped":
+            def on_event(event: Event) -> None:
+                if isinstance(event, Swapped):
                     typer.echo(
-                        f"  swap: {', '.join(event['evicted'])} -> {event['backend']} "
-                        f"({event['total_ms']:.0f} ms)"
+                        f"  swap: {', '.join(event.evicted)} -> {event.backend} "
+                        f"({round(event.total * 1000, 1):.0f} ms)"
                     )
 
-            broker.listeners.append(on_event)
+            endpoints.bus.subscribe(on_event)
             brokered = await drive(endpoints.proxies, jobs)
             waits = sorted(brokered.waits) or [0.0]
             summary(

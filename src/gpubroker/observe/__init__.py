@@ -2,9 +2,9 @@
 
 ``telemetry/`` reads the GPUs (NVML, the simulator, or nothing), ``attribution`` names the
 backend behind each GPU process, ``alerts`` turns what is seen into warnings, ``monitor`` runs
-that loop, ``readmodel`` the one view of everything shown (``schema`` declares its JSON),
-``metrics`` is ``/metrics``, ``status`` the status and admin app with its SSE stream, and
-``guard`` keeps web pages away from that port. The sensing half (telemetry, attribution,
+that loop, ``health`` probes the upstreams, ``metrics`` is ``/metrics``, ``sse`` the ``/events``
+stream, ``status`` the status and admin app that mounts them, and ``guard`` keeps web pages away
+from that port. The sensing half (telemetry, attribution,
 alerts) imports only ``config`` and ``events``; the showing half reads ``scheduling`` and
 ``workers`` and is imported by nothing but ``runtime``.
 """

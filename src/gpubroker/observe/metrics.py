@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gpubroker.events import Admitted, Event, EventBus, FirstByte, Refused, Swapped, UnloadFailed
 from gpubroker.observe.alerts import ALERT_CODES
 from gpubroker.observe.monitor import Monitor
 from gpubroker.observe.readmodel import StatusView, read
@@ -149,6 +150,7 @@ class Metrics:
     def __init__(
         self,
         broker: Broker,
+        bus: EventBus,
         monitor: Monitor | None = None,
         health: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
@@ -196,21 +198,24 @@ class Metrics:
             self.swap_duration.labels(phase)
         state = {} if health is None else health
         self.registry.register(_StateCollector(lambda: read(broker, monitor, state)))
-        broker.listeners.append(self.on_event)
+        bus.subscribe(self.on_event)
 
-    def on_event(self, event: dict[str, Any]) -> None:
-        kind, backend = event["event"], event["backend"]
-        if kind == "admitted":
-            self.queue_wait.labels(backend).observe(event["queueMs"] / 1000)
-        elif kind == "first_byte" and "elapsedMs" in event:
-            self.first_byte.labels(backend).observe(event["elapsedMs"] / 1000)
-        elif kind == "swapped":
-            for phase in PHASES:
-                self.swap_duration.labels(phase).observe(event[f"{phase}Ms"] / 1000)
-        elif kind == "unload_failed":
-            self.unload_failures.labels(backend).inc()
-        elif kind == "refused" and event.get("status") == 507:
-            self.oom_avoided.labels(backend).inc()
+    def on_event(self, event: Event) -> None:
+        match event:
+            case Admitted():
+                self.queue_wait.labels(event.backend).observe(event.queued)
+            case FirstByte(elapsed=float() as elapsed):
+                self.first_byte.labels(event.backend).observe(elapsed)
+            case Swapped():
+                phases = zip(
+                    PHASES, (event.drain, event.unload, event.load, event.total), strict=True
+                )
+                for phase, seconds in phases:
+                    self.swap_duration.labels(phase).observe(seconds)
+            case UnloadFailed():
+                self.unload_failures.labels(event.backend).inc()
+            case Refused(status=507):
+                self.oom_avoided.labels(event.backend).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

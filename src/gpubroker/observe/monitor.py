@@ -2,8 +2,11 @@
 
 Once per ``telemetryInterval``: a bounded telemetry sample (shared by everyone who asks), owners
 for the GPU processes, each backend's measured VRAM handed to the scheduler, and the alert rules
-run over the result. Warnings that appear or clear become ``warning`` / ``warning_cleared``
-events. Nothing here blocks the event loop: psutil and NVML run in worker threads.
+run over the result. Each measurement is published as :class:`~gpubroker.events.Measured` (the
+broker applies it); warnings that appear or clear become ``warning`` / ``warning_cleared``
+events. The monitor reads the scheduler but never holds the broker: the broker takes the monitor
+(to confirm unloads), and the bus carries news the other way. Nothing here blocks the event
+loop: psutil and NVML run in worker threads.
 """
 
 from __future__ import annotations
@@ -11,17 +14,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.to_thread
 
+from gpubroker.config.load import Config
+from gpubroker.events import Event, EventBus, Freed, Measured, WarningCleared, WarningRaised
 from gpubroker.observe.alerts import Alerts, Facts
 from gpubroker.observe.attribution import Attribution, attribute, existing, find_trees
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.observe.telemetry.sampler import Sampler, SingleFlight
-from gpubroker.scheduling.broker import Broker
 from gpubroker.vram import MiB, freed_goal
+
+if TYPE_CHECKING:
+    from gpubroker.scheduling.scheduler import BackendSpec, State
 
 log = logging.getLogger("gpubroker.observe.monitor")
 
@@ -32,29 +39,49 @@ FREED_POLL = 0.1  # seconds between samples while confirming an unload
 Roots = Callable[[], Mapping[str, Iterable[int]]]
 
 
+class SlotView(Protocol):
+    @property
+    def state(self) -> State: ...
+    @property
+    def spec(self) -> BackendSpec: ...
+
+
+class Placement(Protocol):
+    """What the alerts read of the scheduler: each backend's state and GPUs (read-only)."""
+
+    @property
+    def slots(self) -> Mapping[str, SlotView]: ...
+
+
 class Monitor:
     """Telemetry, attribution and alerts for one broker."""
 
     def __init__(
         self,
-        broker: Broker,
+        config: Config,
+        placement: Placement,
         sampler: Sampler,
+        bus: EventBus,
         *,
         health: Mapping[str, Mapping[str, Any]] | None = None,
         roots: Roots | None = None,
     ) -> None:
-        self.broker = broker
+        """``health``: the prober's results (live); ``roots``: the managed workers' pids."""
+        self.config = config
+        self.placement = placement
         self.sampler = sampler
-        self.interval = broker.config.telemetry_interval
-        self.health = health if health is not None else {}
+        self.bus = bus
+        self.interval = config.telemetry_interval
+        self.health: Mapping[str, Mapping[str, Any]] = health if health is not None else {}
         self.roots = roots
         self.attribution = Attribution()
-        self.alerts = Alerts(broker.config.gpu_near_full)
+        self.alerts = Alerts(config.gpu_near_full)
+        self._measured: dict[str, Measured] = {}  # the last published, per backend
         self._trees: dict[str, set[int]] = {}
         self._trees_at = float("-inf")
         self._strangers: set[int] = set()  # pids no tree held when the trees were last found
         self._refresh = SingleFlight(self._refresh_once)
-        broker.listeners.append(self._on_event)
+        bus.subscribe(self._on_event)
 
     @property
     def snapshot(self) -> TelemetrySnapshot:
@@ -84,32 +111,33 @@ class Monitor:
                 self.attribution = await self._attribute(snap)
             except Exception as exc:  # psutil trouble must not stop the sampling
                 log.warning("attribution failed: %s: %s", type(exc).__name__, exc)
-            for b in self.broker.config.backends:
+            for b in self.config.backends:
                 per_gpu = self.attribution.measured.get(b.name)
                 if per_gpu is None:  # cannot trace it: forget any old measurement
                     per_gpu = dict.fromkeys((str(g.index) for g in snap.gpus), None)
-                self.broker.measure(b.name, per_gpu)
-        sched = self.broker.sched
+                measured = self._measured[b.name] = Measured(backend=b.name, per_gpu=per_gpu)
+                self.bus.publish(measured)
+        slots = self.placement.slots
         facts = Facts(
             now=time.time(),
             snapshot=snap,
             attribution=self.attribution,
-            backends=self.broker.config.backends,
-            states={name: slot.state.value for name, slot in sched.slots.items()},
-            gpus={name: slot.spec.gpus for name, slot in sched.slots.items()},
+            backends=self.config.backends,
+            states={name: slot.state.value for name, slot in slots.items()},
+            gpus={name: slot.spec.gpus for name, slot in slots.items()},
             health=self.health,
         )
         raised, cleared = self.alerts.evaluate(facts)
         for a in raised:
             log.warning("%s: %s", a.code, a.message)
-            self.broker.emit(
-                "warning", a.backend, code=a.code, subject=a.subject, message=a.message
+            self.bus.publish(
+                WarningRaised(backend=a.backend, code=a.code, subject=a.subject, message=a.message)
             )
         for a in cleared:
-            self.broker.emit("warning_cleared", a.backend, code=a.code, subject=a.subject)
+            self.bus.publish(WarningCleared(backend=a.backend, code=a.code, subject=a.subject))
 
     async def _attribute(self, snap: TelemetrySnapshot) -> Attribution:
-        names = [b.name for b in self.broker.config.backends]
+        names = [b.name for b in self.config.backends]
         if self.sampler.source.names_owners or not snap.gpus:
             return attribute(snap, names, {}, owners_named=self.sampler.source.names_owners)
         pids = {p.pid for g in snap.gpus for p in g.processes}
@@ -119,7 +147,7 @@ class Monitor:
         # stranger, so a lasting one (a desktop, a container) does not cost a /proc walk a sample.
         if age > TREE_TTL or (pids - known - self._strangers and age > TREE_RETRY):
             roots = dict(self.roots()) if self.roots else {}
-            backends = self.broker.config.backends
+            backends = self.config.backends
             self._trees = await anyio.to_thread.run_sync(find_trees, backends, roots)
             self._trees_at = time.monotonic()
             self._strangers = pids - set().union(*self._trees.values())
@@ -134,7 +162,7 @@ class Monitor:
         keeps the CUDA context, so "back" means down to :func:`~gpubroker.vram.freed_goal`,
         not zero.
         """
-        before = self.broker.measured_total(backend)
+        before = self._held(backend)
         if before is None:
             return None
         goal = freed_goal(before)
@@ -142,14 +170,17 @@ class Monitor:
         with anyio.move_on_after(limit):
             while True:
                 await self.refresh()
-                held = self.broker.measured_total(backend)
+                held = self._held(backend)
                 if held is None or held <= goal:
                     return None
                 await anyio.sleep(FREED_POLL)
         return f"its memory did not come back: {(held or 0) / MiB:.0f} MiB still held after unload"
 
-    def _on_event(self, event: dict[str, Any]) -> None:
-        if event["event"] == "freed" and event["backend"] is not None:
-            mib = event.get("mib")
-            before = mib * MiB if event.get("measured") and mib is not None else None
-            self.alerts.unloaded(event["backend"], event["at"], before)
+    def _held(self, backend: str) -> int | None:
+        """Bytes ``backend`` held at the last sample (what the broker was told)."""
+        measured = self._measured.get(backend)
+        return None if measured is None else measured.total
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, Freed) and event.backend is not None:
+            self.alerts.unloaded(event.backend, event.at, event.held if event.measured else None)

@@ -14,42 +14,44 @@ this port answers to (DNS rebinding), no foreign Origin on a verb, no CORS, JSON
 from __future__ import annotations
 
 import hmac
-import json
-import time
-from collections.abc import AsyncIterator
+from collections.abc import Mapping
 from typing import Any
 
-import anyio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gpubroker.errors import ClientError, Forbidden, Unauthorized, UnknownBackend
+from gpubroker.events import EventBus
 from gpubroker.observe.guard import HostPolicy, ListenerGuard, is_loopback
+from gpubroker.observe.health import HealthProbe
 from gpubroker.observe.metrics import Metrics
 from gpubroker.observe.monitor import Monitor
 from gpubroker.observe.readmodel import StatusView, read
+from gpubroker.observe.sse import EventStream
 from gpubroker.responses import exception_handlers, json_object
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.scheduler import State
 from gpubroker.workers.routes import worker_routes
 
-EVENT_BUFFER = 256  # events kept for one slow /events reader before it starts losing them
-HEARTBEAT = 15.0  # seconds of silence after which /events sends a comment line
-
 
 class StatusApp:
-    """Builds the Starlette app; ``health`` is filled in by the server's prober."""
+    """Builds the Starlette app: status, metrics, the event stream and the admin verbs."""
 
-    def __init__(self, broker: Broker, monitor: Monitor | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        bus: EventBus,
+        monitor: Monitor | None = None,
+        health: HealthProbe | None = None,
+    ) -> None:
         self.broker = broker
         self.monitor = monitor
-        self.health: dict[str, dict[str, Any]] = {}
-        if monitor is not None:
-            monitor.health = self.health
-        self.metrics = Metrics(broker, monitor, self.health)
+        self.health: Mapping[str, Mapping[str, Any]] = health.results if health else {}
+        self.metrics = Metrics(broker, bus, monitor, self.health)
+        self.events = EventStream(bus)
         cfg = broker.config
         self.token = cfg.admin_token
         self.open_admin = self.token is None and is_loopback(cfg.bind)
@@ -60,7 +62,7 @@ class StatusApp:
                 Route("/api/status", self.index),
                 Route("/api/unload", self.unload, methods=["POST"]),
                 Route("/api/swap", self.swap, methods=["POST"]),
-                Route("/events", self.events),
+                Route("/events", self.events.endpoint),
                 Route("/metrics", self.prometheus),
                 *worker_routes(self),
             ],
@@ -143,78 +145,3 @@ class StatusApp:
                 "ms": round(grant.queued_s * 1000, 1),
             }
         )
-
-    async def events(self, request: Request) -> Response:
-        """Every event as SSE. ``?backend=`` keeps one backend's; ``?request=<id>`` follows
-        one request from the queue to its first byte, with the swap that made room for it."""
-        backend = request.query_params.get("backend")
-        wanted = request.query_params.get("request")
-        feed = EventFeed()
-        swaps: set[int] = set()  # swaps started for the followed request
-
-        def keep(event: dict[str, Any]) -> bool:
-            if backend is not None and event.get("backend") != backend:
-                return False
-            if wanted is None:
-                return True
-            if event["event"] == "swap_started" and wanted in map(str, event["requests"]):
-                swaps.add(event["swap"])
-            return str(event.get("request")) == wanted or event.get("swap") in swaps
-
-        async def stream() -> AsyncIterator[bytes]:
-            self.broker.listeners.append(feed.push)
-            try:
-                yield b": connected\n\n"
-                while True:
-                    event = await feed.next(HEARTBEAT)
-                    if feed.dropped:
-                        lost = {"event": "dropped", "count": feed.dropped, "at": time.time()}
-                        feed.dropped = 0
-                        yield _sse(lost)
-                    if event is None:
-                        yield b": ping\n\n"
-                    elif event["event"] == "shutting_down":
-                        yield _sse(event)
-                        return  # end the stream, so it does not hold up a graceful stop
-                    elif keep(event):
-                        yield _sse(event)
-            finally:
-                self.broker.listeners.remove(feed.push)
-                feed.close()
-
-        return StreamingResponse(
-            stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
-        )
-
-
-def _sse(event: dict[str, Any]) -> bytes:
-    return f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode()
-
-
-class EventFeed:
-    """One ``/events`` reader's buffer. The broker pushes without ever waiting: when the
-    reader falls ``capacity`` events behind, newer events are dropped and counted, and the
-    reader is told how many it lost once it catches up."""
-
-    def __init__(self, capacity: int | None = None) -> None:
-        size = EVENT_BUFFER if capacity is None else capacity
-        self._send, self._receive = anyio.create_memory_object_stream[dict[str, Any]](size)
-        self.dropped = 0
-
-    def push(self, event: dict[str, Any]) -> None:
-        try:
-            self._send.send_nowait(event)
-        except anyio.WouldBlock:
-            self.dropped += 1
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
-
-    async def next(self, wait: float) -> dict[str, Any] | None:
-        """The next event, or None after ``wait`` seconds without one."""
-        with anyio.move_on_after(wait):
-            return await self._receive.receive()
-        return None
-
-    def close(self) -> None:
-        self._send.close()
-        self._receive.close()

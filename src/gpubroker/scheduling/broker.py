@@ -13,14 +13,15 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
 from anyio.abc import TaskGroup
 
+from gpubroker import events as ev
 from gpubroker.config.load import Config
 from gpubroker.errors import Refused
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
@@ -37,10 +38,10 @@ from gpubroker.scheduling.scheduler import (
     Scheduler,
     SwapDone,
     SwapInfo,
+    SwapInProgress,
     Unload,
     WaitIdle,
 )
-from gpubroker.vram import MiB
 
 if TYPE_CHECKING:
     from gpubroker.workers.supervisor import Supervisor
@@ -53,6 +54,45 @@ SHUTTING_DOWN = "gpubroker is shutting down; try again once it is back"
 CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload freed memory anyway
 JOB_POLL = 0.1  # seconds between queue reads while a service has jobs of its own in flight
 JOB_ASK_LIMIT = 5.0  # at most this long for one queue read; a service that hangs is "unknown"
+FORGET_TRIES = 100  # a worker gone for good: evict it, retrying past a swap in progress…
+FORGET_RETRY = 0.1  # …this often (a plan on the same GPU ends within its own timeouts)
+
+
+class FreedConfirmer(Protocol):
+    """Telemetry's word on an unload (the monitor's): waits up to ``limit`` s for
+    ``backend``'s memory to come back; None when it did (or cannot be seen), else why not."""
+
+    async def wait_freed(self, backend: str, limit: float) -> str | None: ...
+
+
+def build_scheduler(
+    config: Config, strategies: Mapping[str, Strategy], telemetry: TelemetrySnapshot | None
+) -> Scheduler:
+    """The pure scheduler for ``config``: each backend's GPUs, sizes and its strategy's costs."""
+    return Scheduler(
+        [
+            BackendSpec(
+                name=b.name,
+                gpus=backend_gpus(b, telemetry),
+                need=b.vram,
+                priority=b.priority,
+                pinned=b.pinned,
+                max_concurrency=b.max_concurrency,
+                cost=type(strategies[b.name]).eviction_cost,
+                sleeps=type(strategies[b.name]).frees_by == "sleep",
+                idle_timeout=b.idle_timeout,
+            )
+            for b in config.backends
+        ],
+        capacities=capacities(config, telemetry),
+        policy=config.policy,
+        queue_timeout=config.queue_timeout,
+        hold_time=config.effective_hold_time,
+        min_residency=config.min_residency
+        if config.min_residency is not None
+        else (3.0 if config.policy == "budget" else 0.0),
+        aging=config.priority_aging,
+    )
 
 
 @dataclass(slots=True)
@@ -97,37 +137,22 @@ class Broker:
         self,
         config: Config,
         strategies: Mapping[str, Strategy],
+        sched: Scheduler,
+        bus: ev.EventBus,
         *,
+        supervisor: Supervisor | None = None,
+        confirm_freed: FreedConfirmer | None = None,
         clock: Callable[[], float] = time.monotonic,
-        telemetry: TelemetrySnapshot | None = None,
     ) -> None:
+        """``supervisor``: managed workers (``command:``), started before their load.
+        ``confirm_freed``: given when telemetry runs, to check what an unload freed."""
         self.config = config
         self.strategies = dict(strategies)
         self.clock = clock
-        self.sched = Scheduler(
-            [
-                BackendSpec(
-                    name=b.name,
-                    gpus=backend_gpus(b, telemetry),
-                    need=b.vram,
-                    priority=b.priority,
-                    pinned=b.pinned,
-                    max_concurrency=b.max_concurrency,
-                    cost=type(self.strategies[b.name]).eviction_cost,
-                    sleeps=type(self.strategies[b.name]).frees_by == "sleep",
-                    idle_timeout=b.idle_timeout,
-                )
-                for b in config.backends
-            ],
-            capacities=capacities(config, telemetry),
-            policy=config.policy,
-            queue_timeout=config.queue_timeout,
-            hold_time=config.effective_hold_time,
-            min_residency=config.min_residency
-            if config.min_residency is not None
-            else (3.0 if config.policy == "budget" else 0.0),
-            aging=config.priority_aging,
-        )
+        self.sched = sched
+        self.bus = bus
+        self.supervisor = supervisor
+        self.confirm_freed = confirm_freed
         self.started_at = time.time()
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.live: dict[int, LiveRequest] = {}
@@ -135,7 +160,6 @@ class Broker:
             b.name: {"gpu": 0, "passthrough": 0, "refused": 0, "upstream_errors": 0}
             for b in config.backends
         }
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         # The services' own queues (ComfyUI's), as last read; only backends that report one.
         self.jobs: dict[str, list[Job]] = {
             name: [] for name, strategy in self.strategies.items() if tracks_jobs(strategy)
@@ -144,10 +168,6 @@ class Broker:
         self._jobs_failing: dict[str, float] = {}  # backend -> since when its queue is unreadable
         self._jobs_lock = {name: anyio.Lock() for name in self.jobs}
         self._jobs_read_at: dict[str, float] = {}  # backend -> when its last read began
-        self.supervisor: Supervisor | None = None  # managed workers (`command:`), set by the server
-        # Set by the server when telemetry runs: waits up to N s for a victim's memory to come
-        # back; None when freed (or not measurable), else why not.
-        self.confirm_freed: Callable[[str, float], Awaitable[str | None]] | None = None
         self.measured: dict[str, dict[str, int | None]] = {}  # backend -> GPU -> bytes seen held
         self._held_before: dict[str, int | None] = {}  # measured as an unload began
         self._pending: dict[int, _Pending] = {}
@@ -158,6 +178,7 @@ class Broker:
         self._wake = anyio.Event()
         self._armed: float | None = None  # the deadline the clock loop sleeps until
         self.closing = False
+        bus.subscribe(self._on_event)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -247,8 +268,8 @@ class Broker:
             self.live[lease].admitted_at = time.time()
             if count:
                 self.counters[backend]["gpu"] += 1
-            queued_ms = round((self.clock() - now) * 1000, 1)
-            self._emit("admitted", backend, lease=lease, queueMs=queued_ms)
+            queued = self.clock() - now
+            self._publish(ev.Admitted, backend=backend, lease=lease, queued=queued)
             try:
                 yield Grant(lease, backend, self.clock() - now, pending.admit.swap)
             finally:
@@ -312,10 +333,11 @@ class Broker:
         before = len(self.jobs[backend])
         self.jobs[backend] = jobs
         self._apply(self.sched.jobs(backend, len(jobs), self.clock()))
-        if len(jobs) != before and self.listeners:
+        if len(jobs) != before:
             running = sum(1 for j in jobs if j.state == "running")
-            self._emit(
-                "jobs", backend, count=len(jobs), running=running, pending=len(jobs) - running
+            pending = len(jobs) - running
+            self._publish(
+                ev.Jobs, backend=backend, count=len(jobs), running=running, pending=pending
             )
         return len(jobs)
 
@@ -339,8 +361,8 @@ class Broker:
     def first_byte(self, lease: int) -> None:
         """The proxy sent the first body byte of ``lease``'s response."""
         live = self.live.get(lease)
-        if live is not None and self.listeners:
-            self._emit("first_byte", live.backend, lease=lease)
+        if live is not None:
+            self._publish(ev.FirstByte, backend=live.backend, lease=lease)
 
     def measure(self, backend: str, per_gpu: Mapping[str, int | None]) -> None:
         """Telemetry's bytes held by ``backend`` per GPU; the scheduler sizes by the larger."""
@@ -352,16 +374,13 @@ class Broker:
             self._apply(self.sched.measured(backend, gpu, nbytes, self.clock()))
 
     def measured_total(self, backend: str) -> int | None:
-        per_gpu = self.measured.get(backend)
-        if per_gpu is None or any(v is None for v in per_gpu.values()):
-            return None
-        return sum(v or 0 for v in per_gpu.values())
+        return ev.total_held(self.measured.get(backend))
 
     def close(self) -> None:
         """The broker is stopping: refuse what waits and what comes; in-flight work finishes."""
         self.closing = True
         self._apply(self.sched.refuse_all(503, "shutting_down", SHUTTING_DOWN, self.clock()))
-        self._emit("shutting_down", None)
+        self._publish(ev.ShuttingDown)
 
     async def evict(self, backend: str | None, *, force: bool = False) -> SwapInfo | None:
         """Admin unload: free ``backend`` (all when None) and wait until it is done."""
@@ -398,9 +417,9 @@ class Broker:
                     pending.admit = effect
                 else:
                     pending.refuse = effect
-                    self._emit(
-                        "refused",
-                        effect.backend,
+                    self._publish(
+                        ev.Refused,
+                        backend=effect.backend,
                         lease=effect.lease,
                         status=effect.status,
                         reason=effect.code,
@@ -454,13 +473,12 @@ class Broker:
         if error:
             log.warning("%s: unload failed: %s", effect.backend, error)
             if self.confirm_freed is not None:  # did it free its memory all the same?
-                holding = (
-                    await self.confirm_freed(effect.backend, CONFIRM_AFTER_FAILURE) is not None
-                )
+                confirm = self.confirm_freed.wait_freed
+                holding = await confirm(effect.backend, CONFIRM_AFTER_FAILURE) is not None
         elif self.confirm_freed is not None:
             # The service said done; where telemetry can see its memory, believe that instead.
             left = max(0.0, self.config.unload_timeout - (self.clock() - started))
-            error = await self.confirm_freed(effect.backend, left)
+            error = await self.confirm_freed.wait_freed(effect.backend, left)
             holding = error is not None
             if holding:
                 log.warning("%s: %s; it still counts as resident", effect.backend, error)
@@ -508,13 +526,15 @@ class Broker:
                     "failures": list(info.failures),
                 }
             )
-            self._emit(
-                "swapped",
-                info.target,
-                evicted=list(info.evicted),
-                total_ms=round(info.total_s * 1000, 1),
+            self._publish(
+                ev.Swapped,
+                backend=info.target,
                 swap=effect.swap,
-                **{k: v for k, v in self.history[0].items() if k.endswith("Ms")},
+                evicted=tuple(info.evicted),
+                drain=info.drain_s,
+                unload=info.unload_s,
+                load=info.load_s,
+                total=info.total_s,
             )
         job = self._evictions.pop(effect.swap, None)
         if job is not None:
@@ -522,48 +542,91 @@ class Broker:
             job.done.set()
 
     def _note(self, note: Note) -> None:
-        """A scheduler note as an event, named for what a watcher sees happen."""
-        kind, name, detail = note.kind, note.backend, dict(note.detail)
-        if kind == "unloading" and name is not None:
-            self._held_before[name] = self.measured_total(name)
-            if self.sched.slots[name].spec.sleeps:
-                kind = "sleeping"
-        elif kind == "unloaded" and name is not None:
-            held = self._held_before.pop(name, None)
-            if detail.get("error"):
-                kind = "unload_failed"
-            else:
-                kind = "freed"
-                detail.pop("error", None)
-                declared = self.config.backend(name).vram
-                detail["measured"] = held is not None
-                held = held if held is not None else declared
-                detail["mib"] = None if held is None else round(held / MiB)
-        elif kind == "loading" and detail.pop("wake", False):
-            kind = "waking"
-        elif kind == "swap_started":
-            detail["requests"] = [w.lease for w in self.sched.queue if w.backend == name]
-        self._emit(kind, name, lease=note.lease, **detail)
+        """A scheduler note as a typed event, named for what a watcher sees happen.
 
-    def emit(self, kind: str, backend: str | None, **detail: Any) -> None:
-        """Tell every listener (event stream, metrics) of something beside the scheduler's."""
-        self._emit(kind, backend, **detail)
+        The one place the scheduler's words are renamed: ``unloading`` of a service that
+        sleeps is ``sleeping``; ``unloaded`` is ``freed`` (with the bytes it held as the unload
+        began: measured, else declared) or ``unload_failed``; ``loading`` from sleep is
+        ``waking``; ``swap_started`` gains the leases queued for its target.
+        """
+        name, lease, d = note.backend, note.lease, note.detail
+        swap = d.get("swap")
+        event: type[ev.WireEvent]
+        fields: dict[str, Any] = {}
+        match note.kind:
+            case "reconciled":
+                event, fields = ev.Reconciled, {"state": d["state"]}
+            case "queued":
+                event, fields = ev.Queued, {"position": d["position"]}
+            case "released":
+                event = ev.Released
+            case "left":
+                event = ev.Left
+            case "swap_started":
+                queued = tuple(w.lease for w in self.sched.queue if w.backend == name)
+                event = ev.SwapStarted
+                fields = {"victims": tuple(cast(list[str], d["victims"])), "requests": queued}
+            case "draining":
+                event, fields = ev.Draining, {"active": d["active"]}
+            case "unloading":
+                assert name is not None
+                self._held_before[name] = self.measured_total(name)
+                event = ev.Sleeping if self.sched.slots[name].spec.sleeps else ev.Unloading
+            case "unloaded":
+                assert name is not None
+                held = self._held_before.pop(name, None)
+                fields = {"holding": d["holding"]}
+                if d.get("error"):
+                    event, fields["error"] = ev.UnloadFailed, d["error"]
+                else:
+                    event = ev.Freed
+                    fields["measured"] = held is not None
+                    fields["held"] = held if held is not None else self.config.backend(name).vram
+            case "loading":
+                event = ev.Waking if d.get("wake") else ev.Loading
+            case "load_failed":
+                event, fields = ev.LoadFailed, {"error": d["error"]}
+            case "swap_failed":
+                event, fields = ev.SwapFailed, {"failures": tuple(cast(list[str], d["failures"]))}
+            case "swap_abandoned":
+                event = ev.SwapAbandoned
+            case other:
+                raise ValueError(f"a scheduler note with no event: {other!r}")
+        if swap is not None:
+            fields["swap"] = swap
+        self._publish(event, backend=name, lease=lease, **fields)
 
-    def _emit(self, kind: str, backend: str | None, **detail: Any) -> None:
-        """Every event carries its request id and elapsed time where it has them."""
-        lease = detail.pop("lease", None)
-        event: dict[str, Any] = {"event": kind, "backend": backend, "at": time.time()}
+    def _publish(self, event: type[ev.WireEvent], **fields: Any) -> None:
+        """Publish ``event``, stamped with the time and, where known, how long its lease (or
+        else its swap) has been going."""
+        at = time.time()
+        lease, swap = fields.get("lease"), fields.get("swap")
+        elapsed = None
         if lease is not None:
-            event["request"] = lease
             live = self.live.get(lease)
             if live is not None:
-                event["elapsedMs"] = round((event["at"] - live.since) * 1000, 1)
-        elif (plan := self.sched.plans.get(detail.get("swap", -1))) is not None:
-            event["elapsedMs"] = round((self.clock() - plan.started) * 1000, 1)
-        event.update(detail)
-        log.debug("%s", event)
-        for listener in list(self.listeners):
-            listener(event)
+                elapsed = at - live.since
+        elif isinstance(swap, int) and (plan := self.sched.plans.get(swap)) is not None:
+            elapsed = self.clock() - plan.started
+        self.bus.publish(event(at=at, elapsed=elapsed, **fields))
+
+    def _on_event(self, event: ev.Event) -> None:
+        """News for the broker: telemetry's measurements, managed workers gone for good."""
+        if isinstance(event, ev.Measured):
+            self.measure(event.backend, event.per_gpu)
+        elif isinstance(event, ev.WorkerGone) and self._tg is not None:
+            self._tg.start_soon(self._forget, event.backend)
+
+    async def _forget(self, name: str) -> None:
+        """A managed worker ended unasked and will not come back by itself: free it in the
+        scheduler too (forced: its requests are gone with it), so the next request starts it
+        again rather than meeting a dead port."""
+        for _ in range(FORGET_TRIES):  # bounded: a plan on the same GPU ends in its timeouts
+            try:
+                await self.evict(name, force=True)
+                return
+            except SwapInProgress:
+                await anyio.sleep(FORGET_RETRY)
 
     # --- status ---------------------------------------------------------------------------
 

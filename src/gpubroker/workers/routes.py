@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -39,7 +38,6 @@ from gpubroker.errors import (
     WorkerError,
 )
 from gpubroker.responses import json_object
-from gpubroker.scheduling.broker import Broker
 from gpubroker.workers.supervisor import LOG_LINES, Supervisor, WorkerState
 
 if TYPE_CHECKING:
@@ -264,18 +262,6 @@ def _stopped(what: str, report: dict[str, Any]) -> str:
     if report.get("survivors"):
         text += f", survivors {report['survivors']}"
     return text + ")"
-
-
-async def forget(broker: Broker, name: str) -> None:
-    """A managed worker ended unasked and will not come back by itself: free it in the
-    scheduler too (forced: its requests are gone with it), so the next request starts it
-    again rather than meeting a dead port."""
-    for _ in range(100):  # bounded: a plan on the same GPU ends within its own timeouts
-        try:
-            await broker.evict(name, force=True)
-            return
-        except SwapInProgress:
-            await anyio.sleep(0.1)
 
 
 def worker_routes(status: StatusApp) -> list[Route]:

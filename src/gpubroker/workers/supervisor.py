@@ -43,7 +43,7 @@ import os
 import subprocess
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -55,6 +55,20 @@ import psutil
 
 from gpubroker.config.load import BackendConfig, Config
 from gpubroker.errors import WorkerError
+from gpubroker.events import (
+    EventBus,
+    WireEvent,
+    WorkerAdopted,
+    WorkerCrashed,
+    WorkerExited,
+    WorkerFailed,
+    WorkerGone,
+    WorkerProgress,
+    WorkerReady,
+    WorkerStarting,
+    WorkerStopped,
+    WorkerStopping,
+)
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.scheduling.domains import cuda_devices
 from gpubroker.workers.parts import LOG_LINES, Backoff, LogBuffer
@@ -190,17 +204,17 @@ class Supervisor:
         self,
         config: Config,
         *,
+        bus: EventBus,
         telemetry: Telemetry | None = None,
         backoff: Backoff | None = None,
     ) -> None:
+        """``bus``: where worker events go (``/events``, and :class:`WorkerGone` for the
+        broker, so the next request starts a worker that ended for good, not a dead port)."""
         self.config = config
+        self.bus = bus
         self.workers = {b.name: Worker(b) for b in config.backends if b.command is not None}
         self.telemetry = telemetry
         self.backoff = backoff or Backoff()
-        self.emit: Callable[..., None] | None = None  # e.g. Broker.emit(kind, backend, **detail)
-        # called when a worker ended unasked for good (exit 0 under on-failure, crash loop…):
-        # the server tells the scheduler, so the next request starts it instead of a dead port
-        self.on_exit: Callable[[str], Coroutine[Any, Any, None]] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._http: httpx.AsyncClient | None = None  # for health checks, made on first use
 
@@ -363,22 +377,20 @@ class Supervisor:
             raise WorkerError("the supervisor is shutting down")
         return box["value"]
 
-    def _emit(self, kind: str, w: Worker, **detail: Any) -> None:
+    def _emit(self, event: type[WireEvent], w: Worker, **fields: Any) -> None:
         """An event for ``/events``, which anyone may read: never a log line nor a command."""
-        log.debug("%s %s %s", kind, w.name, detail)
-        if self.emit is not None:
-            self.emit(kind, w.name, **detail)
+        self.bus.publish(event(backend=w.name, **fields))
 
     def _ended(self, w: Worker) -> None:
-        """``w`` ended unasked and will not come back by itself: tell ``on_exit``."""
-        if self.on_exit is not None and self._tg is not None:
-            self._tg.start_soon(self.on_exit, w.name)
+        """``w`` ended unasked and will not come back by itself: tell the broker."""
+        if self._tg is not None:
+            self.bus.publish(WorkerGone(backend=w.name))
 
     def _fail(self, w: Worker, error: str) -> None:
         w.state = WorkerState.FAILED
         w.error = error
         log.warning("%s: failed: %s", w.name, error)
-        self._emit("worker_failed", w, error=error)
+        self._emit(WorkerFailed, w, error=error)
 
     # --- start ------------------------------------------------------------------------------
 
@@ -449,7 +461,7 @@ class Supervisor:
             proc.pid,
             env["CUDA_VISIBLE_DEVICES"],
         )
-        self._emit("worker_starting", w, pid=proc.pid)
+        self._emit(WorkerStarting, w, pid=proc.pid)
         assert self._tg is not None
         w.output_done = anyio.Event()
         self._tg.start_soon(self._pump_log, w, proc, w.output_done)
@@ -468,9 +480,9 @@ class Supervisor:
             return error
         w.state = WorkerState.READY
         w.ready_at = time.time()
-        start_ms = round((w.ready_at - (w.started_at or w.ready_at)) * 1000, 1)
-        log.info("%s: ready after %.0f ms", w.name, start_ms)
-        self._emit("worker_ready", w, pid=w.pid, startMs=start_ms)
+        took = w.ready_at - (w.started_at or w.ready_at)
+        log.info("%s: ready after %.0f ms", w.name, round(took * 1000, 1))
+        self._emit(WorkerReady, w, pid=w.pid, took=took)
         return None
 
     async def _await_health(self, w: Worker, proc: anyio.abc.Process) -> str | None:
@@ -489,7 +501,7 @@ class Supervisor:
                 return f"not ready after startTimeout {w.spec.start_timeout:g}s"
             if now - last_progress >= PROGRESS_INTERVAL:
                 last_progress = now
-                self._emit("worker_progress", w, elapsedMs=round((now - started) * 1000))
+                self._emit(WorkerProgress, w, waited=now - started)
             await anyio.sleep(HEALTH_INTERVAL)
 
     async def _healthy(self, w: Worker) -> bool:
@@ -551,7 +563,7 @@ class Supervisor:
                 "was not captured, nor is it from here on)"
             )
             log.info("%s: adopted pid %d from an earlier run", w.name, leader)
-            self._emit("worker_adopted", w, pid=leader)
+            self._emit(WorkerAdopted, w, pid=leader)
             assert self._tg is not None
             self._tg.start_soon(self._monitor_adopted, w, leader)
             tree = await anyio.to_thread.run_sync(process_tree, leader)
@@ -637,7 +649,7 @@ class Supervisor:
                 if policy == "never" or (policy == "on-failure" and clean):
                     if clean:
                         w.state = WorkerState.STOPPED
-                        self._emit("worker_exited", w, code=code)
+                        self._emit(WorkerExited, w, code=code)
                     else:
                         self._fail(w, f"exited with code {code} (restart: never)")
                     self._ended(w)
@@ -652,7 +664,7 @@ class Supervisor:
                     return
                 delay = self.backoff.delay(len(w.crashes))
                 w.state = WorkerState.STARTING
-                self._emit("worker_crashed", w, code=code, restartIn=delay)
+                self._emit(WorkerCrashed, w, code=code, restart_in=delay)
                 with anyio.CancelScope() as scope:
                     w.backoff_scope = scope
                     await anyio.sleep(delay)
@@ -688,7 +700,7 @@ class Supervisor:
             w.state = WorkerState.STOPPED
             w.error = None
             w.last_stop = {"stopped": True, **report}
-            self._emit("worker_stopped", w, **report)
+            self._emit(WorkerStopped, w, report=report)
             return w.last_stop
 
     async def _stop_now(self, w: Worker) -> None:
@@ -710,7 +722,7 @@ class Supervisor:
             deadline = anyio.current_time() + grace + AFTER_GRACE
         if not quiet:
             w.state = WorkerState.STOPPING
-            self._emit("worker_stopping", w, pid=pid)
+            self._emit(WorkerStopping, w, pid=pid)
         report = await stop_tree(
             pid,
             grace,
