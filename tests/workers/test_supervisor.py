@@ -26,14 +26,9 @@ from gpubroker.plugins.strategies.base import StrategyContext
 from gpubroker.plugins.strategies.process import STOP_SHARE, ProcessStrategy
 from gpubroker.testing import make_config
 from gpubroker.workers.parts import Backoff, LogBuffer
-from gpubroker.workers.supervisor import (
-    MARKER,
-    MARKER_UPSTREAM,
-    Supervisor,
-    WorkerError,
-    WorkerState,
-    render,
-)
+from gpubroker.workers.procs import MARKER, MARKER_UPSTREAM
+from gpubroker.workers.supervisor import Supervisor
+from gpubroker.workers.worker import WorkerError, WorkerState, render
 from processes import FAKE, alive, all_gone, free_port, gpu_holding, popen, port_open
 
 pytestmark = pytest.mark.anyio

@@ -30,7 +30,9 @@ from gpubroker.observe.telemetry.base import (
 )
 from gpubroker.plugins.manager import Provided, create_plugins
 from gpubroker.testing import broker_running, make_config
-from gpubroker.workers.supervisor import MARKER, MARKER_UPSTREAM, Supervisor, WorkerState
+from gpubroker.workers.procs import MARKER, MARKER_UPSTREAM
+from gpubroker.workers.supervisor import Supervisor
+from gpubroker.workers.worker import WorkerState
 from processes import FAKE, alive, all_gone, free_port, popen, port_open
 
 pytestmark = pytest.mark.anyio
