@@ -40,6 +40,7 @@ from gpubroker.scheduling.scheduler import (
     WaitIdle,
 )
 from gpubroker.vram import MiB
+from gpubroker.workers.strategy import start_before_load
 
 if TYPE_CHECKING:
     from gpubroker.workers.supervisor import Supervisor
@@ -479,8 +480,7 @@ class Broker:
         strategy = self.strategies[effect.backend]
 
         async def load() -> None:
-            if self.supervisor is not None and backend.name in self.supervisor.workers:
-                await self.supervisor.start(backend.name)  # a managed worker must run first
+            await start_before_load(self.supervisor, backend.name)  # a managed worker's process
             await strategy.load()
 
         error = await self._bounded(load, backend.start_timeout)

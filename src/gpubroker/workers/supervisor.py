@@ -3,6 +3,10 @@
 A backend with ``command:`` is a managed worker. Its ``upstream`` says where it listens, and
 ``{port}`` in the command is that URL's port; ``{gpu_uuid}`` is the GPU it is pinned to.
 
+- **Who starts it**: :meth:`Supervisor.start` is called from one place outside this class, the
+  broker's load effect (``strategy.start_before_load``), so the scheduler knows of every
+  on-demand start; this class starts workers by itself only for ``autostart`` (:meth:`run`) and
+  to restart after a crash (``_recover``).
 - **Start**: the port must be free (a worker from a previous run found there is adopted or
   stopped; anything else there is refused: never a duplicate). The command is spawned in its own
   process group (its own session) with ``CUDA_VISIBLE_DEVICES`` set to its GPU (a UUID where
@@ -11,7 +15,7 @@ A backend with ``command:`` is a managed worker. Its ``upstream`` says where it 
 - **Stop**: SIGTERM to the group and every descendant, SIGKILL after ``stopTimeout``, wait until
   every process of the tree is gone, then confirm the port is closed and (with telemetry) that
   none of its PIDs still holds VRAM, all within one deadline (:func:`procs.stop_tree`; how an
-  eviction fits it into ``unloadTimeout`` is told in ``strategies/process.py``). A stop runs in
+  eviction fits it into ``unloadTimeout`` is told in ``workers/strategy.py``). A stop runs in
   the supervisor's own task group and shielded, so it always completes, whoever asked for it
   and whatever their timeout.
 - **Crash**: an exit nobody asked for is restarted per ``restart:`` (``on-failure``: a non-zero
@@ -152,6 +156,10 @@ class Supervisor(Leftovers):
             return self.workers[name]
         except KeyError:
             raise WorkerError(f"no managed worker named {name!r}") from None
+
+    def manages(self, name: str) -> bool:
+        """Whether ``name`` is a managed worker (its backend has ``command:``)."""
+        return name in self.workers
 
     def resident(self, name: str) -> bool | None:
         """For the scheduler: True when ready, False when stopped or failed, None (may hold
