@@ -43,7 +43,7 @@ gemma = pytest.importorskip(
 )
 
 from gpubroker.testing import broker_running, make_config  # noqa: E402
-from gpubroker.workers.supervisor import WorkerState  # noqa: E402
+from gpubroker.workers.worker import WorkerState  # noqa: E402
 from processes import FAKE, all_gone, free_port, port_open  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]

@@ -25,16 +25,12 @@ from gpubroker.errors import WorkerError
 from gpubroker.events import EventBus, on_wire
 from gpubroker.observe.telemetry.base import GpuSample, TelemetrySnapshot
 from gpubroker.plugins.strategies.base import StrategyContext
-from gpubroker.plugins.strategies.process import STOP_SHARE, ProcessStrategy
 from gpubroker.testing import make_config
 from gpubroker.workers.parts import Backoff, LogBuffer
-from gpubroker.workers.supervisor import (
-    MARKER,
-    MARKER_UPSTREAM,
-    Supervisor,
-    WorkerState,
-    render,
-)
+from gpubroker.workers.procs import MARKER, MARKER_UPSTREAM
+from gpubroker.workers.strategy import STOP_SHARE, ProcessStrategy, start_before_load
+from gpubroker.workers.supervisor import Supervisor
+from gpubroker.workers.worker import WorkerState, render
 from processes import FAKE, alive, all_gone, free_port, gpu_holding, popen, port_open
 
 pytestmark = pytest.mark.anyio
@@ -474,6 +470,12 @@ async def test_process_strategy_needs_a_supervisor_and_fits_stops_into_unload_ti
         async with supervising(cfg) as sup:
             strategy = ProcessStrategy(StrategyContext(backend, client, 10.0, supervisor=sup))
             assert await strategy.resident() is False
+            with pytest.raises(WorkerError, match="w: stopped when it should be ready"):
+                await strategy.load()  # it only confirms: the start comes before it
+            await start_before_load(None, "w")  # no supervisor, or a backend it does not
+            await start_before_load(sup, "plain")  # manage: nothing to start
+            assert await strategy.resident() is False
+            await start_before_load(sup, "w")  # as the broker's load effect does
             await strategy.load()
             assert await strategy.resident() is True
             pid = sup.workers["w"].pid
@@ -492,6 +494,7 @@ async def test_an_eviction_stop_keeps_to_its_share_of_unload_timeout() -> None:
         async with httpx.AsyncClient() as client:
             ctx = StrategyContext(cfg.backends[0], client, unload_timeout=2.0, supervisor=sup)
             strategy = ProcessStrategy(ctx)
+            await start_before_load(sup, "w")
             await strategy.load()
         w = sup.workers["w"]
         assert w.pid is not None

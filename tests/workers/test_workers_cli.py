@@ -31,7 +31,10 @@ from gpubroker.observe.telemetry.base import (
 )
 from gpubroker.plugins.manager import Provided, create_plugins
 from gpubroker.testing import broker_running, make_config
-from gpubroker.workers.supervisor import MARKER, MARKER_UPSTREAM, Supervisor, WorkerState
+from gpubroker.workers.parts import Backoff
+from gpubroker.workers.procs import MARKER, MARKER_UPSTREAM
+from gpubroker.workers.supervisor import Supervisor
+from gpubroker.workers.worker import WorkerState
 from processes import FAKE, alive, all_gone, free_port, popen, port_open
 
 pytestmark = pytest.mark.anyio
@@ -281,6 +284,33 @@ async def test_workers_commands_list_start_stop_restart_ensure_logs() -> None:
             assert text in message, (args, message)
         missing = await cli("workers", "restart", *url)
         assert missing.exit_code == 2 and "Missing argument" in missing.output
+
+
+async def test_workers_start_after_a_crash_the_scheduler_did_not_hear_of() -> None:
+    """A crashed worker waiting for its restart still counts as resident in the scheduler (it
+    hears only of an end for good): ``workers start`` forces the eviction first and loads it
+    the one way, through the broker's load effect, rather than start it behind its back."""
+    cfg = make_config({"w": managed()})
+    async with broker_running(cfg) as ep:
+        url = ["--url", ep.status_url]
+        sup = supervisor(ep)
+        sup.backoff = Backoff(first=60.0)  # its own restart would come long after this test
+        w = sup.workers["w"]
+        assert (await cli("workers", "start", "w", *url)).exit_code == 0
+        first = w.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        with anyio.fail_after(10):
+            while w.backoff_scope is None:
+                await anyio.sleep(0.02)
+        assert w.state is WorkerState.STARTING and ep.broker.sched.residents() == ["w"]
+        started = await cli("workers", "start", "w", *url)
+        assert started.exit_code == 0, started.output
+        assert f"w is ready, pid {w.pid}" in started.output
+        assert w.pid not in (None, first) and w.restarts == 0  # a fresh start, not the restart
+        assert w.state is WorkerState.READY and ep.broker.sched.residents() == ["w"]
+        pid = w.pid
+    assert await all_gone([first, pid])
 
 
 async def test_ensure_reports_workers_that_cannot_run_together() -> None:

@@ -42,6 +42,7 @@ from gpubroker.scheduling.scheduler import (
     Unload,
     WaitIdle,
 )
+from gpubroker.workers.strategy import start_before_load
 
 if TYPE_CHECKING:
     from gpubroker.workers.supervisor import Supervisor
@@ -492,8 +493,7 @@ class Broker:
         strategy = self.strategies[effect.backend]
 
         async def load() -> None:
-            if self.supervisor is not None and backend.name in self.supervisor.workers:
-                await self.supervisor.start(backend.name)  # a managed worker must run first
+            await start_before_load(self.supervisor, backend.name)  # a managed worker's process
             await strategy.load()
 
         error = await self._bounded(load, backend.start_timeout)
@@ -615,12 +615,13 @@ class Broker:
         if isinstance(event, ev.Measured):
             self.measure(event.backend, event.per_gpu)
         elif isinstance(event, ev.WorkerGone) and self._tg is not None:
-            self._tg.start_soon(self._forget, event.backend)
+            self._tg.start_soon(self.forget, event.backend)
 
-    async def _forget(self, name: str) -> None:
-        """A managed worker ended unasked and will not come back by itself: free it in the
-        scheduler too (forced: its requests are gone with it), so the next request starts it
-        again rather than meeting a dead port."""
+    async def forget(self, name: str) -> None:
+        """Free ``name`` in the scheduler, forced: a managed worker ended unasked and will not
+        come back by itself (its requests are gone with it), so the next request starts it again
+        rather than meeting a dead port; or ``workers start`` found it counted resident while
+        its process is not ready."""
         for _ in range(FORGET_TRIES):  # bounded: a plan on the same GPU ends in its timeouts
             try:
                 await self.evict(name, force=True)

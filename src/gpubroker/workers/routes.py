@@ -38,6 +38,7 @@ from gpubroker.errors import (
     WorkerError,
 )
 from gpubroker.responses import json_object
+from gpubroker.scheduling.broker import Broker, Grant
 from gpubroker.workers.supervisor import LOG_LINES, Supervisor, WorkerState
 
 if TYPE_CHECKING:
@@ -122,8 +123,7 @@ class WorkersApi:
         sup = self.supervisor
         assert sup is not None
         try:
-            grant = await self.broker.preload(name)  # the scheduler makes room and loads it
-            await sup.start(name)  # and if it counted it resident, the process must run too
+            grant = await preload(self.broker, sup, name)  # its load effect starts the process
         except Refused as exc:
             return self._result(
                 name, False, exc.refusal.message, logTail=sup.workers[name].log.tail()
@@ -262,6 +262,32 @@ def _stopped(what: str, report: dict[str, Any]) -> str:
     if report.get("survivors"):
         text += f", survivors {report['survivors']}"
     return text + ")"
+
+
+async def preload(broker: Broker, supervisor: Supervisor, name: str) -> Grant:
+    """``workers start`` (and ``ensure``, ``restart``): a swap to the worker, whose load effect
+    starts its process, the one on-demand start (``workers/strategy.py``).
+
+    A preload admits at once when the scheduler counts the worker resident, and that can be
+    stale while its process is not ready: it crashed and waits for its restart (the scheduler
+    hears only of an end for good), it ended for good and the broker has not forgotten it yet, or
+    telemetry still saw its memory after a stop. Then the eviction is forced first (the
+    process strategy's unload stops what is left, a pending restart included), so that the
+    preload loads it; should the scheduler still count it resident, the start fails rather than
+    pass off a worker that does not run.
+    """
+    if name in broker.sched.residents() and supervisor.resident(name) is not True:
+        await broker.forget(name)
+    grant = await broker.preload(name)
+    if supervisor.resident(name) is not True:
+        state = supervisor.worker(name).state.value
+        if name in broker.sched.residents():
+            raise WorkerError(
+                f"{name} is {state}, yet the scheduler still counts it resident (its memory is "
+                "not seen free yet); try again shortly"
+            )
+        raise WorkerError(f"{name} is {state} after its start: another swap took its place")
+    return grant
 
 
 def worker_routes(status: StatusApp) -> list[Route]:

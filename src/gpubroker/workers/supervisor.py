@@ -3,6 +3,10 @@
 A backend with ``command:`` is a managed worker. Its ``upstream`` says where it listens, and
 ``{port}`` in the command is that URL's port; ``{gpu_uuid}`` is the GPU it is pinned to.
 
+- **Who starts it**: :meth:`Supervisor.start` is called from one place outside this class, the
+  broker's load effect (``strategy.start_before_load``), so the scheduler knows of every
+  on-demand start; this class starts workers by itself only for ``autostart`` (:meth:`run`) and
+  to restart after a crash (``_recover``).
 - **Start**: the port must be free (a worker from a previous run found there is adopted or
   stopped; anything else there is refused: never a duplicate). The command is spawned in its own
   process group (its own session) with ``CUDA_VISIBLE_DEVICES`` set to its GPU (a UUID where
@@ -11,7 +15,7 @@ A backend with ``command:`` is a managed worker. Its ``upstream`` says where it 
 - **Stop**: SIGTERM to the group and every descendant, SIGKILL after ``stopTimeout``, wait until
   every process of the tree is gone, then confirm the port is closed and (with telemetry) that
   none of its PIDs still holds VRAM, all within one deadline (:func:`procs.stop_tree`; how an
-  eviction fits it into ``unloadTimeout`` is told in ``strategies/process.py``). A stop runs in
+  eviction fits it into ``unloadTimeout`` is told in ``workers/strategy.py``). A stop runs in
   the supervisor's own task group and shielded, so it always completes, whoever asked for it
   and whatever their timeout.
 - **Crash**: an exit nobody asked for is restarted per ``restart:`` (``on-failure``: a non-zero
@@ -36,29 +40,22 @@ operations that move them; crash recovery takes the same lock)::
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import logging
-import os
 import subprocess
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 import httpx
-import psutil
 
-from gpubroker.config.load import BackendConfig, Config
+from gpubroker.config.load import Config
 from gpubroker.errors import WorkerError
 from gpubroker.events import (
     EventBus,
     WireEvent,
-    WorkerAdopted,
     WorkerCrashed,
     WorkerExited,
     WorkerFailed,
@@ -70,25 +67,21 @@ from gpubroker.events import (
     WorkerStopping,
 )
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
-from gpubroker.scheduling.domains import cuda_devices
-from gpubroker.workers.parts import LOG_LINES, Backoff, LogBuffer
+from gpubroker.workers.adopt import Leftovers, stop_stray
+from gpubroker.workers.parts import LOG_LINES, Backoff
 from gpubroker.workers.procs import (
     AFTER_GRACE,
     MARKER,
     MARKER_UPSTREAM,
     Telemetry,
-    ancestors,
-    cmdline,
-    describe_pid,
-    environ,
-    is_alive,
-    listening_on,
-    marked,
     port_open,
-    process,
     process_tree,
     stop_tree,
 )
+from gpubroker.workers.worker import Worker, WorkerState
+
+# What other modules import from here (the verbs' callers and the server's wiring).
+__all__ = ["LOG_LINES", "MARKER", "MARKER_UPSTREAM", "Supervisor", "WorkerError", "WorkerState"]
 
 log = logging.getLogger("gpubroker.workers.supervisor")
 
@@ -99,100 +92,7 @@ PROGRESS_INTERVAL = 1.0
 OUTPUT_WAIT = 1.0  # after a stop, for the worker's last words to reach its log
 
 
-class WorkerState(enum.Enum):
-    """Where a managed worker is. Each transition and the race it guards against:
-
-    - ``stopped``/``failed`` → ``starting`` (start): under the worker's lock, so two starts at
-      once (two queued requests, ``workers ensure`` racing the scheduler's load) spawn one
-      process; the second finds ``ready`` and returns. The port is checked first: a process
-      already there is adopted (ours, healthy, same command and pin) or refused, never doubled.
-    - ``starting`` → ``ready`` (health answered): accepted only while *our* process is still
-      alive, so a stranger that grabbed the port after ours died cannot pass for it.
-    - ``starting`` → ``stopping`` (stop during start): the stop cancels the health wait first,
-      so a stop never queues behind a start that may take ``startTimeout``.
-    - ``starting`` → ``failed`` (exit before ready, or ``startTimeout``): the process group is
-      killed before the state changes, so a half-started worker holds no VRAM.
-    - ``ready`` → ``stopping`` → ``stopped``: ``stopped`` is set only once the tree was killed
-      and reaped and the port checked (or the stop's deadline passed: its report then says what
-      was not confirmed), so the scheduler never loads the next backend onto VRAM still held.
-    - ``ready`` → ``starting`` (crash, restart after backoff) or ``failed`` (crash loop,
-      ``restart: never``): an exit seen while ``stopping`` is the one we asked for, not a crash;
-      a stop cancels a pending backoff.
-    - ``failed`` → ``starting``: only an explicit start (CLI, or a request through the
-      scheduler); it clears the crash count.
-    """
-
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-def render(template: str, *, port: int, gpu: str, name: str) -> str:
-    """Fill ``{port}``, ``{gpu_uuid}`` and ``{name}``; other braces stay as they are."""
-    return template.replace("{port}", str(port)).replace("{gpu_uuid}", gpu).replace("{name}", name)
-
-
-def upstream_address(upstream: str) -> tuple[str, int]:
-    parts = urlsplit(upstream)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.hostname or "127.0.0.1", port
-
-
-class Worker:
-    """One managed worker. Its state is moved only by the supervisor (see WorkerState)."""
-
-    def __init__(self, spec: BackendConfig, log_size: int = LOG_LINES) -> None:
-        assert spec.command is not None
-        self.spec = spec
-        self.name = spec.name
-        self.host, self.port = upstream_address(spec.upstream)
-        self.state = WorkerState.STOPPED
-        self.pid: int | None = None
-        self.proc: anyio.abc.Process | None = None
-        self.adopted = False
-        self.started_at: float | None = None  # wall clock, for uptime
-        self.ready_at: float | None = None
-        self.restarts = 0
-        self.crashes: deque[float] = deque()
-        self.last_exit: dict[str, Any] | None = None
-        self.error: str | None = None
-        self.gpu_ids: tuple[str, ...] = ()
-        self.argv: list[str] = []
-        self.log = LogBuffer(log_size)
-        self.lock = anyio.Lock()
-        self.want_running = False
-        self.start_scope: anyio.CancelScope | None = None
-        self.backoff_scope: anyio.CancelScope | None = None
-        self.output_done: anyio.Event | None = None  # set when its output is read to the end
-        self.last_stop: dict[str, Any] | None = None  # the report of the last stop
-
-    def describe(self, *, admin: bool = False) -> dict[str, Any]:
-        """What the supervisor knows of it. ``admin`` adds what may show secrets: the command
-        line and, once it failed, the tail of its log."""
-        now = time.time()
-        out: dict[str, Any] = {
-            "name": self.name,
-            "state": self.state.value,
-            "pid": self.pid,
-            "adopted": self.adopted,
-            "gpu": list(self.gpu_ids) or [str(g) for g in (self.spec.gpu or (0,))],
-            "upstream": self.spec.upstream,
-            "uptime": round(now - self.started_at, 1)
-            if self.started_at and self.state is WorkerState.READY
-            else None,
-            "restarts": self.restarts,
-            "lastExit": self.last_exit,
-            "error": self.error,
-        }
-        if admin:
-            out["logTail"] = self.log.tail() if self.state is WorkerState.FAILED else []
-            out["command"] = self.argv or list(self.spec.command or ())
-        return out
-
-
-class Supervisor:
+class Supervisor(Leftovers):
     """Starts, watches and stops every managed worker of one broker.
 
     ``telemetry`` (optional) returns the latest shared telemetry snapshot (the monitor's; it
@@ -257,33 +157,6 @@ class Supervisor:
             http, self._http = self._http, None
             await http.aclose()
 
-    async def _reconcile(self) -> None:
-        """Broker start: each worker's leftovers from an earlier run are adopted (ours, healthy,
-        same command and pin, listening) or stopped; a stranger on the port is reported."""
-        for w in self.workers.values():
-            w.argv, _ = self._command(w)
-            found = set(await anyio.to_thread.run_sync(marked, w.name, w.spec.upstream))
-            if not await port_open(w.host, w.port):
-                for pid in sorted(found):
-                    log.info("%s: stopping pid %d left by an earlier run", w.name, pid)
-                    await self._kill_leftover(w, pid)
-                continue
-            owners = await anyio.to_thread.run_sync(listening_on, w.port) or []
-            ours = [pid for pid in owners if pid in found]
-            if ours:
-                w.want_running = True
-                error = await self._adopt_or_stop(w, ours[0], found)
-                if error not in (None, "adopted"):
-                    w.error = error
-                if w.state is not WorkerState.READY:
-                    w.want_running = False
-                continue
-            for pid in sorted(found):
-                await self._kill_leftover(w, pid)
-            who = await anyio.to_thread.run_sync(describe_pid, owners[0]) if owners else "?"
-            w.error = f"port {w.port} is taken by {who}, which gpubroker did not start"
-            log.warning("%s: %s; it will not be started while that lasts", w.name, w.error)
-
     async def _autostart(self, w: Worker) -> None:
         try:
             await self.start(w.name)
@@ -297,6 +170,10 @@ class Supervisor:
             return self.workers[name]
         except KeyError:
             raise WorkerError(f"no managed worker named {name!r}") from None
+
+    def manages(self, name: str) -> bool:
+        """Whether ``name`` is a managed worker (its backend has ``command:``)."""
+        return name in self.workers
 
     def resident(self, name: str) -> bool | None:
         """For the scheduler: True when ready, False when stopped or failed, None (may hold
@@ -337,7 +214,7 @@ class Supervisor:
         name = await self.owner_of(pid)
         if name is not None:
             return {**(await self.stop(name)), "worker": name}
-        return await self._job(lambda: self._stop_stray(pid, grace))
+        return await self._job(lambda: stop_stray(pid, grace, telemetry=self.telemetry))
 
     async def owner_of(self, pid: int) -> str | None:
         """The managed worker whose process tree holds ``pid``, if any."""
@@ -411,21 +288,7 @@ class Supervisor:
             )
 
     def _command(self, w: Worker) -> tuple[list[str], dict[str, str]]:
-        gpus = cuda_devices(w.spec, self.snapshot)
-        gpu = ",".join(gpus)
-        argv = [render(a, port=w.port, gpu=gpu, name=w.name) for a in w.spec.command or ()]
-        env = {
-            **os.environ,
-            **{k: render(v, port=w.port, gpu=gpu, name=w.name) for k, v in w.spec.env.items()},
-        }
-        env["CUDA_VISIBLE_DEVICES"] = gpu  # the pin: `gpu:` decides, `env:` cannot undo it
-        if any(g.isdigit() for g in gpus):
-            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's indexes = NVML's
-        env[MARKER] = w.name
-        env[MARKER_UPSTREAM] = w.spec.upstream
-        env.setdefault("PYTHONUNBUFFERED", "1")  # Python workers: logs as they happen
-        w.gpu_ids = gpus
-        return argv, env
+        return w.command(self.snapshot)
 
     async def _launch(self, w: Worker) -> str | None:
         """Spawn and wait for health; None when ready, else why not (the process is gone)."""
@@ -464,7 +327,7 @@ class Supervisor:
         self._emit(WorkerStarting, w, pid=proc.pid)
         assert self._tg is not None
         w.output_done = anyio.Event()
-        self._tg.start_soon(self._pump_log, w, proc, w.output_done)
+        self._tg.start_soon(w.pump_log, proc, w.output_done)
         self._tg.start_soon(self._monitor, w, proc)
         error: str | None = "stopped while starting"
         with anyio.CancelScope() as scope:
@@ -515,101 +378,7 @@ class Supervisor:
             return False
         return response.status_code < 500
 
-    async def _claim_port(self, w: Worker) -> str | None:
-        """Before spawning: None when the port is free, "adopted" when our own leftover there
-        was taken over, else why we refuse to start a second one."""
-        if not await port_open(w.host, w.port):
-            return None
-        owners = await anyio.to_thread.run_sync(listening_on, w.port)
-        if not owners:
-            return (
-                f"port {w.port} is already taken by a process gpubroker cannot identify; "
-                f"refusing to start a second {w.name}"
-            )
-        found = set(await anyio.to_thread.run_sync(marked, w.name, w.spec.upstream))
-        ours = [pid for pid in owners if pid in found]
-        if not ours:
-            who = await anyio.to_thread.run_sync(describe_pid, owners[0])
-            return (
-                f"port {w.port} is already taken by {who}, which gpubroker did not start; "
-                f"refusing to start a second {w.name} (stop it with `gpubroker workers stop "
-                f"--pid {owners[0]}` or point upstream elsewhere)"
-            )
-        return await self._adopt_or_stop(w, ours[0], found)
-
-    async def _adopt_or_stop(self, w: Worker, listener: int, found: set[int]) -> str | None:
-        """Our own worker from an earlier run is listening: adopt it when it is healthy and runs
-        this very command with this pin; otherwise stop it. Other leftovers are stopped."""
-        leader = listener
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            pgid = os.getpgid(listener)
-            if pgid in found:
-                leader = pgid
-        proc = await anyio.to_thread.run_sync(process, leader)
-        env = environ(proc) if proc else {}
-        argv = await anyio.to_thread.run_sync(cmdline, leader)
-        same = argv == w.argv and env.get("CUDA_VISIBLE_DEVICES") == ",".join(w.gpu_ids)
-        if same and await self._healthy(w):
-            w.proc, w.pid, w.adopted = None, leader, True
-            try:
-                w.started_at = proc.create_time() if proc else time.time()
-            except psutil.Error:
-                w.started_at = time.time()
-            w.ready_at = time.time()
-            w.state = WorkerState.READY
-            w.want_running = True
-            w.log.add(
-                f"[gpubroker] adopted pid {leader} from an earlier run (its output before now "
-                "was not captured, nor is it from here on)"
-            )
-            log.info("%s: adopted pid %d from an earlier run", w.name, leader)
-            self._emit(WorkerAdopted, w, pid=leader)
-            assert self._tg is not None
-            self._tg.start_soon(self._monitor_adopted, w, leader)
-            tree = await anyio.to_thread.run_sync(process_tree, leader)
-            for other in found - {p.pid for p in tree}:
-                await self._kill_leftover(w, other)
-            return "adopted"
-        why = "it does not answer its health check" if same else "its command or GPU pin changed"
-        log.info("%s: stopping pid %d left by an earlier run (%s)", w.name, leader, why)
-        w.log.add(f"[gpubroker] stopping pid {leader} left by an earlier run: {why}")
-        for pid in sorted(found):
-            await self._kill_leftover(w, pid)
-        if await port_open(w.host, w.port):
-            return f"port {w.port} is still taken after stopping the earlier run's {w.name}"
-        return None
-
-    async def _kill_leftover(self, w: Worker, pid: int) -> None:
-        with anyio.CancelScope(shield=True):
-            await stop_tree(pid, w.spec.stop_timeout, telemetry=self.telemetry)
-
     # --- watching ---------------------------------------------------------------------------
-
-    async def _pump_log(self, w: Worker, proc: anyio.abc.Process, done: anyio.Event) -> None:
-        """Copy the worker's output into its ring buffer (and ``logFile``) until it closes."""
-        sink = None
-        try:
-            if w.spec.log_file:
-                with contextlib.suppress(OSError):
-                    sink = await anyio.open_file(w.spec.log_file, "a", encoding="utf-8")
-            assert proc.stdout is not None
-            try:
-                async for chunk in proc.stdout:
-                    lines = w.log.feed(chunk)
-                    if sink is not None and lines:
-                        await sink.write("".join(line + "\n" for line in lines))
-            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-                pass
-            lines = w.log.flush()
-            if sink is not None and lines:
-                await sink.write(lines[0] + "\n")
-        finally:
-            done.set()
-            with anyio.CancelScope(shield=True):
-                if sink is not None:
-                    await sink.aclose()
-                with anyio.move_on_after(w.spec.stop_timeout + AFTER_GRACE):
-                    await proc.aclose()
 
     async def _monitor(self, w: Worker, proc: anyio.abc.Process) -> None:
         """Notice the exit of a spawned worker; an exit while ``ready`` is a crash."""
@@ -617,15 +386,6 @@ class Supervisor:
         if w.proc is proc and w.state is WorkerState.READY:
             assert self._tg is not None
             self._tg.start_soon(self._recover, w, proc, code)
-
-    async def _monitor_adopted(self, w: Worker, pid: int) -> None:
-        p = await anyio.to_thread.run_sync(process, pid)
-        while p is not None and await anyio.to_thread.run_sync(is_alive, p):
-            await anyio.sleep(0.5)
-            if w.pid != pid or not w.adopted:
-                return
-        if w.pid == pid and w.adopted and w.state is WorkerState.READY:
-            await self._recover(w, None, None)
 
     async def _recover(self, w: Worker, proc: anyio.abc.Process | None, code: int | None) -> None:
         """A worker exited unasked: clean up what is left, then restart with backoff or fail."""
@@ -739,23 +499,3 @@ class Supervisor:
             w.last_exit = {"code": w.proc.returncode, "at": time.time()}
         w.proc, w.pid, w.adopted = None, None, False
         return report
-
-    async def _stop_stray(self, pid: int, grace: float) -> dict[str, Any]:
-        target = await anyio.to_thread.run_sync(process, pid)
-        if target is None or not await anyio.to_thread.run_sync(is_alive, target):
-            raise WorkerError(f"no process with pid {pid}")
-        if pid in await anyio.to_thread.run_sync(ancestors):
-            raise WorkerError(f"pid {pid} is gpubroker itself (or its parent); not stopping it")
-        snapshot = self.snapshot
-        on_gpu = snapshot is not None and any(
-            p.pid == pid for g in snapshot.gpus for p in g.processes
-        )
-        is_marked = MARKER in await anyio.to_thread.run_sync(environ, target)
-        if not (on_gpu or is_marked):
-            who = await anyio.to_thread.run_sync(describe_pid, pid)
-            raise WorkerError(
-                f"{who} is neither a GPU process (per telemetry) nor a gpubroker worker; "
-                "not stopping it"
-            )
-        report = await stop_tree(pid, grace, telemetry=self.telemetry)
-        return {"stopped": True, "worker": None, **report}

@@ -16,8 +16,8 @@ import httpx
 from gpubroker.errors import StrategyFailed
 from gpubroker.plugins.hookspecs import hookimpl
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy, StrategyContext
-from gpubroker.plugins.strategies.process import ProcessStrategy
 from gpubroker.vram import freed_goal
+from gpubroker.workers.strategy import ProcessStrategy
 
 log = logging.getLogger("gpubroker.plugins.strategies")
 
