@@ -5,15 +5,15 @@ GPUs as telemetry sees them, each backend's measured VRAM next to its declared o
 and the active warnings. ``GET /metrics`` is the same in Prometheus' format and ``GET /events``
 streams every scheduler event as Server-Sent Events.
 
-Admin verbs need ``Authorization: Bearer <adminToken>`` when a token is set, and are refused
-outright when the port binds beyond loopback without one; read-only routes stay open. In front
+Admin verbs (these, and the ``/api/workers`` verbs of ``worker_routes``) pass one gate
+(``admin.py``): a bearer ``adminToken`` when one is set, refused outright when the port binds
+beyond loopback without one; read-only routes stay open. In front
 of every route, :class:`~gpubroker.observe.guard.ListenerGuard` keeps web pages out: only Host names
 this port answers to (DNS rebinding), no foreign Origin on a verb, no CORS, JSON bodies only.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,18 +23,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gpubroker.errors import ClientError, Forbidden, Unauthorized, UnknownBackend
+from gpubroker.errors import UnknownBackend
 from gpubroker.events import EventBus
-from gpubroker.observe.guard import HostPolicy, ListenerGuard, is_loopback
+from gpubroker.observe.admin import AdminGate
+from gpubroker.observe.guard import HostPolicy, ListenerGuard
 from gpubroker.observe.health import HealthProbe
 from gpubroker.observe.metrics import Metrics
 from gpubroker.observe.monitor import Monitor
 from gpubroker.observe.readmodel import StatusView, read
 from gpubroker.observe.sse import EventStream
+from gpubroker.observe.worker_routes import WorkersApi
 from gpubroker.responses import exception_handlers, json_object
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.scheduler import State
-from gpubroker.workers.routes import worker_routes
 
 
 class StatusApp:
@@ -53,8 +54,8 @@ class StatusApp:
         self.metrics = Metrics(broker, bus, monitor, self.health)
         self.events = EventStream(bus)
         cfg = broker.config
-        self.token = cfg.admin_token
-        self.open_admin = self.token is None and is_loopback(cfg.bind)
+        self.gate = AdminGate(cfg)
+        workers = WorkersApi(broker, self.gate, self.view)
         self.routes = Starlette(
             routes=[
                 Route("/", self.index),
@@ -64,7 +65,7 @@ class StatusApp:
                 Route("/api/swap", self.swap, methods=["POST"]),
                 Route("/events", self.events.endpoint),
                 Route("/metrics", self.prometheus),
-                *worker_routes(self),
+                *workers.routes(),
             ],
             exception_handlers=exception_handlers,  # a route raises; the answer is made here
         )
@@ -85,27 +86,6 @@ class StatusApp:
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"ok": True})
 
-    def _authorise(self, request: Request) -> ClientError | None:
-        """None when ``request`` may use admin verbs, else the error that says why not."""
-        if self.open_admin:
-            return None
-        if self.token is None:
-            return Forbidden(
-                "admin verbs are off: the status port binds beyond "
-                "loopback and no adminToken is set"
-            )
-        # the scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time
-        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-        matches = hmac.compare_digest(given.strip().encode("latin-1"), self.token.encode())
-        if scheme.lower() != "bearer" or not matches:
-            return Unauthorized("admin verbs need Authorization: Bearer <adminToken>")
-        return None
-
-    def admin(self, request: Request) -> None:
-        """Raise the 401/403 unless ``request`` may use admin verbs."""
-        if (denied := self._authorise(request)) is not None:
-            raise denied
-
     def _backend(self, data: dict[str, Any], *, required: bool) -> str | None:
         name = data.get("backend")
         if name is None and not required:
@@ -116,7 +96,7 @@ class StatusApp:
         return name
 
     async def unload(self, request: Request) -> Response:
-        self.admin(request)
+        self.gate.check(request)
         data = await json_object(request)
         name = self._backend(data, required=False)
         info = await self.broker.evict(name, force=bool(data.get("force", False)))
@@ -132,7 +112,7 @@ class StatusApp:
         )
 
     async def swap(self, request: Request) -> Response:
-        self.admin(request)
+        self.gate.check(request)
         name = self._backend(await json_object(request), required=True)
         assert name is not None  # required=True: a missing name is a 404 above
         grant = await self.broker.preload(name)  # or Refused

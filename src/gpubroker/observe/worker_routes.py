@@ -14,14 +14,15 @@ make room is freed first, per policy), a stop is an unload (in-flight requests d
 unless ``force``) followed by stopping the process. Each verb answers 200 with ``ok`` and a
 result per worker; an unknown name is 404, a malformed body 400, a body that is not
 ``application/json`` 415 (the status port's guard, so no web page can send one). POSTs and logs
-need the admin token where one is set (the rule of ``/api/unload``): a worker's output, and its
-command line, may show its secrets. For the same reason ``GET /api/workers`` stays open but
-tells only an authorised caller a worker's ``command`` and ``logTail`` (``"admin": true`` says
-it did).
+pass the status port's admin gate (``admin.py``, the rule of ``/api/unload``): a worker's
+output, and its command line, may show its secrets. For the same reason ``GET /api/workers``
+stays open but tells only an authorised caller a worker's ``command`` and ``logTail``
+(``"admin": true`` says it did).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -42,16 +43,19 @@ from gpubroker.scheduling.broker import Broker, Grant
 from gpubroker.workers.supervisor import LOG_LINES, Supervisor, WorkerState
 
 if TYPE_CHECKING:
+    from gpubroker.observe.admin import AdminGate
+    from gpubroker.observe.readmodel import StatusView
     from gpubroker.observe.schema import WorkerJson
-    from gpubroker.observe.status import StatusApp
 
 
 class WorkersApi:
-    """The routes, bound to one status app (for its broker and its admin rule)."""
+    """The routes: verbs through ``broker``, callers checked by the status port's ``gate``,
+    the workers listed from the status app's ``view`` (one read model)."""
 
-    def __init__(self, status: StatusApp) -> None:
-        self.status = status
-        self.broker = status.broker
+    def __init__(self, broker: Broker, gate: AdminGate, view: Callable[[], StatusView]) -> None:
+        self.broker = broker
+        self.gate = gate
+        self.view = view
 
     @property
     def supervisor(self) -> Supervisor | None:
@@ -87,7 +91,7 @@ class WorkersApi:
 
     async def _names(self, request: Request, *, allow_all: bool = True) -> list[str]:
         """The workers an admin verb's body names (raises for a caller or body we refuse)."""
-        self.status.admin(request)
+        self.gate.check(request)
         return self._targets(await json_object(request), allow_all=allow_all)
 
     def _targets(self, data: dict[str, Any], *, allow_all: bool) -> list[str]:
@@ -100,7 +104,7 @@ class WorkersApi:
     def _workers(self, *, admin: bool) -> list[WorkerJson]:
         """Each worker as the supervisor knows it, with the VRAM it holds and its pinning
         warning (the status app's read model: one reading of the GPUs, one rule)."""
-        return self.status.view().workers_json(admin=admin)
+        return self.view().workers_json(admin=admin)
 
     def _reply(self, results: list[dict[str, Any]]) -> Response:
         """The answer to a verb (only authorised callers get one)."""
@@ -153,11 +157,11 @@ class WorkersApi:
     # --- routes ---------------------------------------------------------------------------
 
     async def list_(self, request: Request) -> Response:
-        admin = self.status._authorise(request) is None
+        admin = self.gate.allows(request)
         return JSONResponse({"admin": admin, "workers": self._workers(admin=admin)})
 
     async def logs(self, request: Request) -> Response:
-        self.status.admin(request)
+        self.gate.check(request)
         name = self._check(request.path_params["name"])
         try:
             since = int(request.query_params.get("since", "-1"))
@@ -205,7 +209,7 @@ class WorkersApi:
         return self._reply(results)
 
     async def stop(self, request: Request) -> Response:
-        self.status.admin(request)
+        self.gate.check(request)
         data = await json_object(request)
         force = data.get("force", False) is True
         if "pid" in data:
@@ -288,8 +292,3 @@ async def preload(broker: Broker, supervisor: Supervisor, name: str) -> Grant:
             )
         raise WorkerError(f"{name} is {state} after its start: another swap took its place")
     return grant
-
-
-def worker_routes(status: StatusApp) -> list[Route]:
-    """The routes to add to the status app."""
-    return WorkersApi(status).routes()
