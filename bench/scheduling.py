@@ -53,6 +53,7 @@ import httpx
 
 import gpubroker.plugins.strategies.builtin as strategies_module
 import gpubroker.scheduling.broker as broker_module
+from gpubroker.events import Swapped
 from gpubroker.sim import (
     ComfyUIEmulator,
     GenericEmulator,
@@ -296,7 +297,7 @@ class Result:
     scale: float
     records: list[Record]
     swaps: int
-    swap_events: list[dict[str, Any]]
+    swap_events: list[Swapped]
     ooms: int
     faults: list[str]
     total_s: float  # measured
@@ -411,7 +412,7 @@ def broker_top(policy: str, scale: float) -> dict[str, Any]:
 async def run_one(trace: Trace, policy: str, scale: float) -> Result:
     gpu = SimGPU(CAPACITY, name="Simulated 24 GiB GPU")
     records = [Record(req) for req in trace.requests]
-    events: list[dict[str, Any]] = []
+    events: list[Swapped] = []
     lag: list[float] = []
     async with services(trace.backends, gpu, scale) as (urls, emus):
         cfg = make_config(
@@ -423,8 +424,8 @@ async def run_one(trace: Trace, policy: str, scale: float) -> Result:
             broker_running(cfg) as ep,
             httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client,
         ):
-            assert ep.broker is not None
-            ep.broker.listeners.append(lambda e: events.append(e) if e["event"] == "swapped" else 0)
+            assert ep.bus is not None
+            ep.bus.subscribe(lambda e: events.append(e) if isinstance(e, Swapped) else None)
             stop = anyio.Event()
             t0 = anyio.current_time()
 
@@ -535,10 +536,10 @@ def check(results: list[Result]) -> list[str]:
 
 
 def details(r: Result) -> str:
-    pairs = Counter(f"{','.join(e['evicted'])}->{e['backend']}" for e in r.swap_events)
-    swap_ms = [e["total_ms"] for e in r.swap_events]
+    pairs = Counter(f"{','.join(e.evicted)}->{e.backend}" for e in r.swap_events)
+    swap_s = [e.total for e in r.swap_events]
     swap_txt = ", ".join(f"{k} x{v}" for k, v in pairs.most_common()) or "none"
-    mean = sum(swap_ms) / len(swap_ms) / 1000 / r.scale if swap_ms else 0.0
+    mean = sum(swap_s) / len(swap_s) / r.scale if swap_s else 0.0
     by_backend = []
     for name in r.trace.backends:
         waits = [x.queue_ms / 1000 for x in r.records if x.req.backend == name and x.queue_ms]

@@ -170,3 +170,15 @@ async def test_a_raised_client_error_is_answered_by_the_status_apps_handler(
     # the workers routes, mounted on the same app, answer through the same handler
     w = await _post(app, "/api/workers/start", {"name": "a"})
     assert w.status_code == 404 and w.json()["error"] == "unknown_worker"
+
+
+def test_a_refusal_code_the_tree_does_not_name_keeps_its_own_status_and_code() -> None:
+    error = Refused.of(Refuse(9, "a", 409, "busy_elsewhere", "why"))
+    assert isinstance(error, Refused)
+    assert (error.status, error.code, error.retryable, error.message) == (
+        409,
+        "busy_elsewhere",
+        False,
+        "why",
+    )
+    assert Refused.of(Refuse(9, "a", 503, "rate_limited", "why")).retryable

@@ -17,6 +17,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 if TYPE_CHECKING:
+    from gpubroker.errors import TelemetryError
     from gpubroker.observe.telemetry.base import (
         GpuProcess,
         GpuSample,
@@ -35,6 +36,7 @@ _PUBLIC = {
     "Classifier": ".plugins.classifiers.base",
     "RouteClassifier": ".plugins.classifiers.base",
     "TelemetrySource": ".observe.telemetry.base",
+    "TelemetryError": ".errors",
     "TelemetrySnapshot": ".observe.telemetry.base",
     "GpuSample": ".observe.telemetry.base",
     "GpuProcess": ".observe.telemetry.base",
@@ -48,6 +50,7 @@ __all__ = [
     "RouteClassifier",
     "Strategy",
     "StrategyContext",
+    "TelemetryError",
     "TelemetrySnapshot",
     "TelemetrySource",
     "__version__",

@@ -269,6 +269,8 @@ class Refusal(Protocol):
     @property
     def backend(self) -> str: ...
     @property
+    def status(self) -> int: ...
+    @property
     def code(self) -> str: ...
     @property
     def message(self) -> str: ...
@@ -290,7 +292,17 @@ class Refused(ClientError):
 
     @staticmethod
     def of(refusal: Refusal) -> Refused:
-        return next(c for c in Refused.__subclasses__() if c.code == refusal.code)(refusal)
+        for cls in Refused.__subclasses__():
+            if cls.code == refusal.code:
+                return cls(refusal)
+        # A code this tree does not name (a plugin's, a newer scheduler's): its own status and
+        # code, retryable as a 502/503/504 is.
+        attrs = {
+            "status": refusal.status,
+            "code": refusal.code,
+            "retryable": refusal.status in (502, 503, 504),
+        }
+        return type("Refused", (Refused,), attrs)(refusal)
 
 
 class LoadFailed(Refused):

@@ -294,7 +294,7 @@ class Swapped(_SwapStep):
     def detail(self) -> dict[str, Any]:
         return {
             "evicted": list(self.evicted),
-            "total_ms": _ms(self.total),  # older readers (the demo) use this spelling
+            "total_ms": _ms(self.total),  # the first spelling: scripts written for it read it
             "swap": self.swap,
             "drainMs": _ms(self.drain),
             "unloadMs": _ms(self.unload),

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest
+
 from gpubroker.config.load import BackendConfig
 from gpubroker.observe.alerts import Alerts, Facts
 from gpubroker.observe.attribution import Attribution, OwnedProcess
 from gpubroker.observe.telemetry.base import GpuSample, TelemetrySnapshot
+from gpubroker.vram import freed_goal
 
 GiB = 2**30
 MiB = 2**20
@@ -173,6 +176,24 @@ def test_unload_that_did_not_free_memory() -> None:
     assert codes(alerts) == []  # freed at last; a CUDA context's worth may stay
     alerts.evaluate(facts(108.0, measured=held, states=gone))
     assert codes(alerts) == []  # that unload is settled; nothing re-raises it
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "warned"),
+    [
+        (8 * GiB, 3 * GiB, True),  # more than a quarter still held: the unload did not free it
+        (8 * GiB, 2 * GiB, False),  # a quarter: freed (the rule telemetry's confirmation uses)
+        (1 * GiB, 500 * MiB, False),  # under the 512 MiB floor: a CUDA context may stay
+        (1 * GiB, 600 * MiB, True),
+    ],
+)
+def test_unload_not_freed_uses_the_one_freed_rule(before: int, after: int, warned: bool) -> None:
+    alerts = Alerts()
+    gone = {"ollama": "absent", "comfyui": "absent"}
+    alerts.unloaded("ollama", at=100.0, held_before=before)
+    alerts.evaluate(facts(104.0, measured={"ollama": {"0": after}}, states=gone))
+    assert (codes(alerts) == [("unload_not_freed", "ollama")]) is warned
+    assert (after > freed_goal(before)) is warned
 
 
 def test_a_backend_brought_back_is_not_an_unload_that_failed() -> None:

@@ -42,8 +42,8 @@ def register_strategies(register: Callable[[type[Strategy]], None]) -> None:
 
     Called once when the plugin manager is created, before any backend is served.
 
-    :param register: call it with each :class:`gpubroker.plugins.strategies.base.Strategy` subclass
-        this plugin provides. The class's ``name`` is what ``unloadStrategy:`` in the config
+    :param register: call it with each :class:`gpubroker.Strategy` subclass this plugin
+        provides. The class's ``name`` is what ``unloadStrategy:`` in the config
         selects; gpubroker creates one instance per backend that uses it.
     :returns: nothing; results are ignored.
     """
@@ -55,11 +55,10 @@ def register_classifiers(register: Callable[[type[Classifier]], None]) -> None:
 
     Called once when the plugin manager is created.
 
-    :param register: call it with each :class:`~gpubroker.plugins.classifiers.base.Classifier`
-        subclass.
-        A backend uses the classifier whose ``name`` equals its ``classifier:`` key, or, when
-        that is unset, its ``unloadStrategy:``. Only requests the classifier calls GPU work take
-        a lease; everything else passes straight through.
+    :param register: call it with each :class:`gpubroker.Classifier` subclass. A backend uses
+        the classifier whose ``name`` equals its ``classifier:`` key, or, when that is unset,
+        its ``unloadStrategy:``. Only requests the classifier calls GPU work take a lease;
+        everything else passes straight through.
     :returns: nothing; results are ignored.
     """
 
@@ -70,8 +69,9 @@ def register_telemetry_sources(register: Callable[[type[TelemetrySource]], None]
 
     Called once when the plugin manager is created.
 
-    :param register: call it with each :class:`gpubroker.observe.telemetry.base.TelemetrySource`
-        subclass. The config's ``telemetry:`` key picks one by ``name`` (``auto`` tries the
+    :param register: call it with each :class:`gpubroker.TelemetrySource` subclass (its
+        ``sample()`` raises :class:`gpubroker.TelemetryError` when the GPUs cannot be read). The
+        config's ``telemetry:`` key picks one by ``name`` (``auto`` tries the
         sources in registration order and keeps the first that is available).
     :returns: nothing; results are ignored.
     """
