@@ -23,25 +23,23 @@ from anyio.abc import TaskGroup
 
 from gpubroker import events as ev
 from gpubroker.config.load import Config
-from gpubroker.errors import Refused
+from gpubroker.errors import Refused, SwapInProgress
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy, tracks_jobs
 from gpubroker.scheduling.domains import backend_gpus, capacities
-from gpubroker.scheduling.scheduler import (
+from gpubroker.scheduling.effects import (
     Admit,
-    BackendSpec,
     CancelSwap,
     Effect,
     Load,
     Note,
     Refuse,
-    Scheduler,
     SwapDone,
     SwapInfo,
-    SwapInProgress,
     Unload,
     WaitIdle,
 )
+from gpubroker.scheduling.scheduler import BackendSpec, Scheduler
 from gpubroker.workers.strategy import start_before_load
 
 if TYPE_CHECKING:
