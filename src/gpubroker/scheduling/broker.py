@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
@@ -24,9 +24,7 @@ from anyio.abc import TaskGroup
 from gpubroker import events as ev
 from gpubroker.config.load import Config
 from gpubroker.errors import Refused, SwapInProgress
-from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy
-from gpubroker.scheduling.domains import backend_gpus, capacities
 from gpubroker.scheduling.effects import (
     Admit,
     CancelSwap,
@@ -40,7 +38,8 @@ from gpubroker.scheduling.effects import (
     WaitIdle,
 )
 from gpubroker.scheduling.jobs import JobFollower
-from gpubroker.scheduling.scheduler import BackendSpec, Scheduler
+from gpubroker.scheduling.notes import note_event
+from gpubroker.scheduling.scheduler import Scheduler
 from gpubroker.workers.strategy import start_before_load
 
 if TYPE_CHECKING:
@@ -61,36 +60,6 @@ class FreedConfirmer(Protocol):
     ``backend``'s memory to come back; None when it did (or cannot be seen), else why not."""
 
     async def wait_freed(self, backend: str, limit: float) -> str | None: ...
-
-
-def build_scheduler(
-    config: Config, strategies: Mapping[str, Strategy], telemetry: TelemetrySnapshot | None
-) -> Scheduler:
-    """The pure scheduler for ``config``: each backend's GPUs, sizes and its strategy's costs."""
-    return Scheduler(
-        [
-            BackendSpec(
-                name=b.name,
-                gpus=backend_gpus(b, telemetry),
-                need=b.vram,
-                priority=b.priority,
-                pinned=b.pinned,
-                max_concurrency=b.max_concurrency,
-                cost=type(strategies[b.name]).eviction_cost,
-                sleeps=type(strategies[b.name]).frees_by == "sleep",
-                idle_timeout=b.idle_timeout,
-            )
-            for b in config.backends
-        ],
-        capacities=capacities(config, telemetry),
-        policy=config.policy,
-        queue_timeout=config.queue_timeout,
-        hold_time=config.effective_hold_time,
-        min_residency=config.min_residency
-        if config.min_residency is not None
-        else (3.0 if config.policy == "budget" else 0.0),
-        aging=config.priority_aging,
-    )
 
 
 @dataclass(slots=True)
@@ -482,59 +451,17 @@ class Broker:
             job.done.set()
 
     def _note(self, note: Note) -> None:
-        """A scheduler note as a typed event, named for what a watcher sees happen.
+        """A scheduler note as a typed event (:func:`~gpubroker.scheduling.notes.note_event`).
 
-        The one place the scheduler's words are renamed: ``unloading`` of a service that
-        sleeps is ``sleeping``; ``unloaded`` is ``freed`` (with the bytes it held as the unload
-        began: measured, else declared) or ``unload_failed``; ``loading`` from sleep is
-        ``waking``; ``swap_started`` gains the leases queued for its target.
+        What a backend held as its unload began (measured, else None) is kept for its ``freed``.
         """
-        name, lease, d = note.backend, note.lease, note.detail
-        swap = d.get("swap")
-        event: type[ev.WireEvent]
-        fields: dict[str, Any] = {}
-        match note.kind:
-            case "reconciled":
-                event, fields = ev.Reconciled, {"state": d["state"]}
-            case "queued":
-                event, fields = ev.Queued, {"position": d["position"]}
-            case "released":
-                event = ev.Released
-            case "left":
-                event = ev.Left
-            case "swap_started":
-                queued = tuple(w.lease for w in self.sched.queue if w.backend == name)
-                event = ev.SwapStarted
-                fields = {"victims": tuple(cast(list[str], d["victims"])), "requests": queued}
-            case "draining":
-                event, fields = ev.Draining, {"active": d["active"]}
-            case "unloading":
-                assert name is not None
-                self._held_before[name] = self.measured_total(name)
-                event = ev.Sleeping if self.sched.slots[name].spec.sleeps else ev.Unloading
-            case "unloaded":
-                assert name is not None
-                held = self._held_before.pop(name, None)
-                fields = {"holding": d["holding"]}
-                if d.get("error"):
-                    event, fields["error"] = ev.UnloadFailed, d["error"]
-                else:
-                    event = ev.Freed
-                    fields["measured"] = held is not None
-                    fields["held"] = held if held is not None else self.config.backend(name).vram
-            case "loading":
-                event = ev.Waking if d.get("wake") else ev.Loading
-            case "load_failed":
-                event, fields = ev.LoadFailed, {"error": d["error"]}
-            case "swap_failed":
-                event, fields = ev.SwapFailed, {"failures": tuple(cast(list[str], d["failures"]))}
-            case "swap_abandoned":
-                event = ev.SwapAbandoned
-            case other:
-                raise ValueError(f"a scheduler note with no event: {other!r}")
-        if swap is not None:
-            fields["swap"] = swap
-        self._publish(event, backend=name, lease=lease, **fields)
+        held = None
+        if note.backend is not None and note.kind == "unloading":
+            self._held_before[note.backend] = self.measured_total(note.backend)
+        elif note.backend is not None and note.kind == "unloaded":
+            held = self._held_before.pop(note.backend, None)
+        event, fields = note_event(note, self.sched, self.config, held)
+        self._publish(event, backend=note.backend, lease=note.lease, **fields)
 
     def _publish(self, event: type[ev.WireEvent], **fields: Any) -> None:
         """Publish ``event``, stamped with the time and, where known, how long its lease (or
