@@ -36,7 +36,7 @@ from functools import partial
 import anyio
 import httpx
 
-from gpubroker.config.load import BackendConfig, Config
+from gpubroker.config.model import BackendConfig, Config
 from gpubroker.errors import ConfigError
 from gpubroker.events import EventBus
 from gpubroker.observe.health import HealthProbe

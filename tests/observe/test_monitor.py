@@ -16,7 +16,7 @@ import anyio
 import httpx
 import pytest
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.errors import TelemetryError
 from gpubroker.events import EventBus, on_wire
 from gpubroker.observe import alerts, monitor

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.errors import WorkerError
 from gpubroker.events import EventBus, on_wire
 from gpubroker.observe.telemetry.base import GpuSample, TelemetrySnapshot

@@ -22,7 +22,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from gpubroker import events as ev
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.errors import Refused, SwapInProgress
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy
 from gpubroker.scheduling.effects import (

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gpubroker.config.load import BackendConfig, Config
+from gpubroker.config.model import BackendConfig, Config
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.plugins.strategies.base import Strategy
 from gpubroker.scheduling.scheduler import BackendSpec, Scheduler

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from gpubroker import events as ev
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.scheduling.effects import Note
 from gpubroker.scheduling.scheduler import Scheduler
 

@@ -29,7 +29,7 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from gpubroker.config.load import Policy
+from gpubroker.config.model import Policy
 from gpubroker.errors import SwapInProgress
 from gpubroker.scheduling.effects import (
     Admit,

@@ -51,7 +51,7 @@ import anyio.abc
 import anyio.to_thread
 import httpx
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.errors import WorkerError
 from gpubroker.events import (
     EventBus,

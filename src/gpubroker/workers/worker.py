@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.abc
 
-from gpubroker.config.load import BackendConfig
+from gpubroker.config.model import BackendConfig
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.scheduling.domains import cuda_devices
 from gpubroker.workers.parts import LOG_LINES, LogBuffer
