@@ -264,7 +264,7 @@ def httpx_upstream_class() -> type:
     """gpubroker's former upstream client (httpx), behind the same interface."""
     import httpx
 
-    from gpubroker.proxy.upstream import UpstreamError, UpstreamTimeout
+    from gpubroker.errors import UpstreamError, UpstreamTimeout
 
     @dataclass(slots=True)
     class Response:
@@ -327,7 +327,7 @@ def aiohttp_upstream_class() -> type:
     from multidict import CIMultiDict
     from yarl import URL
 
-    from gpubroker.proxy.upstream import UpstreamError, UpstreamTimeout
+    from gpubroker.errors import UpstreamError, UpstreamTimeout
 
     @dataclass(slots=True)
     class Response:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gpubroker.scheduling.scheduler import Admit, Effect, Load, Scheduler, Unload, WaitIdle
+from gpubroker.scheduling.effects import Admit, Effect, Load, Unload, WaitIdle
+from gpubroker.scheduling.scheduler import Scheduler
 
 
 @dataclass

@@ -23,8 +23,9 @@ from gpubroker.errors import (
 from gpubroker.events import EventBus
 from gpubroker.observe.status import StatusApp
 from gpubroker.responses import error_response, render, send_error
-from gpubroker.scheduling.broker import Broker, build_scheduler
-from gpubroker.scheduling.scheduler import Refuse
+from gpubroker.scheduling.broker import Broker
+from gpubroker.scheduling.domains import build_scheduler
+from gpubroker.scheduling.effects import Refuse
 from gpubroker.testing import make_config
 
 ABSTRACT = {NotFound, Refused}  # bases named for what their subclasses share; never raised

@@ -36,7 +36,7 @@ from functools import partial
 import anyio
 import httpx
 
-from gpubroker.config.load import BackendConfig, Config
+from gpubroker.config.model import BackendConfig, Config
 from gpubroker.errors import ConfigError
 from gpubroker.events import EventBus
 from gpubroker.observe.health import HealthProbe
@@ -49,7 +49,8 @@ from gpubroker.plugins.strategies.base import Strategy, StrategyContext
 from gpubroker.proxy.app import ProxyApp
 from gpubroker.proxy.listener import Listener, listen, serve
 from gpubroker.proxy.upstream import Upstream
-from gpubroker.scheduling.broker import Broker, build_scheduler
+from gpubroker.scheduling.broker import Broker
+from gpubroker.scheduling.domains import build_scheduler
 from gpubroker.workers.supervisor import Supervisor
 
 log = logging.getLogger("gpubroker.runtime")

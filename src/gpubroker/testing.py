@@ -15,7 +15,8 @@ from typing import Any
 
 import anyio
 
-from gpubroker.config.load import Config, parse_config
+from gpubroker.config.load import parse_config
+from gpubroker.config.model import Config
 from gpubroker.plugins.manager import Plugins, create_plugins
 from gpubroker.runtime import Endpoints, run_broker
 

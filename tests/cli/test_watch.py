@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from gpubroker.cli import watch as dashboard
 from gpubroker.cli.main import app
 from gpubroker.cli.watch import frames, http_fetch, render, render_text
-from gpubroker.config.load import Config, parse_config
+from gpubroker.config.load import parse_config
+from gpubroker.config.model import Config
 from gpubroker.plugins.manager import create_plugins
 from gpubroker.runtime import run_broker
 from gpubroker.sim import GenericEmulator, GiB, SimGPU, gpu_app, running

@@ -6,9 +6,6 @@ from pathlib import Path
 import pytest
 
 from gpubroker.config.load import (
-    DEFAULT_STATUS_PORT,
-    BackendConfig,
-    GpuSpec,
     config_from_env,
     default_config_paths,
     describe_config,
@@ -16,6 +13,7 @@ from gpubroker.config.load import (
     parse_config,
     resolve_config,
 )
+from gpubroker.config.model import DEFAULT_STATUS_PORT, BackendConfig, GpuSpec
 from gpubroker.errors import ConfigError
 
 ONEGPU4ALL = """\

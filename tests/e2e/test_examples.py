@@ -45,7 +45,7 @@ def test_main_example_shows_the_extensions() -> None:
 
 
 def test_systemd_unit_runs_serve_and_outlasts_the_shutdown_grace() -> None:
-    from gpubroker.config.load import Config
+    from gpubroker.config.model import Config
 
     unit = (EXAMPLES / "gpubroker.service").read_text()
     fields = dict(

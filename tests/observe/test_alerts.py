@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gpubroker.config.load import BackendConfig
+from gpubroker.config.model import BackendConfig
 from gpubroker.observe.alerts import Alerts, Facts
 from gpubroker.observe.attribution import Attribution, OwnedProcess
 from gpubroker.observe.telemetry.base import GpuSample, TelemetrySnapshot

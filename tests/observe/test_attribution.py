@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 
-from gpubroker.config.load import BackendConfig
+from gpubroker.config.model import BackendConfig
 from gpubroker.observe.attribution import Attribution, attribute, existing, find_trees, is_local
 from gpubroker.observe.telemetry.base import (
     GpuProcess,

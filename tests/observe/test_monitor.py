@@ -16,7 +16,7 @@ import anyio
 import httpx
 import pytest
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.errors import TelemetryError
 from gpubroker.events import EventBus, on_wire
 from gpubroker.observe import alerts, monitor
@@ -25,7 +25,8 @@ from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.observe.telemetry.sampler import Sampler
 from gpubroker.observe.telemetry.sim import SimTelemetry
 from gpubroker.plugins.manager import Provided, create_plugins
-from gpubroker.scheduling.broker import Broker, build_scheduler
+from gpubroker.scheduling.broker import Broker
+from gpubroker.scheduling.domains import build_scheduler
 from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, gpu_app, running
 from gpubroker.testing import broker_running, make_config
 

@@ -6,7 +6,7 @@ import anyio
 import httpx
 import pytest
 
-from gpubroker.config.load import BackendConfig
+from gpubroker.config.model import BackendConfig
 from gpubroker.errors import StrategyFailed
 from gpubroker.plugins.strategies.base import Strategy, StrategyContext
 from gpubroker.plugins.strategies.builtin import (

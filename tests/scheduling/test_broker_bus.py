@@ -10,7 +10,8 @@ import pytest
 
 from gpubroker import events as ev
 from gpubroker.plugins.strategies.base import Strategy, StrategyContext
-from gpubroker.scheduling.broker import Broker, build_scheduler
+from gpubroker.scheduling.broker import Broker
+from gpubroker.scheduling.domains import build_scheduler
 from gpubroker.scheduling.scheduler import State
 from gpubroker.testing import make_config
 from gpubroker.vram import MiB

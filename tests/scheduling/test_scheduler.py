@@ -5,17 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gpubroker.errors import SwapInProgress
-from gpubroker.scheduling.scheduler import (
-    Admit,
-    CancelSwap,
-    Load,
-    Refuse,
-    Scheduler,
-    State,
-    SwapDone,
-    Unload,
-    WaitIdle,
-)
+from gpubroker.scheduling.effects import Admit, CancelSwap, Load, Refuse, SwapDone, Unload, WaitIdle
+from gpubroker.scheduling.scheduler import Scheduler, State
 from scheduler_harness import Harness
 
 

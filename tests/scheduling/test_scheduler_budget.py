@@ -6,21 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpubroker.scheduling.scheduler import (
-    HOLDS_VRAM,
-    Admit,
-    BackendSpec,
-    Candidate,
-    Effect,
-    Load,
-    Refuse,
-    Scheduler,
-    State,
-    SwapDone,
-    Unload,
-    WaitIdle,
-    choose_victims,
-)
+from gpubroker.scheduling.effects import Admit, Effect, Load, Refuse, SwapDone, Unload, WaitIdle
+from gpubroker.scheduling.scheduler import HOLDS_VRAM, BackendSpec, Scheduler, State
+from gpubroker.scheduling.victims import Candidate, choose_victims
 from scheduler_harness import Harness
 
 G = 2**30

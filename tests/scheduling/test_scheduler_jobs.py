@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gpubroker.scheduling.scheduler import Admit, BackendSpec, Scheduler, WaitIdle
+from gpubroker.scheduling.effects import Admit, WaitIdle
+from gpubroker.scheduling.scheduler import BackendSpec, Scheduler
 from scheduler_harness import Harness
 
 

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from gpubroker.scheduling.scheduler import (
-    Admit,
-    BackendSpec,
-    Note,
-    Scheduler,
-    State,
-    Unload,
-    WaitIdle,
-)
+from gpubroker.scheduling.effects import Admit, Note, Unload, WaitIdle
+from gpubroker.scheduling.scheduler import BackendSpec, Scheduler, State
 
 G = 2**30
 

@@ -20,11 +20,14 @@ import httpx
 import psutil
 import pytest
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.errors import WorkerError
 from gpubroker.events import EventBus, on_wire
+from gpubroker.observe import readmodel
 from gpubroker.observe.telemetry.base import GpuSample, TelemetrySnapshot
-from gpubroker.plugins.strategies.base import StrategyContext
+from gpubroker.plugins.strategies.base import Strategy, StrategyContext
+from gpubroker.scheduling.broker import Broker
+from gpubroker.scheduling.domains import build_scheduler
 from gpubroker.testing import make_config
 from gpubroker.workers.parts import Backoff, LogBuffer
 from gpubroker.workers.procs import MARKER, MARKER_UPSTREAM
@@ -62,6 +65,18 @@ async def supervising(config: Config, **kw: Any) -> AsyncIterator[Supervisor]:
             yield sup
         finally:
             tg.cancel_scope.cancel()
+
+
+def listed(sup: Supervisor, client: httpx.AsyncClient) -> tuple[list[Any], list[Any]]:
+    """``GET /api/workers``' list for an admin and for anyone, as the read model builds it."""
+    strategies: dict[str, Strategy] = {
+        b.name: ProcessStrategy(StrategyContext(b, client, 10.0, supervisor=sup))
+        for b in sup.config.backends
+    }
+    sched = build_scheduler(sup.config, strategies, None)
+    broker = Broker(sup.config, strategies, sched, EventBus(), supervisor=sup)
+    view = readmodel.read(broker)
+    return list(view.workers_json(admin=True)), list(view.workers_json(admin=False))
 
 
 def recorded(sup: Supervisor) -> list[dict[str, Any]]:
@@ -231,11 +246,12 @@ async def test_slow_start_past_start_timeout_fails_with_its_log_and_leaves_nothi
             "w: not ready after startTimeout 0.6s (its log: gpubroker workers logs w)"
         )
         assert w.state is WorkerState.FAILED and w.pid is None
-        described = w.describe(admin=True)
+        async with httpx.AsyncClient() as client:
+            [described], [public] = listed(sup, client)
         assert described["state"] == "failed"
         assert any("loading model" in line for line in described["logTail"])
         assert described["command"][1:3] == ["-m", "gpubroker.sim.fake_worker"]
-        public = w.describe()  # for the open /api/workers: no output, no command line
+        # for the open /api/workers: no output, no command line
         assert "logTail" not in public and "command" not in public
         assert public["error"] == "not ready after startTimeout 0.6s"
         pids = [int(m.group(1)) for line in w.log.tail(50) if (m := re.search(r"pid (\d+)", line))]
@@ -299,7 +315,8 @@ async def test_a_crash_loop_is_marked_failed_with_the_tail_of_its_log() -> None:
         (failed,) = [e for e in events if e["event"] == "worker_failed"]
         assert failed["error"] == w.error and set(failed) == {"event", "backend", "error"}
         assert all("command" not in e and "line" not in e for e in events)
-        described = w.describe(admin=True)
+        async with httpx.AsyncClient() as client:
+            [described], _ = listed(sup, client)
         assert any("dying on purpose" in line for line in described["logTail"])
         assert w.restarts == 2 and w.pid is None
         pids = [int(m.group(1)) for line in w.log.tail(200) if (m := re.search(r"pid (\d+)", line))]

@@ -12,7 +12,7 @@ import anyio
 import httpx
 import pytest
 from gpubroker.cli.main import app
-from gpubroker.config.load import BackendConfig
+from gpubroker.config.model import BackendConfig
 from gpubroker.plugins.manager import create_plugins
 from gpubroker.plugins.strategies import StrategyContext
 from gpubroker.proxy.listener import Listener, listen, serve

@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 
-from gpubroker.config.load import DEFAULT_STATUS_PORT, resolve_config
+from gpubroker.config.load import resolve_config
+from gpubroker.config.model import DEFAULT_STATUS_PORT
 from gpubroker.errors import AdminFailed, BrokerUnreachable, ConfigError, UsageError
 
 

@@ -18,7 +18,8 @@ import anyio
 import httpx
 import typer
 
-from gpubroker.config.load import Config, parse_config
+from gpubroker.config.load import parse_config
+from gpubroker.config.model import Config
 from gpubroker.events import Event, Swapped
 from gpubroker.plugins.manager import create_plugins
 from gpubroker.runtime import run_broker

@@ -1,7 +1,10 @@
 """Configuration: YAML and environment variables into frozen, typed objects.
 
-``load`` parses and validates (every error located at file:line:col: key), ``units`` reads
-sizes and durations, ``initfile`` writes the ``gpubroker init`` template, ``detect`` finds the
-GPUs and services ``init`` offers. Imports nothing of gpubroker's but ``errors`` and the
-telemetry base types ``detect`` reads.
+``model`` is what a resolved config is (``Config``, ``BackendConfig``, ``GpuSpec``, ``Policy``
+and the defaults), ``keys`` names each file key with the parser of its value, ``load`` reads and
+validates a file or the env-var quick mode (every error located at file:line:col: key), finds
+the config a command uses and sums it up; ``units`` reads sizes and durations, ``initfile``
+writes the ``gpubroker init`` template, ``detect`` finds the GPUs and services ``init`` offers.
+Imports nothing of gpubroker's but ``errors`` and the telemetry base types ``detect`` reads
+(and ``observe.guard``'s Host rule, which ``keys`` shares for ``allowedHosts``).
 """

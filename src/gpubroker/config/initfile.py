@@ -13,7 +13,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from gpubroker.config.detect import FoundService
-from gpubroker.config.load import DEFAULT_STATUS_PORT
+from gpubroker.config.model import DEFAULT_STATUS_PORT
 from gpubroker.observe.telemetry.base import GpuSample
 
 HEADER = """\

@@ -12,7 +12,7 @@ import hmac
 
 from starlette.requests import Request
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.errors import ClientError, Forbidden, Unauthorized
 from gpubroker.observe.guard import is_loopback
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gpubroker.config.load import BackendConfig
+from gpubroker.config.model import BackendConfig
 from gpubroker.config.units import format_size
 from gpubroker.observe.attribution import Attribution
 from gpubroker.observe.telemetry.base import TelemetrySnapshot

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from gpubroker.config.load import BackendConfig
+from gpubroker.config.model import BackendConfig
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
 
 

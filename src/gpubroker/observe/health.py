@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import httpx
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.workers.supervisor import Supervisor, WorkerState
 
 HEALTH_INTERVAL = 10.0

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 import anyio.to_thread
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.events import Event, EventBus, Freed, Measured, WarningCleared, WarningRaised
 from gpubroker.observe.alerts import Alerts, Facts
 from gpubroker.observe.attribution import Attribution, attribute, existing, find_trees

@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 from starlette.types import Receive, Scope, Send
 
-from gpubroker.config.load import BackendConfig
+from gpubroker.config.model import BackendConfig
 from gpubroker.errors import (
     BadRequest,
     BadUpstreamResponse,

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from starlette.types import Scope
 
-    from gpubroker.config.load import BackendConfig
+    from gpubroker.config.model import BackendConfig
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -6,6 +6,8 @@ on a 2-core VM against a Node upstream on loopback, CPU per small request: httpx
 aiohttp 100-140 us, this module 30-60 us (mostly the two syscalls). Through the whole broker at
 16 connections that is ~590 (httpx), ~2,300 (aiohttp) and ~4,200 (this) GETs/s, and SSE costs
 116, 46 and 37 us of broker CPU per event. ``bench/proxy.py`` reproduces the numbers.
+Here are the pool, the exchange (send, retry once, read the head) and the response body;
+:mod:`~gpubroker.proxy.http1` has the socket protocol and the head codec they use.
 
 The contract the proxy relies on:
 
@@ -45,135 +47,21 @@ from collections.abc import AsyncIterable, AsyncIterator
 from urllib.parse import urlsplit
 
 from gpubroker.errors import BadUpstreamResponse, UpstreamError, UpstreamTimeout
+from gpubroker.proxy.http1 import (
+    BODY_CHUNKED,
+    BODY_CLOSE,
+    BODY_LENGTH,
+    BODY_NONE,
+    MAX_HEAD,
+    Closed,
+    Connection,
+    Silent,
+    framing,
+    read_head,
+    request_head,
+)
 
-MAX_HEAD = 64 * 1024  # response head (status line + headers) and chunk-size lines
-READ_PAUSE = 256 * 1024  # stop reading the socket with this much unread; resume below a quarter
 CONNECT_TIMEOUT = 10.0
-
-_NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)  # response body framings
-
-
-class _Silent(Exception):
-    """No body byte arrived within the upstream's idle timeout."""
-
-
-class _Closed(Exception):
-    """The connection ended (or went wrong) while more bytes were needed.
-
-    ``stale``: it ended before any byte of the response, so the request may be sent again.
-    """
-
-    def __init__(self, message: object, *, stale: bool = False) -> None:
-        super().__init__(message)
-        self.stale = stale
-
-
-class _Connection(asyncio.Protocol):
-    """One upstream socket: a receive buffer, a waiter for more bytes, and write backpressure."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.eof = False
-        self.error: Exception | None = None
-        self.idle_since = 0.0
-        self.quiet_since = 0.0  # the last byte's arrival, or the start of the current wait
-        self._waiter: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
-        self._reading = True
-
-    # --- asyncio callbacks ----------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        self.quiet_since = time.monotonic()
-        if self._reading and len(self.buffer) > READ_PAUSE and self.transport is not None:
-            self.transport.pause_reading()
-            self._reading = False
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
-        return False  # let the transport close itself
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof = True
-        self.error = self.error or exc
-        self._wake()
-        self.resume_writing()
-
-    def pause_writing(self) -> None:
-        self._drain = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-        self._drain = None
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    # --- used by the client ---------------------------------------------------------------
-
-    @property
-    def usable(self) -> bool:
-        t = self.transport
-        return not self.eof and not self.buffer and t is not None and not t.is_closing()
-
-    async def fill(self) -> bool:
-        """Wait for more bytes; False when the peer has closed (nothing more will come)."""
-        if self.eof:
-            return False
-        if not self._reading and self.transport is not None:
-            self.transport.resume_reading()
-            self._reading = True
-        before = len(self.buffer)
-        self.quiet_since = time.monotonic()  # we were busy until now, not waiting on the peer
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-        return len(self.buffer) > before
-
-    def silent_for(self, idle: float) -> float:
-        """Fail the pending wait if nothing came for ``idle`` s; else how long until it may."""
-        left = self.quiet_since + idle - time.monotonic()
-        waiter = self._waiter
-        if left <= 0 and waiter is not None and not waiter.done():
-            waiter.set_exception(_Silent())
-            return 0.0
-        return left if left > 0 else idle
-
-    def take(self, n: int) -> bytes:
-        """Up to ``n`` buffered bytes, removed from the buffer."""
-        data = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        if not self._reading and len(self.buffer) < READ_PAUSE // 4 and self.transport:
-            self.transport.resume_reading()
-            self._reading = True
-        return data
-
-    def write(self, data: bytes) -> None:
-        if self.eof or self.transport is None or self.transport.is_closing():
-            raise _Closed(self.error or "connection closed")
-        self.transport.write(data)
-
-    async def drain(self) -> None:
-        if self._drain is not None:
-            await self._drain
-        if self.eof:
-            raise _Closed(self.error or "connection closed")
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 class UpstreamResponse:
@@ -198,7 +86,7 @@ class UpstreamResponse:
         status: int,
         headers: list[tuple[bytes, bytes]],
         upstream: Upstream,
-        conn: _Connection,
+        conn: Connection,
         mode: int,
         length: int,
         reuse: bool,
@@ -214,7 +102,7 @@ class UpstreamResponse:
         self._left = 0  # chunked: data bytes still to come in the current chunk
         self._crlf = False  # chunked: the CRLF after a chunk's data is still to come
         self._watchdog: asyncio.TimerHandle | None = None  # the body's idle bound
-        if mode == _NONE or (mode == _LENGTH and length == 0):
+        if mode == BODY_NONE or (mode == BODY_LENGTH and length == 0):
             self._finish(reuse)
 
     def buffered_body(self) -> bytes | None:
@@ -224,9 +112,9 @@ class UpstreamResponse:
         to the end would. The proxy answers such a response in one send, with no need to watch
         for the client leaving while the upstream is still talking.
         """
-        if self._mode == _NONE or (self._mode == _LENGTH and self._length == 0):
+        if self._mode == BODY_NONE or (self._mode == BODY_LENGTH and self._length == 0):
             return b""
-        if self._mode == _LENGTH and not self._done and len(self._conn.buffer) >= self._length:
+        if self._mode == BODY_LENGTH and not self._done and len(self._conn.buffer) >= self._length:
             data = self._conn.take(self._length)
             self._finish(self._reuse)
             return data
@@ -241,15 +129,15 @@ class UpstreamResponse:
         if idle is not None:  # one timer per response, not per read: checked when it fires
             self._watchdog = asyncio.get_running_loop().call_later(idle, self._watch, idle)
         try:
-            if self._mode == _LENGTH:
+            if self._mode == BODY_LENGTH:
                 left = self._length
                 while left:
                     if not conn.buffer and not await conn.fill():
-                        raise _Closed(f"{left} of {self._length} body bytes missing")
+                        raise Closed(f"{left} of {self._length} body bytes missing")
                     chunk = conn.take(left)
                     left -= len(chunk)
                     yield chunk
-            elif self._mode == _CHUNKED:
+            elif self._mode == BODY_CHUNKED:
                 while True:
                     data, last = self._parse_chunks()
                     if data:  # more may arrive while the consumer has it: parse before waiting
@@ -257,19 +145,19 @@ class UpstreamResponse:
                     if last:
                         break
                     if not data and not await conn.fill():
-                        raise _Closed("connection closed inside a chunked body")
+                        raise Closed("connection closed inside a chunked body")
                 await self._skip_trailers()
             else:  # until the upstream closes
                 while conn.buffer or await conn.fill():
                     yield conn.take(len(conn.buffer))
                 if conn.error is not None:
-                    raise _Closed(conn.error)
-        except _Closed as exc:
+                    raise Closed(conn.error)
+        except Closed as exc:
             self._finish(False)
             raise UpstreamError(
                 f"{self._upstream.base_url} broke off the response: {exc}"
             ) from None
-        except _Silent:
+        except Silent:
             self._finish(False)
             raise UpstreamTimeout(
                 f"{self._upstream.base_url} sent no body byte for {idle:g}s"
@@ -294,20 +182,20 @@ class UpstreamResponse:
                 if len(buf) < 2:
                     break
                 if buf[:2] != b"\r\n":
-                    raise _Closed("malformed chunked body")
+                    raise Closed("malformed chunked body")
                 del buf[:2]
                 self._crlf = False
             eol = buf.find(b"\r\n")
             if eol < 0:
                 if len(buf) > MAX_HEAD:
-                    raise _Closed("chunk size line too long")
+                    raise Closed("chunk size line too long")
                 break
             try:
                 size = int(bytes(buf[:eol]).split(b";", 1)[0], 16)
             except ValueError:
-                raise _Closed("malformed chunk size") from None
+                raise Closed("malformed chunk size") from None
             if size < 0:
-                raise _Closed("malformed chunk size")
+                raise Closed("malformed chunk size")
             del buf[: eol + 2]
             if size == 0:
                 return b"".join(out), True
@@ -319,9 +207,9 @@ class UpstreamResponse:
         buf = self._conn.buffer
         while not (buf.startswith(b"\r\n") or b"\r\n\r\n" in buf):
             if len(buf) > MAX_HEAD:
-                raise _Closed("trailers too long")
+                raise Closed("trailers too long")
             if not await self._conn.fill():
-                raise _Closed("connection closed inside the trailers")
+                raise Closed("connection closed inside the trailers")
         del buf[: 2 if buf.startswith(b"\r\n") else buf.index(b"\r\n\r\n") + 4]
 
     def _watch(self, idle: float) -> None:
@@ -369,7 +257,7 @@ class Upstream:
         self._netloc = parts.netloc.encode()
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._slots = asyncio.Semaphore(max_connections)
-        self._idle: list[_Connection] = []
+        self._idle: list[Connection] = []
         self._closed = False
 
     async def open(
@@ -380,7 +268,7 @@ class Upstream:
         body: AsyncIterable[bytes] | None,
     ) -> UpstreamResponse:
         """Send a request and wait for the response head (see the module docstring)."""
-        head, chunked, close = _request_head(method, target, headers, body, self._netloc)
+        head, chunked, close = request_head(method, target, headers, body, self._netloc)
         source = aiter(body) if body is not None else None
         try:
             async with asyncio.timeout(self.response_timeout):  # a third of anyio.fail_after
@@ -416,7 +304,7 @@ class Upstream:
             except BadUpstreamResponse as exc:
                 conn.close()  # what follows on this connection cannot be trusted
                 raise BadUpstreamResponse(f"{self.base_url}: {exc}") from None
-            except _Closed as exc:
+            except Closed as exc:
                 conn.close()
                 # Sent again only when nothing of the body is lost: none, or an empty one.
                 if not (reused and exc.stale and first is None):
@@ -428,7 +316,7 @@ class Upstream:
 
     async def _roundtrip(
         self,
-        conn: _Connection,
+        conn: Connection,
         method: str,
         head: bytes,
         chunked: bool,
@@ -436,7 +324,7 @@ class Upstream:
         first: bytes | None,
         body: AsyncIterator[bytes] | None,
     ) -> UpstreamResponse:
-        write_error: _Closed | None = None
+        write_error: Closed | None = None
         try:
             if body is None:
                 conn.write(head)
@@ -450,47 +338,24 @@ class Upstream:
                     await conn.drain()
                 if chunked:
                     conn.write(b"0\r\n\r\n")
-        except _Closed as exc:  # the upstream may have answered early (413...) and closed
+        except Closed as exc:  # the upstream may have answered early (413...) and closed
             write_error = exc
         interim = False
         while True:
             try:
-                status, version, headers = await _read_head(conn, interim)
-            except _Closed as exc:
+                status, version, headers = await read_head(conn, interim)
+            except Closed as exc:
                 if write_error is not None:
-                    raise _Closed(write_error, stale=exc.stale) from None
+                    raise Closed(write_error, stale=exc.stale) from None
                 raise
             if status == 101 or not 100 <= status < 200:
                 break
             interim = True
-        length, mode, te = 0, _CLOSE, b""
-        persistent = version == b"HTTP/1.1"
-        for name, value in headers:
-            if name == b"content-length":
-                try:
-                    n = int(value)
-                except ValueError:
-                    raise BadUpstreamResponse(f"bad Content-Length {value!r}") from None
-                if n < 0 or (mode == _LENGTH and n != length):
-                    raise BadUpstreamResponse(f"bad Content-Length {value!r}")
-                length, mode = n, _LENGTH
-            elif name == b"transfer-encoding":
-                te = value.lower()
-            elif name == b"connection":
-                tokens = value.lower()
-                persistent = b"close" not in tokens and (persistent or b"keep-alive" in tokens)
-        if te:
-            if mode == _LENGTH:  # RFC 9112 6.3: a smuggling vector; never guess which one wins
-                raise BadUpstreamResponse("both Content-Length and Transfer-Encoding")
-            mode = _CHUNKED if te.rsplit(b",", 1)[-1].strip() == b"chunked" else _CLOSE
-        if method == "HEAD" or status in (204, 304):
-            mode = _NONE
-        elif status == 101:
-            mode = _CLOSE  # the connection is now something else's
-        reuse = persistent and not close and write_error is None and mode != _CLOSE
+        mode, length, persistent = framing(method, status, version, headers)
+        reuse = persistent and not close and write_error is None and mode != BODY_CLOSE
         return UpstreamResponse(status, headers, self, conn, mode, length, reuse)
 
-    def _pooled(self) -> tuple[_Connection | None, bool]:
+    def _pooled(self) -> tuple[Connection | None, bool]:
         """The most recently used idle connection still fit for a request."""
         deadline = time.monotonic() - self.keepalive_expiry
         while self._idle:
@@ -500,12 +365,12 @@ class Upstream:
             conn.close()
         return None, False
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 _, conn = await loop.create_connection(
-                    _Connection, self._host, self._port, ssl=self._ssl
+                    Connection, self._host, self._port, ssl=self._ssl
                 )
         except TimeoutError:
             raise UpstreamError(f"{self.base_url} unreachable: connect timed out") from None
@@ -513,7 +378,7 @@ class Upstream:
             raise UpstreamError(f"{self.base_url} unreachable: {exc.strerror or exc}") from None
         return conn
 
-    def _release(self, conn: _Connection, reuse: bool) -> None:
+    def _release(self, conn: Connection, reuse: bool) -> None:
         self._slots.release()
         if reuse and not self._closed and conn.usable and len(self._idle) < self.max_idle:
             conn.idle_since = time.monotonic()
@@ -534,70 +399,3 @@ async def _next_chunk(body: AsyncIterator[bytes]) -> bytes | None:
         if chunk:
             return chunk
     return None
-
-
-def _request_head(
-    method: str,
-    target: bytes,
-    headers: list[tuple[bytes, bytes]],
-    body: AsyncIterable[bytes] | None,
-    netloc: bytes,
-) -> tuple[bytes, bool, bool]:
-    """The request line and headers as one bytes; whether the body goes chunked; close asked."""
-    lines = [b"%s %s HTTP/1.1" % (method.encode(), target or b"/")]
-    has_host = has_length = close = False
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"host":
-            has_host = True
-        elif lname == b"content-length":
-            has_length = True
-        elif lname == b"transfer-encoding":
-            continue  # we frame the body ourselves
-        elif lname == b"connection" and b"close" in value.lower():
-            close = True
-        lines.append(name + b": " + value)
-    if not has_host:
-        lines.append(b"host: " + netloc)
-    chunked = body is not None and not has_length
-    if chunked:
-        lines.append(b"transfer-encoding: chunked")
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines), chunked, close
-
-
-async def _read_head(
-    conn: _Connection, interim: bool
-) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    """Status, HTTP version and headers of the next response head on ``conn``.
-
-    The ``_Closed`` raised when the connection ends before any response byte (none after an
-    ``interim`` 1xx head either) is marked stale.
-    """
-    buf = conn.buffer
-    while (end := buf.find(b"\r\n\r\n")) < 0 or end > MAX_HEAD:
-        if len(buf) > MAX_HEAD:
-            raise _Closed(f"response head larger than {MAX_HEAD // 1024} KiB")
-        if not await conn.fill():
-            if buf or interim:
-                raise _Closed("connection closed inside the response head")
-            why = f": {conn.error}" if conn.error else ""
-            raise _Closed(f"connection closed before the response{why}", stale=True)
-    lines = bytes(buf[:end]).split(b"\r\n")
-    del buf[: end + 4]
-    version, _, rest = lines[0].partition(b" ")
-    try:
-        status = int(rest[:3])
-    except ValueError:
-        raise _Closed(f"malformed status line {lines[0][:80]!r}") from None
-    if not version.startswith(b"HTTP/1.") or not 100 <= status <= 999:
-        raise _Closed(f"malformed status line {lines[0][:80]!r}")
-    headers: list[tuple[bytes, bytes]] = []
-    for line in lines[1:]:
-        if line[:1] in (b" ", b"\t"):  # obs-fold: the next hop may read it as a header of its own
-            raise BadUpstreamResponse(f"obs-fold continuation line {line[:80]!r}")
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1:] in (b" ", b"\t"):
-            raise BadUpstreamResponse(f"malformed header line {line[:80]!r}")
-        headers.append((name.lower(), value.strip()))
-    return status, version, headers

@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import HeadersLike
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from gpubroker.config.load import BackendConfig
+from gpubroker.config.model import BackendConfig
 from gpubroker.proxy.forwarding import request_headers, sent_host
 
 log = logging.getLogger("gpubroker.ws")

@@ -8,7 +8,7 @@ writer at a time without a lock.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -16,32 +16,30 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
 
 from gpubroker import events as ev
-from gpubroker.config.load import Config
-from gpubroker.errors import Refused
-from gpubroker.observe.telemetry.base import TelemetrySnapshot
-from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy, tracks_jobs
-from gpubroker.scheduling.domains import backend_gpus, capacities
-from gpubroker.scheduling.scheduler import (
+from gpubroker.config.model import Config
+from gpubroker.errors import Refused, SwapInProgress
+from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy
+from gpubroker.scheduling.effects import (
     Admit,
-    BackendSpec,
     CancelSwap,
     Effect,
     Load,
     Note,
     Refuse,
-    Scheduler,
     SwapDone,
     SwapInfo,
-    SwapInProgress,
     Unload,
     WaitIdle,
 )
+from gpubroker.scheduling.jobs import JobFollower
+from gpubroker.scheduling.notes import note_event
+from gpubroker.scheduling.scheduler import Scheduler
 from gpubroker.workers.strategy import start_before_load
 
 if TYPE_CHECKING:
@@ -53,8 +51,6 @@ IDLE_POLL = 0.05  # seconds between busy() polls at most while a victim drains (
 HISTORY = 50  # swaps kept for the status page
 SHUTTING_DOWN = "gpubroker is shutting down; try again once it is back"
 CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload freed memory anyway
-JOB_POLL = 0.1  # seconds between queue reads while a service has jobs of its own in flight
-JOB_ASK_LIMIT = 5.0  # at most this long for one queue read; a service that hangs is "unknown"
 FORGET_TRIES = 100  # a worker gone for good: evict it, retrying past a swap in progress…
 FORGET_RETRY = 0.1  # …this often (a plan on the same GPU ends within its own timeouts)
 
@@ -64,36 +60,6 @@ class FreedConfirmer(Protocol):
     ``backend``'s memory to come back; None when it did (or cannot be seen), else why not."""
 
     async def wait_freed(self, backend: str, limit: float) -> str | None: ...
-
-
-def build_scheduler(
-    config: Config, strategies: Mapping[str, Strategy], telemetry: TelemetrySnapshot | None
-) -> Scheduler:
-    """The pure scheduler for ``config``: each backend's GPUs, sizes and its strategy's costs."""
-    return Scheduler(
-        [
-            BackendSpec(
-                name=b.name,
-                gpus=backend_gpus(b, telemetry),
-                need=b.vram,
-                priority=b.priority,
-                pinned=b.pinned,
-                max_concurrency=b.max_concurrency,
-                cost=type(strategies[b.name]).eviction_cost,
-                sleeps=type(strategies[b.name]).frees_by == "sleep",
-                idle_timeout=b.idle_timeout,
-            )
-            for b in config.backends
-        ],
-        capacities=capacities(config, telemetry),
-        policy=config.policy,
-        queue_timeout=config.queue_timeout,
-        hold_time=config.effective_hold_time,
-        min_residency=config.min_residency
-        if config.min_residency is not None
-        else (3.0 if config.policy == "budget" else 0.0),
-        aging=config.priority_aging,
-    )
 
 
 @dataclass(slots=True)
@@ -161,14 +127,9 @@ class Broker:
             b.name: {"gpu": 0, "passthrough": 0, "refused": 0, "upstream_errors": 0}
             for b in config.backends
         }
-        # The services' own queues (ComfyUI's), as last read; only backends that report one.
-        self.jobs: dict[str, list[Job]] = {
-            name: [] for name, strategy in self.strategies.items() if tracks_jobs(strategy)
-        }
-        self._job_watch: set[str] = set()  # backends whose queue is being followed now
-        self._jobs_failing: dict[str, float] = {}  # backend -> since when its queue is unreadable
-        self._jobs_lock = {name: anyio.Lock() for name in self.jobs}
-        self._jobs_read_at: dict[str, float] = {}  # backend -> when its last read began
+        self._follower = JobFollower(
+            self.strategies, timeout=config.unload_timeout, clock=clock, on_read=self._jobs_read
+        )
         self.measured: dict[str, dict[str, int | None]] = {}  # backend -> GPU -> bytes seen held
         self._held_before: dict[str, int | None] = {}  # measured as an unload began
         self._pending: dict[int, _Pending] = {}
@@ -196,8 +157,7 @@ class Broker:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await self.reconcile()
-            for name in self.jobs:  # work queued before we started is in flight too
-                self._follow_jobs(name)
+            self._follower.follow_all(tg)  # work queued before we started is in flight too
             task_status.started()
             await self._clock_loop()
 
@@ -277,7 +237,9 @@ class Broker:
                 if backend in self.jobs and self._tg is not None:
                     # The request may have queued a job that runs after its HTTP call ended:
                     # the lease ends only once the service's queue has been read.
-                    self._tg.start_soon(self._settle, lease, backend, self.clock())
+                    release = functools.partial(self._release, lease)
+                    settle = self._follower.settle
+                    self._tg.start_soon(settle, backend, self.clock(), release, self._tg)
                     deferred = True
                 else:
                     self._apply(self.sched.released(lease, self.clock()))
@@ -286,53 +248,18 @@ class Broker:
             if not deferred:
                 self.live.pop(lease, None)
 
-    async def _settle(self, lease: int, backend: str, ended: float) -> None:
-        """End ``lease`` after reading ``backend``'s queue, so its job is counted before the
-        lease stops counting: no instant in which the owner looks idle to the hold."""
-        try:
-            if await self._read_jobs(backend, after=ended):
-                self._follow_jobs(backend, wait_first=True)
-        finally:  # cancelled (the broker stops) or a plugin's answer was bad: still released
-            self.live.pop(lease, None)
-            self._apply(self.sched.released(lease, self.clock()))
+    def _release(self, lease: int) -> None:
+        """End a lease whose release waited for its service's queue to be read."""
+        self.live.pop(lease, None)
+        self._apply(self.sched.released(lease, self.clock()))
 
-    async def _read_jobs(self, backend: str, *, after: float | None = None) -> int:
-        """Read ``backend``'s queue into the scheduler; returns how many jobs it holds.
+    @property
+    def jobs(self) -> dict[str, list[Job]]:
+        """The services' own queues (ComfyUI's), as last read; only backends that report one."""
+        return self._follower.jobs
 
-        Reads of one backend take turns, so an older answer never overwrites a newer one, and
-        a caller that needs a reading begun ``after`` a moment shares one that did.
-        """
-        async with self._jobs_lock[backend]:
-            if after is not None and self._jobs_read_at.get(backend, float("-inf")) >= after:
-                return len(self.jobs[backend])
-            self._jobs_read_at[backend] = self.clock()
-            return await self._read_jobs_now(backend)
-
-    async def _read_jobs_now(self, backend: str) -> int:
-        jobs: list[Job] | None = None
-        try:
-            with anyio.fail_after(min(self.config.unload_timeout, JOB_ASK_LIMIT)):
-                jobs = [
-                    j for j in await self.strategies[backend].jobs() or [] if isinstance(j, Job)
-                ]
-        except Exception as exc:
-            # Cannot tell: keep the last reading for a while, but a service that stays
-            # unreachable has lost its queue, and jobs nobody can see must not hold the GPU.
-            failing = self._jobs_failing.setdefault(backend, self.clock())
-            if self.clock() - failing < self.config.unload_timeout:
-                log.debug("%s: cannot read its queue (%s)", backend, exc)
-                return len(self.jobs[backend])
-            log.warning("%s: its queue cannot be read (%s); counting it as empty", backend, exc)
-        self._jobs_failing.pop(backend, None)
-        # ComfyUI stamps no time on a job: "since" is when we first saw it, kept across reads.
-        seen = {j.id: j.since for j in self.jobs[backend]}
-        now = time.time()
-        jobs = [
-            j if j.since is not None else dataclasses.replace(j, since=seen.get(j.id) or now)
-            for j in jobs or []
-        ]
-        before = len(self.jobs[backend])
-        self.jobs[backend] = jobs
+    def _jobs_read(self, backend: str, jobs: list[Job], before: int) -> None:
+        """A reading of ``backend``'s queue: count it into the scheduler; publish a change."""
         self._apply(self.sched.jobs(backend, len(jobs), self.clock()))
         if len(jobs) != before:
             running = sum(1 for j in jobs if j.state == "running")
@@ -340,24 +267,6 @@ class Broker:
             self._publish(
                 ev.Jobs, backend=backend, count=len(jobs), running=running, pending=pending
             )
-        return len(jobs)
-
-    def _follow_jobs(self, backend: str, *, wait_first: bool = False) -> None:
-        """Read ``backend``'s queue every JOB_POLL seconds until it is empty (one follower)."""
-        if backend in self._job_watch or self._tg is None:
-            return
-        self._job_watch.add(backend)
-
-        async def follow() -> None:
-            try:
-                if wait_first:
-                    await anyio.sleep(JOB_POLL)
-                while await self._read_jobs(backend):
-                    await anyio.sleep(JOB_POLL)
-            finally:
-                self._job_watch.discard(backend)
-
-        self._tg.start_soon(follow)
 
     def first_byte(self, lease: int) -> None:
         """The proxy sent the first body byte of ``lease``'s response."""
@@ -542,59 +451,17 @@ class Broker:
             job.done.set()
 
     def _note(self, note: Note) -> None:
-        """A scheduler note as a typed event, named for what a watcher sees happen.
+        """A scheduler note as a typed event (:func:`~gpubroker.scheduling.notes.note_event`).
 
-        The one place the scheduler's words are renamed: ``unloading`` of a service that
-        sleeps is ``sleeping``; ``unloaded`` is ``freed`` (with the bytes it held as the unload
-        began: measured, else declared) or ``unload_failed``; ``loading`` from sleep is
-        ``waking``; ``swap_started`` gains the leases queued for its target.
+        What a backend held as its unload began (measured, else None) is kept for its ``freed``.
         """
-        name, lease, d = note.backend, note.lease, note.detail
-        swap = d.get("swap")
-        event: type[ev.WireEvent]
-        fields: dict[str, Any] = {}
-        match note.kind:
-            case "reconciled":
-                event, fields = ev.Reconciled, {"state": d["state"]}
-            case "queued":
-                event, fields = ev.Queued, {"position": d["position"]}
-            case "released":
-                event = ev.Released
-            case "left":
-                event = ev.Left
-            case "swap_started":
-                queued = tuple(w.lease for w in self.sched.queue if w.backend == name)
-                event = ev.SwapStarted
-                fields = {"victims": tuple(cast(list[str], d["victims"])), "requests": queued}
-            case "draining":
-                event, fields = ev.Draining, {"active": d["active"]}
-            case "unloading":
-                assert name is not None
-                self._held_before[name] = self.measured_total(name)
-                event = ev.Sleeping if self.sched.slots[name].spec.sleeps else ev.Unloading
-            case "unloaded":
-                assert name is not None
-                held = self._held_before.pop(name, None)
-                fields = {"holding": d["holding"]}
-                if d.get("error"):
-                    event, fields["error"] = ev.UnloadFailed, d["error"]
-                else:
-                    event = ev.Freed
-                    fields["measured"] = held is not None
-                    fields["held"] = held if held is not None else self.config.backend(name).vram
-            case "loading":
-                event = ev.Waking if d.get("wake") else ev.Loading
-            case "load_failed":
-                event, fields = ev.LoadFailed, {"error": d["error"]}
-            case "swap_failed":
-                event, fields = ev.SwapFailed, {"failures": tuple(cast(list[str], d["failures"]))}
-            case "swap_abandoned":
-                event = ev.SwapAbandoned
-            case other:
-                raise ValueError(f"a scheduler note with no event: {other!r}")
-        if swap is not None:
-            fields["swap"] = swap
-        self._publish(event, backend=name, lease=lease, **fields)
+        held = None
+        if note.backend is not None and note.kind == "unloading":
+            self._held_before[note.backend] = self.measured_total(note.backend)
+        elif note.backend is not None and note.kind == "unloaded":
+            held = self._held_before.pop(note.backend, None)
+        event, fields = note_event(note, self.sched, self.config, held)
+        self._publish(event, backend=note.backend, lease=note.lease, **fields)
 
     def _publish(self, event: type[ev.WireEvent], **fields: Any) -> None:
         """Publish ``event``, stamped with the time and, where known, how long its lease (or

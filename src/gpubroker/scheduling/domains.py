@@ -4,14 +4,18 @@ A backend's ``gpu:`` and a declared ``gpus: [{id: …}]`` may name a GPU by inde
 telemetry (when present) tells which index has which UUID, so both spellings meet on one key.
 Capacity is the declared ``memory`` (else the telemetry total) minus ``reserve``; where neither
 is known the domain has no capacity and the scheduler treats it as exclusive.
+:func:`build_scheduler` puts these together, with each strategy's costs, into the pure
+scheduler for a config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gpubroker.config.load import BackendConfig, Config
+from gpubroker.config.model import BackendConfig, Config
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
+from gpubroker.plugins.strategies.base import Strategy
+from gpubroker.scheduling.scheduler import BackendSpec, Scheduler
 
 
 def _aliases(snapshot: TelemetrySnapshot | None) -> dict[str, str]:
@@ -60,3 +64,33 @@ def capacities(config: Config, snapshot: TelemetrySnapshot | None) -> dict[str, 
         reserve = spec.reserve if spec else 0
         out[key] = None if total is None else max(0, total - reserve)
     return out
+
+
+def build_scheduler(
+    config: Config, strategies: Mapping[str, Strategy], telemetry: TelemetrySnapshot | None
+) -> Scheduler:
+    """The pure scheduler for ``config``: each backend's GPUs, sizes and its strategy's costs."""
+    return Scheduler(
+        [
+            BackendSpec(
+                name=b.name,
+                gpus=backend_gpus(b, telemetry),
+                need=b.vram,
+                priority=b.priority,
+                pinned=b.pinned,
+                max_concurrency=b.max_concurrency,
+                cost=type(strategies[b.name]).eviction_cost,
+                sleeps=type(strategies[b.name]).frees_by == "sleep",
+                idle_timeout=b.idle_timeout,
+            )
+            for b in config.backends
+        ],
+        capacities=capacities(config, telemetry),
+        policy=config.policy,
+        queue_timeout=config.queue_timeout,
+        hold_time=config.effective_hold_time,
+        min_residency=config.min_residency
+        if config.min_residency is not None
+        else (3.0 if config.policy == "budget" else 0.0),
+        aging=config.priority_aging,
+    )

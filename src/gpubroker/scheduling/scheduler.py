@@ -1,17 +1,19 @@
 """The VRAM scheduler: it decides, it never does I/O.
 
 Callers feed it events — a request arrived, a lease ended, a client left, an unload finished, the
-clock moved — and it answers with *effects* to carry out: admit or refuse a lease, wait for a
-backend to go idle, unload it, load the next one. Every method is synchronous and runs to the end
-without awaiting, so on one event loop there is exactly one writer at a time and no lock; and
-every decision can be replayed in a unit test with a fake clock.
+clock moved — and it answers with *effects* to carry out (the values in
+:mod:`~gpubroker.scheduling.effects`): admit or refuse a lease, wait for a backend to go idle,
+unload it, load the next one. Every method is synchronous and runs to the end without awaiting,
+so on one event loop there is exactly one writer at a time and no lock; and every decision can be
+replayed in a unit test with a fake clock.
 
 Each GPU is a domain with a capacity. A backend needs some of it on each of its GPUs: its
 declared ``vram`` under ``policy: budget``, the whole GPU under ``policy: exclusive`` (or when
 the capacity is unknown). A request is admitted at once when its backend is resident; otherwise
-a *plan* makes room: victims (chosen by :func:`choose_victims`) are drained — no new leases,
-in-flight ones finish, ``busy()`` must say idle — then unloaded, then the target is loaded and all
-its queued requests are admitted together. Plans on disjoint GPUs run side by side.
+a *plan* makes room: victims (chosen by :func:`~gpubroker.scheduling.victims.choose_victims`)
+are drained — no new leases, in-flight ones finish, ``busy()`` must say idle — then unloaded,
+then the target is loaded and all its queued requests are admitted together. Plans on disjoint
+GPUs run side by side.
 
 A backend moves through these states::
 
@@ -24,11 +26,24 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from gpubroker.config.load import Policy
+from gpubroker.config.model import Policy
 from gpubroker.errors import SwapInProgress
+from gpubroker.scheduling.effects import (
+    Admit,
+    CancelSwap,
+    Effect,
+    Load,
+    Note,
+    Refuse,
+    SwapDone,
+    SwapInfo,
+    Unload,
+    WaitIdle,
+)
+from gpubroker.scheduling.victims import Candidate, choose_victims
 
 
 class State(enum.Enum):
@@ -65,144 +80,6 @@ class BackendSpec:
     cost: int = 2
     idle_timeout: float | None = None
     sleeps: bool = False  # its unload is a sleep: afterwards it is asleep, not absent
-
-
-# --- effects: what the driver must do --------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SwapInfo:
-    """What a plan did, for the ``X-GPUBroker-Swap`` header and the history."""
-
-    target: str | None
-    evicted: tuple[str, ...]
-    drain_s: float
-    unload_s: float
-    load_s: float
-    failures: tuple[str, ...] = ()
-    reason: str = "request"
-
-    @property
-    def total_s(self) -> float:
-        return self.drain_s + self.unload_s + self.load_s
-
-    def header(self) -> str:
-        evicted = ",".join(self.evicted) or "-"
-        return f"evicted={evicted}; to={self.target or '-'}; ms={round(self.total_s * 1000)}"
-
-
-@dataclass(frozen=True, slots=True)
-class Admit:
-    lease: int
-    backend: str
-    swap: SwapInfo | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Refuse:
-    lease: int
-    backend: str
-    status: int
-    code: str
-    message: str
-    retry_after: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class WaitIdle:
-    """Poll the backend's ``busy()`` until it is idle, then report ``idle(plan, backend)``."""
-
-    swap: int
-    backend: str
-
-
-@dataclass(frozen=True, slots=True)
-class Unload:
-    """Run the backend's strategy ``unload()``; report ``unloaded(plan, backend, error)``."""
-
-    swap: int
-    backend: str
-
-
-@dataclass(frozen=True, slots=True)
-class Load:
-    """Run the backend's strategy ``load()``; report ``loaded(plan, backend, error)``."""
-
-    swap: int
-    backend: str
-
-
-@dataclass(frozen=True, slots=True)
-class CancelSwap:
-    """A plan was abandoned before anything was unloaded: stop its idle waits."""
-
-    swap: int
-
-
-@dataclass(frozen=True, slots=True)
-class Note:
-    """Something worth recording (history, event stream, logs)."""
-
-    kind: str
-    backend: str | None = None
-    lease: int | None = None
-    detail: dict[str, object] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class SwapDone:
-    """A plan finished; ``info`` has its phase timings."""
-
-    swap: int
-    info: SwapInfo
-
-
-Effect = Admit | Refuse | WaitIdle | Unload | Load | CancelSwap | Note | SwapDone
-
-
-# --- the eviction choice: a pure function ---------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """A resident backend that could make room, as :func:`choose_victims` sees it."""
-
-    name: str
-    frees: int  # bytes it would free on the GPU in question
-    priority: int = 0
-    cost: int = 2
-    last_used: float = 0.0
-    pinned: bool = False
-    protected: bool = False  # still inside its minimum residency: not evictable yet
-
-
-def choose_victims(shortfall: int, candidates: Sequence[Candidate]) -> list[str] | None:
-    """The cheapest set of candidates that frees at least ``shortfall`` bytes, or None.
-
-    Never a pinned or protected candidate. Lower priority goes first, then the cheaper to bring
-    back (sleep before unload before stop), then the least recently used; afterwards any victim
-    the others already cover is spared, so no more is evicted than needed.
-    """
-    if shortfall <= 0:
-        return []
-    pool = sorted(
-        (c for c in candidates if not c.pinned and not c.protected),
-        key=lambda c: (c.priority, c.cost, c.last_used, c.name),
-    )
-    chosen: list[Candidate] = []
-    freed = 0
-    for c in pool:
-        if freed >= shortfall:
-            break
-        chosen.append(c)
-        freed += c.frees
-    if freed < shortfall:
-        return None
-    for c in sorted(chosen, key=lambda c: (-c.priority, -c.cost, -c.last_used)):
-        if freed - c.frees >= shortfall:
-            chosen.remove(c)
-            freed -= c.frees
-    return [c.name for c in chosen]
 
 
 # --- state -----------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ A backend with ``command:`` is a managed worker. Its ``upstream`` says where it 
   itself is wrong) fails at once: retrying a typo helps nobody.
 - **Logs**: stdout and stderr, line by line, into a ring buffer (``gpubroker workers logs``) and,
   with ``logFile:``, appended to a file. A worker's output and its command line may show its
-  secrets: they are for admins only (``describe(admin=True)``), never in an event.
+  secrets: they are for admins only (the read model's ``workers_json(admin=True)``), never in
+  an event.
 - **Pinning**: the monitor's warnings (``alerts.py``) raise ``pinned-to-wrong-GPU`` when
   telemetry sees a worker's PIDs (handed over by :meth:`Supervisor.roots`) on another GPU.
 
@@ -51,7 +52,7 @@ import anyio.abc
 import anyio.to_thread
 import httpx
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.errors import WorkerError
 from gpubroker.events import (
     EventBus,
@@ -225,10 +226,6 @@ class Supervisor(Leftovers):
             if pid == w.pid or pid in {p.pid for p in tree}:
                 return w.name
         return None
-
-    def describe(self, *, admin: bool = False) -> list[dict[str, Any]]:
-        """Every worker (see :meth:`Worker.describe`; ``admin`` adds logs and commands)."""
-        return [w.describe(admin=admin) for w in self.workers.values()]
 
     # --- jobs: run in our own task group, so a caller's timeout never cuts one short ----------
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-import time
 from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,7 +17,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.abc
 
-from gpubroker.config.load import BackendConfig
+from gpubroker.config.model import BackendConfig
 from gpubroker.observe.telemetry.base import TelemetrySnapshot
 from gpubroker.scheduling.domains import cuda_devices
 from gpubroker.workers.parts import LOG_LINES, LogBuffer
@@ -93,29 +92,6 @@ class Worker:
         self.backoff_scope: anyio.CancelScope | None = None
         self.output_done: anyio.Event | None = None  # set when its output is read to the end
         self.last_stop: dict[str, Any] | None = None  # the report of the last stop
-
-    def describe(self, *, admin: bool = False) -> dict[str, Any]:
-        """What the supervisor knows of it. ``admin`` adds what may show secrets: the command
-        line and, once it failed, the tail of its log."""
-        now = time.time()
-        out: dict[str, Any] = {
-            "name": self.name,
-            "state": self.state.value,
-            "pid": self.pid,
-            "adopted": self.adopted,
-            "gpu": list(self.gpu_ids) or [str(g) for g in (self.spec.gpu or (0,))],
-            "upstream": self.spec.upstream,
-            "uptime": round(now - self.started_at, 1)
-            if self.started_at and self.state is WorkerState.READY
-            else None,
-            "restarts": self.restarts,
-            "lastExit": self.last_exit,
-            "error": self.error,
-        }
-        if admin:
-            out["logTail"] = self.log.tail() if self.state is WorkerState.FAILED else []
-            out["command"] = self.argv or list(self.spec.command or ())
-        return out
 
     def command(self, snapshot: TelemetrySnapshot | None) -> tuple[list[str], dict[str, str]]:
         """The argv and environment of a start, pinned to the GPUs ``snapshot`` resolves

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 
 
 @dataclass(frozen=True, slots=True)

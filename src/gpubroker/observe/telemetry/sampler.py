@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 import anyio
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.observe.telemetry.base import GpuSample, TelemetrySnapshot, TelemetrySource
 from gpubroker.observe.telemetry.nvml import NoTelemetry
 from gpubroker.plugins.manager import Plugins

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from gpubroker.config.load import Config
+from gpubroker.config.model import Config
 from gpubroker.errors import TelemetryError
 from gpubroker.observe.telemetry.base import (
     GpuProcess,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import httpx
 
-from gpubroker.config.load import BackendConfig
+from gpubroker.config.model import BackendConfig
 
 if TYPE_CHECKING:
     from gpubroker.workers.supervisor import Supervisor

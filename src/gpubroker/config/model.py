@@ -1,0 +1,153 @@
+"""What a resolved config is: frozen, typed objects every subsystem reads.
+
+``Config`` holds the top-level settings and its ``BackendConfig`` backends (and declared
+``GpuSpec`` GPUs); the defaults here are gpubroker's. Parsing and validating a file into these
+is :mod:`~gpubroker.config.load`'s work, key by key with :mod:`~gpubroker.config.keys`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gpubroker.config.keys import BACKEND_KEYS, TOP_KEYS, Field
+from gpubroker.errors import ConfigError
+
+Policy = Literal["exclusive", "budget"]
+Restart = Literal["on-failure", "always", "never"]
+HostHeader = Literal["client", "upstream"]
+
+DEFAULT_STATUS_PORT = 5102
+DEFAULT_QUEUE_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSpec:
+    """A GPU declared in the config: ``id`` is an index or a UUID; sizes in bytes."""
+
+    id: int | str
+    memory: int | None = None
+    reserve: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One GPU service behind the broker."""
+
+    name: str
+    proxy_port: int
+    upstream: str
+    unload_strategy: str = "generic"
+    unload_endpoint: str | None = None
+    load_endpoint: str | None = None
+    classifier: str | None = None
+    vram: int | None = None
+    priority: int = 0
+    pinned: bool = False
+    gpu: tuple[int | str, ...] = ()
+    gpu_paths: tuple[str, ...] | None = None
+    sleep_level: int = 1
+    max_concurrency: int | None = None
+    health_path: str | None = None
+    command: tuple[str, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    idle_timeout: float | None = None
+    start_timeout: float = 120.0
+    stop_timeout: float = 10.0
+    autostart: bool = False
+    restart: Restart = "on-failure"
+    log_file: str | None = None
+    host_header: HostHeader | None = None
+    """``client``: forward the client's Host (a transparent proxy); ``upstream``: send the
+    upstream's own host instead (virtual hosts, TLS with SNI). None: the strategy's default
+    (``Strategy.host_header``)."""
+    upstream_idle_timeout: float | None = None  # None: the top-level upstreamIdleTimeout
+
+    @property
+    def classifier_name(self) -> str:
+        """The classifier follows the strategy unless set: ``ollama-big`` is still Ollama."""
+        return self.classifier or self.unload_strategy
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole resolved configuration. ``source`` is the file it came from, if any."""
+
+    backends: tuple[BackendConfig, ...]
+    status_port: int = DEFAULT_STATUS_PORT
+    bind: str = "127.0.0.1"
+    policy: Policy = "exclusive"
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    unload_timeout: float = 10.0
+    hold_time: float = 10.0
+    min_residency: float | None = None  # None: 3s under budget, 0 under exclusive
+    priority_aging: float = 30.0
+    upstream_timeout: float = 600.0
+    upstream_idle_timeout: float = 300.0  # no response byte for this long ends the response
+    header_timeout: float = 10.0  # a client must send its whole request head within this
+    client_idle_timeout: float = 60.0  # a request body that stalls this long is cut off
+    allowed_hosts: tuple[str, ...] = ()  # Host names our own listeners accept beyond loopback
+    shutdown_grace: float = 30.0
+    gpus: tuple[GpuSpec, ...] | Literal["auto"] = "auto"
+    admin_token: str | None = None
+    telemetry: str = "auto"
+    telemetry_url: str | None = None  # where `telemetry: sim` reads the simulated GPUs
+    telemetry_interval: float = 2.0
+    gpu_near_full: float = 0.95  # used/total at which the GPU-near-full warning fires
+    disable_plugins: tuple[str, ...] = ()
+    source: str | None = None
+    locations: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
+
+    @property
+    def effective_hold_time(self) -> float:
+        """``holdTime`` capped at half of ``queueTimeout``.
+
+        While others wait, the owner keeps admitting for the hold; a hold as long as the queue
+        timeout would let steady traffic to the owner time out every waiter, so that backend
+        would never be served. Half leaves the swap itself the other half.
+        """
+        return min(self.hold_time, self.queue_timeout / 2)
+
+    def backend(self, name: str) -> BackendConfig:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def error(self, keypath: str, message: str) -> ConfigError:
+        """A ConfigError pointing at ``keypath`` (or its nearest located parent)."""
+        probe = keypath
+        while probe and probe not in self.locations:
+            probe = probe.rpartition(".")[0] if "." in probe else ""
+        line, col = self.locations.get(probe, (None, None))
+        return ConfigError(message, source=self.source, line=line, column=col, keypath=keypath)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config in the file's own key names (for ``serve --check``).
+
+        Unset values are left out, so the output loads back as the same config.
+        """
+        out = _exported(self, TOP_KEYS)
+        out["backends"] = [_exported(b, BACKEND_KEYS) for b in self.backends]
+        return out
+
+
+def _exported(obj: Any, spec: Mapping[str, Field]) -> dict[str, Any]:
+    values = {key: _export(getattr(obj, field_.attr)) for key, field_ in spec.items()}
+    return {key: v for key, v in values.items() if v is not None and v != [] and v != {}}
+
+
+def _export(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_export(v) for v in value]
+    if isinstance(value, GpuSpec):
+        return {
+            k: v
+            for k, v in (("id", value.id), ("memory", value.memory), ("reserve", value.reserve))
+            if v is not None
+        }
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
