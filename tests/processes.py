@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import psutil
 
-from gpubroker.observe.telemetry.base import GpuProcess, GpuSample, TelemetrySnapshot
+from gpubroker.telemetry.base import GpuProcess, GpuSample, TelemetrySnapshot
 
 FAKE = [sys.executable, "-m", "gpubroker.sim.fake_worker", "--port", "{port}"]
 

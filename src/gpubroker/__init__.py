@@ -18,15 +18,15 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 if TYPE_CHECKING:
     from gpubroker.errors import TelemetryError
-    from gpubroker.observe.telemetry.base import (
+    from gpubroker.plugins.classifiers.base import Classifier, RouteClassifier
+    from gpubroker.plugins.hookspecs import hookimpl
+    from gpubroker.plugins.strategies.base import Job, Strategy, StrategyContext
+    from gpubroker.telemetry.base import (
         GpuProcess,
         GpuSample,
         TelemetrySnapshot,
         TelemetrySource,
     )
-    from gpubroker.plugins.classifiers.base import Classifier, RouteClassifier
-    from gpubroker.plugins.hookspecs import hookimpl
-    from gpubroker.plugins.strategies.base import Job, Strategy, StrategyContext
 
 _PUBLIC = {
     "hookimpl": ".plugins.hookspecs",
@@ -35,11 +35,11 @@ _PUBLIC = {
     "Job": ".plugins.strategies.base",
     "Classifier": ".plugins.classifiers.base",
     "RouteClassifier": ".plugins.classifiers.base",
-    "TelemetrySource": ".observe.telemetry.base",
+    "TelemetrySource": ".telemetry.base",
     "TelemetryError": ".errors",
-    "TelemetrySnapshot": ".observe.telemetry.base",
-    "GpuSample": ".observe.telemetry.base",
-    "GpuProcess": ".observe.telemetry.base",
+    "TelemetrySnapshot": ".telemetry.base",
+    "GpuSample": ".telemetry.base",
+    "GpuProcess": ".telemetry.base",
 }
 
 __all__ = [

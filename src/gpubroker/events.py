@@ -53,7 +53,8 @@ class EventBus:
         return unsubscribe
 
     def publish(self, event: Event) -> None:
-        log.debug("%s", event)
+        if isinstance(event, WireEvent):  # news between objects (a sample's Measured) stays quiet
+            log.debug("%s", event)
         for handler in list(self._handlers):
             try:
                 handler(event)
@@ -127,7 +128,7 @@ class Admitted(WireEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Refused(WireEvent):
+class LeaseRefused(WireEvent):
     kind: ClassVar[str] = "refused"
     status: int
     reason: str  # the refusal's code
@@ -167,7 +168,7 @@ class Jobs(WireEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ShuttingDown(WireEvent):
+class BrokerShuttingDown(WireEvent):
     kind: ClassVar[str] = "shutting_down"
     backend: str | None = None
 
@@ -258,7 +259,7 @@ class Waking(_SwapStep):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class LoadFailed(_SwapStep):
+class SwapLoadFailed(_SwapStep):
     kind: ClassVar[str] = "load_failed"
     error: str | None
 
@@ -465,12 +466,12 @@ class WorkerGone(Event):
 WIRE_KINDS: tuple[type[WireEvent], ...] = (
     Queued,
     Admitted,
-    Refused,
+    LeaseRefused,
     FirstByte,
     Released,
     Left,
     Jobs,
-    ShuttingDown,
+    BrokerShuttingDown,
     Reconciled,
     SwapStarted,
     Draining,
@@ -480,7 +481,7 @@ WIRE_KINDS: tuple[type[WireEvent], ...] = (
     UnloadFailed,
     Loading,
     Waking,
-    LoadFailed,
+    SwapLoadFailed,
     SwapFailed,
     SwapAbandoned,
     Swapped,

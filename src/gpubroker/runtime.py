@@ -42,15 +42,15 @@ from gpubroker.events import EventBus
 from gpubroker.observe.health import HealthProbe
 from gpubroker.observe.monitor import Monitor
 from gpubroker.observe.status import StatusApp
-from gpubroker.observe.telemetry.sampler import Sampler, choose_source
 from gpubroker.plugins.classifiers.base import Classifier, RouteClassifier
-from gpubroker.plugins.manager import Plugins, check_config_names
+from gpubroker.plugins.manager import Plugins, check_config_names, choose_source
 from gpubroker.plugins.strategies.base import Strategy, StrategyContext
 from gpubroker.proxy.app import ProxyApp
 from gpubroker.proxy.listener import Listener, listen, serve
 from gpubroker.proxy.upstream import Upstream
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.domains import build_scheduler
+from gpubroker.telemetry.sampler import Sampler
 from gpubroker.workers.supervisor import Supervisor
 
 log = logging.getLogger("gpubroker.runtime")

@@ -88,7 +88,7 @@ def test_bash_script_completes_through_the_real_function() -> None:
 def test_importing_the_cli_stays_light() -> None:
     """Completion imports the CLI on every <Tab>: no NVML, no plugins, no HTTP stack, no server."""
     heavy = ["pynvml", "gpubroker.plugins.manager", "httpx", "hypercorn", "starlette", "pluggy",
-             "gpubroker.observe.telemetry"]  # fmt: skip
+             "gpubroker.telemetry"]  # fmt: skip
     code = (
         "import sys, gpubroker.cli.main\n"
         f"print(' '.join(m for m in {heavy!r} if m in sys.modules))\n"

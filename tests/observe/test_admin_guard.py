@@ -25,7 +25,8 @@ from websockets.asyncio.client import connect
 
 from gpubroker.cli.client import call
 from gpubroker.cli.main import app as cli_app
-from gpubroker.observe.guard import HostPolicy, ListenerGuard, allowed_host_entry, split_host
+from gpubroker.config.hosts import allowed_host_entry, split_host
+from gpubroker.observe.guard import HostPolicy, ListenerGuard
 from gpubroker.runtime import Endpoints
 from gpubroker.sim import GenericEmulator, GiB, SimGPU, running
 from gpubroker.testing import broker_running, make_config

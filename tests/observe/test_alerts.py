@@ -10,7 +10,7 @@ import pytest
 from gpubroker.config.model import BackendConfig
 from gpubroker.observe.alerts import Alerts, Facts
 from gpubroker.observe.attribution import Attribution, OwnedProcess
-from gpubroker.observe.telemetry.base import GpuSample, TelemetrySnapshot
+from gpubroker.telemetry.base import GpuSample, TelemetrySnapshot
 from gpubroker.vram import freed_goal
 
 GiB = 2**30

@@ -13,13 +13,13 @@ import pytest
 
 from gpubroker.config.model import BackendConfig
 from gpubroker.observe.attribution import Attribution, attribute, existing, find_trees, is_local
-from gpubroker.observe.telemetry.base import (
+from gpubroker.plugins.manager import Provided, create_plugins
+from gpubroker.telemetry.base import (
     GpuProcess,
     GpuSample,
     TelemetrySnapshot,
     TelemetrySource,
 )
-from gpubroker.plugins.manager import Provided, create_plugins
 from gpubroker.testing import broker_running, make_config
 
 GiB = 2**30

@@ -21,13 +21,13 @@ from gpubroker.errors import TelemetryError
 from gpubroker.events import EventBus, on_wire
 from gpubroker.observe import alerts, monitor
 from gpubroker.observe.monitor import Monitor
-from gpubroker.observe.telemetry.base import TelemetrySnapshot
-from gpubroker.observe.telemetry.sampler import Sampler
-from gpubroker.observe.telemetry.sim import SimTelemetry
 from gpubroker.plugins.manager import Provided, create_plugins
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.domains import build_scheduler
 from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, gpu_app, running
+from gpubroker.telemetry.base import TelemetrySnapshot
+from gpubroker.telemetry.sampler import Sampler
+from gpubroker.telemetry.sim import SimTelemetry
 from gpubroker.testing import broker_running, make_config
 
 pytestmark = pytest.mark.anyio

@@ -57,11 +57,11 @@ def test_markers_belong_to_the_project() -> None:
 def test_the_plugin_api_is_importable_from_the_package_itself() -> None:
     import gpubroker
     from gpubroker import Classifier, Job, Strategy, TelemetrySource, hookimpl
-    from gpubroker.observe.telemetry.base import TelemetrySource as TelemetrySourceImpl
     from gpubroker.plugins.classifiers.base import Classifier as ClassifierImpl
     from gpubroker.plugins.hookspecs import hookimpl as hookimpl_impl
     from gpubroker.plugins.strategies.base import Job as JobImpl
     from gpubroker.plugins.strategies.base import Strategy as StrategyImpl
+    from gpubroker.telemetry.base import TelemetrySource as TelemetrySourceImpl
 
     assert hookimpl is hookimpl_impl and Strategy is StrategyImpl and Job is JobImpl
     assert Classifier is ClassifierImpl and TelemetrySource is TelemetrySourceImpl

@@ -14,10 +14,9 @@ from gpubroker import __version__
 from gpubroker.config.load import parse_config
 from gpubroker.errors import ConfigError, PluginError
 from gpubroker.plugins import hookspecs
-from gpubroker.plugins.classifiers.builtin import BUILTIN_CLASSIFIERS
+from gpubroker.plugins.builtin import BUILTIN_CLASSIFIERS, BUILTIN_STRATEGIES
 from gpubroker.plugins.manager import check_config_names, create_plugins, disabled_from_env
 from gpubroker.plugins.strategies import Strategy
-from gpubroker.plugins.strategies.builtin import BUILTIN_STRATEGIES
 
 BUILTINS = ("builtin-strategies", "builtin-classifiers", "builtin-telemetry")
 

@@ -8,7 +8,7 @@ import sys
 import anyio
 import pytest
 
-from gpubroker.observe.telemetry.base import TelemetrySnapshot
+from gpubroker.telemetry.base import TelemetrySnapshot
 from gpubroker.workers.procs import describe_pid, stop_tree
 from processes import all_gone, free_port, gpu_holding, popen
 

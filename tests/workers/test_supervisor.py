@@ -24,14 +24,15 @@ from gpubroker.config.model import Config
 from gpubroker.errors import WorkerError
 from gpubroker.events import EventBus, on_wire
 from gpubroker.observe import readmodel
-from gpubroker.observe.telemetry.base import GpuSample, TelemetrySnapshot
 from gpubroker.plugins.strategies.base import Strategy, StrategyContext
+from gpubroker.plugins.strategies.process import STOP_SHARE, ProcessStrategy
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.domains import build_scheduler
+from gpubroker.telemetry.base import GpuSample, TelemetrySnapshot
 from gpubroker.testing import make_config
 from gpubroker.workers.parts import Backoff, LogBuffer
 from gpubroker.workers.procs import MARKER, MARKER_UPSTREAM
-from gpubroker.workers.strategy import STOP_SHARE, ProcessStrategy, start_before_load
+from gpubroker.workers.start import start_before_load
 from gpubroker.workers.supervisor import Supervisor
 from gpubroker.workers.worker import WorkerState, render
 from processes import FAKE, alive, all_gone, free_port, gpu_holding, popen, port_open

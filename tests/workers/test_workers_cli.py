@@ -23,13 +23,13 @@ from typer.testing import CliRunner
 
 from gpubroker.cli.main import app
 from gpubroker.events import on_wire
-from gpubroker.observe.telemetry.base import (
+from gpubroker.plugins.manager import Provided, create_plugins
+from gpubroker.telemetry.base import (
     GpuProcess,
     GpuSample,
     TelemetrySnapshot,
     TelemetrySource,
 )
-from gpubroker.plugins.manager import Provided, create_plugins
 from gpubroker.testing import broker_running, make_config
 from gpubroker.workers.parts import Backoff
 from gpubroker.workers.procs import MARKER, MARKER_UPSTREAM

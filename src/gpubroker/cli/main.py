@@ -64,8 +64,8 @@ def init(
     """Write a commented gpubroker.yaml, pre-filled with the GPUs and services found here."""
     import anyio
 
-    from gpubroker.config.detect import find_gpus, find_services
-    from gpubroker.config.initfile import build_document, render
+    from gpubroker.cli.detect import find_gpus, find_services
+    from gpubroker.cli.initfile import build_document, render
     from gpubroker.config.load import load_config_file
 
     if path.exists() and not force:

@@ -3,8 +3,8 @@
 ``model`` is what a resolved config is (``Config``, ``BackendConfig``, ``GpuSpec``, ``Policy``
 and the defaults), ``keys`` names each file key with the parser of its value, ``load`` reads and
 validates a file or the env-var quick mode (every error located at file:line:col: key), finds
-the config a command uses and sums it up; ``units`` reads sizes and durations, ``initfile``
-writes the ``gpubroker init`` template, ``detect`` finds the GPUs and services ``init`` offers.
-Imports nothing of gpubroker's but ``errors`` and the telemetry base types ``detect`` reads
-(and ``observe.guard``'s Host rule, which ``keys`` shares for ``allowedHosts``).
+the config a command uses and sums it up; ``units`` reads sizes and durations; ``hosts`` is what
+a Host name is (the ``allowedHosts`` key and the status port's Host check share it).
+
+The bottom of the house: imports nothing of gpubroker's but ``errors``.
 """

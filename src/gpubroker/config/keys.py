@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from gpubroker.config.hosts import allowed_host_entry  # the Host check's own rule
 from gpubroker.config.units import parse_duration, parse_size
 
 
@@ -130,10 +131,6 @@ def _str_list(value: object) -> tuple[str, ...]:
 
 def _host_list(value: object) -> tuple[str, ...]:
     """``allowedHosts``: names as the Host check compares them (lower case, no brackets)."""
-    from gpubroker.observe.guard import (
-        allowed_host_entry,  # the Host check's own rule, so the two cannot differ
-    )
-
     out = []
     for entry in _str_list(value):
         try:

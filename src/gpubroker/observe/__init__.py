@@ -1,10 +1,14 @@
-"""What the broker sees and shows: telemetry, attribution, alerts, metrics and the status app.
+"""What the broker sees and shows, and the status port that shows it.
 
-``telemetry/`` reads the GPUs (NVML, the simulator, or nothing), ``attribution`` names the
-backend behind each GPU process, ``alerts`` turns what is seen into warnings, ``monitor`` runs
-that loop, ``health`` probes the upstreams, ``metrics`` is ``/metrics``, ``sse`` the ``/events``
-stream, ``status`` the status and admin app that mounts them, and ``guard`` keeps web pages away
-from that port. The sensing half (telemetry, attribution,
-alerts) imports only ``config`` and ``events``; the showing half reads ``scheduling`` and
-``workers`` and is imported by nothing but ``runtime``.
+Sensing: ``attribution`` names the backend behind each GPU process, ``alerts`` turns what is
+seen into warnings, ``monitor`` runs that loop over the telemetry samples and confirms unloads
+for the broker, ``health`` probes the upstreams. Showing: ``readmodel`` is the one view of
+everything shown (``schema`` declares its JSON), ``metrics`` is ``/metrics``, ``sse`` the
+``/events`` stream, ``status`` the status app that mounts them with the admin verbs,
+``worker_routes`` the ``/api/workers`` verbs, ``admin`` the gate every verb passes, ``guard``
+the Host/Origin/CORS checks in front of the whole port.
+
+May import every room below it (``config``, ``telemetry``, ``workers``, ``plugins``,
+``scheduling``, ``events``, ``errors``, ``responses``, ``vram``); only ``runtime`` and ``cli``
+import it.
 """

@@ -12,9 +12,9 @@ import hmac
 
 from starlette.requests import Request
 
+from gpubroker.config.hosts import is_loopback
 from gpubroker.config.model import Config
 from gpubroker.errors import ClientError, Forbidden, Unauthorized
-from gpubroker.observe.guard import is_loopback
 
 
 class AdminGate:

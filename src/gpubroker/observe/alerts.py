@@ -27,7 +27,7 @@ from typing import Any
 from gpubroker.config.model import BackendConfig
 from gpubroker.config.units import format_size
 from gpubroker.observe.attribution import Attribution
-from gpubroker.observe.telemetry.base import TelemetrySnapshot
+from gpubroker.telemetry.base import TelemetrySnapshot
 from gpubroker.vram import GiB, MiB, freed_goal
 
 UNMANAGED_MIN = 256 * MiB  # smaller strangers (a desktop's compositor) are not worth a warning

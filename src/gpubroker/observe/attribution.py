@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from gpubroker.config.model import BackendConfig
-from gpubroker.observe.telemetry.base import TelemetrySnapshot
+from gpubroker.telemetry.base import TelemetrySnapshot
 
 
 @dataclass(frozen=True, slots=True)

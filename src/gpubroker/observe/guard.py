@@ -27,14 +27,13 @@ Proxy ports do not use this: they are transparent and leave such checks to the s
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gpubroker.config.hosts import allowed_host_entry, ip_literal, is_loopback, split_host
 from gpubroker.errors import (
     BadRequest,
     ClientError,
@@ -46,61 +45,7 @@ from gpubroker.errors import (
 from gpubroker.responses import send_error
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?$")  # a DNS name or an IPv4 literal
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(name)
-    except ValueError:
-        return None
-
-
-def is_loopback(host: str) -> bool:
-    """``localhost``, a ``*.localhost`` name (RFC 6761 keeps them on this machine) or a
-    loopback address such as 127.0.0.1 or ::1."""
-    name = host.lower().strip("[]").rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    ip = _ip(name)
-    return ip is not None and ip.is_loopback
-
-
-def split_host(value: str) -> tuple[str, int | None] | None:
-    """A Host header as (name, port): lower case, IPv6 without brackets, no trailing dot.
-    None when it is not a host name, an IP literal or either with a port."""
-    value = value.strip().lower()
-    port: str | None = None
-    if value.startswith("["):
-        name, bracket, rest = value[1:].partition("]")
-        if not bracket or _ip(name) is None or (rest and not rest.startswith(":")):
-            return None
-        port = rest[1:] if rest else None
-    else:
-        name, colon, port_text = value.partition(":")
-        port = port_text if colon else None
-        name = name.removesuffix(".")
-        if name and not _NAME.match(name):
-            return None
-    if port is not None:
-        if not name or not port.isdigit() or not 0 < int(port) < 65536:
-            return None
-        return name, int(port)
-    return name, None
-
-
-def allowed_host_entry(entry: str) -> str:
-    """One ``allowedHosts`` entry, normalised: a host name (``gpu.lan``), ``*.lan`` for its
-    subdomains, or an IP address; no scheme, port or path (those belong to no Host check)."""
-    text = entry.strip().lower()
-    wildcard = text.startswith("*.")
-    parsed = split_host(text[2:] if wildcard else text)
-    if parsed is None or not parsed[0] or parsed[1] is not None:
-        raise ValueError(
-            'host names such as "gpu.lan", "*.lan" or "192.168.1.5" (no scheme, port or path)'
-        )
-    return f"*.{parsed[0]}" if wildcard else parsed[0]
 
 
 class HostPolicy:
@@ -134,7 +79,7 @@ class HostPolicy:
         """The Host check: an empty Host (HTTP/1.0, which no browser sends) is allowed too."""
         if not name or self.names(name):
             return True
-        return self.beyond_loopback and _ip(name) is not None
+        return self.beyond_loopback and ip_literal(name) is not None
 
     def same_origin(
         self, origin: str, host: tuple[str, int | None], listener_port: int | None

@@ -16,7 +16,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gpubroker.events import Admitted, Event, EventBus, FirstByte, Refused, Swapped, UnloadFailed
+from gpubroker.events import (
+    Admitted,
+    Event,
+    EventBus,
+    FirstByte,
+    LeaseRefused,
+    Swapped,
+    UnloadFailed,
+)
 from gpubroker.observe.alerts import ALERT_CODES
 from gpubroker.observe.monitor import Monitor
 from gpubroker.observe.readmodel import StatusView, read
@@ -214,7 +222,7 @@ class Metrics:
                     self.swap_duration.labels(phase).observe(seconds)
             case UnloadFailed():
                 self.unload_failures.labels(event.backend).inc()
-            case Refused(status=507):
+            case LeaseRefused(status=507):
                 self.oom_avoided.labels(event.backend).inc()
 
     def render(self) -> bytes:

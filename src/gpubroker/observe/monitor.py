@@ -20,11 +20,19 @@ import anyio
 import anyio.to_thread
 
 from gpubroker.config.model import Config
-from gpubroker.events import Event, EventBus, Freed, Measured, WarningCleared, WarningRaised
+from gpubroker.events import (
+    Event,
+    EventBus,
+    Freed,
+    Measured,
+    WarningCleared,
+    WarningRaised,
+    total_held,
+)
 from gpubroker.observe.alerts import Alerts, Facts
 from gpubroker.observe.attribution import Attribution, attribute, existing, find_trees
-from gpubroker.observe.telemetry.base import TelemetrySnapshot
-from gpubroker.observe.telemetry.sampler import Sampler, SingleFlight
+from gpubroker.telemetry.base import TelemetrySnapshot
+from gpubroker.telemetry.sampler import Sampler, SingleFlight
 from gpubroker.vram import MiB, freed_goal
 
 if TYPE_CHECKING:
@@ -76,7 +84,6 @@ class Monitor:
         self.roots = roots
         self.attribution = Attribution()
         self.alerts = Alerts(config.gpu_near_full)
-        self._measured: dict[str, Measured] = {}  # the last published, per backend
         self._trees: dict[str, set[int]] = {}
         self._trees_at = float("-inf")
         self._strangers: set[int] = set()  # pids no tree held when the trees were last found
@@ -115,8 +122,7 @@ class Monitor:
                 per_gpu = self.attribution.measured.get(b.name)
                 if per_gpu is None:  # cannot trace it: forget any old measurement
                     per_gpu = dict.fromkeys((str(g.index) for g in snap.gpus), None)
-                measured = self._measured[b.name] = Measured(backend=b.name, per_gpu=per_gpu)
-                self.bus.publish(measured)
+                self.bus.publish(Measured(backend=b.name, per_gpu=per_gpu))
         slots = self.placement.slots
         facts = Facts(
             now=time.time(),
@@ -178,8 +184,7 @@ class Monitor:
 
     def _held(self, backend: str) -> int | None:
         """Bytes ``backend`` held at the last sample (what the broker was told)."""
-        measured = self._measured.get(backend)
-        return None if measured is None else measured.total
+        return total_held(self.attribution.measured.get(backend))
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Freed) and event.backend is not None:

@@ -32,9 +32,10 @@ from gpubroker.observe.schema import (
     WarningJson,
     WorkerJson,
 )
-from gpubroker.observe.telemetry.base import GpuSample
 from gpubroker.scheduling.broker import Broker
+from gpubroker.scheduling.effects import SwapRecord
 from gpubroker.scheduling.scheduler import State
+from gpubroker.telemetry.base import GpuSample
 from gpubroker.workers.supervisor import Supervisor, WorkerState
 
 Health = Mapping[str, Mapping[str, Any]]
@@ -449,16 +450,17 @@ def read(
     )
 
 
-def _swap(s: Mapping[str, Any]) -> SwapView:
+def _swap(record: SwapRecord) -> SwapView:
+    info = record.info
     return SwapView(
-        at=s["at"],
-        to=s["to"],
-        evicted=tuple(s["evicted"]),
-        drain_s=s["drainMs"] / 1000,
-        unload_s=s["unloadMs"] / 1000,
-        load_s=s["loadMs"] / 1000,
-        total_s=s["totalMs"] / 1000,
-        failures=tuple(s["failures"]),
+        at=record.at,
+        to=info.target,
+        evicted=info.evicted,
+        drain_s=info.drain_s,
+        unload_s=info.unload_s,
+        load_s=info.load_s,
+        total_s=info.total_s,
+        failures=info.failures,
     )
 
 

@@ -16,7 +16,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from gpubroker.events import Dropped, Event, EventBus, ShuttingDown, SwapStarted, WireEvent
+from gpubroker.events import BrokerShuttingDown, Dropped, Event, EventBus, SwapStarted, WireEvent
 
 EVENT_BUFFER = 256  # events kept for one slow /events reader before it starts losing them
 HEARTBEAT = 15.0  # seconds of silence after which /events sends a comment line
@@ -59,7 +59,7 @@ class EventStream:
                         yield _sse(Dropped(count=lost))
                     if event is None:
                         yield b": ping\n\n"
-                    elif isinstance(event, ShuttingDown):
+                    elif isinstance(event, BrokerShuttingDown):
                         yield _sse(event)
                         return  # end the stream, so it does not hold up a graceful stop
                     elif keep(event):

@@ -270,7 +270,7 @@ def _stopped(what: str, report: dict[str, Any]) -> str:
 
 async def preload(broker: Broker, supervisor: Supervisor, name: str) -> Grant:
     """``workers start`` (and ``ensure``, ``restart``): a swap to the worker, whose load effect
-    starts its process, the one on-demand start (``workers/strategy.py``).
+    starts its process, the one on-demand start (``workers/start.py``).
 
     A preload admits at once when the scheduler counts the worker resident, and that can be
     stale while its process is not ready: it crashed and waits for its restart (the scheduler

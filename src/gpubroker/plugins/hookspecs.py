@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from gpubroker.observe.telemetry.base import TelemetrySource
     from gpubroker.plugins.classifiers.base import Classifier
     from gpubroker.plugins.strategies.base import Strategy
+    from gpubroker.telemetry.base import TelemetrySource
 
 PROJECT = "gpubroker"
 

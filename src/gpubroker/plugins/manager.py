@@ -11,19 +11,23 @@ import importlib.metadata as md
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Generic, TypeVar
 
+import anyio
 import pluggy
 
 from gpubroker import __version__
+from gpubroker.config.model import Config
 from gpubroker.errors import PluginError
-from gpubroker.observe.telemetry.base import TelemetrySource
 from gpubroker.plugins import hookspecs
+from gpubroker.plugins.builtin import BUILTINS
 from gpubroker.plugins.classifiers.base import Classifier
 from gpubroker.plugins.strategies.base import Strategy
+from gpubroker.telemetry.base import TelemetrySource
+from gpubroker.telemetry.nvml import NoTelemetry
 
 ENTRY_POINT_GROUP = "gpubroker"
+SOURCE_START_TIMEOUT = 5.0  # seconds for a telemetry source to say whether it is available
 DISABLE_ENV = "GPUBROKER_DISABLE_PLUGINS"
 
 T = TypeVar("T")
@@ -52,18 +56,6 @@ class Plugins:
     disabled: tuple[str, ...] = ()
 
 
-def _builtin_modules() -> list[tuple[str, ModuleType]]:
-    from gpubroker.observe.telemetry import nvml as telemetry
-    from gpubroker.plugins.classifiers import builtin as classifiers
-    from gpubroker.plugins.strategies import builtin as strategies
-
-    return [
-        ("builtin-strategies", strategies),
-        ("builtin-classifiers", classifiers),
-        ("builtin-telemetry", telemetry),
-    ]
-
-
 def disabled_from_env(env: Mapping[str, str]) -> tuple[str, ...]:
     raw = env.get(DISABLE_ENV, "")
     return tuple(name.strip() for name in raw.split(",") if name.strip())
@@ -87,7 +79,7 @@ def create_plugins(
     for name in blocked:
         pm.set_blocked(name)
     origin: dict[str, tuple[str, str]] = {}
-    for name, module in _builtin_modules():
+    for name, module in BUILTINS:
         if not pm.is_blocked(name):
             origin[name] = ("gpubroker", __version__)
             _register(pm, module, name, origin)
@@ -217,3 +209,31 @@ def check_config_names(config: Any, plugins: Plugins) -> None:
         raise config.error(
             "telemetry", f"unknown telemetry source {config.telemetry!r} (known: {known})"
         )
+
+
+async def choose_source(
+    config: Config, plugins: Plugins, *, limit: float = SOURCE_START_TIMEOUT
+) -> tuple[TelemetrySource, str | None]:
+    """The source ``telemetry:`` names, or under ``auto`` the first available one.
+
+    Returns the source and, when it is not the one wanted (no driver…), a one-line notice.
+    A named source that is unavailable falls back to ``none``: the broker runs on declared sizes.
+    """
+    wanted = config.telemetry
+    names = list(plugins.telemetry) if wanted == "auto" else [wanted]
+    reasons: list[str] = []
+    for name in names:
+        source = plugins.telemetry[name].cls(config)
+        try:
+            with anyio.fail_after(limit):
+                why = await source.available()
+        except TimeoutError:
+            why = f"did not answer within {limit:g}s"
+        except Exception as exc:  # a plugin's bug must not stop the broker from serving
+            why = f"failed: {type(exc).__name__}: {exc}"
+        if why is None:
+            return source, (reasons[0] if reasons and name == "none" else None)
+        reasons.append(f"{name}: {why}" if wanted != "auto" else why)
+        with anyio.move_on_after(limit, shield=True):
+            await source.close()
+    return NoTelemetry(config), reasons[0] if reasons else "no telemetry source is installed"

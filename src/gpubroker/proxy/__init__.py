@@ -4,8 +4,9 @@ Holds the ASGI proxy app (``app``), the upstream connection pool and HTTP/1.1 cl
 (``upstream``, over ``http1``: one socket's buffer and the request/response heads), WebSocket
 passthrough (``websocket``), the header rules shared by both (``forwarding``), request-target
 checks (``target``) and the hardened Hypercorn listeners every port is served by
-(``listener``). It asks ``scheduling`` for a lease through the one
-``LeaseBroker`` interface and knows nothing else of it. May import ``config``, ``errors``,
-``events`` and the plugin base types (``plugins.classifiers.base``); never ``observe``,
-``workers`` or ``cli``.
+(``listener``). It asks the broker for a lease through the one ``LeaseBroker`` interface
+(``lease``) and knows nothing else of it.
+
+May import ``config``, ``errors``, ``responses`` and the classifier base type
+(``plugins.classifiers.base``); never ``scheduling``, ``observe``, ``workers`` or ``cli``.
 """

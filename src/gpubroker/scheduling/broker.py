@@ -34,13 +34,14 @@ from gpubroker.scheduling.effects import (
     Refuse,
     SwapDone,
     SwapInfo,
+    SwapRecord,
     Unload,
     WaitIdle,
 )
 from gpubroker.scheduling.jobs import JobFollower
 from gpubroker.scheduling.notes import note_event
 from gpubroker.scheduling.scheduler import Scheduler
-from gpubroker.workers.strategy import start_before_load
+from gpubroker.workers.start import start_before_load
 
 if TYPE_CHECKING:
     from gpubroker.workers.supervisor import Supervisor
@@ -121,7 +122,7 @@ class Broker:
         self.supervisor = supervisor
         self.confirm_freed = confirm_freed
         self.started_at = time.time()
-        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.history: deque[SwapRecord] = deque(maxlen=HISTORY)
         self.live: dict[int, LiveRequest] = {}
         self.counters: dict[str, dict[str, int]] = {
             b.name: {"gpu": 0, "passthrough": 0, "refused": 0, "upstream_errors": 0}
@@ -290,7 +291,7 @@ class Broker:
         """The broker is stopping: refuse what waits and what comes; in-flight work finishes."""
         self.closing = True
         self._apply(self.sched.refuse_all(503, "shutting_down", SHUTTING_DOWN, self.clock()))
-        self._publish(ev.ShuttingDown)
+        self._publish(ev.BrokerShuttingDown)
 
     async def evict(self, backend: str | None, *, force: bool = False) -> SwapInfo | None:
         """Admin unload: free ``backend`` (all when None) and wait until it is done."""
@@ -328,7 +329,7 @@ class Broker:
                 else:
                     pending.refuse = effect
                     self._publish(
-                        ev.Refused,
+                        ev.LeaseRefused,
                         backend=effect.backend,
                         lease=effect.lease,
                         status=effect.status,
@@ -423,18 +424,7 @@ class Broker:
         info = effect.info
         self._idle_scopes.pop(effect.swap, None)
         if info.evicted:
-            self.history.appendleft(
-                {
-                    "at": time.time(),
-                    "to": info.target,
-                    "evicted": list(info.evicted),
-                    "drainMs": round(info.drain_s * 1000, 1),
-                    "unloadMs": round(info.unload_s * 1000, 1),
-                    "loadMs": round(info.load_s * 1000, 1),
-                    "totalMs": round(info.total_s * 1000, 1),
-                    "failures": list(info.failures),
-                }
-            )
+            self.history.appendleft(SwapRecord(time.time(), info))
             self._publish(
                 ev.Swapped,
                 backend=info.target,

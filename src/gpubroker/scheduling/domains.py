@@ -12,42 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gpubroker.config.model import BackendConfig, Config
-from gpubroker.observe.telemetry.base import TelemetrySnapshot
+from gpubroker.config.model import Config
 from gpubroker.plugins.strategies.base import Strategy
 from gpubroker.scheduling.scheduler import BackendSpec, Scheduler
-
-
-def _aliases(snapshot: TelemetrySnapshot | None) -> dict[str, str]:
-    """UUID -> index key, so a GPU named either way lands in one domain."""
-    if snapshot is None:
-        return {}
-    return {g.uuid: str(g.index) for g in snapshot.gpus}
-
-
-def gpu_key(ref: int | str, aliases: Mapping[str, str]) -> str:
-    key = str(ref)
-    if key in aliases:
-        return aliases[key]
-    for uuid, index in aliases.items():  # a unique prefix of a UUID, as CUDA accepts
-        if key.startswith("GPU-") and uuid.startswith(key):
-            return index
-    return key
-
-
-def backend_gpus(backend: BackendConfig, snapshot: TelemetrySnapshot | None) -> tuple[str, ...]:
-    aliases = _aliases(snapshot)
-    refs = backend.gpu or (0,)
-    return tuple(dict.fromkeys(gpu_key(r, aliases) for r in refs))
-
-
-def cuda_devices(backend: BackendConfig, snapshot: TelemetrySnapshot | None) -> tuple[str, ...]:
-    """What a managed worker is pinned to (``CUDA_VISIBLE_DEVICES``): each of its GPUs by UUID
-    where telemetry knows it (a UUID names one card whatever CUDA's order), else as configured."""
-    aliases = _aliases(snapshot)
-    uuids = {index: uuid for uuid, index in aliases.items()}
-    refs = backend.gpu or (0,)
-    return tuple(dict.fromkeys(uuids.get(gpu_key(r, aliases), str(r)) for r in refs))
+from gpubroker.telemetry.base import TelemetrySnapshot
+from gpubroker.telemetry.gpus import aliases as _aliases
+from gpubroker.telemetry.gpus import backend_gpus, gpu_key
 
 
 def capacities(config: Config, snapshot: TelemetrySnapshot | None) -> dict[str, int | None]:

@@ -31,6 +31,14 @@ class SwapInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class SwapRecord:
+    """A finished swap as the broker keeps it for the status page: when (Unix time) and what."""
+
+    at: float
+    info: SwapInfo
+
+
+@dataclass(frozen=True, slots=True)
 class Admit:
     lease: int
     backend: str

@@ -57,7 +57,7 @@ def note_event(
         case "loading":
             event = ev.Waking if d.get("wake") else ev.Loading
         case "load_failed":
-            event, fields = ev.LoadFailed, {"error": d["error"]}
+            event, fields = ev.SwapLoadFailed, {"error": d["error"]}
         case "swap_failed":
             event, fields = ev.SwapFailed, {"failures": tuple(cast(list[str], d["failures"]))}
         case "swap_abandoned":

@@ -4,19 +4,17 @@
 is the one entry point; ``worker`` the record of one worker (its state, command and log);
 ``adopt`` what an earlier run left (adopted or stopped) and strays (``stop --pid``); ``procs``
 the process-tree work (signals, reaping, port checks), run in threads; ``parts`` the log ring
-buffer and restart backoff; ``strategy`` how workers meet the scheduler; ``routes`` the
-``/api/workers`` admin routes.
+buffer and restart backoff; ``start`` the one on-demand start.
 
 **Who starts a worker.** On demand, exactly one path: the broker's load effect calls
-``strategy.start_before_load`` (the one call of ``Supervisor.start`` outside the supervisor)
+``start.start_before_load`` (the one call of ``Supervisor.start`` outside the supervisor)
 before the backend's strategy's ``load()``, whatever the strategy. A request that queues for a
 stopped worker gets there through the scheduler's plan; ``gpubroker workers start|ensure|
-restart`` through ``broker.preload`` (``routes.preload``), which first forces the eviction of a
-worker the scheduler still counts resident while its process is not ready, so the scheduler
-stays truthful. The supervisor starts workers by itself only for ``autostart`` and to restart
-after a crash. The ``process`` strategy's ``load()`` only confirms the worker is ready.
+restart`` through ``broker.preload`` (``observe/worker_routes.py``), which first forces the
+eviction of a worker the scheduler still counts resident while its process is not ready, so the
+scheduler stays truthful. The supervisor starts workers by itself only for ``autostart`` and to
+restart after a crash. The ``process`` strategy (``plugins/strategies/process.py``) stops them
+to free their VRAM; its ``load()`` only confirms the worker is ready.
 
-May import ``config``, ``errors``, ``events``, ``observe.telemetry.base``, the plugin base types
-(for the ``process`` strategy) and ``scheduling.domains``; the routes also reach the broker,
-through ``scheduling``, and list workers from the status app's read model.
+May import ``config``, ``errors``, ``events`` and ``telemetry``; nothing above them.
 """

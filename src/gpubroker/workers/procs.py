@@ -23,7 +23,7 @@ import anyio.abc
 import anyio.to_thread
 import psutil
 
-from gpubroker.observe.telemetry.base import TelemetrySnapshot
+from gpubroker.telemetry.base import TelemetrySnapshot
 
 log = logging.getLogger("gpubroker.workers.supervisor")
 

@@ -13,11 +13,11 @@ A backend with ``command:`` is a managed worker. Its ``upstream`` says where it 
   telemetry or the config gives one), and ``healthPath`` is polled (a plain TCP connect when
   unset) until it answers below 500, within ``startTimeout``, with a progress event each second.
 - **Stop**: SIGTERM to the group and every descendant, SIGKILL after ``stopTimeout``, wait until
-  every process of the tree is gone, then confirm the port is closed and (with telemetry) that
-  none of its PIDs still holds VRAM, all within one deadline (:func:`procs.stop_tree`; how an
-  eviction fits it into ``unloadTimeout`` is told in ``workers/strategy.py``). A stop runs in
-  the supervisor's own task group and shielded, so it always completes, whoever asked for it
-  and whatever their timeout.
+  every process of the tree is gone, then confirm the port is closed and (with telemetry) that none
+  of its PIDs still holds VRAM, all within one deadline (:func:`procs.stop_tree`; how an eviction
+  fits it into ``unloadTimeout`` is told in ``plugins/strategies/process.py``). A stop runs in the
+  supervisor's own task group and shielded, so it always completes, whoever asked for it and
+  whatever their timeout.
 - **Crash**: an exit nobody asked for is restarted per ``restart:`` (``on-failure``: a non-zero
   exit or a signal; ``always``; ``never``) after an exponential backoff; ``max_crashes`` exits
   within ``window`` seconds mark it ``failed``. An exit during an explicit start (the command
@@ -67,7 +67,7 @@ from gpubroker.events import (
     WorkerStopped,
     WorkerStopping,
 )
-from gpubroker.observe.telemetry.base import TelemetrySnapshot
+from gpubroker.telemetry.base import TelemetrySnapshot
 from gpubroker.workers.adopt import Leftovers, stop_stray
 from gpubroker.workers.parts import LOG_LINES, Backoff
 from gpubroker.workers.procs import (

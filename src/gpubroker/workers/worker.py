@@ -18,8 +18,8 @@ import anyio
 import anyio.abc
 
 from gpubroker.config.model import BackendConfig
-from gpubroker.observe.telemetry.base import TelemetrySnapshot
-from gpubroker.scheduling.domains import cuda_devices
+from gpubroker.telemetry.base import TelemetrySnapshot
+from gpubroker.telemetry.gpus import cuda_devices
 from gpubroker.workers.parts import LOG_LINES, LogBuffer
 from gpubroker.workers.procs import AFTER_GRACE, MARKER, MARKER_UPSTREAM
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from gpubroker.plugins.classifiers.base import Classifier, RouteClassifier
-from gpubroker.plugins.hookspecs import hookimpl
 
 _OPENAI = (
     "/v1/chat/completions",
@@ -118,20 +115,3 @@ class ProcessClassifier(Classifier):
 
     def is_gpu(self, method: str, path: str) -> bool:
         return True
-
-
-BUILTIN_CLASSIFIERS: tuple[type[Classifier], ...] = (
-    OllamaClassifier,
-    ComfyUIClassifier,
-    VLLMClassifier,
-    OpenAIClassifier,
-    LlamaCppClassifier,
-    GenericClassifier,
-    ProcessClassifier,
-)
-
-
-@hookimpl
-def register_classifiers(register: Callable[[type[Classifier]], None]) -> None:
-    for cls in BUILTIN_CLASSIFIERS:
-        register(cls)

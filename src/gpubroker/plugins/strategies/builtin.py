@@ -14,10 +14,8 @@ import anyio
 import httpx
 
 from gpubroker.errors import StrategyFailed
-from gpubroker.plugins.hookspecs import hookimpl
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy, StrategyContext
 from gpubroker.vram import freed_goal
-from gpubroker.workers.strategy import ProcessStrategy
 
 log = logging.getLogger("gpubroker.plugins.strategies")
 
@@ -254,18 +252,3 @@ class GenericStrategy(Strategy):
     async def load(self) -> None:
         if self.backend.load_endpoint:
             await _json(self.client, "POST", self.backend.load_endpoint)
-
-
-BUILTIN_STRATEGIES: tuple[type[Strategy], ...] = (
-    OllamaStrategy,
-    ComfyUIStrategy,
-    VLLMStrategy,
-    GenericStrategy,
-    ProcessStrategy,
-)
-
-
-@hookimpl
-def register_strategies(register: Callable[[type[Strategy]], None]) -> None:
-    for cls in BUILTIN_STRATEGIES:
-        register(cls)

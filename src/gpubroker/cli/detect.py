@@ -12,7 +12,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
-from gpubroker.observe.telemetry.base import GpuSample
+from gpubroker.telemetry.base import GpuSample
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +72,6 @@ async def find_services(
 
 async def find_gpus() -> tuple[tuple[GpuSample, ...], str | None]:
     """GPUs through NVML in a worker thread; ``(gpus, None)`` or ``((), why not)``."""
-    from gpubroker.observe.telemetry.nvml import probe_gpus
+    from gpubroker.telemetry.nvml import probe_gpus
 
     return await anyio.to_thread.run_sync(probe_gpus)

@@ -17,13 +17,12 @@ import anyio.to_thread
 import pynvml
 
 from gpubroker.errors import TelemetryError
-from gpubroker.observe.telemetry.base import (
+from gpubroker.telemetry.base import (
     GpuProcess,
     GpuSample,
     TelemetrySnapshot,
     TelemetrySource,
 )
-from gpubroker.plugins.hookspecs import hookimpl
 
 T = TypeVar("T")
 
@@ -206,12 +205,3 @@ class NoTelemetry(TelemetrySource):
 
     async def sample(self) -> TelemetrySnapshot:
         return TelemetrySnapshot(taken_at=time.time(), notice="telemetry is off")
-
-
-@hookimpl
-def register_telemetry_sources(register: Callable[[type[TelemetrySource]], None]) -> None:
-    from gpubroker.observe.telemetry.sim import SimTelemetry
-
-    register(NvmlTelemetry)
-    register(SimTelemetry)
-    register(NoTelemetry)

@@ -16,14 +16,10 @@ from typing import Generic, TypeVar
 
 import anyio
 
-from gpubroker.config.model import Config
-from gpubroker.observe.telemetry.base import GpuSample, TelemetrySnapshot, TelemetrySource
-from gpubroker.observe.telemetry.nvml import NoTelemetry
-from gpubroker.plugins.manager import Plugins
+from gpubroker.telemetry.base import GpuSample, TelemetrySnapshot, TelemetrySource
 
-log = logging.getLogger("gpubroker.observe.telemetry")
+log = logging.getLogger("gpubroker.telemetry")
 
-START_TIMEOUT = 5.0  # seconds for a source to say whether it is available
 SAMPLE_TIMEOUT = 5.0  # seconds for one sample before it counts as failed
 
 T = TypeVar("T")
@@ -59,34 +55,6 @@ class SingleFlight(Generic[T]):
             self._current = None
             flight.done.set()
         return flight.outcome[0]
-
-
-async def choose_source(
-    config: Config, plugins: Plugins, *, limit: float = START_TIMEOUT
-) -> tuple[TelemetrySource, str | None]:
-    """The source ``telemetry:`` names, or under ``auto`` the first available one.
-
-    Returns the source and, when it is not the one wanted (no driver…), a one-line notice.
-    A named source that is unavailable falls back to ``none``: the broker runs on declared sizes.
-    """
-    wanted = config.telemetry
-    names = list(plugins.telemetry) if wanted == "auto" else [wanted]
-    reasons: list[str] = []
-    for name in names:
-        source = plugins.telemetry[name].cls(config)
-        try:
-            with anyio.fail_after(limit):
-                why = await source.available()
-        except TimeoutError:
-            why = f"did not answer within {limit:g}s"
-        except Exception as exc:  # a plugin's bug must not stop the broker from serving
-            why = f"failed: {type(exc).__name__}: {exc}"
-        if why is None:
-            return source, (reasons[0] if reasons and name == "none" else None)
-        reasons.append(f"{name}: {why}" if wanted != "auto" else why)
-        with anyio.move_on_after(limit, shield=True):
-            await source.close()
-    return NoTelemetry(config), reasons[0] if reasons else "no telemetry source is installed"
 
 
 def unknown_like(previous: TelemetrySnapshot, error: str) -> TelemetrySnapshot:

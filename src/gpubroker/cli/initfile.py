@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from gpubroker.config.detect import FoundService
+from gpubroker.cli.detect import FoundService
 from gpubroker.config.model import DEFAULT_STATUS_PORT
-from gpubroker.observe.telemetry.base import GpuSample
+from gpubroker.telemetry.base import GpuSample
 
 HEADER = """\
 gpubroker configuration, written by `gpubroker init`.

@@ -113,7 +113,7 @@ def test_units_become_the_wire_units() -> None:
     assert ev.WorkerReady(backend="a", pid=9, took=1.23456).to_json()["startMs"] == 1234.6
     assert ev.WorkerCrashed(backend="a", code=1, restart_in=0.5).to_json()["restartIn"] == 0.5
     assert ev.Dropped(count=5, at=2.0).to_json() == {"event": "dropped", "count": 5, "at": 2.0}
-    assert ev.ShuttingDown(at=3.0).to_json() == {
+    assert ev.BrokerShuttingDown(at=3.0).to_json() == {
         "event": "shutting_down",
         "backend": None,
         "at": 3.0,
@@ -145,7 +145,7 @@ def test_unsubscribe_stops_delivery_and_is_idempotent() -> None:
     assert len(bus) == 1
     unsubscribe()
     unsubscribe()
-    bus.publish(ev.ShuttingDown())
+    bus.publish(ev.BrokerShuttingDown())
     assert got == [] and len(bus) == 0
 
 

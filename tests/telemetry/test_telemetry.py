@@ -19,16 +19,16 @@ import pytest
 
 from gpubroker.config.load import load_config_file, parse_config
 from gpubroker.errors import ConfigError, TelemetryError
-from gpubroker.observe.telemetry import nvml
-from gpubroker.observe.telemetry.base import (
+from gpubroker.plugins.manager import Provided, choose_source, create_plugins
+from gpubroker.sim import GiB, SimGPU, gpu_app, running
+from gpubroker.telemetry import nvml
+from gpubroker.telemetry.base import (
     GpuProcess,
     TelemetrySnapshot,
     TelemetrySource,
 )
-from gpubroker.observe.telemetry.sampler import Sampler, SingleFlight, choose_source
-from gpubroker.observe.telemetry.sim import SimTelemetry, gpus_url
-from gpubroker.plugins.manager import Provided, create_plugins
-from gpubroker.sim import GiB, SimGPU, gpu_app, running
+from gpubroker.telemetry.sampler import Sampler, SingleFlight
+from gpubroker.telemetry.sim import SimTelemetry, gpus_url
 
 MiB = 2**20
 

@@ -1,18 +1,11 @@
-"""How managed workers meet the scheduler: the one on-demand start, and the ``process`` strategy.
+"""The ``process`` strategy: free a managed worker's VRAM by stopping its process.
 
-**The one on-demand start.** A managed worker (``command:``) is started on demand in exactly one
-place: the broker's load effect calls :func:`start_before_load` before the backend's strategy's
-``load()``, whatever the strategy (a vLLM with ``command:`` is started, then woken). Every way
-to want a worker running goes through that effect: a request that queues for it, and
-``gpubroker workers start|ensure|restart``, which are a preload (``routes.py``). The supervisor
-starts workers on its own only for ``autostart`` and to restart after a crash.
-
-**The process strategy** frees a managed worker's VRAM by stopping its process. ``load()``
-confirms that the start before it left the worker ready (the broker bounds both by
-``startTimeout``); ``unload()`` stops it (SIGTERM, SIGKILL later, every child reaped, port
-closed); ``resident()`` says whether it runs (None while it starts or stops: it may hold VRAM,
-so the scheduler counts it as taken). The scheduler does the rest: a request for a stopped
-worker queues, the load starts it, and the request is admitted once it is healthy.
+``load()`` confirms that the one on-demand start before it (``workers/start.py``) left the worker
+ready (the broker bounds both by ``startTimeout``); ``unload()`` stops it (SIGTERM, SIGKILL later,
+every child reaped, port closed); ``resident()`` says whether it runs (None while it starts or
+stops: it may hold VRAM, so the scheduler counts it as taken). The scheduler does the rest: a
+request for a stopped worker queues, the load starts it, and the request is admitted once it is
+healthy.
 
 How a stop fits ``unloadTimeout`` (the one place this is told). The broker bounds ``unload()``
 by ``unloadTimeout``, so an eviction gives the stop one deadline, ``STOP_SHARE`` (90%) of it,
@@ -38,17 +31,6 @@ if TYPE_CHECKING:
 
 TERM_SHARE = 0.6  # of unloadTimeout, at most, for SIGTERM before SIGKILL during an eviction
 STOP_SHARE = 0.9  # of unloadTimeout for the whole stop: signals, reaping and its checks
-
-
-async def start_before_load(supervisor: Supervisor | None, backend: str) -> None:
-    """The one on-demand start: run ``backend``'s process and wait for its health check when
-    it is a managed worker (at once if it is ready); nothing for any other backend.
-
-    The broker's load effect calls it before the strategy's ``load()``; raises
-    :class:`WorkerError` when the worker cannot be started.
-    """
-    if supervisor is not None and supervisor.manages(backend):
-        await supervisor.start(backend)
 
 
 class ProcessStrategy(Strategy):

@@ -15,7 +15,7 @@ import httpx
 
 from gpubroker.config.model import Config
 from gpubroker.errors import TelemetryError
-from gpubroker.observe.telemetry.base import (
+from gpubroker.telemetry.base import (
     GpuProcess,
     GpuSample,
     TelemetrySnapshot,

@@ -15,9 +15,9 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from gpubroker.config.detect import PROBES, FoundService, Probe, find_gpus, find_services
-from gpubroker.observe.telemetry import nvml
-from gpubroker.observe.telemetry.base import GpuProcess, GpuSample
+from gpubroker.cli.detect import PROBES, FoundService, Probe, find_gpus, find_services
+from gpubroker.telemetry import nvml
+from gpubroker.telemetry.base import GpuProcess, GpuSample
 
 
 def ollama_app() -> Starlette:

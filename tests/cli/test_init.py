@@ -15,13 +15,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from typer.testing import CliRunner
 
+from gpubroker.cli import detect
+from gpubroker.cli.detect import FoundService, Probe
+from gpubroker.cli.initfile import HEADER, build_document, render
 from gpubroker.cli.main import app
-from gpubroker.config import detect
-from gpubroker.config.detect import FoundService, Probe
-from gpubroker.config.initfile import HEADER, build_document, render
 from gpubroker.config.load import load_config_file
-from gpubroker.observe.telemetry.base import GpuSample
 from gpubroker.plugins.manager import check_config_names, create_plugins
+from gpubroker.telemetry.base import GpuSample
 
 runner = CliRunner()
 NO_DRIVER = "no NVIDIA driver found (libnvidia-ml.so.1 is missing)"
