@@ -8,13 +8,9 @@ loaded on first use, so ``import gpubroker`` stays cheap for the CLI.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("gpubroker")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
+from gpubroker.version import __version__
 
 if TYPE_CHECKING:
     from gpubroker.errors import TelemetryError

@@ -188,10 +188,11 @@ async def run(keep: bool, n: int) -> int:
                     task_status=task_status,
                 )
             )
-            broker = endpoints.broker
+            swaps: list[Swapped] = []
 
             def on_event(event: Event) -> None:
                 if isinstance(event, Swapped):
+                    swaps.append(event)
                     typer.echo(
                         f"  swap: {', '.join(event.evicted)} -> {event.backend} "
                         f"({round(event.total * 1000, 1):.0f} ms)"
@@ -204,7 +205,7 @@ async def run(keep: bool, n: int) -> int:
                 "With gpubroker",
                 brokered,
                 gpu,
-                f", {broker.sched.swap_count} swaps, median queue wait "
+                f", {len(swaps)} swaps, median queue wait "
                 f"{waits[len(waits) // 2]:.2f}s, max {waits[-1]:.2f}s",
             )
             if keep:

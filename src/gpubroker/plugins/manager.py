@@ -16,7 +16,6 @@ from typing import Any, Generic, TypeVar
 import anyio
 import pluggy
 
-from gpubroker import __version__
 from gpubroker.config.model import Config
 from gpubroker.errors import PluginError
 from gpubroker.plugins import hookspecs
@@ -25,6 +24,7 @@ from gpubroker.plugins.classifiers.base import Classifier
 from gpubroker.plugins.strategies.base import Strategy
 from gpubroker.telemetry.base import TelemetrySource
 from gpubroker.telemetry.nvml import NoTelemetry
+from gpubroker.version import __version__
 
 ENTRY_POINT_GROUP = "gpubroker"
 SOURCE_START_TIMEOUT = 5.0  # seconds for a telemetry source to say whether it is available
