@@ -163,3 +163,27 @@ def test_a_measurement_totals_like_the_broker_did() -> None:
     assert ev.Measured(backend="a", per_gpu={"0": 1, "1": 2}).total == 3
     assert ev.Measured(backend="a", per_gpu={"0": 1, "1": None}).total is None
     assert ev.Measured(backend="a", per_gpu={}).total is None
+
+
+def test_a_subscriber_gets_only_the_kinds_it_names_and_their_subclasses() -> None:
+    bus = ev.EventBus()
+    swaps: list[ev.Event] = []
+    wire: list[ev.Event] = []
+    everything: list[ev.Event] = []
+    bus.subscribe(swaps.append, (ev.Swapped,))
+    bus.subscribe(wire.append, (ev.WireEvent,))
+    bus.subscribe(everything.append)
+    measured = ev.Measured(backend="a", per_gpu={"0": 1})
+    admitted = ev.Admitted(backend="a", lease=1, queued=0.0)
+    swapped = ev.Swapped(backend="a", swap=1, evicted=("b",), drain=0, unload=0, load=0, total=0)
+    for event in (measured, admitted, swapped):
+        bus.publish(event)
+    assert swaps == [swapped]
+    assert wire == [admitted, swapped]
+    assert everything == [measured, admitted, swapped]
+    late: list[ev.Event] = []
+    unsubscribe = bus.subscribe(late.append, (ev.Admitted,))  # after the kinds were looked up
+    bus.publish(admitted)
+    unsubscribe()
+    bus.publish(admitted)
+    assert late == [admitted]

@@ -33,37 +33,53 @@ Handler = Callable[[Event], None]
 
 
 class EventBus:
-    """Synchronous fan-out: ``publish`` calls every subscriber in turn and returns.
+    """Synchronous fan-out: ``publish`` calls each subscriber of the event's kind in turn.
 
-    A subscriber must not block (SSE feeds buffer, metrics count); one that raises is logged
-    and the others still get the event, so a bad listener never breaks the publisher.
+    A subscriber names the kinds it wants (classes; a base class takes its subclasses, the
+    default :class:`Event` takes everything), so the lease path, which publishes a few events
+    per request, calls only those who asked. A subscriber must not block (SSE feeds buffer,
+    metrics count); one that raises is logged and the others still get the event, so a bad
+    listener never breaks the publisher.
     """
 
     def __init__(self) -> None:
-        self._handlers: list[Handler] = []
+        self._subscribers: list[tuple[Handler, tuple[type[Event], ...]]] = []
+        self._by_type: dict[type[Event], tuple[Handler, ...]] = {}  # built on first publish
 
-    def subscribe(self, handler: Handler) -> Callable[[], None]:
-        """Call ``handler`` with every event from now on; returns the unsubscribe."""
-        self._handlers.append(handler)
+    def subscribe(
+        self, handler: Handler, kinds: tuple[type[Event], ...] = ()
+    ) -> Callable[[], None]:
+        """Call ``handler`` with every event of ``kinds`` (all events when empty) from now on;
+        returns the unsubscribe."""
+        entry = (handler, kinds or (Event,))
+        self._subscribers.append(entry)
+        self._by_type.clear()
 
         def unsubscribe() -> None:
-            if handler in self._handlers:
-                self._handlers.remove(handler)
+            if entry in self._subscribers:
+                self._subscribers.remove(entry)
+                self._by_type.clear()
 
         return unsubscribe
 
     def publish(self, event: Event) -> None:
+        kind = type(event)
+        handlers = self._by_type.get(kind)
+        if handlers is None:
+            handlers = self._by_type[kind] = tuple(
+                h for h, kinds in self._subscribers if issubclass(kind, kinds)
+            )
         if isinstance(event, WireEvent):  # news between objects (a sample's Measured) stays quiet
             log.debug("%s", event)
-        for handler in list(self._handlers):
+        for handler in handlers:
             try:
                 handler(event)
             except Exception:
-                log.exception("an event subscriber failed on %s", type(event).__name__)
+                log.exception("an event subscriber failed on %s", kind.__name__)
 
     def __len__(self) -> int:
         """How many subscribers there are (tests wait on SSE readers coming and going)."""
-        return len(self._handlers)
+        return len(self._subscribers)
 
 
 def on_wire(handler: Callable[[dict[str, Any]], None]) -> Handler:

@@ -206,7 +206,7 @@ class Metrics:
             self.swap_duration.labels(phase)
         state = {} if health is None else health
         self.registry.register(_StateCollector(lambda: read(broker, monitor, state)))
-        bus.subscribe(self.on_event)
+        bus.subscribe(self.on_event, (Admitted, FirstByte, Swapped, UnloadFailed, LeaseRefused))
 
     def on_event(self, event: Event) -> None:
         match event:

@@ -88,7 +88,7 @@ class Monitor:
         self._trees_at = float("-inf")
         self._strangers: set[int] = set()  # pids no tree held when the trees were last found
         self._refresh = SingleFlight(self._refresh_once)
-        bus.subscribe(self._on_event)
+        bus.subscribe(self._on_event, (Freed,))
 
     @property
     def snapshot(self) -> TelemetrySnapshot:

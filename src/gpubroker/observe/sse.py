@@ -50,7 +50,7 @@ class EventStream:
                 feed.push(event)
 
         async def stream() -> AsyncIterator[bytes]:
-            unsubscribe = self.bus.subscribe(push)
+            unsubscribe = self.bus.subscribe(push, (WireEvent,))
             try:
                 yield b": connected\n\n"
                 while True:

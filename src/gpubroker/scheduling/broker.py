@@ -141,7 +141,7 @@ class Broker:
         self._wake = anyio.Event()
         self._armed: float | None = None  # the deadline the clock loop sleeps until
         self.closing = False
-        bus.subscribe(self._on_event)
+        bus.subscribe(self._on_event, (ev.Measured, ev.WorkerGone))
 
     # --- lifecycle ------------------------------------------------------------------------
 
