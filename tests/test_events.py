@@ -3,6 +3,7 @@ kind's ``to_json()`` is the wire form ``/events`` has always sent."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import fields
 from typing import Any
@@ -13,7 +14,8 @@ from gpubroker import events as ev
 from gpubroker.vram import MiB
 
 # Each kind's wire keys, in order, as the broker, supervisor, monitor and SSE sent them before
-# events were typed (beyond event/backend/at/request/elapsedMs, which every kind may carry).
+# events were typed (beyond event/backend/at/request/elapsedMs, which every kind may carry, and
+# a lease step's caller/model, sent only when known: see the test of them below).
 WIRE: dict[str, list[str]] = {
     "queued": ["position"],
     "admitted": ["queueMs"],
@@ -54,7 +56,7 @@ def example(kind: type[ev.WireEvent]) -> ev.WireEvent:
     """One event of ``kind`` with every field filled in."""
     values: dict[str, Any] = {"backend": "a", "at": 100.0}
     for f in fields(kind):
-        if f.name in values or f.name in ("lease", "elapsed"):
+        if f.name in values or f.name in ("lease", "elapsed", "caller", "model"):
             continue
         t = str(f.type)
         if "tuple" in t:
@@ -96,6 +98,29 @@ def test_request_and_elapsed_come_before_the_kinds_own_fields() -> None:
         "queueMs": 500.0,
     }
     assert list(e.to_json()) == ["event", "backend", "at", "request", "elapsedMs", "queueMs"]
+
+
+LEASE_STEPS = (ev.Queued, ev.Admitted, ev.LeaseRefused, ev.Released, ev.Left)
+
+
+@pytest.mark.parametrize("kind", LEASE_STEPS, ids=str)
+def test_a_lease_step_carries_its_caller_and_model_last_and_only_when_known(
+    kind: type[ev.WireEvent],
+) -> None:
+    assert issubclass(kind, ev.LeaseStep)
+    plain = example(kind)
+    assert "caller" not in plain.to_json() and "model" not in plain.to_json()
+    who = dataclasses.replace(plain, caller="nightly-job")  # type: ignore[type-var]
+    assert list(who.to_json()) == ["event", "backend", "at", *WIRE[kind.kind], "caller"]
+    assert who.to_json()["caller"] == "nightly-job"
+    both = dataclasses.replace(plain, caller="ci", model="llama3:8b")  # type: ignore[type-var]
+    assert list(both.to_json())[-2:] == ["caller", "model"]
+    assert both.to_json()["model"] == "llama3:8b"
+
+
+def test_only_lease_steps_carry_a_caller() -> None:
+    steps = {k for k in ev.WIRE_KINDS if issubclass(k, ev.LeaseStep)}
+    assert steps == set(LEASE_STEPS)
 
 
 def test_units_become_the_wire_units() -> None:

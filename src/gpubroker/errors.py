@@ -20,7 +20,8 @@ A ``ClientError`` reaches the client as ``{"error": code, "message": …, "backe
 
     400 bad_request            a target, framing or admin body the broker will not take
                                (BadTarget: a request target no router reads one way)
-    401 unauthorized           an admin verb without the right Bearer token
+    401 unauthorized           an admin verb without the right Bearer token, or an api-port
+                               request without a valid API key (``apiKeys``)
     403 forbidden              admin verbs are off: beyond loopback with no adminToken
     403 forbidden_host         the status port does not answer to that Host name (guard)
     403 forbidden_origin       a web page's Origin on a verb or WebSocket (guard)

@@ -126,7 +126,25 @@ class WireEvent(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Queued(WireEvent):
+class LeaseStep(WireEvent):
+    """A step of one lease: who asked (``caller``: an API key's name, the client's own name for
+    itself, or its address) and for which ``model``, where known. Both go on the wire only when
+    set, so a lease without them is sent as it always was."""
+
+    caller: str | None = None
+    model: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = WireEvent.to_json(self)
+        if self.caller is not None:
+            out["caller"] = self.caller
+        if self.model is not None:
+            out["model"] = self.model
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Queued(LeaseStep):
     kind: ClassVar[str] = "queued"
     position: int
 
@@ -135,7 +153,7 @@ class Queued(WireEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Admitted(WireEvent):
+class Admitted(LeaseStep):
     kind: ClassVar[str] = "admitted"
     queued: float  # seconds from arrival to admission
 
@@ -144,7 +162,7 @@ class Admitted(WireEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class LeaseRefused(WireEvent):
+class LeaseRefused(LeaseStep):
     kind: ClassVar[str] = "refused"
     status: int
     reason: str  # the refusal's code
@@ -159,12 +177,12 @@ class FirstByte(WireEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Released(WireEvent):
+class Released(LeaseStep):
     kind: ClassVar[str] = "released"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Left(WireEvent):
+class Left(LeaseStep):
     """A queued lease went away (its client left) before it was admitted."""
 
     kind: ClassVar[str] = "left"

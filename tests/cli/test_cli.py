@@ -204,6 +204,34 @@ def test_serve_check_without_any_config(clean_env: Path) -> None:
     assert "gpubroker init" in message
 
 
+def test_serve_refuses_an_api_port_beyond_loopback_without_keys(clean_env: Path) -> None:
+    """Issue 12: one port that reaches every model must not be open to the network unasked."""
+    path = write(clean_env, "bind: 0.0.0.0\napiPort: 5100\n" + GOOD)
+    for args in (["serve", "-c", str(path)], ["serve", "--check", "-c", str(path)]):
+        message = assert_one_line_error(runner.invoke(app, args))
+        assert message.startswith(f"{path}:2:1: apiPort: the apiPort would listen on 0.0.0.0")
+        assert "apiKeys" in message
+
+
+def test_serve_check_never_prints_an_api_key(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written, from_env = "sk-written-in-the-file-0123456789", "sk-from-the-environment-987654"
+    monkeypatch.setenv("NIGHTLY_KEY", from_env)
+    keys = (
+        "bind: 0.0.0.0\napiPort: 5100\napiKeys:\n"
+        f"  - {{name: ci, key: {written}}}\n"
+        '  - {name: nightly, key: "env:NIGHTLY_KEY", models: [llama3:8b]}\n'
+    )
+    path = write(clean_env, keys + GOOD)
+    result = runner.invoke(app, ["serve", "--check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert written not in result.output and from_env not in result.output
+    assert "apiKeys: ci, nightly (from $NIGHTLY_KEY) [models: llama3:8b]" in result.stdout
+    resolved = json.loads("{" + result.stdout.partition("\n{")[2])
+    assert [k["key"] for k in resolved["apiKeys"]] == ["(hidden)", "env:NIGHTLY_KEY"]
+
+
 # --- plugins --------------------------------------------------------------------------------
 
 

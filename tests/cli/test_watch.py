@@ -93,8 +93,16 @@ STATUS: dict[str, Any] = {
             "state": "active",
             "elapsedMs": 2300,
             "queuedMs": 12,
+            "caller": "nightly-job",
         },
-        {"id": 42, "backend": "comfyui", "path": "/prompt", "state": "queued", "elapsedMs": 900},
+        {
+            "id": 42,
+            "backend": "comfyui",
+            "path": "/prompt",
+            "state": "queued",
+            "elapsedMs": 900,
+            "caller": "10.0.0.5",
+        },
         {
             "kind": "job",
             "id": "5f0c1d2e-aaaa",
@@ -156,6 +164,10 @@ def test_render_shows_every_section() -> None:
         "1m30s",  # the warning's age
     ):
         assert expected in text, expected
+    request = next(line for line in text.splitlines() if "/api/chat" in line)
+    assert "nightly-job" in request  # who asked, on the request's own row
+    queued = next(line for line in text.splitlines() if "queued #1" in line)
+    assert "10.0.0.5" in queued
     row = next(line for line in text.splitlines() if "│ ollama" in line)
     assert "6.0 GiB" in row and "9.0 GiB" in row  # declared next to measured
     bars = (0.75, 0.87, 312.5 / 450)  # VRAM, utilisation, power

@@ -212,24 +212,25 @@ def _requests(data: StatusJson) -> RenderableType | None:
     if not live and not jobs and not queue:
         return Text("No requests in flight or queued.", style="dim")
     table = Table(title="Requests", title_justify="left")
-    for col in ("id", "backend", "state", "path", "elapsed", "queued"):
+    for col in ("id", "backend", "caller", "state", "path", "elapsed", "queued"):
         table.add_column(col, justify="right" if col in ("id", "elapsed", "queued") else "left")
+    callers = {r["id"]: r.get("caller") or "" for r in everything if r.get("kind") != "job"}
     for r in live:
         table.add_row(
-            str(r["id"]), r["backend"], Text("in flight", style="green"), r.get("path", ""),
-            _ms(r.get("elapsedMs")), _ms(r.get("queuedMs")),
+            str(r["id"]), r["backend"], callers.get(r["id"], ""), Text("in flight", style="green"),
+            r.get("path", ""), _ms(r.get("elapsedMs")), _ms(r.get("queuedMs")),
         )  # fmt: skip
     for j in jobs:  # the service's own queue (ComfyUI): GPU work after its request ended
         running = j.get("state") == "running"
         state = Text(f"job {j.get('state')}", style="green" if running else "yellow")
         table.add_row(
-            str(j["id"])[:8], j["backend"], state,
+            str(j["id"])[:8], j["backend"], "", state,
             j.get("path", ""), _ms(j.get("elapsedMs")), "",
         )  # fmt: skip
     for q in queue:
         table.add_row(
-            str(q["id"]), q["backend"], Text(f"queued #{q['position']}", style="yellow"), "",
-            _ms(q.get("waitedMs")), "",
+            str(q["id"]), q["backend"], callers.get(q["id"], ""),
+            Text(f"queued #{q['position']}", style="yellow"), "", _ms(q.get("waitedMs")), "",
         )  # fmt: skip
     return table
 

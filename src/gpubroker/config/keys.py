@@ -210,12 +210,20 @@ TOP_KEYS: dict[str, Field] = {
     "shutdownGrace": Field("shutdown_grace", parse_duration),
     "gpus": Field("gpus", lambda v: v),  # parsed by the loader, which needs locations
     "adminToken": Field("admin_token", _str),
+    "apiKeys": Field("api_keys", lambda v: v),  # parsed by the loader: located, env-reading
     "telemetry": Field("telemetry", _str),
     "telemetryUrl": Field("telemetry_url", parse_url),
     "telemetryInterval": Field("telemetry_interval", _interval),
     "gpuNearFull": Field("gpu_near_full", _ratio),
     "disablePlugins": Field("disable_plugins", _str_list),
+    "apiPort": Field("api_port", parse_port),
 }
+API_KEY_KEYS: dict[str, Field] = {
+    "name": Field("name", _str),
+    "key": Field("key", lambda v: v),  # checked by the loader, which never echoes it
+    "models": Field("models", _str_list),
+}
+API_KEY_MIN_LENGTH = 16
 GPU_KEYS: dict[str, Field] = {
     "id": Field("id", _gpu_ref),
     "memory": Field("memory", parse_size),

@@ -25,7 +25,10 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
+from gpubroker.config.hosts import is_loopback
 from gpubroker.config.keys import (
+    API_KEY_KEYS,
+    API_KEY_MIN_LENGTH,
     BACKEND_KEYS,
     BACKEND_REQUIRED,
     GPU_KEYS,
@@ -37,6 +40,7 @@ from gpubroker.config.keys import (
 from gpubroker.config.model import (
     DEFAULT_QUEUE_TIMEOUT,
     DEFAULT_STATUS_PORT,
+    ApiKey,
     BackendConfig,
     Config,
     GpuSpec,
@@ -120,6 +124,46 @@ class _Loader:
             specs.append(GpuSpec(**values))
         return tuple(specs)
 
+    def api_keys(self, node: Any, env: Mapping[str, str]) -> tuple[ApiKey, ...]:
+        """``apiKeys``: named Bearer keys, ``key: env:VAR`` read from ``env`` now. No message
+        here ever quotes a key, since errors are printed and logged."""
+        if not isinstance(node, list):
+            raise self.fail("apiKeys", f"expected a list of keys, found {_describe(node)}")
+        out: list[ApiKey] = []
+        seen: dict[str, str] = {}
+        for i, item in enumerate(node):
+            path = f"apiKeys[{i}]"
+            self.note(node, i, path)
+            values = self.mapping(item, path, API_KEY_KEYS)
+            for required in ("name", "key"):
+                if required not in values:
+                    raise self.fail(path, f"missing required key {required!r}")
+            name = values["name"].strip()
+            if name in seen:
+                raise self.fail(f"{path}.name", f"duplicate key name {name!r} (also {seen[name]})")
+            seen[name] = path
+            key, var = values["key"], None
+            if isinstance(key, str) and key.startswith("env:"):
+                var = key[4:].strip()
+                if not var:
+                    raise self.fail(f"{path}.key", "expected env:VARIABLE, with a variable name")
+                if not env.get(var):
+                    raise self.fail(
+                        f"{path}.key", f"the environment variable {var} is not set (or empty)"
+                    )
+                key = env[var]
+            if not isinstance(key, str) or not key.strip():
+                raise self.fail(f"{path}.key", "expected a non-empty string (or env:VARIABLE)")
+            if len(key.strip()) < API_KEY_MIN_LENGTH:
+                where = f"${var}" if var else "the key"
+                raise self.fail(
+                    f"{path}.key",
+                    f"{where} has {len(key.strip())} characters; an API key needs at least "
+                    f"{API_KEY_MIN_LENGTH} (try `openssl rand -hex 24`)",
+                )
+            out.append(ApiKey(name, key.strip(), values.get("models"), var))
+        return tuple(out)
+
     def backends(self, node: Any) -> tuple[BackendConfig, ...]:
         if not isinstance(node, list):
             raise self.fail("backends", f"expected a list of backends, found {_describe(node)}")
@@ -149,8 +193,12 @@ class _Loader:
         return tuple(out)
 
 
-def parse_config(data: Any, source: str | None = None) -> Config:
-    """Validate an already-loaded YAML tree (round-trip or plain dicts) into a Config."""
+def parse_config(
+    data: Any, source: str | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate an already-loaded YAML tree (round-trip or plain dicts) into a Config.
+
+    ``env``: where ``env:VAR`` values are read (the process environment when None)."""
     loader = _Loader(source)
     if data is None:
         data = CommentedMap()
@@ -159,6 +207,8 @@ def parse_config(data: Any, source: str | None = None) -> Config:
     backends = loader.backends(values.pop("backends", []))
     if "gpus" in values:
         values["gpus"] = loader.gpus(values["gpus"])
+    if "api_keys" in values:
+        values["api_keys"] = loader.api_keys(values["api_keys"], os.environ if env is None else env)
     if values.get("telemetry") == "sim" and "telemetry_url" not in values:
         raise loader.fail(
             "telemetry", "`telemetry: sim` needs `telemetryUrl:` (the simulated GPUs' /gpus URL)"
@@ -190,6 +240,13 @@ def parse_config(data: Any, source: str | None = None) -> Config:
                 f"{b.upstream} is this broker's own {own[port]}: requests would loop through "
                 "the broker; point upstream at the service itself",
             )
+    if values.get("api_port") is not None and not values.get("api_keys") and not is_loopback(bind):
+        raise loader.fail(
+            "apiPort",
+            f"the apiPort would listen on {bind}, beyond this machine, with no apiKeys: "
+            "anyone who can reach it could use every model; add `apiKeys:` (a name and a "
+            "key per caller) or bind to 127.0.0.1",
+        )
     return Config(backends=backends, source=source, locations=loader.locations, **values)
 
 
@@ -206,8 +263,10 @@ def _is_own_host(host: str, bind: str) -> bool:
     return False  # a name: only a lookup could tell; the Via hop bound catches that loop
 
 
-def load_config_file(path: Path) -> Config:
-    """Read, parse and validate one YAML file; every failure is a located ConfigError."""
+def load_config_file(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate one YAML file; every failure is a located ConfigError.
+
+    ``env``: where ``env:VAR`` values are read (the process environment when None)."""
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -227,7 +286,7 @@ def load_config_file(path: Path) -> Config:
         ) from None
     except Exception as exc:  # ruamel raises a few unmarked errors (e.g. duplicate keys)
         raise ConfigError(f"invalid YAML: {exc}".splitlines()[0], source=source) from None
-    return parse_config(data, source)
+    return parse_config(data, source, env)
 
 
 def _env_port(env: Mapping[str, str], name: str, default: int) -> int:
@@ -294,10 +353,10 @@ def resolve_config(path: Path | None, env: Mapping[str, str] | None = None) -> C
     if path is None and env.get(CONFIG_ENV):
         path = Path(env[CONFIG_ENV])
     if path is not None:
-        return load_config_file(path)
+        return load_config_file(path, env)
     for candidate in default_config_paths(env):
         if candidate.is_file():
-            return load_config_file(candidate)
+            return load_config_file(candidate, env)
     from_env = config_from_env(env)
     if from_env is not None:
         return from_env
@@ -327,4 +386,12 @@ def describe_config(cfg: Config) -> str:
             f"  {b.name}: :{b.proxy_port} -> {b.upstream} "
             f"(strategy {b.unload_strategy}, classifier {b.classifier_name})"
         )
+    if cfg.api_keys:  # the names only: a key is never printed
+        lines.append("apiKeys: " + ", ".join(_key_summary(k) for k in cfg.api_keys))
     return "\n".join(lines)
+
+
+def _key_summary(key: ApiKey) -> str:
+    where = f" (from ${key.env})" if key.env else ""
+    models = "" if key.models is None else f" [models: {', '.join(key.models)}]"
+    return key.name + where + models

@@ -20,6 +20,7 @@ HostHeader = Literal["client", "upstream"]
 
 DEFAULT_STATUS_PORT = 5102
 DEFAULT_QUEUE_TIMEOUT = 120.0
+HIDDEN_KEY = "(hidden)"  # what ``serve --check`` shows for an API key written in the file
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,19 @@ class GpuSpec:
     id: int | str
     memory: int | None = None
     reserve: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A caller the api port knows: a Bearer ``key`` named ``name`` (the name is what status,
+    events and metrics show; the key never leaves this object, not even in its repr).
+    ``models``: the model names (or aliases) it may use; None for all. ``env``: the variable
+    the key was read from (``key: env:VAR``), which ``serve --check`` shows instead."""
+
+    name: str
+    key: str = field(repr=False)
+    models: tuple[str, ...] | None = None
+    env: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +106,13 @@ class Config:
     shutdown_grace: float = 30.0
     gpus: tuple[GpuSpec, ...] | Literal["auto"] = "auto"
     admin_token: str | None = None
+    api_keys: tuple[ApiKey, ...] = ()
     telemetry: str = "auto"
     telemetry_url: str | None = None  # where `telemetry: sim` reads the simulated GPUs
     telemetry_interval: float = 2.0
     gpu_near_full: float = 0.95  # used/total at which the GPU-near-full warning fires
     disable_plugins: tuple[str, ...] = ()
+    api_port: int | None = None  # the one endpoint for every model; None: off
     source: str | None = None
     locations: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
 
@@ -148,6 +164,12 @@ def _export(value: Any) -> Any:
             for k, v in (("id", value.id), ("memory", value.memory), ("reserve", value.reserve))
             if v is not None
         }
+    if isinstance(value, ApiKey):  # never the key itself
+        key = f"env:{value.env}" if value.env else HIDDEN_KEY
+        out: dict[str, Any] = {"name": value.name, "key": key}
+        if value.models is not None:
+            out["models"] = list(value.models)
+        return out
     if isinstance(value, Mapping):
         return dict(value)
     return value

@@ -197,6 +197,14 @@ class Metrics:
             ["backend"],
             registry=self.registry,
         )
+        self.api_requests = Counter(
+            "gpubroker_api_requests",
+            "GPU requests admitted, by backend, model (where the api port knows it, else empty) "
+            "and caller (an API key's name, else other)",
+            ["backend", "model", "caller"],
+            registry=self.registry,
+        )
+        self._key_names = frozenset(k.name for k in broker.config.api_keys)
         for name in names:  # every series exists from the start, at zero
             self.queue_wait.labels(name)
             self.first_byte.labels(name)
@@ -212,6 +220,8 @@ class Metrics:
         match event:
             case Admitted():
                 self.queue_wait.labels(event.backend).observe(event.queued)
+                if event.caller is not None:  # a request's (the broker's own swaps have none)
+                    self._count_request(event)
             case FirstByte(elapsed=float() as elapsed):
                 self.first_byte.labels(event.backend).observe(elapsed)
             case Swapped():
@@ -224,6 +234,12 @@ class Metrics:
                 self.unload_failures.labels(event.backend).inc()
             case LeaseRefused(status=507):
                 self.oom_avoided.labels(event.backend).inc()
+
+    def _count_request(self, event: Admitted) -> None:
+        """Labels only of bounded sets: a configured key's name (never an address or what a
+        client calls itself), and the model only where the lease names it."""
+        caller = event.caller if event.caller in self._key_names else "other"
+        self.api_requests.labels(event.backend, event.model or "", caller).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -63,6 +63,8 @@ class LeaseView:
     path: str  # without the query
     since: float
     admitted_at: float | None
+    caller: str | None = None  # who asked (a key's name, the client's own name, its address)
+    model: str | None = None  # the model asked for, where known
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +247,8 @@ class StatusView:
                 "state": "active" if r.admitted_at else "queued",
                 "elapsedMs": _ms(now - r.since),
                 "queuedMs": _ms((r.admitted_at or now) - r.since),
+                "caller": r.caller,
+                "model": r.model,
             }
             for r in self.leases
         ]
@@ -260,6 +264,8 @@ class StatusView:
                 "state": j.state,  # running, or pending in the service's own queue
                 "elapsedMs": None if j.since is None else _ms(now - j.since),
                 "queuedMs": None,
+                "caller": None,
+                "model": None,
             }
             for j in self.jobs
         ]
@@ -434,7 +440,9 @@ def read(
         swapping=sched.swapping,
         backends=tuple(backends),
         leases=tuple(
-            LeaseView(r.lease, r.backend, r.method, r.path, r.since, r.admitted_at)
+            LeaseView(
+                r.lease, r.backend, r.method, r.path, r.since, r.admitted_at, r.caller, r.model
+            )
             for r in broker.live.values()
         ),
         queue=tuple(

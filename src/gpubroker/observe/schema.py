@@ -62,6 +62,8 @@ class LiveEntryJson(TypedDict):
     state: str  # active or queued (a lease); running or pending (a job)
     elapsedMs: int | None
     queuedMs: int | None
+    caller: str | None  # a lease's: an API key's name, the client's own name, or its address
+    model: str | None  # a lease's model, where the api port knows it
 
 
 class TotalsJson(TypedDict):

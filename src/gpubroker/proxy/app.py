@@ -38,6 +38,7 @@ from gpubroker.errors import (
     UpstreamError,
 )
 from gpubroker.plugins.classifiers.base import Classifier
+from gpubroker.proxy.caller import caller_of
 from gpubroker.proxy.forwarding import (
     MAX_HOPS,
     request_headers,
@@ -150,7 +151,11 @@ class ProxyApp:
         elif kind == "lifespan":
             await _lifespan(receive, send)
 
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def http(
+        self, scope: Scope, receive: Receive, send: Send, *, caller: str | None = None
+    ) -> None:
+        """Forward one request, under a lease when it is GPU work. ``caller``: who asks, as
+        status and events show it; None: the client's own name for itself, else its address."""
         method: str = scope["method"]
         try:
             target, variants = self._target(scope)
@@ -163,6 +168,8 @@ class ProxyApp:
             self.broker.record_passthrough(self.name)
             await self.forward(scope, target, body, send, None)
             return
+        if caller is None:
+            caller = caller_of(scope["headers"], scope.get("client"))
         async with contextlib.AsyncExitStack() as stack:
             grant: Lease | None = None
             refusal: Refused | None = None
@@ -171,7 +178,7 @@ class ProxyApp:
                 tg.start_soon(self._watch_while_queued, body, tg.cancel_scope)
                 try:
                     grant = await stack.enter_async_context(
-                        self.broker.lease(self.name, path, method=method)
+                        self.broker.lease(self.name, path, method=method, caller=caller)
                     )
                 except Refused as refused:
                     refusal = refused

@@ -31,10 +31,17 @@ class Lease(Protocol):
 
 class LeaseBroker(Protocol):
     def lease(
-        self, backend: str, path: str = "", *, method: str = "POST"
+        self,
+        backend: str,
+        path: str = "",
+        *,
+        method: str = "POST",
+        caller: str | None = None,
+        model: str | None = None,
     ) -> AbstractAsyncContextManager[Lease]:
         """Hold the GPU for ``backend`` inside the ``async with``; may queue. Raises
-        :class:`gpubroker.errors.Refused` when refused."""
+        :class:`gpubroker.errors.Refused` when refused. ``caller`` (who asks) and ``model``
+        (where known) are shown with the lease."""
         ...
 
     def first_byte(self, lease: int) -> None:

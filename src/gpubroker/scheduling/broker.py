@@ -90,6 +90,8 @@ class LiveRequest:
     since: float
     admitted_at: float | None = None
     method: str = "POST"
+    caller: str | None = None  # who asked: a key's name, the client's own name, its address
+    model: str | None = None  # the model asked for, where the api port knows it
 
 
 @dataclass(slots=True)
@@ -200,11 +202,14 @@ class Broker:
         *,
         count: bool = True,
         method: str = "POST",
+        caller: str | None = None,
+        model: str | None = None,
     ) -> AsyncIterator[Grant]:
         """Hold the GPU for ``backend`` for the body of the ``async with``.
 
         Waits in the queue as long as the scheduler says; raises :class:`Refused` when refused.
         Cancelling the waiting task (the client went away) leaves the queue cleanly.
+        ``caller`` and ``model`` are shown with the lease (status, its events).
         """
         if self.closing:
             raise Refused.of(
@@ -214,7 +219,9 @@ class Broker:
         now = self.clock()
         pending = _Pending()
         self._pending[lease] = pending
-        self.live[lease] = LiveRequest(lease, backend, path, time.time(), method=method)
+        self.live[lease] = LiveRequest(
+            lease, backend, path, time.time(), method=method, caller=caller, model=model
+        )
         deferred = False  # the release (and the live entry) passed on to _settle
         try:
             self._apply(self.sched.request(lease, backend, now))
@@ -250,9 +257,12 @@ class Broker:
                 self.live.pop(lease, None)
 
     def _release(self, lease: int) -> None:
-        """End a lease whose release waited for its service's queue to be read."""
-        self.live.pop(lease, None)
-        self._apply(self.sched.released(lease, self.clock()))
+        """End a lease whose release waited for its service's queue to be read (its live entry
+        goes after its ``released``, which is told, as elsewhere, whose it was and how long)."""
+        try:
+            self._apply(self.sched.released(lease, self.clock()))
+        finally:
+            self.live.pop(lease, None)
 
     @property
     def jobs(self) -> dict[str, list[Job]]:
@@ -455,7 +465,7 @@ class Broker:
 
     def _publish(self, event: type[ev.WireEvent], **fields: Any) -> None:
         """Publish ``event``, stamped with the time and, where known, how long its lease (or
-        else its swap) has been going."""
+        else its swap) has been going; a lease's steps also say whose it is."""
         at = time.time()
         lease, swap = fields.get("lease"), fields.get("swap")
         elapsed = None
@@ -463,6 +473,8 @@ class Broker:
             live = self.live.get(lease)
             if live is not None:
                 elapsed = at - live.since
+                if issubclass(event, ev.LeaseStep):
+                    fields.update(caller=live.caller, model=live.model)
         elif isinstance(swap, int) and (plan := self.sched.plans.get(swap)) is not None:
             elapsed = self.clock() - plan.started
         self.bus.publish(event(at=at, elapsed=elapsed, **fields))
