@@ -20,6 +20,7 @@ HostHeader = Literal["client", "upstream"]
 
 DEFAULT_STATUS_PORT = 5102
 DEFAULT_QUEUE_TIMEOUT = 120.0
+DEFAULT_API_BODY_LIMIT = 64 * 2**20  # room for base64 images in a chat request
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,24 @@ class GpuSpec:
     id: int | str
     memory: int | None = None
     reserve: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A model a backend serves, as ``models:`` declares it (the api port routes by these).
+
+    ``aliases`` are other names clients may ask for; ``upstream_model`` is the name sent
+    upstream in place of whatever name matched (None: the name asked for); ``vram`` in bytes.
+    """
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    upstream_model: str | None = None
+    vram: int | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +83,7 @@ class BackendConfig:
     upstream's own host instead (virtual hosts, TLS with SNI). None: the strategy's default
     (``Strategy.host_header``)."""
     upstream_idle_timeout: float | None = None  # None: the top-level upstreamIdleTimeout
+    models: tuple[ModelSpec, ...] | None = None  # None: discovered from the service itself
 
     @property
     def classifier_name(self) -> str:
@@ -97,6 +117,9 @@ class Config:
     telemetry_interval: float = 2.0
     gpu_near_full: float = 0.95  # used/total at which the GPU-near-full warning fires
     disable_plugins: tuple[str, ...] = ()
+    api_port: int | None = None  # the one endpoint for every model; None: off
+    api_body_limit: int = DEFAULT_API_BODY_LIMIT  # bytes of a body read to find its model
+    model_refresh: float = 30.0  # how often discovered model lists are read again
     source: str | None = None
     locations: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
 
@@ -148,6 +171,12 @@ def _export(value: Any) -> Any:
             for k, v in (("id", value.id), ("memory", value.memory), ("reserve", value.reserve))
             if v is not None
         }
+    if isinstance(value, ModelSpec):
+        if not (value.aliases or value.upstream_model or value.vram is not None):
+            return value.name
+        out: dict[str, Any] = {"name": value.name, "aliases": list(value.aliases)}
+        out.update(upstreamModel=value.upstream_model, vram=value.vram)
+        return {k: v for k, v in out.items() if v is not None and v != []}
     if isinstance(value, Mapping):
         return dict(value)
     return value

@@ -49,7 +49,7 @@ from gpubroker.proxy.lease import Lease, LeaseBroker
 from gpubroker.proxy.target import normalise, route_variants
 from gpubroker.proxy.upstream import Upstream, UpstreamResponse
 from gpubroker.proxy.websocket import proxy_websocket
-from gpubroker.responses import send_error
+from gpubroker.responses import ErrorRenderer, json_error
 
 log = logging.getLogger("gpubroker.proxy.app")
 
@@ -150,18 +150,21 @@ class ProxyApp:
         elif kind == "lifespan":
             await _lifespan(receive, send)
 
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def http(
+        self, scope: Scope, receive: Receive, send: Send, *, errors: ErrorRenderer = json_error
+    ) -> None:
+        """One HTTP exchange; ``errors`` renders every error the broker itself answers."""
         method: str = scope["method"]
         try:
             target, variants = self._target(scope)
         except ClientError as reject:
-            await send_error(send, reject, backend=self.name)
+            await errors(send, reject, self.name)
             return
         path = variants[0]
         body = RequestBody(receive)
         if not any(self.classifier.is_gpu(method, p) for p in variants):
             self.broker.record_passthrough(self.name)
-            await self.forward(scope, target, body, send, None)
+            await self.forward(scope, target, body, send, None, errors=errors)
             return
         async with contextlib.AsyncExitStack() as stack:
             grant: Lease | None = None
@@ -180,15 +183,17 @@ class ProxyApp:
                     # exchange, so a client that leaves (even before the upstream's first
                     # byte, as with a non-streaming generation) ends the lease at once.
                     forwarded = True
-                    await self.forward(scope, target, body, send, grant, watched=True)
+                    await self.forward(
+                        scope, target, body, send, grant, watched=True, errors=errors
+                    )
                 tg.cancel_scope.cancel()  # decided (or done): stop watching
             if refusal is not None:
-                await send_error(send, refusal, backend=self.name)
+                await errors(send, refusal, self.name)
                 return
             if grant is None:
                 return  # the client left while queued; the lease never started
             if not forwarded:  # a body too big to read ahead: forward() reads the rest
-                await self.forward(scope, target, body, send, grant)
+                await self.forward(scope, target, body, send, grant, errors=errors)
 
     @staticmethod
     def _target(scope: Scope) -> tuple[bytes, tuple[str, ...]]:
@@ -245,6 +250,7 @@ class ProxyApp:
         grant: Lease | None,
         *,
         watched: bool = False,
+        errors: ErrorRenderer = json_error,
     ) -> None:
         """Send the request upstream and stream the answer back.
 
@@ -286,7 +292,7 @@ class ProxyApp:
             self.broker.record_upstream_error(self.name)
             if isinstance(exc, BadUpstreamResponse):
                 log.warning("%s: refused a bad upstream response: %s", self.name, exc)
-            await send_error(send, exc, backend=self.name)
+            await errors(send, exc, self.name)
             return
         try:
             await send(
