@@ -115,7 +115,7 @@ class ApiApp:
             elif method not in ("GET", "HEAD"):
                 raise _no_route(path, method)
             elif path == "/v1/models":
-                await _json(send, {"object": "list", "data": self._models()})
+                await _json(send, {"object": "list", "data": await self._models()})
             elif path.startswith("/v1/models/"):
                 await _json(send, await self._model(path.removeprefix("/v1/models/")))
             elif path in ("/api/tags", "/api/ps"):
@@ -174,8 +174,9 @@ class ApiApp:
         inner = {**scope, "path": "/" + rest, "raw_path": stripped or b"/"}
         await app(inner, receive, _Tagged(send, name))
 
-    def _models(self) -> list[dict[str, Any]]:
-        return [_model_entry(name, route, ok) for name, route, ok in self.catalogue.listing()]
+    async def _models(self) -> list[dict[str, Any]]:
+        listing = await self.catalogue.listing()
+        return [_model_entry(name, route, ok) for name, route, ok in listing]
 
     async def _model(self, name: str) -> dict[str, Any]:
         route = await self.catalogue.resolve(name)

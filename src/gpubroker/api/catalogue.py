@@ -133,8 +133,11 @@ class Catalogue:
         rank = _RANK.get(self._residency.state(route.backend), 2)
         return rank, self._costs.get(route.backend, 2), self._order[route.backend]
 
-    def listing(self) -> list[tuple[str, Route, bool]]:
-        """``(name, route, reachable)`` per name, each name once, on its preferred backend."""
+    async def listing(self) -> list[tuple[str, Route, bool]]:
+        """``(name, route, reachable)`` per name, each name once, on its preferred backend
+        (after the first discovery, so a list asked for at start-up is not empty)."""
+        if self._reads == 0:
+            await self.refresh()
         seen: dict[str, tuple[str, Route, bool]] = {}
         for known in self._known.values():
             for name in known.routes:
@@ -157,7 +160,8 @@ class Catalogue:
         """The route for ``name``; raises ModelNotFound (naming the closest) when none."""
         among = None if among is None else tuple(among)
         found = self.routes(name, among)
-        if not found and self._clock() - self._last_refresh >= UNKNOWN_REFRESH_EVERY:
+        recent = self._clock() - self._last_refresh < UNKNOWN_REFRESH_EVERY
+        if not found and (self._lock.locked() or not recent):  # under way: wait for its answer
             await self.refresh()
             found = self.routes(name, among)
         if found:
