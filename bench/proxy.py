@@ -12,7 +12,9 @@ Pieces, each in its own process so none shares a GIL with another:
   ``interval`` ms (on a fixed schedule, like a GPU-bound token stream: a late event does not
   delay the next ones), each stamped with the wall-clock time it was written.
 - broker: the real one, ``gpubroker.runtime.run_broker`` in this process, with one ``generic``
-  backend whose ``gpuPaths`` is ``POST /gpu`` (a GPU lease per request; the rest pass through).
+  backend whose ``gpuPaths`` is ``POST /gpu`` (a GPU lease per request; the rest pass through),
+  and the ``apiPort``: the "via apiPort" cases post the same body (model ``m``) to
+  ``/v1/chat/completions`` there, a GPU path too, so the difference is the api port's own cost.
 - load: ``wrk`` when installed (``apt-get install wrk``), else this script's own asyncio client
   (``--load``) in a child process; the SSE client is always this script's (``--sse``).
 
@@ -398,6 +400,7 @@ class Case:
     method: str
     path: str
     connections: int
+    port: str = "proxy"  # or "api": the broker's apiPort (direct: the upstream, same path)
 
     @property
     def label(self) -> str:
@@ -411,6 +414,8 @@ CASES = [
     Case("POST passthrough", "POST", "/small", 16),
     Case("POST GPU lease", "POST", "/gpu", 1),
     Case("POST GPU lease", "POST", "/gpu", 16),
+    Case("POST GPU lease via apiPort", "POST", "/v1/chat/completions", 1, "api"),
+    Case("POST GPU lease via apiPort", "POST", "/v1/chat/completions", 16, "api"),
 ]
 
 
@@ -453,12 +458,13 @@ class Runner:
             "socket_errors": socket_errors.group(1) if socket_errors else "",
         }
 
-    async def run_cases(self, base: str) -> list[dict[str, Any]]:
+    async def run_cases(self, base: str, api: str | None = None) -> list[dict[str, Any]]:
         out = []
         for case in self.cases:
-            await self.measure(base, case, 1)  # warm up: connections, pools, caches
+            url = api if case.port == "api" and api is not None else base
+            await self.measure(url, case, 1)  # warm up: connections, pools, caches
             cpu = time.process_time()
-            result = await self.measure(base, case, self.args.duration)
+            result = await self.measure(url, case, self.args.duration)
             cpu = time.process_time() - cpu  # this process's: the broker's, when there is one
             result["cpu_us"] = cpu / (result["rps"] * self.args.duration) * 1e6
             out.append(result)
@@ -517,9 +523,11 @@ async def with_broker(upstream: str, client: str, fn: Any) -> Any:
                     "proxyPort": 18001,
                     "upstream": upstream,
                     "unloadStrategy": "generic",
-                    "gpuPaths": ["POST /gpu"],
+                    "gpuPaths": ["POST /gpu", "POST /v1/chat/completions"],
+                    "models": ["m"],
                 }
-            ]
+            ],
+            "apiPort": 18100,
         }
     )
     shutdown = anyio.Event()
@@ -535,7 +543,7 @@ async def with_broker(upstream: str, client: str, fn: Any) -> Any:
                 )
             )
             try:
-                return await fn(endpoints.proxies["bench"])
+                return await fn(endpoints.proxies["bench"], endpoints.api_url)
             finally:
                 shutdown.set()
     finally:
@@ -572,6 +580,7 @@ def report(
                 f"| {b['p99']:.3f} | {_ratio(b['rps'], d['rps'])} | {b['p50'] - d['p50']:+.3f} "
                 f"| {b['cpu_us']:.0f} |"
             )
+    rows += _api_cost(cases, brokers)
     if sse_direct is None:
         return "\n".join(rows)
     rows += [
@@ -594,6 +603,27 @@ def report(
     return "\n".join(rows)
 
 
+def _api_cost(cases: list[Case], brokers: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The api port's own broker CPU: each via-apiPort case against the same lease case
+    through the proxy port (target: at most +100 µs/req)."""
+    out = []
+    for i, case in enumerate(cases):
+        if case.port != "api":
+            continue
+        conns = case.connections
+        same = [j for j, c in enumerate(cases) if c.path == "/gpu" and c.connections == conns]
+        if not same:
+            continue
+        twin = same[0]
+        for client, results in brokers.items():
+            api, proxy = results[i]["cpu_us"], results[twin]["cpu_us"]
+            out.append(
+                f"apiPort vs proxyPort, GPU lease c{case.connections} ({client}): "
+                f"{api:.0f} vs {proxy:.0f} broker CPU µs/req ({api - proxy:+.0f} µs)"
+            )
+    return ["", *out] if out else []
+
+
 async def orchestrate(args: argparse.Namespace) -> None:
     runner = Runner(args)
     clients = ["lean", *args.compare]
@@ -610,8 +640,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
         sse_broker: dict[str, Any] = {}
         for client in clients:
 
-            async def run(proxy: str) -> None:
-                brokers[client] = await runner.run_cases(proxy)  # noqa: B023
+            async def run(proxy: str, api: str) -> None:
+                brokers[client] = await runner.run_cases(proxy, api)  # noqa: B023
                 sse_broker[client] = await runner.run_sse(proxy)  # noqa: B023
 
             started = time.perf_counter()

@@ -30,9 +30,12 @@ A ``ClientError`` reaches the client as ``{"error": code, "message": …, "backe
     404 unknown_worker         ... no managed worker we have
     404 not_managed            ... a backend that has no ``command:``
     404 no_supervisor          ... a worker, and this broker supervises none
+    404 model_not_found        the api port knows no model by that name (naming the closest)
+    404 unknown_path           the api port serves no such route
     405 method_not_allowed     CONNECT and TRACE (with Allow)
     408 request_timeout        the request body sent nothing for clientIdleTimeout
     409 swap_in_progress       an admin eviction while a plan runs on that GPU (retryable)
+    413 body_too_large         a body on the api port over apiBodyLimit before its model
     415 unsupported_media_type an admin verb whose body is not application/json (guard)
     431 headers_too_large      a request head over 64 KiB
     500 internal_error         a status/admin route failed unexpectedly (the log says why)
@@ -206,6 +209,14 @@ class NoSupervisor(NotFound):
     code = "no_supervisor"
 
 
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class UnknownPath(NotFound):
+    code = "unknown_path"
+
+
 class MethodNotAllowed(ClientError):
     status, code = 405, "method_not_allowed"
 
@@ -223,6 +234,10 @@ class SwapInProgress(ClientError):
         super().__init__(
             f"a swap to {target or 'nothing'} is in progress; try again shortly", backend=backend
         )
+
+
+class BodyTooLarge(ClientError):
+    status, code = 413, "body_too_large"
 
 
 class UnsupportedMediaType(ClientError):

@@ -8,6 +8,7 @@ codes, statuses and the retryable rule are the error classes' (see ``gpubroker.e
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -46,6 +47,16 @@ async def send_error(
     status, headers, body = render(error, backend)
     await send({"type": f"{prefix}.response.start", "status": status, "headers": headers})
     await send({"type": f"{prefix}.response.body", "body": body, "more_body": False})
+
+
+ErrorRenderer = Callable[[Send, ClientError, str | None], Awaitable[None]]
+"""How one port answers a broker-made error: (send, error, backend). The proxy ports use
+:func:`json_error`; the api port renders the same error in OpenAI's or Ollama's shape."""
+
+
+async def json_error(send: Send, error: ClientError, backend: str | None) -> None:
+    """The proxy ports' renderer: ``send_error``'s JSON body."""
+    await send_error(send, error, backend=backend)
 
 
 def error_response(error: ClientError) -> Response:

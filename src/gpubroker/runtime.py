@@ -17,6 +17,8 @@ is built. News travels up the :class:`~gpubroker.events.EventBus`, calls go down
                         confirm_freed=monitor | None)                   applies Measured, WorkerGone
     proxies    = {backend: ProxyApp(.., broker, Upstream)}
     status     = StatusApp(broker, bus, monitor, health)               Metrics(bus), /events(bus)
+    catalogue  = Catalogue(backends, residency=sched (read-only))      only with apiPort
+    api        = ApiApp(proxies, catalogue, ApiKeys)                   hands requests to proxies
 
 Subscribers of the bus: the broker (Measured, WorkerGone), the monitor's alerts (freed),
 metrics (admitted, first_byte, swapped, unload_failed, refused) and each ``/events`` reader.
@@ -32,10 +34,14 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import anyio
 import httpx
 
+from gpubroker.api.app import ApiApp
+from gpubroker.api.catalogue import Catalogue, Residency
+from gpubroker.api.keys import ApiKeys
 from gpubroker.config.model import BackendConfig, Config
 from gpubroker.errors import ConfigError
 from gpubroker.events import EventBus
@@ -65,6 +71,7 @@ class Endpoints:
     broker: Broker | None = None
     monitor: Monitor | None = None
     bus: EventBus | None = None  # every event, typed (``events.on_wire`` gives the SSE form)
+    api_url: str | None = None  # the one endpoint for every model (``apiPort``), if set
 
 
 def make_strategy(
@@ -169,6 +176,9 @@ async def run_broker(
         for b in config.backends
     }
     status = StatusApp(broker, bus, monitor, health)
+    api: tuple[ApiApp, Catalogue, httpx.AsyncClient] | None = None
+    if config.api_port is not None:
+        api = _build_api(config, proxies, sched, strategies)
     host = config.bind
     listeners: dict[str, Listener] = {}
     try:
@@ -177,6 +187,9 @@ async def run_broker(
         )
         for b in config.backends:
             listeners[b.name] = _bind(host, 0 if ephemeral_ports else b.proxy_port, b.name)
+        if api is not None and config.api_port is not None:
+            listeners["api"] = _bind(host, 0 if ephemeral_ports else config.api_port, "apiPort")
+        api_url = _url(host, listeners["api"].port) if api is not None else None
         async with anyio.create_task_group() as tg:
             await tg.start(supervisor.run)  # leftovers adopted or stopped before reconciling
             await tg.start(broker.run)
@@ -185,7 +198,10 @@ async def run_broker(
             async def serve_all() -> None:
                 grace = config.shutdown_grace
                 async with anyio.create_task_group() as servers:
-                    for name, app in [("status", status.app), *proxies.items()]:
+                    apps: list[tuple[str, Any]] = [("status", status.app), *proxies.items()]
+                    if api is not None:
+                        apps.append(("api", api[0]))
+                    for name, app in apps:
                         run = partial(
                             serve,
                             graceful_timeout=grace,
@@ -202,6 +218,7 @@ async def run_broker(
                 broker=broker,
                 monitor=monitor,
                 bus=bus,
+                api_url=api_url,
             )
 
             async def refuse_when_stopping() -> None:
@@ -212,6 +229,8 @@ async def run_broker(
             tg.start_soon(refuse_when_stopping)
             tg.start_soon(monitor.run)
             tg.start_soon(health.run)
+            if api is not None:
+                tg.start_soon(api[1].run)
             task_status.started(endpoints)
             await stopped.wait()
             tg.cancel_scope.cancel()
@@ -223,7 +242,29 @@ async def run_broker(
                 await upstream.aclose()
             for strategy in strategies.values():
                 await strategy.client.aclose()
+            if api is not None:
+                await api[2].aclose()
             await sampler.close()
+
+
+def _build_api(
+    config: Config,
+    proxies: dict[str, ProxyApp],
+    sched: Residency,
+    strategies: dict[str, Strategy],
+) -> tuple[ApiApp, Catalogue, httpx.AsyncClient]:
+    """The apiPort app, its model catalogue, and the client both read model lists with."""
+    client = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0), trust_env=False)
+    catalogue = Catalogue(
+        config.backends,
+        client=client,
+        refresh_every=config.model_refresh,
+        residency=sched,
+        costs={name: type(s).eviction_cost for name, s in strategies.items()},
+    )
+    keys = ApiKeys(config.api_keys)
+    app = ApiApp(proxies, catalogue, keys, body_limit=config.api_body_limit, client=client)
+    return app, catalogue, client
 
 
 def _url(host: str, port: int) -> str:

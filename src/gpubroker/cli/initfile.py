@@ -41,6 +41,13 @@ def build_document(
     doc.yaml_add_eol_comment(
         "status page + admin API; binds 127.0.0.1 unless `bind:` says", "statusPort", column=22
     )
+    doc.yaml_set_comment_before_after_key(
+        "policy",
+        before="One endpoint for every model (OpenAI /v1 and Ollama /api), routed by `model`:\n"
+        "apiPort: 5100              # base_url = http://localhost:5100/v1\n"
+        "apiBodyLimit: 64MiB        # how much of a body is read to find its model\n"
+        "modelRefresh: 30s          # how often each backend's model list is read again",
+    )
     doc["policy"] = "exclusive"
     doc.yaml_add_eol_comment("one service owns the GPU at a time", "policy", column=22)
     doc["queueTimeout"] = "120s"
@@ -97,7 +104,8 @@ def build_document(
     doc.yaml_set_comment_before_after_key(
         "backends",
         before="One entry per GPU service. Optional per backend: vram, priority, pinned,\n"
-        "gpuPaths, maxConcurrency, healthPath, idleTimeout, sleepLevel (vllm).",
+        "gpuPaths, maxConcurrency, healthPath, idleTimeout, sleepLevel (vllm),\n"
+        "models (else discovered): [llama3:8b, {name: qwen2.5:14b, aliases: [reasoner]}].",
     )
     doc.yaml_set_start_comment(HEADER)
     return doc

@@ -190,6 +190,7 @@ BACKEND_KEYS: dict[str, Field] = {
     "logFile": Field("log_file", _str),
     "hostHeader": Field("host_header", _choice("client", "upstream")),
     "upstreamIdleTimeout": Field("upstream_idle_timeout", parse_duration),
+    "models": Field("models", lambda v: v),  # parsed by the loader, which needs locations
 }
 BACKEND_REQUIRED = ("name", "proxyPort", "upstream")
 
@@ -217,6 +218,8 @@ TOP_KEYS: dict[str, Field] = {
     "gpuNearFull": Field("gpu_near_full", _ratio),
     "disablePlugins": Field("disable_plugins", _str_list),
     "apiPort": Field("api_port", parse_port),
+    "apiBodyLimit": Field("api_body_limit", parse_size),
+    "modelRefresh": Field("model_refresh", _interval),
 }
 API_KEY_KEYS: dict[str, Field] = {
     "name": Field("name", _str),
@@ -228,4 +231,11 @@ GPU_KEYS: dict[str, Field] = {
     "id": Field("id", _gpu_ref),
     "memory": Field("memory", parse_size),
     "reserve": Field("reserve", parse_size),
+}
+# One item of a backend's ``models:`` when written as a mapping (a bare string is ``name``).
+MODEL_KEYS: dict[str, Field] = {
+    "name": Field("name", _str),
+    "aliases": Field("aliases", _str_list),
+    "upstreamModel": Field("upstream_model", _str),
+    "vram": Field("vram", parse_size),
 }

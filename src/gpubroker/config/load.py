@@ -32,6 +32,7 @@ from gpubroker.config.keys import (
     BACKEND_KEYS,
     BACKEND_REQUIRED,
     GPU_KEYS,
+    MODEL_KEYS,
     TOP_KEYS,
     Field,
     parse_port,
@@ -44,6 +45,7 @@ from gpubroker.config.model import (
     BackendConfig,
     Config,
     GpuSpec,
+    ModelSpec,
 )
 from gpubroker.config.units import format_duration
 from gpubroker.errors import ConfigError
@@ -164,6 +166,31 @@ class _Loader:
             out.append(ApiKey(name, key.strip(), values.get("models"), var))
         return tuple(out)
 
+    def models(self, node: Any, keypath: str) -> tuple[ModelSpec, ...]:
+        """A backend's ``models:``: names, or mappings ``{name, aliases, upstreamModel, vram}``;
+        no name (or alias) twice in one backend, as a request could not tell them apart."""
+        if not isinstance(node, list) or not node:
+            raise self.fail(
+                keypath, f"expected a non-empty list of model names, found {_describe(node)}"
+            )
+        specs: list[ModelSpec] = []
+        seen: dict[str, str] = {}
+        for i, item in enumerate(node):
+            path = f"{keypath}[{i}]"
+            self.note(node, i, path)
+            if isinstance(item, str):
+                item = {"name": item}
+            values = self.mapping(item, path, MODEL_KEYS)
+            if "name" not in values:
+                raise self.fail(path, "missing required key 'name' (the model's name)")
+            spec = ModelSpec(**values)
+            for name in spec.names:
+                if name in seen:
+                    raise self.fail(path, f"model name {name!r} is also {seen[name]}")
+                seen[name] = path
+            specs.append(spec)
+        return tuple(specs)
+
     def backends(self, node: Any) -> tuple[BackendConfig, ...]:
         if not isinstance(node, list):
             raise self.fail("backends", f"expected a list of backends, found {_describe(node)}")
@@ -174,6 +201,8 @@ class _Loader:
             path = f"backends[{i}]"
             self.note(node, i, path)
             values = self.mapping(item, path, BACKEND_KEYS)
+            if "models" in values:
+                values["models"] = self.models(values["models"], f"{path}.models")
             for key in BACKEND_REQUIRED:
                 if BACKEND_KEYS[key].attr not in values:
                     raise self.fail(path, f"missing required key {key!r}")
@@ -229,7 +258,19 @@ def parse_config(
                 f"backends[{i}].proxyPort",
                 f"port {status_port} is the statusPort; give this backend another port",
             )
+    api_port = values.get("api_port")
+    if api_port is not None:
+        taken = {
+            status_port: "the statusPort",
+            **{b.proxy_port: f"{b.name}'s proxyPort" for b in backends},
+        }
+        if api_port in taken:
+            raise loader.fail(
+                "apiPort", f"port {api_port} is {taken[api_port]}; give the apiPort another port"
+            )
     own = {status_port: "statusPort", **{b.proxy_port: f"{b.name}'s proxyPort" for b in backends}}
+    if api_port is not None:
+        own[api_port] = "apiPort"
     bind = values.get("bind", "127.0.0.1")
     for i, b in enumerate(backends):
         parts = urlsplit(b.upstream)
@@ -381,10 +422,17 @@ def describe_config(cfg: Config) -> str:
         ),
         f"status: http://{f'[{cfg.bind}]' if ':' in cfg.bind else cfg.bind}:{cfg.status_port}",
     ]
+    if cfg.api_port is not None:
+        host = f"[{cfg.bind}]" if ":" in cfg.bind else cfg.bind
+        lines.append(
+            f"api: http://{host}:{cfg.api_port}/v1 (every model; body limit "
+            f"{cfg.api_body_limit // 2**20}MiB, modelRefresh {format_duration(cfg.model_refresh)})"
+        )
     for b in cfg.backends:
         lines.append(
             f"  {b.name}: :{b.proxy_port} -> {b.upstream} "
             f"(strategy {b.unload_strategy}, classifier {b.classifier_name})"
+            + (f", models {', '.join(n for m in b.models for n in m.names)}" if b.models else "")
         )
     if cfg.api_keys:  # the names only: a key is never printed
         lines.append("apiKeys: " + ", ".join(_key_summary(k) for k in cfg.api_keys))

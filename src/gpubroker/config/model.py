@@ -21,6 +21,7 @@ HostHeader = Literal["client", "upstream"]
 DEFAULT_STATUS_PORT = 5102
 DEFAULT_QUEUE_TIMEOUT = 120.0
 HIDDEN_KEY = "(hidden)"  # what ``serve --check`` shows for an API key written in the file
+DEFAULT_API_BODY_LIMIT = 64 * 2**20  # room for base64 images in a chat request
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,23 @@ class ApiKey:
     key: str = field(repr=False)
     models: tuple[str, ...] | None = None
     env: str | None = None
+
+
+class ModelSpec:
+    """A model a backend serves, as ``models:`` declares it (the api port routes by these).
+
+    ``aliases`` are other names clients may ask for; ``upstream_model`` is the name sent
+    upstream in place of whatever name matched (None: the name asked for); ``vram`` in bytes.
+    """
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    upstream_model: str | None = None
+    vram: int | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +96,7 @@ class BackendConfig:
     upstream's own host instead (virtual hosts, TLS with SNI). None: the strategy's default
     (``Strategy.host_header``)."""
     upstream_idle_timeout: float | None = None  # None: the top-level upstreamIdleTimeout
+    models: tuple[ModelSpec, ...] | None = None  # None: discovered from the service itself
 
     @property
     def classifier_name(self) -> str:
@@ -113,6 +132,8 @@ class Config:
     gpu_near_full: float = 0.95  # used/total at which the GPU-near-full warning fires
     disable_plugins: tuple[str, ...] = ()
     api_port: int | None = None  # the one endpoint for every model; None: off
+    api_body_limit: int = DEFAULT_API_BODY_LIMIT  # bytes of a body read to find its model
+    model_refresh: float = 30.0  # how often discovered model lists are read again
     source: str | None = None
     locations: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
 
@@ -170,6 +191,12 @@ def _export(value: Any) -> Any:
         if value.models is not None:
             out["models"] = list(value.models)
         return out
+    if isinstance(value, ModelSpec):
+        if not (value.aliases or value.upstream_model or value.vram is not None):
+            return value.name
+        spec: dict[str, Any] = {"name": value.name, "aliases": list(value.aliases)}
+        spec.update(upstreamModel=value.upstream_model, vram=value.vram)
+        return {k: v for k, v in spec.items() if v is not None and v != []}
     if isinstance(value, Mapping):
         return dict(value)
     return value

@@ -50,7 +50,7 @@ from gpubroker.proxy.lease import Lease, LeaseBroker
 from gpubroker.proxy.target import normalise, route_variants
 from gpubroker.proxy.upstream import Upstream, UpstreamResponse
 from gpubroker.proxy.websocket import proxy_websocket
-from gpubroker.responses import send_error
+from gpubroker.responses import ErrorRenderer, json_error
 
 log = logging.getLogger("gpubroker.proxy.app")
 
@@ -152,21 +152,30 @@ class ProxyApp:
             await _lifespan(receive, send)
 
     async def http(
-        self, scope: Scope, receive: Receive, send: Send, *, caller: str | None = None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        errors: ErrorRenderer = json_error,
+        caller: str | None = None,
+        model: str | None = None,
     ) -> None:
-        """Forward one request, under a lease when it is GPU work. ``caller``: who asks, as
-        status and events show it; None: the client's own name for itself, else its address."""
+        """One HTTP exchange, under a lease when it is GPU work. ``errors`` renders every error
+        the broker itself answers; ``caller``: who asks, as status and events show it (None:
+        the client's own name for itself, else its address); ``model``: the catalogue's name
+        for what it asks for (the api port knows it)."""
         method: str = scope["method"]
         try:
             target, variants = self._target(scope)
         except ClientError as reject:
-            await send_error(send, reject, backend=self.name)
+            await errors(send, reject, self.name)
             return
         path = variants[0]
         body = RequestBody(receive)
         if not any(self.classifier.is_gpu(method, p) for p in variants):
             self.broker.record_passthrough(self.name)
-            await self.forward(scope, target, body, send, None)
+            await self.forward(scope, target, body, send, None, errors=errors)
             return
         if caller is None:
             caller = caller_of(scope["headers"], scope.get("client"))
@@ -178,7 +187,9 @@ class ProxyApp:
                 tg.start_soon(self._watch_while_queued, body, tg.cancel_scope)
                 try:
                     grant = await stack.enter_async_context(
-                        self.broker.lease(self.name, path, method=method, caller=caller)
+                        self.broker.lease(
+                            self.name, path, method=method, caller=caller, model=model
+                        )
                     )
                 except Refused as refused:
                     refusal = refused
@@ -187,15 +198,17 @@ class ProxyApp:
                     # exchange, so a client that leaves (even before the upstream's first
                     # byte, as with a non-streaming generation) ends the lease at once.
                     forwarded = True
-                    await self.forward(scope, target, body, send, grant, watched=True)
+                    await self.forward(
+                        scope, target, body, send, grant, watched=True, errors=errors
+                    )
                 tg.cancel_scope.cancel()  # decided (or done): stop watching
             if refusal is not None:
-                await send_error(send, refusal, backend=self.name)
+                await errors(send, refusal, self.name)
                 return
             if grant is None:
                 return  # the client left while queued; the lease never started
             if not forwarded:  # a body too big to read ahead: forward() reads the rest
-                await self.forward(scope, target, body, send, grant)
+                await self.forward(scope, target, body, send, grant, errors=errors)
 
     @staticmethod
     def _target(scope: Scope) -> tuple[bytes, tuple[str, ...]]:
@@ -252,6 +265,7 @@ class ProxyApp:
         grant: Lease | None,
         *,
         watched: bool = False,
+        errors: ErrorRenderer = json_error,
     ) -> None:
         """Send the request upstream and stream the answer back.
 
@@ -293,7 +307,7 @@ class ProxyApp:
             self.broker.record_upstream_error(self.name)
             if isinstance(exc, BadUpstreamResponse):
                 log.warning("%s: refused a bad upstream response: %s", self.name, exc)
-            await send_error(send, exc, backend=self.name)
+            await errors(send, exc, self.name)
             return
         try:
             await send(

@@ -1,0 +1,231 @@
+"""Which backend serves which model: static ``models:``, else discovered from the service.
+
+Discovery reads Ollama's ``/api/tags`` or an OpenAI-style ``/v1/models`` (vLLM, llama.cpp's
+server, anything compatible) every ``modelRefresh``, and at once when a request names a model
+nobody has (rate-limited, and concurrent askers share one read). A backend that does not
+answer keeps its last known models, marked unreachable (logged once per outage).
+
+A model on several backends goes to the one that is cheapest to serve from now: resident
+first, then asleep (it wakes faster than a cold load), then the lowest ``eviction_cost``, then
+config order. Residency is read through :class:`Residency`, which the scheduler satisfies.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+import httpx
+
+from gpubroker.config.model import BackendConfig, ModelSpec
+from gpubroker.errors import ModelNotFound
+from gpubroker.scheduling.scheduler import State
+
+log = logging.getLogger("gpubroker.api.catalogue")
+
+DISCOVERY_TIMEOUT = 5.0  # s: one backend's model list; a slow one is treated as down
+UNKNOWN_REFRESH_EVERY = 5.0  # s: at most this often a request for an unknown model re-reads
+OLLAMA = "ollama"
+UNLISTED = frozenset({"comfyui"})  # strategies whose service names no models
+_RANK = {State.RESIDENT: 0, State.LOADING: 0, State.ASLEEP: 1}
+
+
+class Residency(Protocol):
+    """The one thing the catalogue asks the scheduler: a backend's state now."""
+
+    def state(self, backend: str) -> State: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a name goes: ``backend``, listed as ``model``, sent upstream as ``upstream``."""
+
+    backend: str
+    model: str
+    upstream: str
+    alias_of: str | None = None
+
+
+@dataclass(slots=True)
+class _Known:
+    routes: dict[str, Route]
+    reachable: bool = True
+    discovered: bool = False
+
+
+def is_ollama(backend: BackendConfig) -> bool:
+    return OLLAMA in (backend.unload_strategy, backend.classifier_name)
+
+
+def _static(backend: str, specs: Iterable[ModelSpec]) -> dict[str, Route]:
+    out: dict[str, Route] = {}
+    for spec in specs:
+        upstream = spec.upstream_model or spec.name
+        out[spec.name] = Route(backend, spec.name, upstream)
+        for alias in spec.aliases:
+            out[alias] = Route(backend, alias, upstream, alias_of=spec.name)
+    return out
+
+
+def _discovered(backend: str, names: Iterable[str], ollama: bool) -> dict[str, Route]:
+    out: dict[str, Route] = {}
+    for name in names:
+        out[name] = Route(backend, name, name)
+    if ollama:  # Ollama reads "llama3" as "llama3:latest"
+        for name in list(out):
+            short = name.removesuffix(":latest")
+            if short != name and short not in out:
+                out[short] = Route(backend, short, name, alias_of=name)
+    return out
+
+
+class Catalogue:
+    """Every backend's models, kept current; ``resolve`` picks the backend for a name."""
+
+    def __init__(
+        self,
+        backends: Sequence[BackendConfig],
+        *,
+        client: httpx.AsyncClient,
+        refresh_every: float,
+        residency: Residency,
+        costs: Mapping[str, int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backends = tuple(backends)
+        self._client = client
+        self._refresh_every = refresh_every
+        self._residency = residency
+        self._costs = costs
+        self._clock = clock
+        self._order = {b.name: i for i, b in enumerate(self.backends)}
+        self._known = {
+            b.name: _Known(_static(b.name, b.models or ()), discovered=b.models is None)
+            for b in self.backends
+        }
+        self._lock = anyio.Lock()
+        self._last_refresh = -UNKNOWN_REFRESH_EVERY
+        self._reads = 0  # refreshes completed, so a waiter can tell one happened meanwhile
+
+    # --- reading ------------------------------------------------------------------------
+
+    def reachable(self, backend: str) -> bool:
+        return self._known[backend].reachable
+
+    def routes(self, name: str, among: Iterable[str] | None = None) -> list[Route]:
+        """Every route for ``name``, the preferred first."""
+        allowed = None if among is None else set(among)
+        found = [
+            known.routes[name]
+            for backend, known in self._known.items()
+            if name in known.routes and (allowed is None or backend in allowed)
+        ]
+        if len(found) > 1:
+            found.sort(key=self._preference)
+        return found
+
+    def _preference(self, route: Route) -> tuple[int, int, int]:
+        rank = _RANK.get(self._residency.state(route.backend), 2)
+        return rank, self._costs.get(route.backend, 2), self._order[route.backend]
+
+    async def listing(self) -> list[tuple[str, Route, bool]]:
+        """``(name, route, reachable)`` per name, each name once, on its preferred backend
+        (after the first discovery, so a list asked for at start-up is not empty)."""
+        if self._reads == 0:
+            await self.refresh()
+        seen: dict[str, tuple[str, Route, bool]] = {}
+        for known in self._known.values():
+            for name in known.routes:
+                if name not in seen:
+                    best = self.routes(name)[0]
+                    seen[name] = (name, best, self._known[best.backend].reachable)
+        return list(seen.values())
+
+    def closest(self, name: str, among: Iterable[str] | None = None) -> list[str]:
+        allowed = None if among is None else set(among)
+        names = {
+            n
+            for b, known in self._known.items()
+            if allowed is None or b in allowed
+            for n in known.routes
+        }
+        return difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.4)
+
+    async def resolve(self, name: str, among: Iterable[str] | None = None) -> Route:
+        """The route for ``name``; raises ModelNotFound (naming the closest) when none."""
+        among = None if among is None else tuple(among)
+        found = self.routes(name, among)
+        recent = self._clock() - self._last_refresh < UNKNOWN_REFRESH_EVERY
+        if not found and (self._lock.locked() or not recent):  # under way: wait for its answer
+            await self.refresh()
+            found = self.routes(name, among)
+        if found:
+            return found[0]
+        near = self.closest(name, among)
+        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        known = "" if near else " (GET /v1/models lists every model)"
+        raise ModelNotFound(f"the model {name!r} is served by no backend{hint}{known}")
+
+    # --- refreshing ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Refresh every ``modelRefresh`` until cancelled."""
+        while True:
+            await self.refresh()
+            await anyio.sleep(self._refresh_every)
+
+    async def refresh(self) -> None:
+        """Read every discovered backend's list; a refresh already under way is shared."""
+        reads = self._reads
+        async with self._lock:
+            if self._reads != reads:
+                return  # someone refreshed while we waited
+            self._last_refresh = self._clock()
+            async with anyio.create_task_group() as tg:
+                for backend in self.backends:
+                    if self._known[backend.name].discovered:
+                        tg.start_soon(self._discover, backend)
+            self._reads += 1
+
+    async def _discover(self, backend: BackendConfig) -> None:
+        if backend.unload_strategy in UNLISTED and not is_ollama(backend):
+            return
+        path = "/api/tags" if is_ollama(backend) else "/v1/models"
+        known = self._known[backend.name]
+        try:
+            with anyio.fail_after(DISCOVERY_TIMEOUT):
+                response = await self._client.get(backend.upstream + path)
+            if response.status_code == 404:
+                known.reachable = True
+                return  # nothing to list: reachable through /proxy/ only
+            response.raise_for_status()
+            names = _names(response.json(), path)
+        except (httpx.HTTPError, TimeoutError, ValueError) as exc:
+            if known.reachable:
+                kept = f"keeping its {len(known.routes)} known models" if known.routes else ""
+                log.warning(
+                    "%s: cannot read its model list (%s)%s",
+                    backend.name,
+                    str(exc) or type(exc).__name__,
+                    f"; {kept}" if kept else "",
+                )
+            known.reachable = False
+            return
+        if not known.reachable:
+            log.info("%s: model list readable again", backend.name)
+        known.reachable = True
+        known.routes = _discovered(backend.name, names, is_ollama(backend))
+
+
+def _names(data: Any, path: str) -> list[str]:
+    """Model names from ``/api/tags`` (``models[].name``) or ``/v1/models`` (``data[].id``)."""
+    key, field = ("models", "name") if path == "/api/tags" else ("data", "id")
+    items = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise ValueError(f"no {key!r} list in the answer")
+    return [i[field] for i in items if isinstance(i, dict) and isinstance(i.get(field), str)]
