@@ -46,6 +46,7 @@ class ApiKey:
     env: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     """A model a backend serves, as ``models:`` declares it (the api port routes by these).
 
