@@ -45,6 +45,7 @@ from gpubroker.api.keys import ApiKeys
 from gpubroker.config.model import BackendConfig, Config
 from gpubroker.errors import ConfigError
 from gpubroker.events import EventBus
+from gpubroker.observe.guard import HostPolicy, ListenerGuard
 from gpubroker.observe.health import HealthProbe
 from gpubroker.observe.monitor import Monitor
 from gpubroker.observe.status import StatusApp
@@ -199,8 +200,9 @@ async def run_broker(
                 grace = config.shutdown_grace
                 async with anyio.create_task_group() as servers:
                     apps: list[tuple[str, Any]] = [("status", status.app), *proxies.items()]
-                    if api is not None:
-                        apps.append(("api", api[0]))
+                    if api is not None:  # our own listener: web pages kept out as on statusPort
+                        policy = HostPolicy(config.bind, config.allowed_hosts)
+                        apps.append(("api", ListenerGuard(api[0], policy)))
                     for name, app in apps:
                         run = partial(
                             serve,

@@ -71,3 +71,26 @@ async def test_keys_open_the_port_limit_models_and_name_the_caller() -> None:
     assert any('caller="nightly"' in m and f'model="{QWEN}"' in m for m in lines)
     for text in (metrics, status):
         assert CI_KEY not in text and NIGHTLY_KEY not in text
+
+
+async def test_web_pages_are_kept_off_the_api_port() -> None:
+    gpu = SimGPU(8 * GiB)
+    emu = OllamaEmulator(gpu, {LLAMA: 2 * GiB})
+    async with running(emu.app) as o:
+        cfg = make_config({"ollama": {"upstream": o, "unloadStrategy": "ollama"}}, apiPort=20100)
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            chat = {"model": LLAMA, "messages": [{"role": "user", "content": "hi"}]}
+            url = f"{ep.api_url}/v1/chat/completions"
+            rebound = await client.post(url, json=chat, headers={"host": "attacker.example"})
+            assert rebound.status_code == 403  # DNS rebinding: a name this port does not answer to
+            page = {"origin": "https://attacker.example", "content-type": "text/plain"}
+            r = await client.post(url, content=b'{"model": "llama3.2:latest"}', headers=page)
+            assert r.status_code == 403  # a page's "simple request" starts no GPU work
+            r = await client.options(
+                url,
+                headers={"origin": "https://x.example", "access-control-request-method": "POST"},
+            )
+            assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+            assert (await client.post(url, json=chat)).status_code == 200  # a script is served
+            status = (await client.get(ep.status_url + "/")).json()
+    assert status["gpuRequests"]["ollama"] == 1
