@@ -97,7 +97,8 @@ def build_document(
     doc.yaml_set_comment_before_after_key(
         "backends",
         before="One entry per GPU service. Optional per backend: vram, priority, pinned,\n"
-        "gpuPaths, maxConcurrency, healthPath, idleTimeout, sleepLevel (vllm).",
+        "gpuPaths, maxConcurrency, healthPath, idleTimeout, sleepLevel (vllm),\n"
+        "progress (comments: SSE comments while a streaming request waits).",
     )
     doc.yaml_set_start_comment(HEADER)
     return doc

@@ -190,6 +190,7 @@ BACKEND_KEYS: dict[str, Field] = {
     "logFile": Field("log_file", _str),
     "hostHeader": Field("host_header", _choice("client", "upstream")),
     "upstreamIdleTimeout": Field("upstream_idle_timeout", parse_duration),
+    "progress": Field("progress", _choice("comments", "off")),
 }
 BACKEND_REQUIRED = ("name", "proxyPort", "upstream")
 
