@@ -8,6 +8,7 @@ imports ``scheduling``, and a test can hand ProxyApp a fake.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -31,10 +32,21 @@ class Lease(Protocol):
 
 class LeaseBroker(Protocol):
     def lease(
-        self, backend: str, path: str = "", *, method: str = "POST"
+        self,
+        backend: str,
+        path: str = "",
+        *,
+        method: str = "POST",
+        on_queued: Callable[[int], None] | None = None,
     ) -> AbstractAsyncContextManager[Lease]:
         """Hold the GPU for ``backend`` inside the ``async with``; may queue. Raises
-        :class:`gpubroker.errors.Refused` when refused."""
+        :class:`gpubroker.errors.Refused` when refused. ``on_queued(id)``: called (at once,
+        from inside the call) only when the lease is not admitted at once."""
+        ...
+
+    def progress(self, lease: int) -> str | None:
+        """What the queued lease ``lease`` waits for (``queued 2nd behind comfyui``), for the
+        client's SSE comments; None once it waits no more."""
         ...
 
     def first_byte(self, lease: int) -> None:
