@@ -200,8 +200,8 @@ class ProxyApp:
                     )
                 except Refused as refused:
                     refusal = refused
-                if shown and await shown[0].stop():  # the head is out: the rest is its body
-                    send = AfterHead(send)
+                if shown and await shown[0].admitted():  # the head is out: the rest its body
+                    send = AfterHead(send, shown[0])
                 if grant is not None and body.complete:
                     # The watcher now only waits for a disconnect: keep it for the whole
                     # exchange, so a client that leaves (even before the upstream's first
@@ -227,7 +227,7 @@ class ProxyApp:
                 return True
             return wants_events(headers, await body.read_ahead_body())
 
-        return Progress(send, decide, functools.partial(self.broker.progress, lease))
+        return Progress(send, decide, functools.partial(self.broker.progress, lease), self.name)
 
     @staticmethod
     def _target(scope: Scope) -> tuple[bytes, tuple[str, ...]]:
@@ -464,7 +464,9 @@ def _stream_error_tail(headers: list[tuple[bytes, bytes]], message: str) -> byte
     ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"").lower()
     text = f"upstream closed the stream early: {message}"
     if b"text/event-stream" in ctype:
-        error = json.dumps({"error": {"message": text, "type": "upstream_error"}})
+        error = json.dumps(
+            {"error": {"message": text, "type": "upstream_error", "code": "upstream_error"}}
+        )
         return f"data: {error}\n\ndata: [DONE]\n\n".encode()
     if b"ndjson" in ctype:
         return (json.dumps({"error": text}) + "\n").encode()

@@ -85,11 +85,13 @@ def error_event(message: str, code: str, status: int, type_: str | None = None) 
 
 
 class Progress:
-    """The early head and the comments of one waiting request.
+    """The early head and the comments of one waiting request, until the upstream answers.
 
     ``decide``: whether the request streams events (it may wait for the body's read-ahead);
-    ``note``: the broker's word on what the lease waits for (None once it waits no more).
-    ``run`` in a task; ``stop`` before anything else is sent: it returns whether the head went.
+    ``note``: the broker's word on what the lease waits for (None once it waits no more: then
+    the comment says how long the upstream has been thinking). ``run`` in a task. Once the lease
+    is decided, ``admitted()`` says whether the head went (if not, it never will); ``stop()``
+    ends the comments before anything else is sent (``AfterHead`` does).
     """
 
     def __init__(
@@ -97,13 +99,15 @@ class Progress:
         send: Send,
         decide: Callable[[], Awaitable[bool]],
         note: Callable[[], str | None],
+        upstream: str,
         tick: float = TICK,
     ) -> None:
         self._send = send
         self._decide = decide
         self._note = note
+        self._upstream = upstream
         self._tick = tick
-        self.started = False  # the head went out
+        self._head = False  # the head is going (or went) out
         self._stopping = False
         self._waiting: anyio.CancelScope | None = None  # cancelled by stop(): never a send
         self._done = anyio.Event()
@@ -117,14 +121,18 @@ class Progress:
                 streams = await self._decide()
             if waiting.cancel_called or not streams or self._stopping:
                 return
+            self._head = True
             await self._send({"type": "http.response.start", "status": 200, "headers": HEAD})
-            self.started = True
+            since: float | None = None  # when the broker's note ran out: the lease was decided
             while not self._stopping:
                 text = self._note()
-                if text is not None:
-                    await self._send(
-                        {"type": "http.response.body", "body": comment(text), "more_body": True}
-                    )
+                if text is None:
+                    since = anyio.current_time() if since is None else since
+                    took = anyio.current_time() - since
+                    text = f"waiting for {self._upstream}'s answer, {took:.1f} s"
+                await self._send(
+                    {"type": "http.response.body", "body": comment(text), "more_body": True}
+                )
                 with self._wait():
                     await anyio.sleep(self._tick)
         finally:
@@ -134,31 +142,42 @@ class Progress:
         self._waiting = anyio.CancelScope()
         return self._waiting
 
-    async def stop(self) -> bool:
-        """Stop the comments (after a send under way ends); True when the head was sent."""
+    async def admitted(self) -> bool:
+        """The lease is decided: True if the head went out (the comments go on), else False
+        (they never start)."""
+        if self._head:
+            return True
+        await self.stop()
+        return self._head
+
+    async def stop(self) -> None:
+        """End the comments; returns once a send under way has ended."""
         self._stopping = True
         if self._waiting is not None:
             self._waiting.cancel()
         await self._done.wait()
-        return self.started
 
 
 class AfterHead:
     """The ``send`` of what follows the early head: it turns an answer into the stream's rest.
+
+    Its first message stops the comments (the upstream answered, or the broker refused).
 
     A 200 event stream's head is dropped (its queue and swap headers said as comments) and its
     body passes on; any other answer (our own error JSON, or the upstream's) is read, bounded,
     and becomes one OpenAI-shaped error event. ``finished``: the response was ended.
     """
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, progress: Progress) -> None:
         self._send = send
+        self._progress = progress
         self._status = 0
         self._passing = False
         self._kept = bytearray()
         self.finished = False
 
     async def __call__(self, message: Message) -> None:
+        await self._progress.stop()  # never a comment inside the stream's own events
         kind = message["type"]
         if kind == "http.response.start":
             headers: Headers = message.get("headers", [])
@@ -189,6 +208,7 @@ class AfterHead:
 
     async def end(self, event: bytes) -> None:
         """End the stream with ``event`` (an error event), unless it was ended already."""
+        await self._progress.stop()
         if not self.finished:
             self.finished = True
             await self._send({"type": "http.response.body", "body": event, "more_body": False})
