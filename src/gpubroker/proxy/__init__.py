@@ -3,9 +3,9 @@
 Holds the ASGI proxy app (``app``), the upstream connection pool and HTTP/1.1 client
 (``upstream``, over ``http1``: one socket's buffer and the request/response heads), WebSocket
 passthrough (``websocket``), the header rules shared by both (``forwarding``), request-target
-checks (``target``) and the hardened Hypercorn listeners every port is served by
-(``listener``). It asks the broker for a lease through the one ``LeaseBroker`` interface
-(``lease``) and knows nothing else of it.
+checks (``target``), the SSE comments a waiting stream gets (``progress``) and the hardened
+Hypercorn listeners every port is served by (``listener``). It asks the broker for a lease
+through the one ``LeaseBroker`` interface (``lease``) and knows nothing else of it.
 
 May import ``config``, ``errors``, ``responses`` and the classifier base type
 (``plugins.classifiers.base``); never ``scheduling``, ``observe``, ``workers`` or ``cli``.
