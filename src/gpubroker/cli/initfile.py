@@ -105,6 +105,7 @@ def build_document(
         "backends",
         before="One entry per GPU service. Optional per backend: vram, priority, pinned,\n"
         "gpuPaths, maxConcurrency, healthPath, idleTimeout, sleepLevel (vllm),\n"
+        "progress (comments: SSE comments while a streaming request waits),\n"
         "models (else discovered): [llama3:8b, {name: qwen2.5:14b, aliases: [reasoner]}].",
     )
     doc.yaml_set_start_comment(HEADER)

@@ -191,6 +191,7 @@ BACKEND_KEYS: dict[str, Field] = {
     "hostHeader": Field("host_header", _choice("client", "upstream")),
     "upstreamIdleTimeout": Field("upstream_idle_timeout", parse_duration),
     "models": Field("models", lambda v: v),  # parsed by the loader, which needs locations
+    "progress": Field("progress", _choice("comments", "off")),
 }
 BACKEND_REQUIRED = ("name", "proxyPort", "upstream")
 

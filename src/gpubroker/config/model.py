@@ -17,6 +17,7 @@ from gpubroker.errors import ConfigError
 Policy = Literal["exclusive", "budget"]
 Restart = Literal["on-failure", "always", "never"]
 HostHeader = Literal["client", "upstream"]
+Progress = Literal["comments", "off"]
 
 DEFAULT_STATUS_PORT = 5102
 DEFAULT_QUEUE_TIMEOUT = 120.0
@@ -98,6 +99,10 @@ class BackendConfig:
     (``Strategy.host_header``)."""
     upstream_idle_timeout: float | None = None  # None: the top-level upstreamIdleTimeout
     models: tuple[ModelSpec, ...] | None = None  # None: discovered from the service itself
+    progress: Progress = "off"
+    """``comments``: a streaming request that has to wait for the GPU gets its response head
+    at once and an SSE comment a second saying why it waits (``X-GPUBroker-Progress: 1`` asks
+    for the same per request; see ``proxy/progress.py``)."""
 
     @property
     def classifier_name(self) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections import deque
@@ -47,6 +48,7 @@ from gpubroker.proxy.forwarding import (
     via_hops,
 )
 from gpubroker.proxy.lease import Lease, LeaseBroker
+from gpubroker.proxy.progress import AfterHead, Progress, error_event, opted_in, wants_events
 from gpubroker.proxy.target import normalise, route_variants
 from gpubroker.proxy.upstream import Upstream, UpstreamResponse
 from gpubroker.proxy.websocket import proxy_websocket
@@ -60,6 +62,7 @@ REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})  # a reverse proxy tunnels and
 ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 CLOSE = (b"connection", b"close")  # after a request whose framing we refused
 WATCH_AFTER = 0.05  # s: a head slower than this gets a watcher for the client leaving
+BROKE_OFF = "the upstream broke off the response"  # after the early head (progress.py)
 
 
 class RequestBody:
@@ -75,6 +78,8 @@ class RequestBody:
         self._size = 0
         self.complete = False
         self.disconnected = False
+        self._ahead_over = False  # read_ahead() ended
+        self._ahead: anyio.Event | None = None  # made only when someone waits for that
 
     async def _next(self) -> bytes | None:
         message = await self._receive()
@@ -87,11 +92,24 @@ class RequestBody:
 
     async def read_ahead(self) -> None:
         """Read and keep body chunks until complete or the bound; raise ClientGone on leave."""
-        while not self.complete and self._size < QUEUED_BODY_LIMIT:
-            chunk = await self._next()
-            if chunk:
-                self._buffered.append(chunk)
-                self._size += len(chunk)
+        try:
+            while not self.complete and self._size < QUEUED_BODY_LIMIT:
+                chunk = await self._next()
+                if chunk:
+                    self._buffered.append(chunk)
+                    self._size += len(chunk)
+        finally:
+            self._ahead_over = True
+            if self._ahead is not None:
+                self._ahead.set()
+
+    async def read_ahead_body(self) -> bytes | None:
+        """Once ``read_ahead`` has ended: the whole body, if it was read ahead, else None."""
+        if not self._ahead_over:
+            if self._ahead is None:
+                self._ahead = anyio.Event()
+            await self._ahead.wait()
+        return b"".join(self._buffered) if self.complete else None
 
     async def ended_empty(self) -> bool:
         """Whether the body turns out empty; reads up to its first bytes (kept for the upstream).
@@ -183,16 +201,30 @@ class ProxyApp:
             grant: Lease | None = None
             refusal: Refused | None = None
             forwarded = False
+            shown: list[Progress] = []  # the comments, once the lease queued (progress.py)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_while_queued, body, tg.cancel_scope)
+
+                def queued(lease: int) -> None:  # called only when the lease has to wait
+                    if opted_in(self.backend.progress, scope["headers"]):
+                        shown.append(self._progress(scope, body, send, lease))
+                        tg.start_soon(shown[0].run)
+
                 try:
                     grant = await stack.enter_async_context(
                         self.broker.lease(
-                            self.name, path, method=method, caller=caller, model=model
+                            self.name,
+                            path,
+                            method=method,
+                            caller=caller,
+                            model=model,
+                            on_queued=queued,
                         )
                     )
                 except Refused as refused:
                     refusal = refused
+                if shown and await shown[0].admitted():  # the head is out: the rest its body
+                    send = AfterHead(send, shown[0])
                 if grant is not None and body.complete:
                     # The watcher now only waits for a disconnect: keep it for the whole
                     # exchange, so a client that leaves (even before the upstream's first
@@ -204,11 +236,23 @@ class ProxyApp:
                 tg.cancel_scope.cancel()  # decided (or done): stop watching
             if refusal is not None:
                 await errors(send, refusal, self.name)
-                return
-            if grant is None:
-                return  # the client left while queued; the lease never started
-            if not forwarded:  # a body too big to read ahead: forward() reads the rest
+            elif grant is None:
+                pass  # the client left while queued; the lease never started
+            elif not forwarded:  # a body too big to read ahead: forward() reads the rest
                 await self.forward(scope, target, body, send, grant, errors=errors)
+            if isinstance(send, AfterHead):  # never a silent close after the early head
+                await send.end(error_event(BROKE_OFF, "upstream_error", 502, "upstream_error"))
+
+    def _progress(self, scope: Scope, body: RequestBody, send: Send, lease: int) -> Progress:
+        """The comments for ``lease``, sent if the request streams events (progress.py)."""
+
+        async def decide() -> bool:
+            headers = scope["headers"]
+            if wants_events(headers, None):  # by Accept: no need to wait for the body
+                return True
+            return wants_events(headers, await body.read_ahead_body())
+
+        return Progress(send, decide, functools.partial(self.broker.progress, lease), self.name)
 
     @staticmethod
     def _target(scope: Scope) -> tuple[bytes, tuple[str, ...]]:
@@ -446,7 +490,9 @@ def _stream_error_tail(headers: list[tuple[bytes, bytes]], message: str) -> byte
     ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"").lower()
     text = f"upstream closed the stream early: {message}"
     if b"text/event-stream" in ctype:
-        error = json.dumps({"error": {"message": text, "type": "upstream_error"}})
+        error = json.dumps(
+            {"error": {"message": text, "type": "upstream_error", "code": "upstream_error"}}
+        )
         return f"data: {error}\n\ndata: [DONE]\n\n".encode()
     if b"ndjson" in ctype:
         return (json.dumps({"error": text}) + "\n").encode()

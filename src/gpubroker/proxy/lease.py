@@ -8,6 +8,7 @@ imports ``scheduling``, and a test can hand ProxyApp a fake.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -38,10 +39,17 @@ class LeaseBroker(Protocol):
         method: str = "POST",
         caller: str | None = None,
         model: str | None = None,
+        on_queued: Callable[[int], None] | None = None,
     ) -> AbstractAsyncContextManager[Lease]:
         """Hold the GPU for ``backend`` inside the ``async with``; may queue. Raises
         :class:`gpubroker.errors.Refused` when refused. ``caller`` (who asks) and ``model``
-        (where known) are shown with the lease."""
+        (where known) are shown with the lease. ``on_queued(id)``: called (at once, from inside
+        the call) only when the lease is not admitted at once."""
+        ...
+
+    def progress(self, lease: int) -> str | None:
+        """What the queued lease ``lease`` waits for (``queued 2nd behind comfyui``), for the
+        client's SSE comments; None once it waits no more."""
         ...
 
     def first_byte(self, lease: int) -> None:

@@ -41,6 +41,7 @@ from gpubroker.scheduling.effects import (
 from gpubroker.scheduling.jobs import JobFollower
 from gpubroker.scheduling.notes import note_event
 from gpubroker.scheduling.scheduler import Scheduler
+from gpubroker.scheduling.waiting import wait_note
 from gpubroker.workers.start import start_before_load
 
 if TYPE_CHECKING:
@@ -204,12 +205,15 @@ class Broker:
         method: str = "POST",
         caller: str | None = None,
         model: str | None = None,
+        on_queued: Callable[[int], None] | None = None,
     ) -> AsyncIterator[Grant]:
         """Hold the GPU for ``backend`` for the body of the ``async with``.
 
         Waits in the queue as long as the scheduler says; raises :class:`Refused` when refused.
         Cancelling the waiting task (the client went away) leaves the queue cleanly.
         ``caller`` and ``model`` are shown with the lease (status, its events).
+        ``on_queued`` is called with the lease's id when it is not admitted at once (it queues,
+        or a swap runs for it), and only then: ``progress(id)`` says what it waits for.
         """
         if self.closing:
             raise Refused.of(
@@ -225,6 +229,8 @@ class Broker:
         deferred = False  # the release (and the live entry) passed on to _settle
         try:
             self._apply(self.sched.request(lease, backend, now))
+            if on_queued is not None and not pending.event.is_set():
+                on_queued(lease)
             try:
                 await pending.event.wait()
             except BaseException:
@@ -255,6 +261,10 @@ class Broker:
             self._pending.pop(lease, None)
             if not deferred:
                 self.live.pop(lease, None)
+
+    def progress(self, lease: int) -> str | None:
+        """What the queued ``lease`` waits for, in a few words; None once it waits no more."""
+        return wait_note(self.sched, lease, self.clock())
 
     def _release(self, lease: int) -> None:
         """End a lease whose release waited for its service's queue to be read (its live entry
