@@ -213,13 +213,13 @@ def test_serve_refuses_an_api_port_beyond_loopback_without_keys(clean_env: Path)
         assert "apiKeys" in message
 
 
-def test_serve_check_never_prints_an_api_key(
+def test_serve_check_never_prints_an_api_key_or_the_admin_token(
     clean_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     written, from_env = "sk-written-in-the-file-0123456789", "sk-from-the-environment-987654"
     monkeypatch.setenv("NIGHTLY_KEY", from_env)
     keys = (
-        "bind: 0.0.0.0\napiPort: 5100\napiKeys:\n"
+        "bind: 0.0.0.0\napiPort: 5100\nadminToken: admin-token-in-the-file-42\napiKeys:\n"
         f"  - {{name: ci, key: {written}}}\n"
         '  - {name: nightly, key: "env:NIGHTLY_KEY", models: [llama3:8b]}\n'
     )
@@ -230,6 +230,8 @@ def test_serve_check_never_prints_an_api_key(
     assert "apiKeys: ci, nightly (from $NIGHTLY_KEY) [models: llama3:8b]" in result.stdout
     resolved = json.loads("{" + result.stdout.partition("\n{")[2])
     assert [k["key"] for k in resolved["apiKeys"]] == ["(hidden)", "env:NIGHTLY_KEY"]
+    assert "admin-token-in-the-file-42" not in result.output
+    assert resolved["adminToken"] == "(hidden)"
 
 
 # --- plugins --------------------------------------------------------------------------------

@@ -170,9 +170,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The resolved config in the file's own key names (for ``serve --check``).
 
-        Unset values are left out, so the output loads back as the same config.
+        Unset values are left out, so the output loads back as the same config, but for the
+        secrets: ``adminToken`` and API keys written in the file show as ``(hidden)``.
         """
         out = _exported(self, TOP_KEYS)
+        if self.admin_token is not None:
+            out["adminToken"] = HIDDEN_KEY
         out["backends"] = [_exported(b, BACKEND_KEYS) for b in self.backends]
         return out
 
