@@ -238,7 +238,11 @@ class Metrics:
     def _count_request(self, event: Admitted) -> None:
         """Labels only of bounded sets: a configured key's name (never an address or what a
         client calls itself), and the model only where the lease names it."""
-        caller = event.caller if event.caller in self._key_names else "other"
+        # A key's name only for a request the api port let in with that key: those, and only
+        # those, carry the catalogue's model. Elsewhere the name is the client's own say-so
+        # (X-GPUBroker-Client on a proxy port), which must not pass for a key.
+        keyed = event.model is not None and event.caller in self._key_names
+        caller = event.caller if keyed else "other"
         self.api_requests.labels(event.backend, event.model or "", caller).inc()
 
     def render(self) -> bytes:
