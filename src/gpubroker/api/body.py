@@ -104,11 +104,15 @@ async def read_json(receive: Receive, limit: int, field: str = "model") -> Read:
     return Read(raw, False, model, data)
 
 
+# The model field's part head: its name must end there (not ``model_id``, not ``models``).
 _DISPOSITION = re.compile(
-    rb'content-disposition:[ \t]*form-data;[ \t]*name="?model"?[^\r\n]*\r\n'
+    rb'content-disposition:[ \t]*form-data;[ \t]*name="?model"?(?=[ \t]*(?:;|\r\n))[^\r\n]*\r\n'
     rb"(?:[^\r\n]+\r\n)*\r\n",
     re.IGNORECASE,
 )
+# Each new chunk is searched from this far back, so a part head split across chunks is seen
+# while the whole upload is scanned once (a part head longer than this is not).
+_OVERLAP = 16 * 1024
 
 
 def boundary_of(headers: Headers) -> bytes | None:
@@ -120,19 +124,30 @@ def boundary_of(headers: Headers) -> bytes | None:
 
 
 async def read_multipart(receive: Receive, limit: int, boundary: bytes) -> Read:
-    """The body up to the end of its ``model`` field (the rest is left to stream on)."""
-    head = b""
+    """The body up to the end of its ``model`` field (the rest is left to stream on).
+
+    Each chunk is searched once (plus ``_OVERLAP``): a model field after a large file costs
+    one pass over it, not one per chunk, so the event loop is not held."""
+    head = bytearray()
     more = True
     end_mark = b"\r\n--" + boundary
+    scanned = 0  # head[:scanned] was searched already
+    value: int | None = None  # where the model field's value starts, once its head is found
+    value_from = 0  # where to look for the value's end next
     while True:
-        m = _DISPOSITION.search(head)
-        if m is not None:
-            end = head.find(end_mark, m.end())
+        if value is None:
+            m = _DISPOSITION.search(head, max(0, scanned - _OVERLAP))
+            if m is not None:
+                value = value_from = m.end()
+        if value is not None:
+            end = head.find(end_mark, value_from)
             if end >= 0:
-                model = head[m.end() : end].decode("utf-8", "replace").strip()
+                model = head[value:end].decode("utf-8", "replace").strip()
                 if not model:
                     break
-                return Read(head, more, model, span=(m.end(), end))
+                return Read(bytes(head), more, model, span=(value, end))
+            value_from = max(value, len(head) - len(end_mark) + 1)
+        scanned = len(head)
         if not more:
             break
         if len(head) > limit:
