@@ -174,3 +174,14 @@ async def test_head_sends_no_body_and_lifespan_has_no_path() -> None:
 
     await app({"type": "lifespan"}, receive, send)
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_an_alias_is_renamed_in_place_leaving_every_other_byte() -> None:
+    app, proxy = _app(keys=False)
+    raw = b'{ "z": 1e400, "a" : [1.0, 2.50],\n "model" : "whisper", "dup": 1, "dup": 2 }'
+    async with _client(app) as c:
+        r = await c.post("/v1/chat/completions", content=raw)
+        assert r.status_code == 200
+    assert proxy.seen[0]["body"] == raw.replace(b'"whisper"', b'"large-v3"')
+    lengths = [v for k, v in proxy.seen[0]["scope"]["headers"] if k == b"content-length"]
+    assert lengths == [b"%d" % (len(raw) + 1)]
