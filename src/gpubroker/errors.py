@@ -26,6 +26,7 @@ A ``ClientError`` reaches the client as ``{"error": code, "message": …, "backe
     403 forbidden_host         the status port does not answer to that Host name (guard)
     403 forbidden_origin       a web page's Origin on a verb or WebSocket (guard)
     403 cors_refused           a CORS preflight (guard)
+    403 model_forbidden        an api-port key limited to other models (``apiKeys: models``)
     404 unknown_backend        an admin verb named no backend we have
     404 unknown_worker         ... no managed worker we have
     404 not_managed            ... a backend that has no ``command:``
@@ -187,6 +188,10 @@ class ForbiddenOrigin(Forbidden):
 
 class CorsRefused(Forbidden):
     code = "cors_refused"
+
+
+class ModelForbidden(Forbidden):
+    code = "model_forbidden"
 
 
 class NotFound(ClientError):

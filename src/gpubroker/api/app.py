@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from gpubroker.api.body import Read, Replay, boundary_of, read_json, read_multipart, with_length
-from gpubroker.api.catalogue import Catalogue, is_ollama
+from gpubroker.api.catalogue import Catalogue, Route, is_ollama
 from gpubroker.api.errors import ollama_error, openai_error
 from gpubroker.api.keys import ApiKeys
 from gpubroker.errors import (
@@ -27,6 +28,8 @@ from gpubroker.errors import (
     ClientGone,
     Forbidden,
     MethodNotAllowed,
+    ModelForbidden,
+    ModelNotFound,
     UnknownBackend,
     UnknownPath,
     UpstreamError,
@@ -92,15 +95,14 @@ class ApiApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        path: str = scope["path"]
-        if path.startswith("/proxy/"):
+        if kind == "lifespan":  # a lifespan scope has no path
+            await _lifespan(receive, send)
+        elif scope.get("path", "").startswith("/proxy/"):
             await self._by_name(scope, receive, send)
         elif kind == "http":
             await self.http(scope, receive, send)
         elif kind == "websocket":  # only /proxy/{backend}/ carries WebSockets
             await send({"type": "websocket.close", "code": 1008})
-        elif kind == "lifespan":
-            await _lifespan(receive, send)
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -116,15 +118,17 @@ class ApiApp:
             elif method not in ("GET", "HEAD"):
                 raise _no_route(path, method)
             elif path == "/v1/models":
-                await _json(send, {"object": "list", "data": await self._models()})
+                data = await self._models(caller)
+                await _json(send, {"object": "list", "data": data}, method)
             elif path.startswith("/v1/models/"):
-                await _json(send, await self._model(path.removeprefix("/v1/models/")))
+                name = path.removeprefix("/v1/models/")
+                await _json(send, await self._model(name, caller), method)
             elif path in ("/api/tags", "/api/ps"):
-                await _json(send, await self._union(path))
+                await _json(send, await self._union(path), method)
             elif path == "/api/version":
-                await _json(send, await self._version())
+                await _json(send, await self._version(), method)
             elif path == "/":
-                await _json(send, {"gpubroker": "OpenAI API at /v1, Ollama API at /api"})
+                await _json(send, {"gpubroker": "OpenAI API at /v1, Ollama API at /api"}, method)
             else:
                 raise _no_route(path, method)
         except ClientGone:
@@ -149,9 +153,10 @@ class ApiApp:
         else:
             field = "name" if scope["path"] == "/api/show" else "model"
             read = await read_json(receive, self.body_limit, field)
-        route = await self.catalogue.resolve(read.model, self._ollama_names if ollama else None)
-        if not self.keys.allows(caller, route.model, aliases=(read.model,)):
-            raise Forbidden(f"this key may not use the model {read.model!r}")
+        route = await self._resolve(read.model, caller, self._ollama_names if ollama else None)
+        if not self._allows(caller, read.model, route):
+            raise ModelForbidden(f"this key may not use the model {read.model!r}")
+        headers = self._for_upstream(headers)
         head = read.head
         if route.upstream != read.model:
             head = read.rewritten(route.upstream)
@@ -172,32 +177,83 @@ class ApiApp:
         path: str = scope["path"]
         name, _, rest = path.removeprefix("/proxy/").partition("/")
         try:  # a key opens every route of this port, /proxy/ included
-            self.keys.caller(scope["headers"], scope.get("client"))
+            caller = self.keys.caller(scope["headers"], scope.get("client"))
+            if self.keys.limited(caller):
+                raise Forbidden(
+                    "this key may use only some models, which /proxy/ cannot check: use the "
+                    "/v1 or /api routes"
+                )
         except ClientError as denied:
             if scope["type"] == "http":
                 await json_error(send, denied, None)
             elif scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
             return
+        raw: bytes = scope.get("raw_path") or path.encode()
+        prefix = b"/proxy/" + name.encode()
+        stripped = raw[len(prefix) :] if raw.startswith(prefix) else b"/" + rest.encode()
         app = self.proxies.get(name)
+        if stripped[:1] not in (b"", b"/"):  # an encoded "/" in the name: /proxy/a%2Fb/
+            app = None
+            name = urllib.parse.unquote(raw.removeprefix(b"/proxy/").partition(b"/")[0].decode())
         if app is None:
             if scope["type"] == "http":
                 await json_error(send, UnknownBackend(f"no backend named {name!r}"), None)
             elif scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
             return
-        raw: bytes = scope.get("raw_path") or path.encode()
-        prefix = b"/proxy/" + name.encode()
-        stripped = raw[len(prefix) :] if raw.startswith(prefix) else b"/" + rest.encode()
-        inner = {**scope, "path": "/" + rest, "raw_path": stripped or b"/"}
-        await app(inner, receive, _Tagged(send, name))
+        inner = {
+            **scope,
+            "path": "/" + rest,
+            "raw_path": stripped or b"/",
+            "headers": self._for_upstream(scope["headers"]),
+        }
+        if scope["type"] == "http":
+            await app.http(inner, receive, _Tagged(send, name), caller=caller)
+        else:
+            await app(inner, receive, _Tagged(send, name))
 
-    async def _models(self) -> list[dict[str, Any]]:
+    def _for_upstream(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """``headers`` less the client's API key, when this port takes keys: the key must not
+        reach the upstream's logs, nor clash with an upstream's own ``--api-key``."""
+        if not self.keys.names:
+            return headers
+        return [(k, v) for k, v in headers if k != b"authorization"]
+
+    def _allows(self, caller: str, name: str, route: Route) -> bool:
+        """Whether ``caller`` may use ``route`` (asked for as ``name``), by any of its names."""
+        return self.keys.allows(
+            caller, route.model, aliases=(name, route.alias_of or route.model, route.upstream)
+        )
+
+    async def _resolve(self, name: str, caller: str, among: tuple[str, ...] | None) -> Route:
+        """The route for ``name``; a key limited to some models hears of no other."""
+        try:
+            return await self.catalogue.resolve(name, among)
+        except ModelNotFound:
+            if not self.keys.limited(caller):
+                raise
+        near = [
+            n
+            for n in self.catalogue.closest(name, among)
+            if any(self._allows(caller, n, r) for r in self.catalogue.routes(n, among))
+        ]
+        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        known = "" if near else " (GET /v1/models lists every model)"
+        raise ModelNotFound(f"the model {name!r} is served by no backend{hint}{known}")
+
+    async def _models(self, caller: str) -> list[dict[str, Any]]:
         listing = await self.catalogue.listing()
-        return [_model_entry(name, route, ok) for name, route, ok in listing]
+        return [
+            _model_entry(name, route, ok)
+            for name, route, ok in listing
+            if self._allows(caller, name, route)
+        ]
 
-    async def _model(self, name: str) -> dict[str, Any]:
-        route = await self.catalogue.resolve(name)
+    async def _model(self, name: str, caller: str) -> dict[str, Any]:
+        route = await self._resolve(name, caller, None)
+        if not self._allows(caller, name, route):  # as unknown: a key hears of no other
+            raise ModelNotFound(f"the model {name!r} is served by no backend")
         return _model_entry(name, route, self.catalogue.reachable(route.backend))
 
     async def _union(self, path: str) -> dict[str, Any]:
@@ -259,11 +315,12 @@ def _no_route(path: str, method: str) -> ClientError:
     )
 
 
-async def _json(send: Send, data: Any) -> None:
+async def _json(send: Send, data: Any, method: str = "GET") -> None:
+    """``data`` as a 200 answer; to a HEAD, its head only."""
     body = json.dumps(data).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -39,7 +39,7 @@ class Replay:
 class Read:
     """What was read of a body: ``head`` (all of it unless ``more``) and the model named."""
 
-    __slots__ = ("_json", "_span", "head", "model", "more")
+    __slots__ = ("_field", "_json", "_span", "head", "model", "more")
 
     def __init__(
         self,
@@ -48,7 +48,9 @@ class Read:
         model: str,
         data: dict[str, Any] | None = None,
         span: tuple[int, int] | None = None,
+        field: str = "model",
     ) -> None:
+        self._field = field
         self.head = head
         self.more = more
         self.model = model
@@ -56,12 +58,54 @@ class Read:
         self._span = span
 
     def rewritten(self, model: str) -> bytes:
-        """``head`` with the model named ``model`` instead."""
+        """``head`` with the model named ``model`` instead: only the name's bytes change (a
+        JSON body is re-serialised only when its value's span cannot be found)."""
         if self._json is not None:
-            return json.dumps({**self._json, "model": model}).encode()
+            span = _value_span(self.head, self._field)
+            if span is None:
+                return json.dumps({**self._json, self._field: model}).encode()
+            start, end = span
+            return self.head[:start] + json.dumps(model).encode() + self.head[end:]
         assert self._span is not None
         start, end = self._span
         return self.head[:start] + model.encode() + self.head[end:]
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _value_span(raw: bytes, field: str) -> tuple[int, int] | None:
+    """The byte span of the top-level ``field``'s value in the JSON object ``raw`` (its last,
+    as ``json.loads`` takes the last of duplicate keys); None when not found safely."""
+    try:
+        text = raw.decode("utf-8")
+        decoder = json.JSONDecoder()
+        i = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
+        if text[i : i + 1] != "{":
+            return None
+        i = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+        found: tuple[int, int] | None = None
+        while text[i : i + 1] == '"':
+            key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+            i = _SPACE.match(text, i).end()  # type: ignore[union-attr]
+            if text[i : i + 1] != ":":
+                return None
+            start = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+            value, i = decoder.raw_decode(text, start)
+            if key == field:
+                found = (start, i) if isinstance(value, str) else None
+            i = _SPACE.match(text, i).end()  # type: ignore[union-attr]
+            if text[i : i + 1] == "}":
+                if found is None:
+                    return None
+                start = len(text[: found[0]].encode())
+                return start, start + len(text[found[0] : found[1]].encode())
+            if text[i : i + 1] != ",":
+                return None
+            i = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+    except ValueError:
+        return None
+    return None
 
 
 async def _chunk(receive: Receive) -> tuple[bytes, bool]:
@@ -101,14 +145,19 @@ async def read_json(receive: Receive, limit: int, field: str = "model") -> Read:
         model = data.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest(f"the request names no model (a non-empty string `{field}`)")
-    return Read(raw, False, model, data)
+    used = field if isinstance(data.get(field), str) else "model"
+    return Read(raw, False, model, data, field=used)
 
 
+# The model field's part head: its name must end there (not ``model_id``, not ``models``).
 _DISPOSITION = re.compile(
-    rb'content-disposition:[ \t]*form-data;[ \t]*name="?model"?[^\r\n]*\r\n'
+    rb'content-disposition:[ \t]*form-data;[ \t]*name="?model"?(?=[ \t]*(?:;|\r\n))[^\r\n]*\r\n'
     rb"(?:[^\r\n]+\r\n)*\r\n",
     re.IGNORECASE,
 )
+# Each new chunk is searched from this far back, so a part head split across chunks is seen
+# while the whole upload is scanned once (a part head longer than this is not).
+_OVERLAP = 16 * 1024
 
 
 def boundary_of(headers: Headers) -> bytes | None:
@@ -120,19 +169,30 @@ def boundary_of(headers: Headers) -> bytes | None:
 
 
 async def read_multipart(receive: Receive, limit: int, boundary: bytes) -> Read:
-    """The body up to the end of its ``model`` field (the rest is left to stream on)."""
-    head = b""
+    """The body up to the end of its ``model`` field (the rest is left to stream on).
+
+    Each chunk is searched once (plus ``_OVERLAP``): a model field after a large file costs
+    one pass over it, not one per chunk, so the event loop is not held."""
+    head = bytearray()
     more = True
     end_mark = b"\r\n--" + boundary
+    scanned = 0  # head[:scanned] was searched already
+    value: int | None = None  # where the model field's value starts, once its head is found
+    value_from = 0  # where to look for the value's end next
     while True:
-        m = _DISPOSITION.search(head)
-        if m is not None:
-            end = head.find(end_mark, m.end())
+        if value is None:
+            m = _DISPOSITION.search(head, max(0, scanned - _OVERLAP))
+            if m is not None:
+                value = value_from = m.end()
+        if value is not None:
+            end = head.find(end_mark, value_from)
             if end >= 0:
-                model = head[m.end() : end].decode("utf-8", "replace").strip()
+                model = head[value:end].decode("utf-8", "replace").strip()
                 if not model:
                     break
-                return Read(head, more, model, span=(m.end(), end))
+                return Read(bytes(head), more, model, span=(value, end))
+            value_from = max(value, len(head) - len(end_mark) + 1)
+        scanned = len(head)
         if not more:
             break
         if len(head) > limit:

@@ -50,6 +50,10 @@ class ApiKeys:
             raise Unauthorized("the API key is not valid", headers=[CHALLENGE])
         return found
 
+    def limited(self, caller: str) -> bool:
+        """Whether ``caller``'s key may use only some models (``/proxy/`` cannot check it)."""
+        return caller in self._models
+
     def allows(self, caller: str, model: str, *, aliases: Iterable[str] = ()) -> bool:
         """Whether ``caller`` may use ``model``: a key with ``models`` may use only those
         (listed by name or by any of ``aliases``, the model's other names); others, all."""
