@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -94,3 +95,34 @@ async def test_web_pages_are_kept_off_the_api_port() -> None:
             assert (await client.post(url, json=chat)).status_code == 200  # a script is served
             status = (await client.get(ep.status_url + "/")).json()
     assert status["gpuRequests"]["ollama"] == 1
+
+
+async def test_the_api_key_never_reaches_the_backend() -> None:
+    seen: list[list[tuple[bytes, bytes]]] = []
+
+    async def service(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        seen.append(list(scope["headers"]))
+        body = b'{"data": [0.5]}'
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    async with running(service) as url:
+        backend = {"upstream": url, "unloadStrategy": "generic", "models": ["embedder"]}
+        keys = [{"name": "ci", "key": CI_KEY}]
+        cfg = make_config({"embed": backend}, apiPort=20100, apiKeys=keys)
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            auth = {"authorization": f"Bearer {CI_KEY}"}
+            body = {"model": "embedder", "input": "x"}
+            r = await client.post(f"{ep.api_url}/v1/embeddings", json=body, headers=auth)
+            assert r.status_code == 200
+            r = await client.get(f"{ep.api_url}/proxy/embed/anything", headers=auth)
+            assert r.status_code == 200
+    assert len(seen) >= 2  # the embedding and the /proxy/ GET (and any health probes)
+    for headers in seen:
+        assert all(k != b"authorization" for k, _ in headers)
+        assert all(CI_KEY.encode() not in v for _, v in headers)
