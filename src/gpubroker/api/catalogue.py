@@ -5,8 +5,9 @@ server, anything compatible) every ``modelRefresh``, and at once when a request 
 nobody has (rate-limited, and concurrent askers share one read). A backend that does not
 answer keeps its last known models, marked unreachable (logged once per outage).
 
-A model on several backends goes to the one that is cheapest to serve from now: resident
-first, then asleep (it wakes faster than a cold load), then the lowest ``eviction_cost``, then
+A model on several backends goes to the one that is cheapest to serve from now: a reachable
+backend before one that is down, then resident (or already loading), then asleep (it wakes
+faster than a cold load), then the lowest ``eviction_cost`` (the cheapest to bring in), then
 config order. Residency is read through :class:`Residency`, which the scheduler satisfies.
 """
 
@@ -129,9 +130,13 @@ class Catalogue:
             found.sort(key=self._preference)
         return found
 
-    def _preference(self, route: Route) -> tuple[int, int, int]:
-        rank = _RANK.get(self._residency.state(route.backend), 2)
-        return rank, self._costs.get(route.backend, 2), self._order[route.backend]
+    def _preference(self, route: Route) -> tuple[bool, int, int, int]:
+        """Reachable first (a backend that is down keeps its stale list, and a request sent
+        there would only fail), then resident, asleep, the cheapest to bring in, config order."""
+        backend = route.backend
+        down = not self._known[backend].reachable
+        rank = _RANK.get(self._residency.state(backend), 2)
+        return down, rank, self._costs.get(backend, 2), self._order[backend]
 
     async def listing(self) -> list[tuple[str, Route, bool]]:
         """``(name, route, reachable)`` per name, each name once, on its preferred backend
