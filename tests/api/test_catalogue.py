@@ -11,8 +11,10 @@ import anyio
 import httpx
 import pytest
 
+from gpubroker.api import catalogue as catalogue_module
 from gpubroker.api.catalogue import Catalogue
 from gpubroker.config.model import BackendConfig
+from gpubroker.errors import ModelNotFound
 from gpubroker.scheduling.scheduler import State
 from gpubroker.testing import make_config
 
@@ -124,3 +126,51 @@ async def test_the_preference_order_resident_asleep_cheapest_then_config_order()
         states.states["d"] = State.RESIDENT
         states.states["b"] = State.RESIDENT
         assert order() == ["d", "b", "a", "c"]  # among the resident, the cheapest
+
+
+@asynccontextmanager
+async def blackhole() -> AsyncIterator[str]:
+    """A TCP port that accepts and never answers: a slow failure, not a refused one."""
+
+    async def hold(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await anyio.sleep_forever()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, hold)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def test_unknown_models_do_not_each_wait_out_a_blackholed_backend() -> None:
+    lists = Lists(up=["m"])
+    async with blackhole() as dead:
+        configs = backends(dead={"upstream": dead}, up={"upstream": "http://up"})
+        async with running(configs, client_with(lists, ["up"])) as cat:
+            assert catalogue_module.DISCOVERY_TIMEOUT >= 5  # the first reads hang this long
+            with anyio.fail_after(2.5):  # one short wait for the reads under way, not 5 s
+                with pytest.raises(ModelNotFound):
+                    await cat.resolve("nope")
+            with anyio.fail_after(0.5):  # the read is still hanging: nothing more to wait for
+                with pytest.raises(ModelNotFound):
+                    await cat.resolve("nope either")
+            with anyio.fail_after(0.5):
+                assert (await cat.resolve("m")).backend == "up"
+
+
+async def test_a_new_model_on_a_healthy_backend_resolves_while_another_is_blackholed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(catalogue_module, "UNKNOWN_REFRESH_EVERY", 0.2)
+    lists = Lists(up=[])
+    async with blackhole() as dead:
+        configs = backends(dead={"upstream": dead}, up={"upstream": "http://up"})
+        async with running(configs, client_with(lists, ["up"])) as cat:
+            await anyio.sleep(0.3)  # up has been read; dead's read hangs on
+            lists.models["up"] = ["new"]
+            with anyio.fail_after(1.0):
+                assert (await cat.resolve("new")).backend == "up"
