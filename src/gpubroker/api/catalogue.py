@@ -2,11 +2,18 @@
 
 Discovery reads Ollama's ``/api/tags`` or an OpenAI-style ``/v1/models`` (vLLM, llama.cpp's
 server, anything compatible) every ``modelRefresh``, and at once when a request names a model
-nobody has (rate-limited, and concurrent askers share one read). A backend that does not
-answer keeps its last known models, marked unreachable (logged once per outage).
+nobody has. Each backend is read on its own: at most one read of it under way (askers share
+it), and an unknown name re-reads it only if its last read *ended* at least
+``UNKNOWN_REFRESH_EVERY`` ago, so a backend whose reads time out is not asked again by every
+request. The asker waits for the reads under way at most ``UNKNOWN_WAIT`` from their start,
+and sooner if the name turns up: a blackholed backend does not delay answers from the others.
+Reads run in :meth:`Catalogue.run`'s task group, so an asker that stops waiting does not
+cancel them. A backend that does not answer keeps its last known models, marked unreachable
+(logged once per outage).
 
-A model on several backends goes to the one that is cheapest to serve from now: resident
-first, then asleep (it wakes faster than a cold load), then the lowest ``eviction_cost``, then
+A model on several backends goes to the one that is cheapest to serve from now: a reachable
+backend before one that is down, then resident (or already loading), then asleep (it wakes
+faster than a cold load), then the lowest ``eviction_cost`` (the cheapest to bring in), then
 config order. Residency is read through :class:`Residency`, which the scheduler satisfies.
 """
 
@@ -14,7 +21,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,7 +38,8 @@ from gpubroker.scheduling.scheduler import State
 log = logging.getLogger("gpubroker.api.catalogue")
 
 DISCOVERY_TIMEOUT = 5.0  # s: one backend's model list; a slow one is treated as down
-UNKNOWN_REFRESH_EVERY = 5.0  # s: at most this often a request for an unknown model re-reads
+UNKNOWN_REFRESH_EVERY = 5.0  # s: an unknown model re-reads a backend this long after its last read
+UNKNOWN_WAIT = 1.0  # s: how long from a read's start a request for an unknown model waits on it
 OLLAMA = "ollama"
 UNLISTED = frozenset({"comfyui"})  # strategies whose service names no models
 _RANK = {State.RESIDENT: 0, State.LOADING: 0, State.ASLEEP: 1}
@@ -52,10 +62,20 @@ class Route:
 
 
 @dataclass(slots=True)
+class _Read:
+    """One read of a backend's list under way: when it began, and set when it ends."""
+
+    started: float
+    done: anyio.Event
+
+
+@dataclass(slots=True)
 class _Known:
     routes: dict[str, Route]
     reachable: bool = True
     discovered: bool = False
+    read_at: float = -math.inf  # when its last read ended
+    reading: _Read | None = None
 
 
 def is_ollama(backend: BackendConfig) -> bool:
@@ -108,9 +128,11 @@ class Catalogue:
             b.name: _Known(_static(b.name, b.models or ()), discovered=b.models is None)
             for b in self.backends
         }
-        self._lock = anyio.Lock()
-        self._last_refresh = -UNKNOWN_REFRESH_EVERY
-        self._reads = 0  # refreshes completed, so a waiter can tell one happened meanwhile
+        self._by_name = {b.name: b for b in self.backends}
+        self._asked: deque[str] = deque()  # backends to read, for run() to start
+        self._wake: anyio.Event | None = None  # run() waits on it for the next ask
+        self._ended: anyio.Event | None = None  # set (and replaced) whenever a read ends
+        self._reads = 0  # full refreshes completed
 
     # --- reading ------------------------------------------------------------------------
 
@@ -129,9 +151,13 @@ class Catalogue:
             found.sort(key=self._preference)
         return found
 
-    def _preference(self, route: Route) -> tuple[int, int, int]:
-        rank = _RANK.get(self._residency.state(route.backend), 2)
-        return rank, self._costs.get(route.backend, 2), self._order[route.backend]
+    def _preference(self, route: Route) -> tuple[bool, int, int, int]:
+        """Reachable first (a backend that is down keeps its stale list, and a request sent
+        there would only fail), then resident, asleep, the cheapest to bring in, config order."""
+        backend = route.backend
+        down = not self._known[backend].reachable
+        rank = _RANK.get(self._residency.state(backend), 2)
+        return down, rank, self._costs.get(backend, 2), self._order[backend]
 
     async def listing(self) -> list[tuple[str, Route, bool]]:
         """``(name, route, reachable)`` per name, each name once, on its preferred backend
@@ -160,10 +186,8 @@ class Catalogue:
         """The route for ``name``; raises ModelNotFound (naming the closest) when none."""
         among = None if among is None else tuple(among)
         found = self.routes(name, among)
-        recent = self._clock() - self._last_refresh < UNKNOWN_REFRESH_EVERY
-        if not found and (self._lock.locked() or not recent):  # under way: wait for its answer
-            await self.refresh()
-            found = self.routes(name, among)
+        if not found:
+            found = await self._look_again(name, among)
         if found:
             return found[0]
         near = self.closest(name, among)
@@ -174,23 +198,68 @@ class Catalogue:
     # --- refreshing ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Refresh every ``modelRefresh`` until cancelled."""
-        while True:
-            await self.refresh()
-            await anyio.sleep(self._refresh_every)
+        """Run the reads asked for, and refresh every ``modelRefresh``, until cancelled."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._serve_reads, tg)
+            while True:
+                await self.refresh()
+                await anyio.sleep(self._refresh_every)
 
     async def refresh(self) -> None:
-        """Read every discovered backend's list; a refresh already under way is shared."""
-        reads = self._reads
-        async with self._lock:
-            if self._reads != reads:
-                return  # someone refreshed while we waited
-            self._last_refresh = self._clock()
-            async with anyio.create_task_group() as tg:
-                for backend in self.backends:
-                    if self._known[backend.name].discovered:
-                        tg.start_soon(self._discover, backend)
-            self._reads += 1
+        """Read every discovered backend's list (sharing reads under way); needs :meth:`run`."""
+        reads = [self._start_read(b) for b, known in self._known.items() if known.discovered]
+        for read in reads:
+            await read.done.wait()
+        self._reads += 1
+
+    async def _look_again(self, name: str, among: tuple[str, ...] | None) -> list[Route]:
+        """Re-read the backends not read lately and wait, bounded, for ``name`` to turn up."""
+        pending = []
+        for backend, known in self._known.items():
+            if not known.discovered or (among is not None and backend not in among):
+                continue
+            if known.reading or self._clock() - known.read_at >= UNKNOWN_REFRESH_EVERY:
+                pending.append(self._start_read(backend))
+        while pending and not self.routes(name, among):
+            left = max(r.started for r in pending) + UNKNOWN_WAIT - self._clock()
+            if left <= 0:
+                break
+            if self._ended is None:
+                self._ended = anyio.Event()
+            with anyio.move_on_after(left):
+                await self._ended.wait()
+            pending = [r for r in pending if not r.done.is_set()]
+        return self.routes(name, among)
+
+    def _start_read(self, backend: str) -> _Read:
+        """The read of ``backend`` under way, asking :meth:`run` for one if there is none."""
+        known = self._known[backend]
+        if known.reading is None:
+            known.reading = _Read(self._clock(), anyio.Event())
+            self._asked.append(backend)
+            if self._wake is not None:
+                self._wake.set()
+        return known.reading
+
+    async def _serve_reads(self, tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            while self._asked:
+                tg.start_soon(self._read, self._asked.popleft())
+            self._wake = anyio.Event()
+            await self._wake.wait()
+
+    async def _read(self, backend: str) -> None:
+        known = self._known[backend]
+        try:
+            await self._discover(self._by_name[backend])
+        finally:
+            known.read_at = self._clock()
+            read, known.reading = known.reading, None
+            if read is not None:
+                read.done.set()
+            ended, self._ended = self._ended, None
+            if ended is not None:
+                ended.set()
 
     async def _discover(self, backend: BackendConfig) -> None:
         if backend.unload_strategy in UNLISTED and not is_ollama(backend):
