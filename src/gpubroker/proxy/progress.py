@@ -3,9 +3,10 @@
 Opt-in per backend (``progress: comments``) or per request (``X-GPUBroker-Progress: 1``), and
 only for a request that will stream server-sent events: ``Accept: text/event-stream``, or an
 OpenAI-style JSON body with ``"stream": true`` (the body read ahead while queued; parsed only
-then). Such a request that the broker does not admit at once (it queues, or a swap runs for it:
-the broker's ``on_queued``) gets its response head at once (200, ``text/event-stream``) and
-then a comment a second, ``: queued 2nd behind comfyui`` or ``: swapping ollama→vllm (loading
+then), never on Ollama's own ``/api/…`` routes, whose ``stream`` (true by default) is NDJSON.
+Such a request that the broker does not admit at once (it queues, or a swap runs for it: the
+broker's ``on_queued``) gets its response head at once (200, ``text/event-stream``) and then a
+comment a second, ``: queued 2nd behind comfyui`` or ``: swapping ollama→vllm (loading
 vllm), 3.1 s``, until the upstream answers. Compliant SSE clients ignore comments; proxies and
 load balancers with idle timeouts see a live connection. A request admitted at once pays for
 nothing here (one closure: the opt-in is looked at only once it queues).
@@ -41,6 +42,7 @@ HEAD = [
 ]
 AS_COMMENTS = (b"x-gpubroker-queue-ms", b"x-gpubroker-swap")  # head headers said as comments
 DONE = b"data: [DONE]\n\n"
+NDJSON_PREFIX = "/api/"  # Ollama's native routes: their ``"stream": true`` is NDJSON, not SSE
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -56,13 +58,17 @@ def _header(headers: Headers, name: bytes) -> bytes:
     return b", ".join(v for k, v in headers if k.lower() == name).lower()
 
 
-def wants_events(headers: Headers, body: bytes | None) -> bool:
+def wants_events(headers: Headers, body: bytes | None, path: str) -> bool:
     """Whether the request asks for an event stream: by Accept, or a JSON ``"stream": true``.
 
-    ``body`` is the whole body read ahead (None when it was too big to read ahead).
+    ``body`` is the whole body read ahead (None when it was too big to read ahead). The body's
+    word counts on any path but Ollama's own ``/api/…``: there ``stream`` (true by default)
+    asks for NDJSON, which an early event-stream head would break.
     """
     if b"text/event-stream" in _header(headers, b"accept"):
         return True
+    if path.startswith(NDJSON_PREFIX):
+        return False
     if body is None or b"json" not in _header(headers, b"content-type"):
         return False
     try:
