@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -20,6 +21,8 @@ import ollama
 import openai
 import pytest
 
+from gpubroker.api.errors import ollama_error
+from gpubroker.errors import QueueTimeout
 from gpubroker.proxy.progress import AfterHead, Progress, opted_in, wants_events
 from gpubroker.runtime import Endpoints
 from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, VLLMEmulator, running
@@ -349,3 +352,40 @@ async def test_any_answer_after_the_head_becomes_one_error_event(
     assert done == b"data: [DONE]"
     error = json.loads(event[6:])["error"]
     assert (error["message"], error["code"]) == (message, code)
+
+
+@dataclass(frozen=True)
+class Said:
+    """A scheduler's refusal, as ``Refused`` reads one."""
+
+    backend: str
+    status: int
+    code: str
+    message: str
+    retry_after: float | None
+
+
+async def test_a_broker_error_in_ollamas_shape_after_the_head_is_named_the_brokers() -> None:
+    # The api port renders a queue timeout on /api/… as Ollama's {"error": "…"}: no code in
+    # it, so the event must not blame the upstream; the renderer's wrapper keeps the code.
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def never() -> bool:
+        return False
+
+    progress = Progress(send, never, lambda: None, "ollama")
+    await progress.run()
+    after = AfterHead(send, progress)
+    render = after.errors(ollama_error)
+    refusal = Said("ollama", 503, "queue_timeout", "waited 1.5 s in line", 2.0)
+    await render(after, QueueTimeout(refusal), "ollama")
+    assert after.finished and len(sent) == 1
+    event, done = sent[0]["body"].split(b"\n\n")[:2]
+    assert done == b"data: [DONE]"
+    error = json.loads(event[6:])["error"]
+    assert error["code"] == "queue_timeout" and error["type"] == "server_error"
+    assert error["message"] == "ollama: waited 1.5 s in line"
+    assert "upstream" not in error["message"]

@@ -225,6 +225,7 @@ class ProxyApp:
                     refusal = refused
                 if shown and await shown[0].admitted():  # the head is out: the rest its body
                     send = AfterHead(send, shown[0])
+                    errors = send.errors(errors)  # a broker error's event names its code
                 if grant is not None and body.complete:
                     # The watcher now only waits for a disconnect: keep it for the whole
                     # exchange, so a client that leaves (even before the upstream's first

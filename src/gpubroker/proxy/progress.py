@@ -32,6 +32,9 @@ from typing import Any
 import anyio
 from starlette.types import Message, Send
 
+from gpubroker.errors import ClientError
+from gpubroker.responses import ErrorRenderer
+
 HEADER = b"x-gpubroker-progress"
 TICK = 1.0  # s between comments
 ERROR_BODY_LIMIT = 64 * 2**10  # bytes of an error answer kept to tell the client what it said
@@ -180,7 +183,18 @@ class AfterHead:
         self._status = 0
         self._passing = False
         self._kept = bytearray()
+        self._refusal: ClientError | None = None  # the broker's own error, when it answers
         self.finished = False
+
+    def errors(self, render: ErrorRenderer) -> ErrorRenderer:
+        """``render`` (the port's error shape), noting the broker's error it renders: so the
+        error event names its code even when the shape has none (Ollama's)."""
+
+        async def rendered(send: Send, error: ClientError, backend: str | None) -> None:
+            self._refusal = error
+            await render(send, error, backend)
+
+        return rendered
 
     async def __call__(self, message: Message) -> None:
         await self._progress.stop()  # never a comment inside the stream's own events
@@ -234,6 +248,8 @@ class AfterHead:
                 return error_event(error["message"], code, status, error.get("type"))
             if isinstance(error, str) and isinstance(data.get("message"), str):  # the broker's
                 return error_event(data["message"], error, status)
+            if isinstance(error, str) and self._refusal is not None:  # ours, in Ollama's shape
+                return error_event(error, self._refusal.code, status)
             if isinstance(error, str):  # Ollama's
                 return error_event(f"upstream answered {status}: {error}", "upstream_error", status)
             if isinstance(data.get("message"), str):  # vLLM's older {"object": "error", …}
