@@ -20,7 +20,10 @@ What the early head costs, once it is sent (``AfterHead``):
   shutting down; an unreachable or timed-out upstream; an upstream's own non-200 answer) ends
   the stream with an error event in OpenAI's shape, ``data: {"error": {"message", "type",
   "param", "code"}}`` then ``data: [DONE]`` (as an upstream breaking off mid-stream does), never
-  a silent close. The official ``openai`` client raises it as an ``APIError``.
+  a silent close. The official ``openai`` client raises it as an ``APIError``. A broker error
+  is named by its own code (``queue_timeout``…), whatever shape the port renders it in.
+- No ``Retry-After`` (nor any status) can be sent once the head is out: a refused lease's retry
+  hint is lost, and the error event's ``code`` is all a client has to tell a retryable refusal.
 """
 
 from __future__ import annotations
