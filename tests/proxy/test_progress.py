@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import httpx
+import ollama
 import openai
 import pytest
 
+from gpubroker.api.errors import ollama_error
+from gpubroker.errors import QueueTimeout
 from gpubroker.proxy.progress import AfterHead, Progress, opted_in, wants_events
 from gpubroker.runtime import Endpoints
 from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, VLLMEmulator, running
@@ -159,6 +163,78 @@ async def test_an_upstream_error_answer_after_the_head_is_an_openai_error_event(
 
 
 @asynccontextmanager
+async def ollama_behind_vllm() -> AsyncIterator[tuple[Endpoints, Callable[[], Awaitable[None]]]]:
+    """vLLM resident, Ollama (``progress: comments``, on the api port too) to load: an Ollama
+    request waits ~2 s for vLLM's sleep and Ollama's load. Yields the endpoints and a call that
+    makes vLLM resident again, so the next Ollama request waits once more."""
+    gpu = SimGPU(8 * GiB)
+    v_emu = VLLMEmulator(gpu, "m", weights=4 * GiB, kv_cache=2 * GiB, sleep_seconds=1.0)
+    o_emu = OllamaEmulator(gpu, {MODEL: 6 * GiB}, load_seconds=1.0)
+    async with running(v_emu.app) as v, running(o_emu.app) as o:
+        cfg = make_config(
+            {
+                "vllm": {"upstream": v, "unloadStrategy": "vllm"},
+                "ollama": {"upstream": o, "unloadStrategy": "ollama", "progress": "comments"},
+            },
+            holdTime="100ms",
+            apiPort=20100,
+        )
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=30) as client:
+
+            async def to_vllm() -> None:
+                body = {**CHAT, "stream": False}
+                r = await client.post(ep.proxies["vllm"] + "/v1/chat/completions", json=body)
+                assert r.status_code == 200
+                await no_leak(ep)
+                await anyio.sleep(0.2)  # past the hold
+
+            await to_vllm()
+            yield ep, to_vllm
+            assert gpu.oom_count == 0
+
+
+async def test_ollama_ndjson_streams_stay_ndjson_with_progress_on() -> None:
+    # Ollama's /api/chat streams NDJSON (``stream`` true by default): never an event-stream
+    # head and comments, through the proxy port or the api port; its /v1 still gets them.
+    prompt = [{"role": "user", "content": "hi"}]
+    async with ollama_behind_vllm() as (ep, to_vllm):
+        assert ep.api_url is not None
+        raw = []
+        for base in (ep.proxies["ollama"], ep.api_url):
+            body = {"model": MODEL, "messages": prompt, "stream": True}
+            raw.append(await raw_stream(base + "/api/chat", body, {}))
+            await no_leak(ep)
+            await to_vllm()
+            body.pop("stream")  # the default is a stream too
+            raw.append(await raw_stream(base + "/api/chat", body, {}))
+            await no_leak(ep)
+            await to_vllm()
+        chunks = []
+        for base in (ep.proxies["ollama"], ep.api_url):
+            client = ollama.AsyncClient(host=base)
+            with anyio.fail_after(30):
+                chunks.append([c async for c in await client.chat(MODEL, prompt, stream=True)])
+            await client.close()
+            await no_leak(ep)
+            await to_vllm()
+        sse, _, events = await raw_stream(ep.proxies["ollama"] + "/v1/chat/completions",
+                                          {**CHAT, "model": MODEL}, {})  # fmt: skip
+        await no_leak(ep)
+    for r, _, lines in raw:
+        assert r.status_code == 200, lines
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        assert "x-gpubroker-progress" not in r.headers
+        assert int(r.headers["x-gpubroker-queue-ms"]) > 500  # it did wait
+        parts = [json.loads(line) for _, line in lines]  # every line JSON: no comment
+        assert parts[-1]["done"] is True and len(parts) > 1
+    for stream in chunks:
+        assert stream[-1].done and "".join(c.message.content or "" for c in stream).strip()
+    assert sse.headers["x-gpubroker-progress"] == "comments"
+    assert any(line.startswith(": swapping vllm→ollama") for _, line in events), events
+    assert events[-1][1] == "data: [DONE]"
+
+
+@asynccontextmanager
 async def two_generics(**top: Any) -> AsyncIterator[tuple[Endpoints, GenericEmulator]]:
     """``a`` resident on an 8 GiB GPU; ``b`` (which cannot fit beside it) asks for comments."""
     gpu = SimGPU(8 * GiB)
@@ -226,12 +302,17 @@ def test_the_opt_in_and_what_counts_as_streaming() -> None:
     assert opted_in("off", [(b"x-gpubroker-progress", b"1")])
     assert not opted_in("off", [(b"x-gpubroker-progress", b"0")])
     json_type = [(b"content-type", b"application/json")]
-    assert wants_events([(b"accept", b"text/event-stream")], None)
-    assert wants_events(json_type, b'{"stream": true}')
-    assert not wants_events(json_type, b'{"stream": false}')
-    assert not wants_events(json_type, b"{not json")
-    assert not wants_events(json_type, None)  # too big to read ahead: cannot tell
-    assert not wants_events([(b"content-type", b"text/plain")], b'{"stream": true}')
+    chat = "/v1/chat/completions"
+    assert wants_events([(b"accept", b"text/event-stream")], None, chat)
+    assert wants_events(json_type, b'{"stream": true}', chat)
+    assert not wants_events(json_type, b'{"stream": false}', chat)
+    assert not wants_events(json_type, b"{not json", chat)
+    assert not wants_events(json_type, None, chat)  # too big to read ahead: cannot tell
+    assert not wants_events([(b"content-type", b"text/plain")], b'{"stream": true}', chat)
+    # Ollama's own routes stream NDJSON: their body never asks for events; Accept still does
+    for path in ("/api/chat", "/api/generate"):
+        assert not wants_events(json_type, b'{"stream": true}', path)
+        assert wants_events([(b"accept", b"text/event-stream")], None, path)
 
 
 @pytest.mark.parametrize(
@@ -271,3 +352,40 @@ async def test_any_answer_after_the_head_becomes_one_error_event(
     assert done == b"data: [DONE]"
     error = json.loads(event[6:])["error"]
     assert (error["message"], error["code"]) == (message, code)
+
+
+@dataclass(frozen=True)
+class Said:
+    """A scheduler's refusal, as ``Refused`` reads one."""
+
+    backend: str
+    status: int
+    code: str
+    message: str
+    retry_after: float | None
+
+
+async def test_a_broker_error_in_ollamas_shape_after_the_head_is_named_the_brokers() -> None:
+    # The api port renders a queue timeout on /api/… as Ollama's {"error": "…"}: no code in
+    # it, so the event must not blame the upstream; the renderer's wrapper keeps the code.
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def never() -> bool:
+        return False
+
+    progress = Progress(send, never, lambda: None, "ollama")
+    await progress.run()
+    after = AfterHead(send, progress)
+    render = after.errors(ollama_error)
+    refusal = Said("ollama", 503, "queue_timeout", "waited 1.5 s in line", 2.0)
+    await render(after, QueueTimeout(refusal), "ollama")
+    assert after.finished and len(sent) == 1
+    event, done = sent[0]["body"].split(b"\n\n")[:2]
+    assert done == b"data: [DONE]"
+    error = json.loads(event[6:])["error"]
+    assert error["code"] == "queue_timeout" and error["type"] == "server_error"
+    assert error["message"] == "ollama: waited 1.5 s in line"
+    assert "upstream" not in error["message"]

@@ -207,7 +207,7 @@ class ProxyApp:
 
                 def queued(lease: int) -> None:  # called only when the lease has to wait
                     if opted_in(self.backend.progress, scope["headers"]):
-                        shown.append(self._progress(scope, body, send, lease))
+                        shown.append(self._progress(scope, path, body, send, lease))
                         tg.start_soon(shown[0].run)
 
                 try:
@@ -225,6 +225,7 @@ class ProxyApp:
                     refusal = refused
                 if shown and await shown[0].admitted():  # the head is out: the rest its body
                     send = AfterHead(send, shown[0])
+                    errors = send.errors(errors)  # a broker error's event names its code
                 if grant is not None and body.complete:
                     # The watcher now only waits for a disconnect: keep it for the whole
                     # exchange, so a client that leaves (even before the upstream's first
@@ -243,14 +244,17 @@ class ProxyApp:
             if isinstance(send, AfterHead):  # never a silent close after the early head
                 await send.end(error_event(BROKE_OFF, "upstream_error", 502, "upstream_error"))
 
-    def _progress(self, scope: Scope, body: RequestBody, send: Send, lease: int) -> Progress:
-        """The comments for ``lease``, sent if the request streams events (progress.py)."""
+    def _progress(
+        self, scope: Scope, path: str, body: RequestBody, send: Send, lease: int
+    ) -> Progress:
+        """The comments for ``lease``, sent if the request streams events (progress.py);
+        ``path`` is the one classified."""
 
         async def decide() -> bool:
             headers = scope["headers"]
-            if wants_events(headers, None):  # by Accept: no need to wait for the body
+            if wants_events(headers, None, path):  # by Accept: no need to wait for the body
                 return True
-            return wants_events(headers, await body.read_ahead_body())
+            return wants_events(headers, await body.read_ahead_body(), path)
 
         return Progress(send, decide, functools.partial(self.broker.progress, lease), self.name)
 

@@ -3,9 +3,10 @@
 Opt-in per backend (``progress: comments``) or per request (``X-GPUBroker-Progress: 1``), and
 only for a request that will stream server-sent events: ``Accept: text/event-stream``, or an
 OpenAI-style JSON body with ``"stream": true`` (the body read ahead while queued; parsed only
-then). Such a request that the broker does not admit at once (it queues, or a swap runs for it:
-the broker's ``on_queued``) gets its response head at once (200, ``text/event-stream``) and
-then a comment a second, ``: queued 2nd behind comfyui`` or ``: swapping ollama→vllm (loading
+then), never on Ollama's own ``/api/…`` routes, whose ``stream`` (true by default) is NDJSON.
+Such a request that the broker does not admit at once (it queues, or a swap runs for it: the
+broker's ``on_queued``) gets its response head at once (200, ``text/event-stream``) and then a
+comment a second, ``: queued 2nd behind comfyui`` or ``: swapping ollama→vllm (loading
 vllm), 3.1 s``, until the upstream answers. Compliant SSE clients ignore comments; proxies and
 load balancers with idle timeouts see a live connection. A request admitted at once pays for
 nothing here (one closure: the opt-in is looked at only once it queues).
@@ -19,7 +20,10 @@ What the early head costs, once it is sent (``AfterHead``):
   shutting down; an unreachable or timed-out upstream; an upstream's own non-200 answer) ends
   the stream with an error event in OpenAI's shape, ``data: {"error": {"message", "type",
   "param", "code"}}`` then ``data: [DONE]`` (as an upstream breaking off mid-stream does), never
-  a silent close. The official ``openai`` client raises it as an ``APIError``.
+  a silent close. The official ``openai`` client raises it as an ``APIError``. A broker error
+  is named by its own code (``queue_timeout``…), whatever shape the port renders it in.
+- No ``Retry-After`` (nor any status) can be sent once the head is out: a refused lease's retry
+  hint is lost, and the error event's ``code`` is all a client has to tell a retryable refusal.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from typing import Any
 import anyio
 from starlette.types import Message, Send
 
+from gpubroker.errors import ClientError
+from gpubroker.responses import ErrorRenderer
+
 HEADER = b"x-gpubroker-progress"
 TICK = 1.0  # s between comments
 ERROR_BODY_LIMIT = 64 * 2**10  # bytes of an error answer kept to tell the client what it said
@@ -41,6 +48,7 @@ HEAD = [
 ]
 AS_COMMENTS = (b"x-gpubroker-queue-ms", b"x-gpubroker-swap")  # head headers said as comments
 DONE = b"data: [DONE]\n\n"
+NDJSON_PREFIX = "/api/"  # Ollama's native routes: their ``"stream": true`` is NDJSON, not SSE
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -56,13 +64,17 @@ def _header(headers: Headers, name: bytes) -> bytes:
     return b", ".join(v for k, v in headers if k.lower() == name).lower()
 
 
-def wants_events(headers: Headers, body: bytes | None) -> bool:
+def wants_events(headers: Headers, body: bytes | None, path: str) -> bool:
     """Whether the request asks for an event stream: by Accept, or a JSON ``"stream": true``.
 
-    ``body`` is the whole body read ahead (None when it was too big to read ahead).
+    ``body`` is the whole body read ahead (None when it was too big to read ahead). The body's
+    word counts on any path but Ollama's own ``/api/…``: there ``stream`` (true by default)
+    asks for NDJSON, which an early event-stream head would break.
     """
     if b"text/event-stream" in _header(headers, b"accept"):
         return True
+    if path.startswith(NDJSON_PREFIX):
+        return False
     if body is None or b"json" not in _header(headers, b"content-type"):
         return False
     try:
@@ -174,7 +186,18 @@ class AfterHead:
         self._status = 0
         self._passing = False
         self._kept = bytearray()
+        self._refusal: ClientError | None = None  # the broker's own error, when it answers
         self.finished = False
+
+    def errors(self, render: ErrorRenderer) -> ErrorRenderer:
+        """``render`` (the port's error shape), noting the broker's error it renders: so the
+        error event names its code even when the shape has none (Ollama's)."""
+
+        async def rendered(send: Send, error: ClientError, backend: str | None) -> None:
+            self._refusal = error
+            await render(send, error, backend)
+
+        return rendered
 
     async def __call__(self, message: Message) -> None:
         await self._progress.stop()  # never a comment inside the stream's own events
@@ -228,6 +251,8 @@ class AfterHead:
                 return error_event(error["message"], code, status, error.get("type"))
             if isinstance(error, str) and isinstance(data.get("message"), str):  # the broker's
                 return error_event(data["message"], error, status)
+            if isinstance(error, str) and self._refusal is not None:  # ours, in Ollama's shape
+                return error_event(error, self._refusal.code, status)
             if isinstance(error, str):  # Ollama's
                 return error_event(f"upstream answered {status}: {error}", "upstream_error", status)
             if isinstance(data.get("message"), str):  # vLLM's older {"object": "error", …}
