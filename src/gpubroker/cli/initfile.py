@@ -46,7 +46,9 @@ def build_document(
         before="One endpoint for every model (OpenAI /v1 and Ollama /api), routed by `model`:\n"
         "apiPort: 5100              # base_url = http://localhost:5100/v1\n"
         "apiBodyLimit: 64MiB        # how much of a body is read to find its model\n"
-        "modelRefresh: 30s          # how often each backend's model list is read again",
+        "modelRefresh: 30s          # how often each backend's model list is read again\n"
+        "apiKeys:                   # Bearer keys; needed when the api port binds beyond loopback\n"
+        "  - {name: ci, key: env:CI_KEY}",
     )
     doc["policy"] = "exclusive"
     doc.yaml_add_eol_comment("one service owns the GPU at a time", "policy", column=22)
