@@ -34,7 +34,7 @@ from gpubroker.errors import (
     UnknownPath,
     UpstreamError,
 )
-from gpubroker.proxy.app import ProxyApp
+from gpubroker.proxy.app import ProxyApp, answer_lifespan
 from gpubroker.responses import ErrorRenderer, json_error
 
 log = logging.getLogger("gpubroker.api.app")
@@ -96,7 +96,7 @@ class ApiApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":  # a lifespan scope has no path
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
         elif scope.get("path", "").startswith("/proxy/"):
             await self._by_name(scope, receive, send)
         elif kind == "http":
@@ -321,13 +321,3 @@ async def _json(send: Send, data: Any, method: str = "GET") -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -167,7 +167,7 @@ class ProxyApp:
         elif kind == "websocket":
             await proxy_websocket(self.backend, scope, receive, send)
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
 
     async def http(
         self,
@@ -503,7 +503,8 @@ def _stream_error_tail(headers: list[tuple[bytes, bytes]], message: str) -> byte
     return b""
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """Answer an ASGI lifespan: these raw apps have nothing to start or stop."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
