@@ -99,23 +99,28 @@ def _ms(seconds: float) -> float:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WireEvent(Event):
     """An event ``/events`` streams. ``elapsed``: seconds since the lease arrived, or since
-    the swap began (set by the broker where it knows them)."""
+    the swap began (set by the broker where it knows them). ``model``: the model the lease
+    asked for, or the model unit of the backend a swap step is about, where there is one; on
+    the wire only when set, so an event without one is sent as it always was."""
 
     kind: ClassVar[str]
     backend: str | None
     at: float = field(default_factory=time.time)
     lease: int | None = None
     elapsed: float | None = None
+    model: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The wire form: ``event``, ``backend``, ``at``, ``request`` and ``elapsedMs`` where
-        known, then the kind's own fields."""
+        known, then the kind's own fields, then ``model`` where set."""
         out: dict[str, Any] = {"event": self.kind, "backend": self.backend, "at": self.at}
         if self.lease is not None:
             out["request"] = self.lease
         if self.elapsed is not None:
             out["elapsedMs"] = _ms(self.elapsed)
         out.update(self.detail())
+        if self.model is not None:
+            out["model"] = self.model
         return out
 
     def detail(self) -> dict[str, Any]:
@@ -128,18 +133,14 @@ class WireEvent(Event):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LeaseStep(WireEvent):
     """A step of one lease: who asked (``caller``: an API key's name, the client's own name for
-    itself, or its address) and for which ``model``, where known. Both go on the wire only when
-    set, so a lease without them is sent as it always was."""
+    itself, or its address), on the wire only when set."""
 
     caller: str | None = None
-    model: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = WireEvent.to_json(self)
         if self.caller is not None:
             out["caller"] = self.caller
-        if self.model is not None:
-            out["model"] = self.model
         return out
 
 
@@ -230,11 +231,17 @@ class _SwapStep(WireEvent):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SwapStarted(_SwapStep):
     kind: ClassVar[str] = "swap_started"
-    victims: tuple[str, ...]
+    victims: tuple[str, ...]  # units: a backend, or ``backend/model``
     requests: tuple[int, ...]  # the leases queued for the target as it began
+    reason: str = "request"  # why: a request, admin, idle, unmanaged (memory nobody owns grew)
 
     def detail(self) -> dict[str, Any]:
-        return {"victims": list(self.victims), "swap": self.swap, "requests": list(self.requests)}
+        return {
+            "victims": list(self.victims),
+            "swap": self.swap,
+            "requests": list(self.requests),
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -60,6 +60,10 @@ class Placement(Protocol):
     @property
     def slots(self) -> Mapping[str, SlotView]: ...
 
+    def backend_state(self, backend: str) -> State:
+        """One state for a backend and its model units."""
+        ...
+
 
 class Monitor:
     """Telemetry, attribution and alerts for one broker."""
@@ -123,14 +127,14 @@ class Monitor:
                 if per_gpu is None:  # cannot trace it: forget any old measurement
                     per_gpu = dict.fromkeys((str(g.index) for g in snap.gpus), None)
                 self.bus.publish(Measured(backend=b.name, per_gpu=per_gpu))
-        slots = self.placement.slots
+        slots, names = self.placement.slots, [b.name for b in self.config.backends]
         facts = Facts(
             now=time.time(),
             snapshot=snap,
             attribution=self.attribution,
             backends=self.config.backends,
-            states={name: slot.state.value for name, slot in slots.items()},
-            gpus={name: slot.spec.gpus for name, slot in slots.items()},
+            states={name: self.placement.backend_state(name).value for name in names},
+            gpus={name: slots[name].spec.gpus for name in names},
             health=self.health,
         )
         raised, cleared = self.alerts.evaluate(facts)

@@ -210,6 +210,9 @@ class ProxyApp:
                         shown.append(self._progress(scope, path, body, send, lease))
                         tg.start_soon(shown[0].run)
 
+                # A strategy that sizes requests by what they ask (a model, its context, a
+                # workflow's files) reads the body first: it is read ahead anyway.
+                ahead = await body.read_ahead_body() if self.broker.wants_body(self.name) else None
                 try:
                     grant = await stack.enter_async_context(
                         self.broker.lease(
@@ -218,6 +221,7 @@ class ProxyApp:
                             method=method,
                             caller=caller,
                             model=model,
+                            body=ahead,
                             on_queued=queued,
                         )
                     )

@@ -39,12 +39,20 @@ class LeaseBroker(Protocol):
         method: str = "POST",
         caller: str | None = None,
         model: str | None = None,
+        body: bytes | None = None,
         on_queued: Callable[[int], None] | None = None,
     ) -> AbstractAsyncContextManager[Lease]:
         """Hold the GPU for ``backend`` inside the ``async with``; may queue. Raises
         :class:`gpubroker.errors.Refused` when refused. ``caller`` (who asks) and ``model``
-        (where known) are shown with the lease. ``on_queued(id)``: called (at once, from inside
-        the call) only when the lease is not admitted at once."""
+        (where known) are shown with the lease. ``body``: the request's whole body where
+        :meth:`wants_body` asked for it (None: not read, or past the read-ahead bound).
+        ``on_queued(id)``: called (at once, from inside the call) only when the lease is not
+        admitted at once."""
+        ...
+
+    def wants_body(self, backend: str) -> bool:
+        """Whether a GPU request for ``backend`` should bring its body to :meth:`lease` (its
+        strategy sizes requests by what they ask for)."""
         ...
 
     def progress(self, lease: int) -> str | None:

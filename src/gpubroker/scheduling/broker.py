@@ -41,6 +41,7 @@ from gpubroker.scheduling.effects import (
 from gpubroker.scheduling.jobs import JobFollower
 from gpubroker.scheduling.notes import note_event
 from gpubroker.scheduling.scheduler import Scheduler
+from gpubroker.scheduling.units import Footprints, Placed, Units
 from gpubroker.scheduling.waiting import wait_note
 from gpubroker.workers.start import start_before_load
 
@@ -92,7 +93,8 @@ class LiveRequest:
     admitted_at: float | None = None
     method: str = "POST"
     caller: str | None = None  # who asked: a key's name, the client's own name, its address
-    model: str | None = None  # the model asked for, where the api port knows it
+    model: str | None = None  # the model asked for, where the api port or its body tells
+    unit: str | None = None  # what it holds in the scheduler: the backend, or one of its models
 
 
 @dataclass(slots=True)
@@ -113,10 +115,12 @@ class Broker:
         *,
         supervisor: Supervisor | None = None,
         confirm_freed: FreedConfirmer | None = None,
+        footprints: Footprints | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``supervisor``: managed workers (``command:``), started before their load.
-        ``confirm_freed``: given when telemetry runs, to check what an unload freed."""
+        ``confirm_freed``: given when telemetry runs, to check what an unload freed.
+        ``footprints``: learned footprints, kept across restarts."""
         self.config = config
         self.strategies = dict(strategies)
         self.clock = clock
@@ -144,6 +148,15 @@ class Broker:
         self._wake = anyio.Event()
         self._armed: float | None = None  # the deadline the clock loop sleeps until
         self.closing = False
+        self.units = Units(
+            config,
+            self.strategies,
+            sched,
+            self._apply,
+            book=footprints,
+            clock=clock,
+            measured_total=self.measured_total,
+        )
         bus.subscribe(self._on_event, (ev.Measured, ev.WorkerGone))
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -162,6 +175,8 @@ class Broker:
             self._tg = tg
             await self.reconcile()
             self._follower.follow_all(tg)  # work queued before we started is in flight too
+            if self.units.per_model:
+                tg.start_soon(self.units.follow_all)
             task_status.started()
             await self._clock_loop()
 
@@ -182,6 +197,8 @@ class Broker:
                 tg.start_soon(ask, name, strategy)
         for name in self.strategies:
             self._apply(self.sched.reconciled(name, results[name], self.clock()))
+        for name in sorted(self.units.per_model):  # and what they hold, model by model
+            await self.units.follow(name)
 
     async def _clock_loop(self) -> None:
         """Tick at the scheduler's next deadline; ``_apply`` wakes us when one comes sooner."""
@@ -205,30 +222,47 @@ class Broker:
         method: str = "POST",
         caller: str | None = None,
         model: str | None = None,
+        body: bytes | None = None,
         on_queued: Callable[[int], None] | None = None,
     ) -> AsyncIterator[Grant]:
-        """Hold the GPU for ``backend`` for the body of the ``async with``.
+        """Hold the GPU for ``backend`` (or one unit of it, by name) for the body of the
+        ``async with``.
 
         Waits in the queue as long as the scheduler says; raises :class:`Refused` when refused.
         Cancelling the waiting task (the client went away) leaves the queue cleanly.
-        ``caller`` and ``model`` are shown with the lease (status, its events).
-        ``on_queued`` is called with the lease's id when it is not admitted at once (it queues,
-        or a swap runs for it), and only then: ``progress(id)`` says what it waits for.
+        ``caller`` and ``model`` are shown with the lease (status, its events). ``body``: the
+        request's body where :meth:`wants_body` asked for it, read for the model and memory
+        it asks for. ``on_queued`` is called with the lease's id when it is not admitted at
+        once (it queues, or a swap runs for it), and only then: ``progress(id)`` says what it
+        waits for.
         """
         if self.closing:
             raise Refused.of(
                 Refuse(0, backend, 503, "shutting_down", SHUTTING_DOWN, retry_after=5.0)
             )
+        spec = self.sched.slots[backend].spec
+        backend = spec.backend
+        if spec.group:  # a unit named outright (an admin swap to one model)
+            placed = Placed(spec.name, model=spec.model)
+        else:
+            placed = await self.units.place(backend, method, path, body)
         lease = next(self._ids)
         now = self.clock()
         pending = _Pending()
         self._pending[lease] = pending
         self.live[lease] = LiveRequest(
-            lease, backend, path, time.time(), method=method, caller=caller, model=model
+            lease,
+            backend,
+            path,
+            time.time(),
+            method=method,
+            caller=caller,
+            model=model or placed.model,
+            unit=placed.unit,
         )
         deferred = False  # the release (and the live entry) passed on to _settle
         try:
-            self._apply(self.sched.request(lease, backend, now))
+            self._apply(self.sched.request(lease, placed.unit, now, placed.need, placed.fresh))
             if on_queued is not None and not pending.event.is_set():
                 on_queued(lease)
             try:
@@ -241,6 +275,7 @@ class Broker:
                 raise Refused.of(pending.refuse)
             assert pending.admit is not None
             self.live[lease].admitted_at = time.time()
+            self.units.admitted(placed)
             if count:
                 self.counters[backend]["gpu"] += 1
             queued = self.clock() - now
@@ -261,6 +296,11 @@ class Broker:
             self._pending.pop(lease, None)
             if not deferred:
                 self.live.pop(lease, None)
+
+    def wants_body(self, backend: str) -> bool:
+        """Whether a GPU request for ``backend`` should bring its body to :meth:`lease`: its
+        strategy reads what the request asks of memory (the model, its context, its files)."""
+        return self.units.reads_body(backend)
 
     def progress(self, lease: int) -> str | None:
         """What the queued ``lease`` waits for, in a few words; None once it waits no more."""
@@ -303,6 +343,8 @@ class Broker:
             self.measured.pop(backend, None)
         for gpu, nbytes in per_gpu.items():
             self._apply(self.sched.measured(backend, gpu, nbytes, self.clock()))
+        idle = not self.sched.in_flight(backend)
+        self.units.measured(backend, self.measured_total(backend), idle)
 
     def measured_total(self, backend: str) -> int | None:
         return ev.total_held(self.measured.get(backend))
@@ -375,8 +417,11 @@ class Broker:
             raise RuntimeError("the broker is not running")
         self._tg.start_soon(fn, effect)
 
+    def _strategy(self, unit: str) -> Strategy:
+        return self.strategies[self.sched.slots[unit].spec.backend]
+
     async def _wait_idle(self, effect: WaitIdle) -> None:
-        strategy = self.strategies[effect.backend]
+        strategy = self._strategy(effect.backend)
         with anyio.CancelScope() as scope:
             self._idle_scopes.setdefault(effect.swap, []).append(scope)
             delay = FIRST_POLL
@@ -396,10 +441,21 @@ class Broker:
         self._apply(self.sched.idle(effect.swap, effect.backend, self.clock()))
 
     async def _unload(self, effect: Unload) -> None:
+        model = self.sched.slots[effect.backend].spec.model
+        if model is not None:  # one model: the service's own list confirms it went
+            strategy = self._strategy(effect.backend)
+            unload = functools.partial(strategy.unload_model, model)
+            error = await self._bounded(unload, self.config.unload_timeout)
+            if error:
+                log.warning("%s: unload failed: %s", effect.backend, error)
+            self.units.unloaded(effect.backend)
+            self._apply(self.sched.unloaded(effect.swap, effect.backend, error, self.clock()))
+            return
         started = self.clock()
         error = await self._bounded(
             self.strategies[effect.backend].unload, self.config.unload_timeout
         )
+        self.units.unloaded(effect.backend)
         holding = False
         if error:
             log.warning("%s: unload failed: %s", effect.backend, error)
@@ -419,14 +475,19 @@ class Broker:
         self._apply(effects)
 
     async def _load(self, effect: Load) -> None:
-        backend = self.config.backend(effect.backend)
-        strategy = self.strategies[effect.backend]
+        spec = self.sched.slots[effect.backend].spec
+        backend = self.config.backend(spec.backend)
+        strategy = self.strategies[backend.name]
 
         async def load() -> None:
             await start_before_load(self.supervisor, backend.name)  # a managed worker's process
-            await strategy.load()
+            if spec.model is not None:
+                await strategy.load_model(spec.model)
+            else:
+                await strategy.load()
 
         error = await self._bounded(load, backend.start_timeout)
+        self.units.loaded(effect.backend)
         self._apply(self.sched.loaded(effect.swap, effect.backend, error, self.clock()))
 
     @staticmethod
@@ -467,11 +528,24 @@ class Broker:
         """
         held = None
         if note.backend is not None and note.kind == "unloading":
-            self._held_before[note.backend] = self.measured_total(note.backend)
+            self._held_before[note.backend] = self._held(note.backend)
         elif note.backend is not None and note.kind == "unloaded":
             held = self._held_before.pop(note.backend, None)
-        event, fields = note_event(note, self.sched, self.config, held)
-        self._publish(event, backend=note.backend, lease=note.lease, **fields)
+        event, fields = note_event(note, self.sched, held)
+        backend, model = note.backend, None
+        if backend is not None:  # a unit's news is its backend's, naming the model
+            spec = self.sched.slots[backend].spec
+            backend, model = spec.backend, spec.model
+        if model is not None:
+            fields["model"] = model
+        self._publish(event, backend=backend, lease=note.lease, **fields)
+
+    def _held(self, unit: str) -> int | None:
+        """What ``unit`` holds as measured: a model's own reading, else its backend's."""
+        slot = self.sched.slots[unit]
+        if slot.spec.group:
+            return ev.total_held(dict(slot.measured)) if slot.measured else None
+        return self.measured_total(unit)
 
     def _publish(self, event: type[ev.WireEvent], **fields: Any) -> None:
         """Publish ``event``, stamped with the time and, where known, how long its lease (or

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from gpubroker.config.model import Config
 from gpubroker.plugins.strategies.base import Strategy
 from gpubroker.scheduling.scheduler import BackendSpec, Scheduler
+from gpubroker.scheduling.units import Footprints, model_spec, per_model, unit_name
 from gpubroker.telemetry.base import TelemetrySnapshot
 from gpubroker.telemetry.gpus import aliases as _aliases
 from gpubroker.telemetry.gpus import backend_gpus, gpu_key
@@ -36,25 +37,85 @@ def capacities(config: Config, snapshot: TelemetrySnapshot | None) -> dict[str, 
     return out
 
 
-def build_scheduler(
-    config: Config, strategies: Mapping[str, Strategy], telemetry: TelemetrySnapshot | None
-) -> Scheduler:
-    """The pure scheduler for ``config``: each backend's GPUs, sizes and its strategy's costs."""
-    return Scheduler(
-        [
-            BackendSpec(
-                name=b.name,
-                gpus=backend_gpus(b, telemetry),
-                need=b.vram,
-                priority=b.priority,
-                pinned=b.pinned,
-                max_concurrency=b.max_concurrency,
-                cost=type(strategies[b.name]).eviction_cost,
-                sleeps=type(strategies[b.name]).frees_by == "sleep",
-                idle_timeout=b.idle_timeout,
+def exclusive_sets(config: Config, strategies: Mapping[str, Strategy]) -> dict[str, frozenset[str]]:
+    """Each backend's and each declared model's ``exclusiveWith``, as unit (or backend) names:
+    a model of a per-model backend is its unit, a model of any other backend is that backend.
+    (The config loader has checked that every name is known and unambiguous.)"""
+    where: dict[str, str] = {b.name: b.name for b in config.backends}
+    for b in config.backends:
+        strategy = strategies[b.name]
+        for m in b.models or ():
+            unit = (
+                unit_name(b.name, strategy.model_key(m.upstream_model or m.name))
+                if per_model(config, strategy)
+                else b.name
             )
-            for b in config.backends
-        ],
+            for n in m.names:
+                where.setdefault(n, unit)
+    out: dict[str, frozenset[str]] = {}
+    for b in config.backends:
+        strategy = strategies[b.name]
+        out[b.name] = frozenset(where.get(n, n) for n in getattr(b, "exclusive_with", ()))
+        if not per_model(config, strategy):
+            continue
+        for m in b.models or ():
+            unit = unit_name(b.name, strategy.model_key(m.upstream_model or m.name))
+            names = getattr(m, "exclusive_with", ())
+            out[unit] = out.get(unit, frozenset()) | {where.get(n, n) for n in names}
+    return out
+
+
+def build_scheduler(
+    config: Config,
+    strategies: Mapping[str, Strategy],
+    telemetry: TelemetrySnapshot | None,
+    *,
+    book: Footprints | None = None,
+) -> Scheduler:
+    """The pure scheduler for ``config``: each backend's GPUs, sizes and its strategy's costs,
+    and under the budget policy each declared model of a per-model backend as a unit.
+
+    A backend (or model) that declares no ``vram`` starts from the footprint learned on an
+    earlier run (``book``), where there is one."""
+    rules = exclusive_sets(config, strategies)
+    specs: list[BackendSpec] = []
+    for b in config.backends:
+        strategy = strategies[b.name]
+        learned = book.get(b.name) if book is not None and b.vram is None else None
+        need = b.vram if b.vram is not None else learned
+        base = BackendSpec(
+            name=b.name,
+            gpus=backend_gpus(b, telemetry),
+            need=need,
+            priority=b.priority,
+            pinned=b.pinned,
+            max_concurrency=b.max_concurrency,
+            cost=type(strategy).eviction_cost,
+            sleeps=type(strategy).frees_by == "sleep",
+            idle_timeout=b.idle_timeout,
+            exclusive=rules.get(b.name, frozenset()),
+            source="declared" if b.vram is not None else "measured" if need else "unknown",
+        )
+        specs.append(base)
+        if not per_model(config, strategy):
+            continue
+        for m in b.models or ():
+            model = strategy.model_key(m.upstream_model or m.name)
+            unit = unit_name(b.name, model)
+            if any(s.name == unit for s in specs):
+                continue
+            specs.append(
+                model_spec(
+                    base,
+                    model,
+                    declared=m.vram,
+                    learned=book.get(unit) if book is not None else None,
+                    pinned=getattr(m, "pinned", False),
+                    exclusive=rules.get(unit, frozenset()),
+                )
+            )
+    return Scheduler(
+        specs,
         capacities=capacities(config, telemetry),
         policy=config.policy,
         queue_timeout=config.queue_timeout,

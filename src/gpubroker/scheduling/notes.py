@@ -11,17 +11,17 @@ from __future__ import annotations
 from typing import Any, cast
 
 from gpubroker import events as ev
-from gpubroker.config.model import Config
 from gpubroker.scheduling.effects import Note
 from gpubroker.scheduling.scheduler import Scheduler
 
 
 def note_event(
-    note: Note, sched: Scheduler, config: Config, held: int | None
+    note: Note, sched: Scheduler, held: int | None
 ) -> tuple[type[ev.WireEvent], dict[str, Any]]:
     """The event class for ``note`` and its fields (less the backend, lease and stamps).
 
-    ``held``: for ``unloaded``, the bytes measured as its unload began (None: not measured).
+    ``held``: for ``unloaded``, the bytes measured as its unload began (None: not measured;
+    then its footprint as the scheduler knows it).
     """
     name, d = note.backend, note.detail
     swap = d.get("swap")
@@ -39,7 +39,11 @@ def note_event(
         case "swap_started":
             queued = tuple(w.lease for w in sched.queue if w.backend == name)
             event = ev.SwapStarted
-            fields = {"victims": tuple(cast(list[str], d["victims"])), "requests": queued}
+            fields = {
+                "victims": tuple(cast(list[str], d["victims"])),
+                "requests": queued,
+                "reason": d.get("reason", "request"),
+            }
         case "draining":
             event, fields = ev.Draining, {"active": d["active"]}
         case "unloading":
@@ -53,7 +57,7 @@ def note_event(
             else:
                 event = ev.Freed
                 fields["measured"] = held is not None
-                fields["held"] = held if held is not None else config.backend(name).vram
+                fields["held"] = held if held is not None else sched.slots[name].spec.need
         case "loading":
             event = ev.Waking if d.get("wake") else ev.Loading
         case "load_failed":

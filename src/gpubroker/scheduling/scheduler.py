@@ -7,15 +7,25 @@ unload it, load the next one. Every method is synchronous and runs to the end wi
 so on one event loop there is exactly one writer at a time and no lock; and every decision can be
 replayed in a unit test with a fake clock.
 
-Each GPU is a domain with a capacity. A backend needs some of it on each of its GPUs: its
-declared ``vram`` under ``policy: budget``, the whole GPU under ``policy: exclusive`` (or when
-the capacity is unknown). A request is admitted at once when its backend is resident; otherwise
-a *plan* makes room: victims (chosen by :func:`~gpubroker.scheduling.victims.choose_victims`)
-are drained — no new leases, in-flight ones finish, ``busy()`` must say idle — then unloaded,
-then the target is loaded and all its queued requests are admitted together. Plans on disjoint
-GPUs run side by side.
+What it places are *units*: a backend as a whole, or under ``policy: budget`` one model of
+a backend that loads and frees models one by one (Ollama), named ``backend/model``. Such a
+backend keeps its own unit too, for what cannot be told apart by model (a request naming none,
+memory held before we knew what). Each GPU is a domain with a capacity, less the memory held
+by processes no backend owns. A unit needs some of it on each of its GPUs: the largest of its
+declared (or learned) footprint, the estimate its requests brought (a longer context, a
+workflow's files) and what telemetry measured, under ``policy: budget``; the whole GPU under
+``policy: exclusive``, or when nothing about it is known.
 
-A backend moves through these states::
+A request is admitted at once when its unit is resident and has room for what it asks;
+otherwise a *plan* makes room: victims (chosen by
+:func:`~gpubroker.scheduling.victims.choose_victims`, or the chooser given) are drained — no
+new leases, in-flight ones finish, ``busy()`` must say idle — then unloaded, then the target is
+loaded and its queued requests are admitted together. A resident unit may be its own victim: a
+ComfyUI whose cache plus a workflow's new files would not fit is freed first, then serves it.
+Units named in each other's ``exclusive`` are never resident together. Plans on disjoint GPUs
+run side by side.
+
+A unit moves through these states::
 
     unknown ──► absent ──► loading ──► resident ──► draining ──► unloading ──► absent / asleep
                   ▲                                                               │
@@ -26,8 +36,9 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from gpubroker.config.model import Policy
 from gpubroker.errors import SwapInProgress
@@ -45,6 +56,10 @@ from gpubroker.scheduling.effects import (
 )
 from gpubroker.scheduling.victims import Candidate, choose_victims
 
+Chooser = Callable[[int, Sequence[Candidate], float], list[str] | None]
+"""Which candidates free ``shortfall`` bytes (given the time now), or None: the victim rule."""
+Source = Literal["declared", "measured", "unknown"]
+
 
 class State(enum.Enum):
     UNKNOWN = "unknown"  # may hold VRAM; we could not tell at start-up
@@ -59,16 +74,29 @@ class State(enum.Enum):
 HOLDS_VRAM = frozenset(
     {State.UNKNOWN, State.LOADING, State.RESIDENT, State.DRAINING, State.UNLOADING}
 )
+# The state a backend shows when its units differ: the first of these any of them is in.
+_SHOWN_ORDER = (
+    State.LOADING,
+    State.UNLOADING,
+    State.DRAINING,
+    State.RESIDENT,
+    State.UNKNOWN,
+    State.ASLEEP,
+    State.ABSENT,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
-    """What the scheduler knows of a backend. ``need`` in bytes per GPU; None = whole GPU.
+    """What the scheduler knows of a unit. ``need`` in bytes per GPU; None = unknown (the
+    whole GPU until a request or telemetry tells more); ``source`` says where it came from.
 
-    ``cost`` ranks how cheap the backend is to evict and bring back: 1 (vLLM, which wakes in
+    ``cost`` ranks how cheap the unit is to evict and bring back: 1 (vLLM, which wakes in
     seconds), 2 (a cold load), 3 (a process to restart). ``sleeps`` says what its unload does
     and so what state follows (asleep rather than absent): a different fact, not inferred from
-    the rank.
+    the rank. ``group`` and ``model``: the backend and model of a model unit (empty for a
+    backend's own unit). ``exclusive``: units, or backends (all their units), never resident
+    together with this one.
     """
 
     name: str
@@ -80,6 +108,15 @@ class BackendSpec:
     cost: int = 2
     idle_timeout: float | None = None
     sleeps: bool = False  # its unload is a sleep: afterwards it is asleep, not absent
+    group: str = ""
+    model: str | None = None
+    exclusive: frozenset[str] = frozenset()
+    source: Source = "declared"
+
+    @property
+    def backend(self) -> str:
+        """The backend this unit belongs to (itself for a backend's own unit)."""
+        return self.group or self.name
 
 
 # --- state -----------------------------------------------------------------------------------
@@ -95,6 +132,7 @@ class _Slot:
     plan: int | None = None  # the plan this backend is a victim or target of
     measured: dict[str, int] = field(default_factory=dict)  # GPU -> bytes telemetry saw held
     jobs: int = 0  # work the service accepted and runs after its HTTP call ended (ComfyUI)
+    estimate: int | None = None  # the most its admitted requests asked for since it loaded
 
     @property
     def name(self) -> str:
@@ -113,9 +151,15 @@ class _Slot:
 
 @dataclass(slots=True)
 class _Waiter:
+    """A queued request. ``backend`` is its unit; ``need``: bytes it asks its unit to hold
+    (None: the unit's footprint); ``fresh``: what it would need were its unit freed first
+    (a ComfyUI cache), where that is less."""
+
     lease: int
     backend: str
     since: float
+    need: int | None = None
+    fresh: int | None = None
 
 
 @dataclass(slots=True)
@@ -150,12 +194,17 @@ class Scheduler:
         hold_time: float = 10.0,
         min_residency: float = 0.0,
         aging: float = 30.0,
+        choose: Chooser = choose_victims,
     ) -> None:
         specs = [
             b if isinstance(b, BackendSpec) else BackendSpec(b[0], max_concurrency=b[1])
             for b in backends
         ]
         self.slots = {s.name: _Slot(s) for s in specs}
+        self.children: dict[str, list[str]] = {}  # backend -> its model units
+        for s in specs:
+            if s.group:
+                self.children.setdefault(s.group, []).append(s.name)
         gpus = {g for s in specs for g in s.gpus}
         caps = dict(capacities or {})
         self.capacity: dict[str, int | None] = {g: caps.get(g) for g in sorted(gpus)}
@@ -164,6 +213,8 @@ class Scheduler:
         self.hold_time = hold_time
         self.min_residency = min_residency
         self.aging = aging
+        self.choose = choose
+        self.unowned: dict[str, int] = {}  # GPU -> bytes held by processes no backend owns
         self.queue: list[_Waiter] = []
         self.plans: dict[int, _Plan] = {}
         self.hold_until: dict[str, float] = {}
@@ -172,19 +223,74 @@ class Scheduler:
         self._wake_at: float | None = None  # minimum-residency or idle-timeout deadline
         self._ids = itertools.count(1)
 
+    # --- units --------------------------------------------------------------------------
+
+    def add_unit(self, spec: BackendSpec) -> None:
+        """A unit found after start-up (a model first asked for, or seen loaded): absent until
+        told otherwise. Its GPUs must be ones the scheduler already plans for."""
+        if spec.name in self.slots:
+            return
+        self.slots[spec.name] = _Slot(spec, state=State.ABSENT)
+        if spec.group:
+            self.children.setdefault(spec.group, []).append(spec.name)
+
+    def units_of(self, backend: str) -> list[str]:
+        """The backend's own unit, then its model units."""
+        return [backend, *self.children.get(backend, ())]
+
+    def backend_state(self, backend: str) -> State:
+        """One state for a backend and its model units: the busiest word among them (a swap
+        step, else resident, asleep, unknown, absent)."""
+        states = {self.slots[u].state for u in self.units_of(backend)}
+        for state in _SHOWN_ORDER:
+            if state in states:
+                return state
+        return State.ABSENT
+
+    def _conflicts(self, a: BackendSpec, b: BackendSpec) -> bool:
+        """Whether ``a`` and ``b`` may never be resident together (either side names it)."""
+        return (
+            bool({b.name, b.backend} & a.exclusive or {a.name, a.backend} & b.exclusive)
+            and a.name != b.name
+        )
+
     # --- sizes ----------------------------------------------------------------------------
 
-    def size(self, backend: str, gpu: str) -> int:
-        """Bytes ``backend`` takes on ``gpu`` when resident (the whole GPU where unknown).
+    def size(self, backend: str, gpu: str, need: int | None = None) -> int:
+        """Bytes unit ``backend`` takes on ``gpu`` when resident (the whole GPU where unknown);
+        with ``need``, once a request asking for that much is admitted too.
 
-        The declared need, or what telemetry measured when that is larger.
+        The largest of the declared (or learned) footprint, the estimate its requests brought
+        and what telemetry measured.
         """
         cap = self.capacity[gpu]
-        slot = self.slots[backend]
-        need = slot.spec.need
-        if self.policy == "exclusive" or cap is None or need is None:
+        if self.policy == "exclusive" or cap is None:
             return cap if cap is not None else 1
-        return max(need, slot.measured.get(gpu, 0))
+        slot = self.slots[backend]
+        known = [n for n in (slot.spec.need, slot.estimate, need) if n is not None]
+        if not known:
+            return cap
+        return max(*known, slot.measured.get(gpu, 0))
+
+    def _fresh_size(self, unit: str, gpu: str, need: int | None) -> int:
+        """What ``unit`` would take on ``gpu`` loaded afresh for a request asking ``need``
+        (nothing it held before counts: not its estimate, not what was measured)."""
+        cap = self.capacity[gpu]
+        if self.policy == "exclusive" or cap is None:
+            return cap if cap is not None else 1
+        known = [n for n in (self.slots[unit].spec.need, need) if n is not None]
+        return max(known) if known else cap
+
+    def unmanaged(self, gpu: str, nbytes: int, now: float) -> list[Effect]:
+        """Telemetry saw processes no backend owns hold ``nbytes`` on ``gpu``. Under the budget
+        policy that memory is not ours to plan with; when it grows past what is free, the
+        cheapest residents are reclaimed (see ``_pump``) rather than waiting for an OOM."""
+        if gpu not in self.capacity or self.policy != "budget":
+            return []
+        if self.unowned.get(gpu, 0) == nbytes:
+            return []
+        self.unowned[gpu] = nbytes
+        return self._pump(now)
 
     def measured(self, backend: str, gpu: str, nbytes: int | None, now: float) -> list[Effect]:
         """Telemetry saw ``backend`` hold ``nbytes`` on ``gpu`` (None: cannot tell).
@@ -206,7 +312,8 @@ class Scheduler:
         return cap if cap is not None else 1
 
     def used(self, gpu: str) -> int:
-        return sum(
+        """Bytes planned as taken on ``gpu``: every unit holding memory, and what nobody owns."""
+        return self.unowned.get(gpu, 0) + sum(
             self.size(s.name, gpu)
             for s in self.slots.values()
             if gpu in s.spec.gpus and s.state in HOLDS_VRAM
@@ -230,14 +337,19 @@ class Scheduler:
     def queued(self, backend: str | None = None) -> int:
         return sum(1 for w in self.queue if backend is None or w.backend == backend)
 
-    def residents(self) -> list[str]:
-        """Backends admitting now, most recently used first."""
+    def resident_units(self) -> list[str]:
+        """Units admitting now, most recently used first."""
         live = [s for s in self.slots.values() if s.state is State.RESIDENT]
         return [s.name for s in sorted(live, key=lambda s: -s.last_used)]
 
+    def residents(self) -> list[str]:
+        """Backends with a unit admitting now, most recently used first."""
+        out = dict.fromkeys(self.slots[u].spec.backend for u in self.resident_units())
+        return list(out)
+
     @property
     def owner(self) -> str | None:
-        """OneGPU4All's single owner: the most recently used resident, if any."""
+        """OneGPU4All's single owner: the backend most recently used, if any is resident."""
         residents = self.residents()
         return residents[0] if residents else None
 
@@ -260,24 +372,51 @@ class Scheduler:
     # --- events ---------------------------------------------------------------------------
 
     def reconciled(self, backend: str, resident: bool | None, now: float = 0.0) -> list[Effect]:
-        """Start-up: what the backend's strategy says it holds (None = cannot tell)."""
+        """Start-up: what the unit's strategy says it holds (None = cannot tell)."""
         slot = self.slots[backend]
         slot.state = {True: State.RESIDENT, False: State.ABSENT, None: State.UNKNOWN}[resident]
         if resident:
             slot.loaded_at = slot.last_used = now
         return [Note("reconciled", backend, detail={"state": slot.state.value})]
 
-    def request(self, lease: int, backend: str, now: float) -> list[Effect]:
-        """A GPU request for ``backend`` wants a lease."""
+    def observed(self, unit: str, resident: bool, now: float) -> list[Effect]:
+        """The service says what it holds now (Ollama's ``/api/ps``): a model it loaded for a
+        client of its own is resident; one it let go by itself (its keep-alive ran out) is
+        absent. Only a unit at rest changes: one in a plan, or serving, is the plan's."""
+        slot = self.slots[unit]
+        if slot.plan is not None or slot.busy:
+            return []
+        if resident and slot.state in (State.ABSENT, State.ASLEEP, State.UNKNOWN):
+            slot.state = State.RESIDENT
+            slot.loaded_at = slot.last_used = now
+        elif not resident and slot.state in (State.RESIDENT, State.UNKNOWN):
+            slot.state = State.ABSENT
+            slot.estimate = None
+        else:
+            return []
+        note = Note("reconciled", unit, detail={"state": slot.state.value})
+        return [note, *self._pump(now)]
+
+    def request(
+        self,
+        lease: int,
+        backend: str,
+        now: float,
+        need: int | None = None,
+        fresh: int | None = None,
+    ) -> list[Effect]:
+        """A GPU request for unit ``backend`` wants a lease; ``need``: the bytes it asks the
+        unit to hold (its context's KV cache, its workflow's files), when known; ``fresh``:
+        what it would need with the unit freed first (less than ``need``: a cache dropped)."""
         slot = self.slots[backend]
         # A hold that just ran out starts its plan first, so its victims stop admitting.
         effects: list[Effect] = self._pump(now) if self._hold_over(now) else []
-        if self._may_admit(slot) and not self.queued(backend):
-            return [*effects, self._admit(lease, slot, now)]
-        never = self._never_fits(backend)
+        if self._may_admit(slot) and not self.queued(backend) and self._room_for(slot, need):
+            return [*effects, self._admit(lease, slot, now, need=need)]
+        never = self._never_fits(backend, need if fresh is None else fresh)
         if never:
             return [*effects, Refuse(lease, backend, 507, "never_fits", never)]
-        self.queue.append(_Waiter(lease, backend, now))
+        self.queue.append(_Waiter(lease, backend, now, need, fresh))
         effects.append(Note("queued", backend, lease, {"position": len(self.queue)}))
         return effects + self._pump(now)
 
@@ -373,7 +512,14 @@ class Scheduler:
             slot.state = State.RESIDENT
         else:
             slot.state = State.ASLEEP if slot.spec.sleeps and error is None else State.ABSENT
-        slot.plan = None
+            slot.estimate = None
+            if backend == plan.target:  # freed to serve afresh: its cache no longer counts
+                slot.measured.clear()
+                for w in self.queue:
+                    if w.backend == backend and w.fresh is not None:
+                        w.need, w.fresh = w.fresh, None
+        if backend != plan.target:
+            slot.plan = None
         detail: dict[str, object] = {"error": error, "swap": swap, "holding": holding}
         effects: list[Effect] = [Note("unloaded", backend, detail=detail)]
         if error:
@@ -384,7 +530,7 @@ class Scheduler:
         target = plan.target
         if target is None or self.slots[target].state is State.RESIDENT:
             return effects + self._finish(plan, now) + self._pump(now)
-        if not self._fits(target):  # a victim kept its memory: loading now could OOM
+        if not self._fits(target, self._want(target)):  # a victim kept its memory: could OOM
             del self.plans[plan.id]
             self.slots[target].plan = None
             effects.append(
@@ -393,12 +539,28 @@ class Scheduler:
             return effects + self._pump(now)
         return [*effects, *self._load(plan)]
 
-    def _fits(self, backend: str) -> bool:
-        adds = self.slots[backend].state not in HOLDS_VRAM
+    def _fits(self, backend: str, need: int | None = None) -> bool:
+        """Whether unit ``backend``, asked for ``need``, fits beside what is planned."""
+        holds = self.slots[backend].state in HOLDS_VRAM
         return all(
-            self.used(g) + (self.size(backend, g) if adds else 0) <= self._cap(g)
+            self.used(g) - (self.size(backend, g) if holds else 0) + self.size(backend, g, need)
+            <= self._cap(g)
             for g in self.slots[backend].spec.gpus
         )
+
+    def _room_for(self, slot: _Slot, need: int | None) -> bool:
+        """Whether a request asking ``need`` of the resident ``slot`` fits as it stands: it
+        asks no more than the unit is sized for, or the growth fits."""
+        if need is None:
+            return True
+        gpus = slot.spec.gpus
+        if all(self.size(slot.name, g, need) <= self.size(slot.name, g) for g in gpus):
+            return True
+        return self._fits(slot.name, need)
+
+    def _want(self, unit: str) -> int | None:
+        """What the first request queued for ``unit`` asks of it."""
+        return next((w.need for w in self.queue if w.backend == unit), None)
 
     def _load(self, plan: _Plan) -> list[Effect]:
         """Bring the plan's target up; the note says whether it wakes from sleep."""
@@ -420,6 +582,7 @@ class Scheduler:
         slot = self.slots[backend]
         slot.state = State.UNKNOWN
         slot.plan = None
+        slot.estimate = None
         del self.plans[plan.id]
         effects: list[Effect] = [
             Note("load_failed", backend, detail={"error": error, "swap": swap})
@@ -445,7 +608,7 @@ class Scheduler:
         Returns the plan id to wait for (None when there was nothing to do) and the effects.
         Raises ``SwapInProgress`` while a plan touches the same GPUs.
         """
-        names = [backend] if backend else list(self.slots)
+        names = self.units_of(backend) if backend else list(self.slots)
         victims = [n for n in names if self.slots[n].state in HOLDS_VRAM]
         if not victims:
             return None, []
@@ -459,16 +622,43 @@ class Scheduler:
     # --- decisions ------------------------------------------------------------------------
 
     def _may_admit(self, slot: _Slot) -> bool:
-        return slot.state is State.RESIDENT and slot.plan is None and slot.has_room
+        return slot.state is State.RESIDENT and slot.plan is None and self._has_room(slot)
 
-    def _admit(self, lease: int, slot: _Slot, now: float, swap: SwapInfo | None = None) -> Admit:
+    def _has_room(self, slot: _Slot) -> bool:
+        """``maxConcurrency`` counts the backend's work over all its units."""
+        limit = slot.spec.max_concurrency
+        if limit is None:
+            return True
+        group = slot.spec.backend
+        if group not in self.children:
+            return slot.busy < limit
+        return sum(self.slots[u].busy for u in self.units_of(group)) < limit
+
+    def _admit(
+        self,
+        lease: int,
+        slot: _Slot,
+        now: float,
+        swap: SwapInfo | None = None,
+        need: int | None = None,
+    ) -> Admit:
         slot.active.add(lease)
         slot.last_used = now
+        if need is not None:
+            slot.estimate = max(slot.estimate or 0, need)
         return Admit(lease, slot.name, swap)
 
-    def _never_fits(self, backend: str) -> str | None:
-        """Why ``backend`` can never be admitted, or None (pinned residents are immovable)."""
-        for gpu in self.slots[backend].spec.gpus:
+    def _never_fits(self, backend: str, need: int | None = None) -> str | None:
+        """Why ``backend`` asked for ``need`` can never be admitted, or None (pinned residents
+        are immovable, and so is a pinned unit it may not be resident with)."""
+        spec = self.slots[backend].spec
+        for s in self.slots.values():
+            if s.spec.pinned and s.state in HOLDS_VRAM and self._conflicts(spec, s.spec):
+                return (
+                    f"{backend} may not be resident with {s.name} (exclusiveWith), which is "
+                    "pinned: it can never be loaded"
+                )
+        for gpu in spec.gpus:
             cap = self._cap(gpu)
             pinned = sum(
                 self.size(s.name, gpu)
@@ -478,11 +668,12 @@ class Scheduler:
                 and gpu in s.spec.gpus
                 and s.state in HOLDS_VRAM
             )
-            need = self.size(backend, gpu)
-            if need > cap - pinned:
+            fresh = need is not None
+            asks = self._fresh_size(backend, gpu, need) if fresh else self.size(backend, gpu)
+            if asks > cap - pinned:
                 gib = 2**30
                 return (
-                    f"{backend} needs {need / gib:.1f} GiB on GPU {gpu}, which has "
+                    f"{backend} needs {asks / gib:.1f} GiB on GPU {gpu}, which has "
                     f"{cap / gib:.1f} GiB with {pinned / gib:.1f} GiB pinned by others: it can "
                     "never fit"
                 )
@@ -513,15 +704,19 @@ class Scheduler:
         # 1. requests for resident backends, in arrival order
         for waiter in list(self.queue):
             slot = self.slots[waiter.backend]
-            if self._may_admit(slot) and self._first_waiter(waiter):
+            if (
+                self._may_admit(slot)
+                and self._first_waiter(waiter)
+                and self._room_for(slot, waiter.need)
+            ):
                 self.queue.remove(waiter)
-                effects.append(self._admit(waiter.lease, slot, now))
+                effects.append(self._admit(waiter.lease, slot, now, need=waiter.need))
         # 2. targets needing room: highest aged priority first, one decision per GPU
         self._wake_at = None
         claimed = {g for p in self.plans.values() for g in p.gpus}
         holds: dict[str, float] = {}
         for target in self._targets(now):
-            gpus = frozenset(self.slots[target].spec.gpus)
+            gpus = self._plan_gpus(target)
             if gpus & claimed:
                 key = min(gpus)  # still waiting: its hold keeps running
                 if key in self.hold_until:
@@ -546,7 +741,32 @@ class Scheduler:
                 claimed |= gpus
                 _, started = self._start(None, [slot.name], gpus, now, reason="idle")
                 effects += started
+        # 4. memory nobody owns grew past what is free: reclaim, cheapest first
+        for gpu, unowned in self.unowned.items():
+            over = self.used(gpu) - self._cap(gpu)
+            if not unowned or over <= 0 or gpu in claimed:
+                continue
+            candidates, _ = self._candidates(gpu, (), now, resident_only=True)
+            chosen = self.choose(over, candidates, now)
+            if not chosen:
+                continue  # nothing movable covers it: requests wait for room instead
+            gpus = frozenset(g for v in chosen for g in self.slots[v].spec.gpus)
+            if gpus & claimed:
+                continue
+            claimed |= gpus
+            _, started = self._start(None, chosen, gpus, now, reason="unmanaged")
+            effects += started
         return effects
+
+    def _plan_gpus(self, target: str) -> frozenset[str]:
+        """The GPUs a plan for ``target`` touches: its own, and those of any unit it may not
+        be resident with that holds memory now."""
+        spec = self.slots[target].spec
+        gpus = set(spec.gpus)
+        for s in self.slots.values():
+            if s.state in HOLDS_VRAM and self._conflicts(spec, s.spec):
+                gpus |= set(s.spec.gpus)
+        return frozenset(gpus)
 
     def _first_waiter(self, waiter: _Waiter) -> bool:
         return next(w for w in self.queue if w.backend == waiter.backend) is waiter
@@ -556,9 +776,13 @@ class Scheduler:
         oldest: dict[str, float] = {}
         for w in self.queue:
             slot = self.slots[w.backend]
-            if slot.state is State.RESIDENT or slot.plan is not None:
+            if slot.plan is not None or w.backend in oldest:
                 continue
-            oldest.setdefault(w.backend, w.since)
+            if slot.state is State.RESIDENT and (
+                not self._first_waiter(w) or self._room_for(slot, w.need)
+            ):
+                continue  # admitting: it waits for its own requests, not for room
+            oldest[w.backend] = w.since
 
         def key(name: str) -> tuple[float, float]:
             waited = now - oldest[name]
@@ -567,45 +791,81 @@ class Scheduler:
 
         return sorted(oldest, key=key)
 
+    def _candidates(
+        self, gpu: str, exclude: Iterable[str], now: float, *, resident_only: bool = False
+    ) -> tuple[list[Candidate], float | None]:
+        """The units on ``gpu`` that could make room, and when the first still inside its
+        minimum residency may go (None: none is)."""
+        skip = set(exclude)
+        out: list[Candidate] = []
+        protected_until: float | None = None
+        movable = (State.RESIDENT,) if resident_only else (State.RESIDENT, State.UNKNOWN)
+        for s in self.slots.values():
+            if s.name in skip or gpu not in s.spec.gpus:
+                continue
+            if s.state not in movable or s.plan is not None:
+                continue
+            young = s.state is State.RESIDENT and now < s.loaded_at + self.min_residency
+            if young:
+                until = s.loaded_at + self.min_residency
+                protected_until = min(until, protected_until or until)
+            out.append(
+                Candidate(
+                    name=s.name,
+                    frees=self.size(s.name, gpu),
+                    priority=s.spec.priority,
+                    cost=s.spec.cost,
+                    last_used=s.last_used,
+                    pinned=s.spec.pinned,
+                    protected=young,
+                )
+            )
+        return out, protected_until
+
     def _make_room(
         self, target: str, gpus: frozenset[str], now: float, holds: dict[str, float]
     ) -> list[Effect]:
-        """Load ``target`` now if it fits; else pick victims and drain them when they may."""
-        victims: list[str] = []
-        protected_until: float | None = None
+        """Load (or grow) ``target`` now if it fits; else pick victims and drain them when
+        they may: first whatever it may not be resident with, then itself where freeing it
+        first is what its request asks (``fresh``), then the cheapest others."""
+        slot = self.slots[target]
+        waiter = next(w for w in self.queue if w.backend == target)
+        holding = slot.state in HOLDS_VRAM
         key = min(gpus)
         hold = self.hold_until.get(key, now + self.hold_time)  # runs from first blocked
+        victims: list[str] = []
+        protected_until: float | None = None
+        for s in self.slots.values():
+            if s.state in HOLDS_VRAM and self._conflicts(slot.spec, s.spec):
+                young = s.state is State.RESIDENT and now < s.loaded_at + self.min_residency
+                if s.plan is not None or s.spec.pinned or young:
+                    if young:
+                        self._wake_at = s.loaded_at + self.min_residency
+                    holds[key] = hold
+                    return []  # wait until it may go (a pinned one was refused on arrival)
+                victims.append(s.name)
+        flush = holding and waiter.fresh is not None and not self._fits(target, waiter.need)
+        if flush:
+            victims.insert(0, target)
         for gpu in sorted(gpus):
             freed = sum(self.size(v, gpu) for v in victims if gpu in self.slots[v].spec.gpus)
-            adds = 0 if self.slots[target].state in HOLDS_VRAM else self.size(target, gpu)
+            if gpu not in slot.spec.gpus:
+                adds = 0
+            elif flush:
+                adds = self._fresh_size(target, gpu, waiter.fresh)
+            elif holding:
+                adds = max(0, self.size(target, gpu, waiter.need) - self.size(target, gpu))
+            else:
+                adds = self.size(target, gpu, waiter.need)
             shortfall = self.used(gpu) - freed + adds - self._cap(gpu)
             if shortfall <= 0:
                 continue
-            candidates = []
-            for s in self.slots.values():
-                if s.name == target or s.name in victims or gpu not in s.spec.gpus:
-                    continue
-                if s.state not in (State.RESIDENT, State.UNKNOWN) or s.plan is not None:
-                    continue
-                young = s.state is State.RESIDENT and now < s.loaded_at + self.min_residency
-                if young:
-                    until = s.loaded_at + self.min_residency
-                    protected_until = min(until, protected_until or until)
-                candidates.append(
-                    Candidate(
-                        name=s.name,
-                        frees=self.size(s.name, gpu),
-                        priority=s.spec.priority,
-                        cost=s.spec.cost,
-                        last_used=s.last_used,
-                        pinned=s.spec.pinned,
-                        protected=young,
-                    )
-                )
-            chosen = choose_victims(shortfall, candidates)
+            candidates, young_until = self._candidates(gpu, [target, *victims], now)
+            chosen = self.choose(shortfall, candidates, now)
             if chosen is None:
-                if protected_until is not None:
-                    self._wake_at = protected_until  # room appears once residency is served
+                until = young_until if protected_until is None else protected_until
+                if until is not None:
+                    self._wake_at = until  # room appears once residency is served
                 holds[key] = hold
                 return []  # wait: what would make room is pinned, busy in a plan, or young
             victims += chosen
@@ -625,10 +885,19 @@ class Scheduler:
         force: bool = False,
         reason: str = "request",
     ) -> tuple[_Plan, list[Effect]]:
+        for name in list(victims):  # a backend's own unit freed frees its models with it
+            for child in self.children.get(name, ()):
+                held = self.slots[child].state in HOLDS_VRAM and self.slots[child].plan is None
+                if held and child not in victims:
+                    victims.append(child)
         plan = _Plan(next(self._ids), target, victims, gpus, now, reason=reason, force=force)
         self.plans[plan.id] = plan
         effects: list[Effect] = [
-            Note("swap_started", target, detail={"victims": list(victims), "swap": plan.id})
+            Note(
+                "swap_started",
+                target,
+                detail={"victims": list(victims), "swap": plan.id, "reason": reason},
+            )
         ]
         if target is not None:
             self.slots[target].plan = plan.id
@@ -687,8 +956,9 @@ class Scheduler:
         slot.plan = None
         slot.last_used = now
         for waiter in [w for w in self.queue if w.backend == plan.target]:
-            if not slot.has_room:
+            if not self._has_room(slot) or not self._room_for(slot, waiter.need):
                 break
             self.queue.remove(waiter)
-            effects.append(self._admit(waiter.lease, slot, now, info if plan.victims else None))
+            swap = info if plan.victims else None
+            effects.append(self._admit(waiter.lease, slot, now, swap, need=waiter.need))
         return effects

@@ -23,7 +23,9 @@ class Candidate:
     protected: bool = False  # still inside its minimum residency: not evictable yet
 
 
-def choose_victims(shortfall: int, candidates: Sequence[Candidate]) -> list[str] | None:
+def choose_victims(
+    shortfall: int, candidates: Sequence[Candidate], now: float = 0.0
+) -> list[str] | None:
     """The cheapest set of candidates that frees at least ``shortfall`` bytes, or None.
 
     Never a pinned or protected candidate. Lower priority goes first, then the cheaper to bring

@@ -49,6 +49,22 @@ class StrategyContext:
     """The managed workers' supervisor (``command:`` backends); None where there is none."""
 
 
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What one GPU request asks of its backend's memory, as its strategy reads the body.
+
+    ``model``: the model it names, as the service knows it (Ollama: ``llama3:latest``).
+    ``need``: bytes that model needs on the GPU for *this* request (weights and the KV cache
+    at its context size); with ``parts``, what it needs beyond those files (working memory).
+    None: unknown. ``parts``: the model files it loads (a ComfyUI workflow's checkpoints,
+    UNet, CLIP, VAE, LoRA files), each with a footprint of its own.
+    """
+
+    model: str | None = None
+    need: int | None = None
+    parts: tuple[str, ...] = ()
+
+
 class Strategy:
     """Base class for unload strategies; subclass it, set ``name`` and override what you can.
 
@@ -70,6 +86,10 @@ class Strategy:
     eviction_cost: ClassVar[int] = 2
     """How dear it is to evict and bring back: 1 sleeps (wakes in seconds), 2 unloads (a cold
     load), 3 stops a process. The budget scheduler evicts the cheapest first."""
+
+    per_model: ClassVar[bool] = False
+    """Whether the service loads and frees models one by one (Ollama): under the budget
+    policy each model is then a unit of its own, freed by :meth:`unload_model`."""
 
     def __init__(self, ctx: StrategyContext) -> None:
         self.ctx = ctx
@@ -100,6 +120,33 @@ class Strategy:
         and the status. The broker asks after each GPU request and then every
         ``JOB_POLL`` seconds while any remain.
         """
+        return None
+
+    async def demand(self, method: str, path: str, body: bytes) -> Demand | None:
+        """What a GPU request asks of memory, read from its body (at most ``apiBodyLimit``
+        bytes; empty when it has none). None: nothing to tell (the default), as for a body
+        that cannot be read: this must not raise for bad input. Bounded by the broker."""
+        return None
+
+    @property
+    def reads_demand(self) -> bool:
+        """Whether this strategy reads requests' demands (overrides :meth:`demand`)."""
+        return type(self).demand is not Strategy.demand
+
+    def model_key(self, name: str) -> str:
+        """The name the service knows a model by (Ollama adds ``:latest`` to a bare name), so
+        a declared model and a request's name meet on one unit."""
+        return name
+
+    async def unload_model(self, model: str) -> None:
+        """Free one model's memory and return once it is free (``per_model`` strategies)."""
+        raise NotImplementedError(f"{type(self).__name__} does not free models one by one")
+
+    async def load_model(self, model: str) -> None:
+        """Make one model ready; may no-op (Ollama loads a model on its first request)."""
+
+    async def loaded_models(self) -> dict[str, int] | None:
+        """Each loaded model's bytes on the GPU (Ollama's ``/api/ps``); None: cannot tell."""
         return None
 
 
