@@ -179,6 +179,7 @@ def test_on_wire_passes_only_wire_events_in_wire_form() -> None:
     got: list[dict[str, Any]] = []
     bus.subscribe(ev.on_wire(got.append))
     bus.publish(ev.Measured(backend="a", per_gpu={"0": 5}))
+    bus.publish(ev.Unmanaged(per_gpu={"0": 5}))  # each sample's, like Measured: not streamed
     bus.publish(ev.WorkerGone(backend="a"))
     bus.publish(ev.Left(backend="a", lease=2, at=1.0))
     assert got == [{"event": "left", "backend": "a", "at": 1.0, "request": 2}]
@@ -188,6 +189,8 @@ def test_a_measurement_totals_like_the_broker_did() -> None:
     assert ev.Measured(backend="a", per_gpu={"0": 1, "1": 2}).total == 3
     assert ev.Measured(backend="a", per_gpu={"0": 1, "1": None}).total is None
     assert ev.Measured(backend="a", per_gpu={}).total is None
+    assert ev.Unmanaged(per_gpu={"0": 1, "1": 2}).total == 3
+    assert ev.Unmanaged(per_gpu={}).total == 0
 
 
 def test_a_subscriber_gets_only_the_kinds_it_names_and_their_subclasses() -> None:

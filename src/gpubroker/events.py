@@ -7,8 +7,8 @@ itself (measurements, workers gone), metrics, the monitor's alerts and every ``/
 Events carry Python units (seconds, bytes, the lease id as ``lease``). Only
 :meth:`WireEvent.to_json` speaks the wire form that ``/events`` streams (camelCase, milliseconds,
 ``request`` for the lease id); subscribers read the typed fields, never that form. Events that
-are not :class:`WireEvent` (:class:`Measured`, :class:`WorkerGone`) are news between objects and
-never leave the process.
+are not :class:`WireEvent` (:class:`Measured`, :class:`Unmanaged`, :class:`WorkerGone`) are news
+between objects and never leave the process.
 """
 
 from __future__ import annotations
@@ -494,6 +494,24 @@ class Measured(Event):
     @property
     def total(self) -> int | None:
         return total_held(self.per_gpu)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unmanaged(Event):
+    """Bytes per GPU key held by processes no backend owns (0 on a GPU with none), at one sample.
+
+    Published by the monitor after each sample's :class:`Measured`, every GPU of the sample
+    present; never after a failed sample. What counts is
+    :func:`gpubroker.observe.attribution.unmanaged`. Like :class:`Measured` it comes every
+    ``telemetryInterval`` and stays off ``/events``: the ``unmanaged_gpu_process`` warning is
+    what a reader is told.
+    """
+
+    per_gpu: Mapping[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_gpu.values())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

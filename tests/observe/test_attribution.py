@@ -12,7 +12,14 @@ import httpx
 import pytest
 
 from gpubroker.config.model import BackendConfig
-from gpubroker.observe.attribution import Attribution, attribute, existing, find_trees, is_local
+from gpubroker.observe.attribution import (
+    Attribution,
+    attribute,
+    existing,
+    find_trees,
+    is_local,
+    unmanaged,
+)
 from gpubroker.plugins.manager import Provided, create_plugins
 from gpubroker.telemetry.base import (
     GpuProcess,
@@ -81,6 +88,38 @@ def test_pids_this_host_cannot_see_are_marked_not_visible() -> None:
     result = attribute(s, [], {}, visible=existing([os.getpid(), 999_999_999]))
     assert [p.visible for p in result.processes] == [True, False]
     assert Attribution().total("x") is None
+
+
+def test_unmanaged_memory_is_what_visible_processes_no_backend_owns_hold_per_gpu() -> None:
+    s = snap(
+        (
+            GpuProcess(10, 4 * GiB, "ollama"),  # a backend's: the scheduler counts it already
+            GpuProcess(os.getpid(), GiB, "gpubroker"),  # the broker itself: nobody frees it
+            GpuProcess(30, 2 * GiB, "desktop"),
+            GpuProcess(31, None, "hidden"),  # the driver will not say: nothing to subtract
+        ),
+        (GpuProcess(999_999_999, 3 * GiB, "ghost"),),  # another pid namespace: maybe ours
+        (),
+    )
+    result = attribute(s, ["ollama"], {"ollama": {10}}, visible=existing([10, os.getpid(), 30, 31]))
+    assert unmanaged(result, ["0", "1", "2"]) == {"0": 3 * GiB, "1": 0, "2": 0}
+    assert unmanaged(Attribution(), ["0"]) == {"0": 0}  # nothing seen yet: every GPU, at 0
+
+
+def test_a_process_newer_than_the_last_look_at_the_trees_is_not_counted_yet() -> None:
+    s = snap((GpuProcess(30, 2 * GiB, "desktop"), GpuProcess(40, 5 * GiB, "runner")))
+    result = attribute(s, ["ollama"], {"ollama": {10}})
+    assert unmanaged(result, ["0"], settled={30}) == {"0": 2 * GiB}  # 40 may be ollama's child
+    assert unmanaged(result, ["0"], settled={30, 40}) == {"0": 7 * GiB}  # looked again: a stranger
+
+
+def test_with_owners_named_memory_of_an_owner_that_is_no_backend_is_unmanaged() -> None:
+    s = snap(
+        (GpuProcess(4100, 3 * GiB, "vllm", "vllm"), GpuProcess(4101, GiB, "other", "other")),
+        (GpuProcess(4102, 2 * GiB, "ollama-old", "ollama-old"),),
+    )
+    result = attribute(s, ["vllm", "ollama"], {}, owners_named=True)
+    assert unmanaged(result, ["0", "1"]) == {"0": GiB, "1": 2 * GiB}
 
 
 def test_is_local() -> None:

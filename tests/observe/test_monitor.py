@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ctypes.util
 import logging
-from collections.abc import AsyncIterator, Callable
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, ClassVar
 
@@ -18,14 +21,14 @@ import pytest
 
 from gpubroker.config.model import Config
 from gpubroker.errors import TelemetryError
-from gpubroker.events import EventBus, on_wire
+from gpubroker.events import Event, EventBus, Measured, Unmanaged, on_wire
 from gpubroker.observe import alerts, monitor
 from gpubroker.observe.monitor import Monitor
 from gpubroker.plugins.manager import Provided, create_plugins
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.domains import build_scheduler
 from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, gpu_app, running
-from gpubroker.telemetry.base import TelemetrySnapshot
+from gpubroker.telemetry.base import GpuProcess, GpuSample, TelemetrySnapshot, TelemetrySource
 from gpubroker.telemetry.sampler import Sampler
 from gpubroker.telemetry.sim import SimTelemetry
 from gpubroker.testing import broker_running, make_config
@@ -294,3 +297,84 @@ async def test_confirming_an_unload_never_reads_the_gpus_while_the_loop_does(
     assert source.overlaps == 0  # …never at once: no failed sample, no telemetry_failed
     assert source.reads >= 5 and status["telemetry"]["error"] is None
     assert "telemetry" not in caplog.text
+
+
+class NoPlacement:
+    """The scheduler as the monitor reads it, with nothing placed (alerts only look)."""
+
+    slots: ClassVar[dict[str, Any]] = {}
+
+
+async def test_memory_under_an_owner_that_is_no_backend_is_published_as_unmanaged() -> None:
+    cards = SimGPU(16 * GiB), SimGPU(16 * GiB, uuid="GPU-sim-1", index=1)
+    async with AsyncExitStack() as endpoint:
+        g = await endpoint.enter_async_context(running(gpu_app(*cards)))
+        cfg = make_config({"a": generic("http://127.0.0.1:9")}, telemetryUrl=g, **FAST)
+        bus = EventBus()
+        news: list[Event] = []
+        bus.subscribe(news.append, (Measured, Unmanaged))
+        source = SimTelemetry(cfg)
+        watch = Monitor(cfg, NoPlacement(), Sampler(source), bus)
+
+        async def sample() -> dict[str, int]:
+            news.clear()
+            await watch.refresh()
+            assert [type(e) for e in news] == [Measured, Unmanaged]  # measured first
+            assert isinstance(news[-1], Unmanaged)
+            return dict(news[-1].per_gpu)
+
+        cards[0].allocate("a", 3 * GiB)  # the backend's own: the scheduler counts it already
+        assert await sample() == {"0": 0, "1": 0}
+        cards[1].allocate("comfyui-by-hand", 2 * GiB)  # started outside gpubroker
+        cards[0].allocate("desktop", GiB // 4)
+        assert await sample() == {"0": GiB // 4, "1": 2 * GiB}
+        cards[1].free("comfyui-by-hand")
+        cards[0].free("desktop")
+        assert await sample() == {"0": 0, "1": 0}
+        cards[1].allocate("comfyui-by-hand", 2 * GiB)
+        await endpoint.aclose()  # telemetry fails: nothing is known of who holds what
+        news.clear()
+        await watch.refresh()
+        await source.close()
+    assert watch.snapshot.error is not None and news == []
+
+
+class HostProcesses(TelemetrySource):
+    """An NVML-like source (pids, no owners): whatever the test puts in ``processes``."""
+
+    name = "host_processes"
+    processes: tuple[GpuProcess, ...] = ()
+
+    async def sample(self) -> TelemetrySnapshot:
+        gpu = GpuSample(uuid="GPU-0", index=0, name="card", processes=self.processes)
+        return TelemetrySnapshot(taken_at=0.0, gpus=(gpu,))
+
+
+@pytest.fixture
+def worker_pid() -> Iterator[int]:
+    """A real process standing for a managed worker's runner."""
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield worker.pid
+    finally:
+        worker.kill()
+        worker.wait(5)
+
+
+async def test_by_pids_unmanaged_is_the_visible_strangers_the_broker_itself_included(
+    worker_pid: int,
+) -> None:
+    cfg = make_config({"svc": generic("http://127.0.0.1:1")}, telemetryInterval="100ms")
+    bus = EventBus()
+    got: list[Event] = []
+    bus.subscribe(got.append, (Unmanaged,))
+    source = HostProcesses(cfg)
+    source.processes = (
+        GpuProcess(worker_pid, 5 * GiB, "runner"),  # svc's managed worker
+        GpuProcess(os.getpid(), GiB, "gpubroker"),  # a plugin opened a CUDA context here
+        GpuProcess(999_999_999, 3 * GiB, "ghost"),  # not in our pid namespace
+    )
+    watch = Monitor(cfg, NoPlacement(), Sampler(source), bus, roots=lambda: {"svc": [worker_pid]})
+    await watch.refresh()
+    assert [e.per_gpu for e in got if isinstance(e, Unmanaged)] == [{"0": GiB}]
+    assert watch.attribution.measured["svc"] == {"0": 5 * GiB}

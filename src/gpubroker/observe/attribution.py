@@ -6,14 +6,15 @@ on :11434 while a child runner holds the VRAM, hence whole trees. :func:`attribu
 :func:`find_trees` does the psutil I/O and blocks, so run it in a worker thread.
 
 NVML reports host pids. Inside a container without ``--pid=host`` they match nothing here; such
-processes are reported as not visible rather than blamed on nobody.
+processes are reported as not visible rather than blamed on nobody. :func:`unmanaged` adds up
+the memory of the processes nobody owns, per GPU.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -91,6 +92,37 @@ def attribute(
                 None if held is None or p.used_memory is None else (held + p.used_memory)
             )
     return Attribution(tuple(processes), measured)
+
+
+def unmanaged(
+    attribution: Attribution, gpus: Iterable[str], *, settled: Container[int] | None = None
+) -> dict[str, int]:
+    """Bytes per GPU key (every one of ``gpus``, 0 where none) held by processes no backend owns.
+
+    What the scheduler should take as gone from a GPU's capacity: memory gpubroker cannot free.
+
+    - Counted: a process telemetry lists that no backend's tree holds (or, from a source that
+      names owners, whose owner is not a backend's name), the broker's own process included
+      should it ever hold GPU memory (a plugin that opened a CUDA context): nobody unloads it.
+      However small: the ``unmanaged_gpu_process`` warning skips a desktop's few MiB, the
+      capacity cannot.
+    - Not counted: a process this host cannot see (``visible`` false: gpubroker in a container
+      without ``--pid=host``, where every host pid matches nothing, our backends' own included;
+      counting them would subtract each backend's memory a second time), and one whose size
+      the driver will not say (unknown is not a number to subtract).
+    - ``settled``: the pids a fresh look at the trees found in no tree. A pid outside it is
+      newer than that look (a backend's runner just started: the monitor looks again soon) and
+      is not counted until then, so a model's load is never mistaken for a stranger. None: every
+      unowned process counts (a source that names owners needs no trees).
+    """
+    out = dict.fromkeys(gpus, 0)
+    for p in attribution.processes:
+        if p.owner is not None or not p.visible or p.used is None or p.gpu not in out:
+            continue
+        if settled is not None and p.pid not in settled:
+            continue
+        out[p.gpu] += p.used
+    return out
 
 
 # --- the psutil side -------------------------------------------------------------------------

@@ -3,10 +3,11 @@
 Once per ``telemetryInterval``: a bounded telemetry sample (shared by everyone who asks), owners
 for the GPU processes, each backend's measured VRAM handed to the scheduler, and the alert rules
 run over the result. Each measurement is published as :class:`~gpubroker.events.Measured` (the
-broker applies it); warnings that appear or clear become ``warning`` / ``warning_cleared``
-events. The monitor reads the scheduler but never holds the broker: the broker takes the monitor
-(to confirm unloads), and the bus carries news the other way. Nothing here blocks the event
-loop: psutil and NVML run in worker threads.
+broker applies it), then the memory no backend owns as :class:`~gpubroker.events.Unmanaged`
+(neither after a failed sample); warnings that appear or clear become ``warning`` /
+``warning_cleared`` events. The monitor reads the scheduler but never holds the broker: the
+broker takes the monitor (to confirm unloads), and the bus carries news the other way. Nothing
+here blocks the event loop: psutil and NVML run in worker threads.
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ from gpubroker.events import (
     EventBus,
     Freed,
     Measured,
+    Unmanaged,
     WarningCleared,
     WarningRaised,
     total_held,
 )
 from gpubroker.observe.alerts import Alerts, Facts
-from gpubroker.observe.attribution import Attribution, attribute, existing, find_trees
+from gpubroker.observe.attribution import (
+    Attribution,
+    attribute,
+    existing,
+    find_trees,
+    unmanaged,
+)
 from gpubroker.telemetry.base import TelemetrySnapshot
 from gpubroker.telemetry.sampler import Sampler, SingleFlight
 from gpubroker.vram import MiB, freed_goal
@@ -127,6 +135,9 @@ class Monitor:
                 if per_gpu is None:  # cannot trace it: forget any old measurement
                     per_gpu = dict.fromkeys((str(g.index) for g in snap.gpus), None)
                 self.bus.publish(Measured(backend=b.name, per_gpu=per_gpu))
+            settled = None if self.sampler.source.names_owners else self._strangers
+            keys = [str(g.index) for g in snap.gpus]
+            self.bus.publish(Unmanaged(per_gpu=unmanaged(self.attribution, keys, settled=settled)))
         slots, names = self.placement.slots, [b.name for b in self.config.backends]
         facts = Facts(
             now=time.time(),

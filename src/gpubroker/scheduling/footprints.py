@@ -1,0 +1,231 @@
+"""Learned footprints: how many bytes each unit (or ComfyUI model file) took, kept across restarts.
+
+The broker learns a footprint when telemetry measures a unit; the next time it starts, the book
+gives that size before anything is measured, so the first placement already knows it. The file
+is small JSON, ``{"version": 1, "footprints": {key: {"bytes": n, "at": unix_time}}}``, written
+atomically (temp file in the same directory, fsync, rename), so a crash mid-write leaves the
+previous file. The book is a cache, never a source of truth: a missing file is normal, a
+corrupt or unreadable one is one warning and an empty book, and a disk that refuses the write
+is logged, never raised (the broker serves on with what it has in memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import anyio
+import anyio.to_thread
+
+log = logging.getLogger("gpubroker.scheduling.footprints")
+
+FILE_NAME = "footprints.json"
+VERSION = 1
+STALE_AFTER = 90 * 86400.0  # seconds: a footprint not seen for this long is forgotten on load
+REFRESH_AFTER = 86400.0  # seconds: the same size seen again re-dates its entry after this long
+MAX_BYTES = 16 * 2**40  # no GPU holds 16 TiB: a larger number is a corrupt file, not a model
+MAX_FILE = 4 * 2**20  # bytes: a footprints file is a few KiB; a larger one is not ours
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    nbytes: int
+    at: float  # wall-clock seconds when it was last recorded
+
+
+def _valid_bytes(n: object) -> TypeGuard[int]:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_BYTES
+
+
+def default_dir(state_dir: str | None, env: Mapping[str, str]) -> Path:
+    """``state_dir`` (``~`` expanded), else ``$XDG_STATE_HOME/gpubroker``, else
+    ``~/.local/state/gpubroker`` (the XDG base directory rules: a relative XDG_STATE_HOME is
+    ignored)."""
+    if state_dir:
+        return Path(state_dir).expanduser()
+    xdg = env.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "gpubroker"
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return home / ".local" / "state" / "gpubroker"
+
+
+class FootprintBook:
+    """Learned footprints (bytes) by key (a unit name, or "comfyui:<file>"), kept in a file."""
+
+    def __init__(self, path: Path | None, *, clock: Callable[[], float] = time.time) -> None:
+        """``path`` None: in memory only (load and save do nothing)."""
+        self.path = path
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._dirty = False
+        self._lock = anyio.Lock()  # one write in flight; the next save waits, then writes once
+        self._logged: set[tuple[int | None, str | None]] = set()  # write errors already told
+
+    @classmethod
+    def at_default(cls, state_dir: str | None, env: Mapping[str, str]) -> FootprintBook:
+        """The book in the state directory (see :func:`default_dir`)."""
+        return cls(default_dir(state_dir, env) / FILE_NAME)
+
+    # --- in memory ---------------------------------------------------------------------------
+
+    def get(self, key: str) -> int | None:
+        entry = self._entries.get(key)
+        return None if entry is None else entry.nbytes
+
+    def items(self) -> dict[str, int]:
+        """Every footprint, key -> bytes (a copy)."""
+        return {k: e.nbytes for k, e in self._entries.items()}
+
+    def record(self, key: str, nbytes: int) -> None:
+        """Learn that ``key`` takes ``nbytes``; anything but a positive size is ignored.
+
+        The same size seen again changes nothing (so a save finds nothing to write) unless its
+        entry is over a day old, when it is re-dated to keep it from going stale.
+        """
+        if not key or not _valid_bytes(nbytes):
+            return
+        now = self._clock()
+        old = self._entries.get(key)
+        if old is not None and old.nbytes == nbytes and now - old.at < REFRESH_AFTER:
+            return
+        self._entries[key] = _Entry(nbytes, now)
+        self._dirty = True
+
+    @property
+    def dirty(self) -> bool:
+        """Something was learned since the last successful save."""
+        return self._dirty
+
+    # --- the file ----------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read the file (in a thread). Entries recorded before it are kept over the file's."""
+        if self.path is None:
+            return
+        path = self.path
+        loaded, problem = await anyio.to_thread.run_sync(_read, path, self._clock())
+        if problem is not None:
+            log.warning(
+                "footprints file %s ignored (%s); it is rewritten at the next save", path, problem
+            )
+        self._entries = {**loaded, **self._entries}
+
+    async def save(self) -> None:
+        """Write the file (in a thread) if anything changed; never raises for the disk's sake.
+
+        Called as often as footprints are learned: while one write runs, later calls wait for
+        it and then write once more only if something was recorded meanwhile.
+        """
+        if self.path is None:
+            self._dirty = False
+            return
+        if not self._dirty:
+            return
+        async with self._lock:
+            if not self._dirty:  # the write we waited for took our record with it
+                return
+            data = _encode(self._entries)
+            self._dirty = False
+            try:
+                await anyio.to_thread.run_sync(_write, self.path, data)
+            except OSError as exc:
+                self._dirty = True  # the next save tries again
+                seen = (exc.errno, exc.strerror)
+                if seen not in self._logged:
+                    self._logged.add(seen)
+                    log.warning(
+                        "footprints not saved to %s: %s (kept in memory; they are re-learned)",
+                        self.path,
+                        exc,
+                    )
+            else:
+                self._logged.clear()  # a later failure is news again
+
+
+def _encode(entries: Mapping[str, _Entry]) -> bytes:
+    body = {
+        "version": VERSION,
+        "footprints": {k: {"bytes": e.nbytes, "at": e.at} for k, e in sorted(entries.items())},
+    }
+    return (json.dumps(body, indent=1) + "\n").encode()
+
+
+def _read(path: Path, now: float) -> tuple[dict[str, _Entry], str | None]:
+    """The file's fresh entries, and why it was ignored (None: it was fine or absent).
+
+    Blocking: run it in a worker thread.
+    """
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE + 1)
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        return {}, f"unreadable: {exc.strerror or exc}"
+    if len(raw) > MAX_FILE:
+        return {}, f"larger than {MAX_FILE // 2**20} MiB"
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return {}, f"not JSON: {exc}"
+    try:
+        entries = _parse(data)
+    except ValueError as exc:
+        return {}, str(exc)
+    return {k: e for k, e in entries.items() if now - e.at <= STALE_AFTER}, None
+
+
+def _parse(data: Any) -> dict[str, _Entry]:
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if data.get("version") != VERSION:
+        raise ValueError(f"version {data.get('version')!r}, this gpubroker reads {VERSION}")
+    footprints = data.get("footprints")
+    if not isinstance(footprints, dict):
+        raise ValueError('"footprints" is not an object')
+    out: dict[str, _Entry] = {}
+    for key, entry in footprints.items():
+        if not key or not isinstance(entry, dict):
+            raise ValueError(f"entry {key!r} is not an object")
+        nbytes, at = entry.get("bytes"), entry.get("at")
+        if not _valid_bytes(nbytes):
+            raise ValueError(f"entry {key!r}: bytes {nbytes!r} is not a size in 1..16 TiB")
+        if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
+            raise ValueError(f"entry {key!r}: at {at!r} is not a time")
+        out[key] = _Entry(nbytes, float(at))
+    return out
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically: a crash leaves the old file or the new one.
+
+    Blocking: run it in a worker thread.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # 0o600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
