@@ -27,6 +27,7 @@ from gpubroker.observe.monitor import Monitor
 from gpubroker.plugins.manager import Provided, create_plugins
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.domains import build_scheduler
+from gpubroker.scheduling.scheduler import BackendSpec, Scheduler
 from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, gpu_app, running
 from gpubroker.telemetry.base import GpuProcess, GpuSample, TelemetrySnapshot, TelemetrySource
 from gpubroker.telemetry.sampler import Sampler
@@ -299,10 +300,9 @@ async def test_confirming_an_unload_never_reads_the_gpus_while_the_loop_does(
     assert "telemetry" not in caplog.text
 
 
-class NoPlacement:
-    """The scheduler as the monitor reads it, with nothing placed (alerts only look)."""
-
-    slots: ClassVar[dict[str, Any]] = {}
+def placement(*names: str) -> Scheduler:
+    """A scheduler for backends ``names`` with nothing placed (the alerts only look)."""
+    return Scheduler([BackendSpec(n) for n in names])
 
 
 async def test_memory_under_an_owner_that_is_no_backend_is_published_as_unmanaged() -> None:
@@ -314,7 +314,7 @@ async def test_memory_under_an_owner_that_is_no_backend_is_published_as_unmanage
         news: list[Event] = []
         bus.subscribe(news.append, (Measured, Unmanaged))
         source = SimTelemetry(cfg)
-        watch = Monitor(cfg, NoPlacement(), Sampler(source), bus)
+        watch = Monitor(cfg, placement("a"), Sampler(source), bus)
 
         async def sample() -> dict[str, int]:
             news.clear()
@@ -374,7 +374,9 @@ async def test_by_pids_unmanaged_is_the_visible_strangers_the_broker_itself_incl
         GpuProcess(os.getpid(), GiB, "gpubroker"),  # a plugin opened a CUDA context here
         GpuProcess(999_999_999, 3 * GiB, "ghost"),  # not in our pid namespace
     )
-    watch = Monitor(cfg, NoPlacement(), Sampler(source), bus, roots=lambda: {"svc": [worker_pid]})
+    watch = Monitor(
+        cfg, placement("svc"), Sampler(source), bus, roots=lambda: {"svc": [worker_pid]}
+    )
     await watch.refresh()
     assert [e.per_gpu for e in got if isinstance(e, Unmanaged)] == [{"0": GiB}]
     assert watch.attribution.measured["svc"] == {"0": 5 * GiB}

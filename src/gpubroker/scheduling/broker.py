@@ -157,7 +157,7 @@ class Broker:
             clock=clock,
             measured_total=self.measured_total,
         )
-        bus.subscribe(self._on_event, (ev.Measured, ev.WorkerGone))
+        bus.subscribe(self._on_event, (ev.Measured, ev.Unmanaged, ev.WorkerGone))
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -564,9 +564,13 @@ class Broker:
         self.bus.publish(event(at=at, elapsed=elapsed, **fields))
 
     def _on_event(self, event: ev.Event) -> None:
-        """News for the broker: telemetry's measurements, managed workers gone for good."""
+        """News for the broker: telemetry's measurements (what each backend holds, and what
+        nobody owns), managed workers gone for good."""
         if isinstance(event, ev.Measured):
             self.measure(event.backend, event.per_gpu)
+        elif isinstance(event, ev.Unmanaged):
+            for gpu, nbytes in event.per_gpu.items():
+                self._apply(self.sched.unmanaged(gpu, nbytes, self.clock()))
         elif isinstance(event, ev.WorkerGone) and self._tg is not None:
             self._tg.start_soon(self.forget, event.backend)
 

@@ -272,6 +272,23 @@ class Scheduler:
             return cap
         return max(*known, slot.measured.get(gpu, 0))
 
+    def footprint(self, unit: str, gpu: str) -> tuple[int, str]:
+        """What ``unit`` is planned to take on ``gpu`` and where that figure comes from:
+        ``declared`` (config), ``learned`` (measured on an earlier run), ``estimated`` (what its
+        requests asked: a context's KV cache, a workflow's files), ``measured`` (telemetry,
+        now) or ``unknown`` (the whole GPU, until something is known)."""
+        size = self.size(unit, gpu)
+        slot = self.slots[unit]
+        if self.policy == "exclusive" or self.capacity[gpu] is None:
+            return size, "exclusive"
+        if slot.measured.get(gpu, 0) >= size and size:
+            return size, "measured"
+        if slot.estimate is not None and slot.estimate >= size:
+            return size, "estimated"
+        if slot.spec.need is None:
+            return size, "unknown"
+        return size, "learned" if slot.spec.source == "measured" else slot.spec.source
+
     def _fresh_size(self, unit: str, gpu: str, need: int | None) -> int:
         """What ``unit`` would take on ``gpu`` loaded afresh for a request asking ``need``
         (nothing it held before counts: not its estimate, not what was measured)."""
