@@ -278,3 +278,65 @@ class ModelCache:
 
 def _tag(name: str) -> str:
     return f"file:{name}"
+
+
+def flux_workflow(
+    unet: str = "flux1-dev.safetensors",
+    clips: tuple[str, str] = ("t5xxl_fp16.safetensors", "clip_l.safetensors"),
+    vae: str = "ae.safetensors",
+    loras: tuple[str, ...] = (),
+    steps: int = 4,
+) -> dict[str, Any]:
+    """ComfyUI's Flux text-to-image example in API format: UNETLoader, DualCLIPLoader (type
+    flux) and VAELoader, each file its own model, and ``loras`` chained on the UNET
+    (LoraLoaderModelOnly), as a user adds them."""
+    prompt: dict[str, Any] = {
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a GPU", "clip": ["11", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["10", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "flux", "images": ["8", 0]}},
+        "10": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
+        "11": {
+            "class_type": "DualCLIPLoader",
+            "inputs": {"clip_name1": clips[0], "clip_name2": clips[1], "type": "flux"},
+        },
+        "12": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": unet, "weight_dtype": "default"},
+        },
+        "13": {
+            "class_type": "SamplerCustomAdvanced",
+            "inputs": {
+                "noise": ["25", 0],
+                "guider": ["22", 0],
+                "sampler": ["16", 0],
+                "sigmas": ["17", 0],
+                "latent_image": ["27", 0],
+            },
+        },
+        "16": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "17": {
+            "class_type": "BasicScheduler",
+            "inputs": {"scheduler": "simple", "steps": steps, "denoise": 1.0, "model": ["12", 0]},
+        },
+        "22": {
+            "class_type": "BasicGuider",
+            "inputs": {"model": ["12", 0], "conditioning": ["26", 0]},
+        },
+        "25": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+        "26": {"class_type": "FluxGuidance", "inputs": {"guidance": 3.5, "conditioning": ["6", 0]}},
+        "27": {
+            "class_type": "EmptySD3LatentImage",
+            "inputs": {"width": 1024, "height": 1024, "batch_size": 1},
+        },
+    }
+    model = ["12", 0]
+    for i, lora in enumerate(loras):
+        node_id = str(30 + i)
+        prompt[node_id] = {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": model, "lora_name": lora, "strength_model": 1.0},
+        }
+        model = [node_id, 0]
+    prompt["17"]["inputs"]["model"] = model
+    prompt["22"]["inputs"]["model"] = model
+    return prompt
