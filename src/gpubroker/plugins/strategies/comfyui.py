@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 
@@ -27,14 +27,16 @@ THREAD_PARSE = 64 * 1024
 from the web UI carries the whole UI workflow in ``extra_data.extra_pnginfo``)."""
 
 
-def prompt_of(body: bytes) -> Any:
-    """The ``prompt`` of a /prompt body, or None when the body is not a JSON object that has
-    one (ComfyUI answers 400 to such a body: no job runs). Never raises."""
+def prompt_parts(body: bytes) -> tuple[str, ...] | None:
+    """The model files the workflow of a /prompt body names; None when the body is not a JSON
+    object with a ``prompt`` object (ComfyUI answers 400 to such a body: no job runs).
+    Never raises."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    return data.get("prompt") if isinstance(data, dict) else None
+    prompt = data.get("prompt") if isinstance(data, dict) else None
+    return workflow_models(prompt) if isinstance(prompt, dict) else None
 
 
 # ComfyUI's comfy/model_management.py get_total_memory(dev, torch_total_too=True): on these
@@ -132,9 +134,7 @@ class ComfyUIStrategy(Strategy):
         if method.upper() != "POST" or path.split("?", 1)[0] not in PROMPT_PATHS:
             return None
         if len(body) > THREAD_PARSE:
-            prompt = await anyio.to_thread.run_sync(prompt_of, body)
+            parts = await anyio.to_thread.run_sync(prompt_parts, body)
         else:
-            prompt = prompt_of(body)
-        if not isinstance(prompt, dict):
-            return None
-        return Demand(parts=workflow_models(prompt))
+            parts = prompt_parts(body)
+        return None if parts is None else Demand(parts=parts)
