@@ -78,6 +78,7 @@ def test_public_api() -> None:
         "StartupFailed",
         "VLLMEmulator",
         "VLLMStartupError",
+        "flux_workflow",
         "gpu_app",
         "running",
         "simple_workflow",

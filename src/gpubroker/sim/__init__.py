@@ -12,6 +12,7 @@ port::
 """
 
 from gpubroker.sim.comfyui import ComfyUIEmulator, simple_workflow
+from gpubroker.sim.comfyui_models import flux_workflow
 from gpubroker.sim.generic import GenericEmulator
 from gpubroker.sim.gpu import GiB, MiB, OutOfMemory, SimGPU
 from gpubroker.sim.gpuapp import gpu_app
@@ -32,6 +33,7 @@ __all__ = [
     "StartupFailed",
     "VLLMEmulator",
     "VLLMStartupError",
+    "flux_workflow",
     "gpu_app",
     "running",
     "simple_workflow",

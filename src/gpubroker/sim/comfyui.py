@@ -1,17 +1,19 @@
 """A ComfyUI emulator: an HTTP call that returns at once while a worker does the GPU work later.
 
 That asynchrony is what a broker must cope with (BACKENDS.md, section 2): ``POST /prompt``
-only enqueues; one FIFO worker task executes prompts one at a time, loading the checkpoint onto
-the :class:`SimGPU` (owner ``owner``, tag ``"checkpoint"``) when it is not resident and keeping
-it there afterwards. ``POST /free`` only sets flags that the worker applies when idle or after
-the current prompt; prompts still queued then load the checkpoint again. Whether ComfyUI is
-busy can be learnt only the way a real client learns it: ``GET /prompt``, ``GET /queue`` or the
-WebSocket.
+only enqueues; one FIFO worker task executes prompts one at a time. Each loader node puts the
+files it names on the :class:`SimGPU` (owner ``owner``; ``model_sizes`` per file, ``model_size``
+for any other) and ComfyUI keeps them there as its node cache and model management do, making
+room by unloading its own models (sim/comfyui_models.py, pinned there); :attr:`cached` lists
+them. ``POST /free`` only sets flags that the worker applies when idle or after the current
+prompt; prompts still queued then load their files again. Whether ComfyUI is busy can be learnt
+only the way a real client learns it: ``GET /prompt``, ``GET /queue`` or the WebSocket.
 
 Node execution is simulated: nodes run in dependency order from the output nodes; any node
 whose class name contains ``Sampler`` runs ``inputs.steps`` (or ``steps``) progress steps
 spread over ``job_seconds``. Use :func:`simple_workflow` for a valid prompt. Not reproduced:
-the node cache (identical prompts run again in full), uploads, custom nodes.
+skipping cached nodes (identical prompts run again in full; the node cache only decides which
+models stay), validating inputs against the model folders, uploads, custom nodes.
 
 Pinned to ComfyUI's own source (Comfy-Org/ComfyUI 0.3.64; file: function), because a broker
 that relies on a behaviour the real service lacks fails its users, not its tests:
@@ -31,7 +33,9 @@ that relies on a behaviour the real service lacks fails its users, not its tests
   that layout. ComfyUI adds no timestamp of its own to ``extra_data``.
 - main.py ``prompt_worker``: ``/free`` flags (``PromptQueue.set_flag``) wake the idle worker,
   which applies them after the current prompt: ``unload_models`` (or ``free_memory``) unloads
-  every model, then the cache is emptied.
+  every model (``unload_all_models``); ``free_memory`` also resets the node cache
+  (``PromptExecutor.reset``).
+- execution.py ``execute``: on an OOM, ComfyUI unloads every model (``unload_all_models``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -54,6 +58,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from gpubroker.sim.comfyui_models import (
+    EXTRA_RESERVED_VRAM,
+    ModelCache,
+    NodeCache,
+    minimum_inference_memory,
+    node_files,
+    signatures,
+)
 from gpubroker.sim.gpu import GiB, OutOfMemory, SimGPU
 from gpubroker.sim.service import Changed, EmulatedService
 from gpubroker.sim.wire import dumps
@@ -71,8 +83,10 @@ _TINY_PNG = bytes.fromhex(
 )
 
 
-def simple_workflow(steps: int = 4, seed: int = 0, text: str = "a GPU") -> dict[str, Any]:
-    """ComfyUI's default text-to-image graph, in API format."""
+def simple_workflow(
+    steps: int = 4, seed: int = 0, text: str = "a GPU", ckpt: str = "sdxl.safetensors"
+) -> dict[str, Any]:
+    """ComfyUI's default text-to-image graph, in API format, on checkpoint ``ckpt``."""
     return {
         "3": {
             "class_type": "KSampler",
@@ -89,7 +103,7 @@ def simple_workflow(steps: int = 4, seed: int = 0, text: str = "a GPU") -> dict[
                 "latent_image": ["5", 0],
             },
         },
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sdxl.safetensors"}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "5": {
             "class_type": "EmptyLatentImage",
             "inputs": {"width": 512, "height": 512, "batch_size": 1},
@@ -157,22 +171,33 @@ class ComfyUIEmulator(EmulatedService):
         owner: str = "comfyui",
         device_type: str = "cuda",
         cors_header: str | None = None,
+        model_sizes: Mapping[str, int] | None = None,
+        cache_lru: int = 0,
+        reserved_vram: int = EXTRA_RESERVED_VRAM,
     ) -> None:
         self.device_type = device_type
-        """torch's device type: cuda (default), cpu, mps, xpu, privateuseone (DirectML)."""
+        """torch's device type: cuda (default), cpu, mps, xpu, privateuseone (DirectML); set
+        it here, not later (the model cache is built for it)."""
         self.cors_header = cors_header
         """``--enable-cors-header``: None keeps the Host/Origin check, as ComfyUI's default."""
         self.origin_refusals = 0
         """Requests the Host/Origin check answered 403."""
         self.model_size = model_size
+        """The size of a model file ``model_sizes`` does not name."""
         self.load_seconds = load_seconds
         self.job_seconds = job_seconds
         self.steps = steps
         self.work_size = work_size
         """Extra VRAM held while sampling (activations), freed after each sampler node."""
-        self.loads = 0
-        """How many times the checkpoint was loaded onto the GPU."""
-        self._loaded = False
+        self._models = ModelCache(
+            gpu if self.on_gpu else None,
+            owner,
+            model_sizes or {},
+            model_size,
+            reserved=reserved_vram,
+        )
+        self._nodes = NodeCache(cache_lru)
+        """``cache_lru``: ``--cache-lru N``; 0 is ComfyUI's default node cache."""
         self._pending: list[_Job] = []
         self._running: _Job | None = None
         self._last_node: str | None = None
@@ -188,9 +213,23 @@ class ComfyUIEmulator(EmulatedService):
 
     # -- worker -------------------------------------------------------------------------------
 
+    @property
+    def loads(self) -> int:
+        """How many times a model file was loaded onto the GPU."""
+        return self._models.loads
+
+    @property
+    def cached(self) -> tuple[str, ...]:
+        """The model files ComfyUI holds on its device now, the most recently loaded first."""
+        return self._models.cached
+
     async def _on_started(self) -> None:
-        self._loaded = False
         self.spawn(self._worker)
+
+    def _on_stopped(self) -> None:
+        # The process is gone: its models and node cache with it (the GPU is freed after).
+        self._models.unload_all()
+        self._nodes.clear()
 
     async def _worker(self) -> None:
         while True:
@@ -213,10 +252,13 @@ class ComfyUIEmulator(EmulatedService):
         flags, self._flags = self._flags, {}
         if flags.get("unload_models", flags.get("free_memory", False)):
             self._unload()
+        if flags.get("free_memory", False):
+            self._nodes.clear()
 
     def _unload(self) -> None:
+        """``unload_all_models``: every model off the device (and any activations with them)."""
+        self._models.unload_all()
         self.gpu.free(self.owner)
-        self._loaded = False
 
     async def _execute(self, job: _Job) -> None:
         self._interrupt = False
@@ -231,6 +273,10 @@ class ComfyUIEmulator(EmulatedService):
 
         message("execution_start", {"prompt_id": job.prompt_id, "timestamp": _ms()})
         message("execution_cached", {"nodes": [], "prompt_id": job.prompt_id, "timestamp": _ms()})
+        keys = signatures(job.prompt)
+        self._nodes.set_prompt(set(keys.values()))
+        self._models.keep_only(self._nodes.files())  # models no cached output holds are freed
+        busy: set[str] = set()  # the models this prompt has loaded so far
         order = _execution_order(job.prompt, job.outputs)
         samplers = [n for n in order if "Sampler" in _class(job.prompt, n)]
         total_steps = sum(self._steps_of(job.prompt[n]) for n in samplers) or 1
@@ -246,14 +292,13 @@ class ComfyUIEmulator(EmulatedService):
                     {"node": node_id, "display_node": node_id, "prompt_id": job.prompt_id},
                     keep=False,
                 )
-                # A model is loaded by the nodes that need one; a model-free workflow
-                # (EmptyImage -> ImageBlur -> SaveImage) puts nothing on the GPU.
-                if not self._loaded and ("Loader" in class_type or "Sampler" in class_type):
-                    await self._load()
+                # Loader nodes put the files they name on the GPU; a model-free workflow
+                # (EmptyImage -> ImageBlur -> SaveImage) puts nothing there.
+                files = node_files(job.prompt[node_id])
+                await self._load(files, busy)
                 if node_id in samplers:
-                    await self._sample(
-                        job, node_id, self._steps_of(job.prompt[node_id]), step_seconds
-                    )
+                    steps = self._steps_of(job.prompt[node_id])
+                    await self._sample(job, node_id, steps, step_seconds, busy)
                 elif not samplers and not executed:
                     await anyio.sleep(self.job_seconds)
                 if class_type in OUTPUT_NODES:
@@ -269,6 +314,7 @@ class ComfyUIEmulator(EmulatedService):
                         keep=False,
                     )
                 executed.append(node_id)
+                self._nodes.put(keys[node_id], tuple(f for f, kind in files if kind == "model"))
         except _Interrupted:
             message(
                 "execution_interrupted",
@@ -328,23 +374,35 @@ class ComfyUIEmulator(EmulatedService):
         """cpu and mps keep the model in system memory: nothing lands on the GPU."""
         return self.device_type not in ("cpu", "mps")
 
-    async def _load(self) -> None:
-        await anyio.sleep(self.load_seconds)
-        if not self.on_gpu:
-            self._loaded = True
-            self.loads += 1
-            return
-        try:
-            self.gpu.allocate(self.owner, self.model_size, tag="checkpoint")
-        except OutOfMemory as exc:
-            # ComfyUI answers an OOM by unloading everything it holds.
-            self._unload()
-            raise _NodeFailed(exc, "torch.OutOfMemoryError") from exc
-        self._loaded = True
-        self.loads += 1
+    async def _load(self, files: Sequence[tuple[str, str]], busy: set[str]) -> None:
+        """Put a node's files on the device unless there already (patches need nothing)."""
+        for name, kind in files:
+            if kind == "patch":
+                continue
+            if kind == "model" and name in self._models:
+                self._models.use(name)
+                busy.add(name)
+                continue
+            await anyio.sleep(self.load_seconds)
+            try:
+                if kind == "transient":
+                    self._models.run_transient(name)
+                else:
+                    self._models.load(name, busy)
+                    busy.add(name)
+            except OutOfMemory as exc:
+                self._unload()  # execution.py: an OOM unloads every model
+                raise _NodeFailed(exc, "torch.OutOfMemoryError") from exc
 
-    async def _sample(self, job: _Job, node_id: str, steps: int, step_seconds: float) -> None:
+    async def _sample(
+        self, job: _Job, node_id: str, steps: int, step_seconds: float, busy: set[str]
+    ) -> None:
         if self.work_size and self.on_gpu:
+            # sampler_helpers.py prepare_sampling -> load_models_gpu(memory_required=...):
+            # room for the activations first, the prompt's own models kept.
+            reserved = self._models.reserved
+            need = max(minimum_inference_memory(reserved), self.work_size + reserved)
+            self._models.make_room(need, keep=busy)
             try:
                 self.gpu.allocate(self.owner, self.work_size, tag="activations")
             except OutOfMemory as exc:

@@ -6,46 +6,22 @@ call with ``unloadTimeout``, so the confirmation polls below simply poll until d
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal
-
-import anyio
-import httpx
+from typing import Any
 
 from gpubroker.errors import StrategyFailed
-from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy, StrategyContext
-from gpubroker.vram import freed_goal
+from gpubroker.plugins.strategies.base import Strategy
+from gpubroker.plugins.strategies.calls import POLL_INTERVAL, poll_until
+from gpubroker.plugins.strategies.calls import json_call as _json
+from gpubroker.plugins.strategies.comfyui import ComfyUIStrategy
 
-log = logging.getLogger("gpubroker.plugins.strategies")
-
-POLL_INTERVAL = 0.02  # seconds between confirmation polls at most: a swap waits on them
-
-
-async def poll_until(done: Callable[[], Awaitable[bool]]) -> None:
-    """Check ``done`` now and again until it is true, soon at first, then every POLL_INTERVAL.
-
-    A confirmation poll is what a swap waits on beyond the service's own work, so its gap is
-    the swap's overhead; the broker bounds the whole wait with its own timeout.
-    """
-    delay = FIRST_POLL
-    while not await done():
-        await anyio.sleep(delay)
-        delay = min(delay * 2, POLL_INTERVAL)
-
-
-async def _json(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> Any:
-    response = await client.request(method, url, **kwargs)
-    if response.status_code >= 400:
-        raise StrategyFailed(
-            f"{method} {url} answered {response.status_code}: {response.text[:200]}"
-        )
-    if not response.content:
-        return None
-    try:
-        return response.json()
-    except ValueError:
-        raise StrategyFailed(f"{method} {url} answered non-JSON: {response.text[:200]}") from None
+__all__ = [
+    "POLL_INTERVAL",
+    "ComfyUIStrategy",
+    "GenericStrategy",
+    "OllamaStrategy",
+    "VLLMStrategy",
+    "poll_until",
+]
 
 
 class OllamaStrategy(Strategy):
@@ -85,96 +61,6 @@ class OllamaStrategy(Strategy):
 
     async def resident(self) -> bool | None:
         return bool(await self._loaded())
-
-
-# ComfyUI's comfy/model_management.py get_total_memory(dev, torch_total_too=True): on these
-# device types ``torch_vram_total`` is torch's reserved bytes (memory_stats
-# 'reserved_bytes.all.current'); on cpu and mps it is total system RAM (psutil), and under
-# DirectML (device type privateuseone) a constant 1 GiB. Only the former can confirm a /free.
-RESERVED_BYTES_DEVICES = frozenset({"cuda", "xpu", "npu", "mlu"})
-
-
-class ComfyUIStrategy(Strategy):
-    """``POST /free`` (unload models, free memory); its queue, from ``GET /queue``, is in flight.
-
-    ComfyUI's ``/prompt`` returns before the job runs, so the jobs in its queue count as the
-    backend's in-flight work (see :meth:`Strategy.jobs`) and a victim drains until the queue is
-    empty. ``/free`` only sets flags that ComfyUI's worker applies once idle, so on devices
-    where ``/system_stats`` reports torch's reserved VRAM we confirm it went down; elsewhere
-    (CPU, Apple MPS, DirectML) nothing there measures VRAM, so we say so once and leave the
-    confirmation to telemetry.
-    """
-
-    name = "comfyui"
-    description = "ComfyUI: POST /free, its /queue counts as in flight, confirmed by /system_stats"
-
-    def __init__(self, ctx: StrategyContext) -> None:
-        super().__init__(ctx)
-        self._told: str | None = None  # the device type we already said cannot confirm
-        self._jobs: list[Job] = []  # the queue as last read
-
-    async def _reserved(self) -> int | None:
-        """Torch's reserved bytes on ComfyUI's device, or None where it does not report them."""
-        stats = await _json(self.client, "GET", "/system_stats")
-        devices = (stats or {}).get("devices") or []
-        device = devices[0] if devices and isinstance(devices[0], dict) else {}
-        kind = str(device.get("type", ""))
-        if kind not in RESERVED_BYTES_DEVICES or "torch_vram_total" not in device:
-            if self._told != kind:
-                self._told = kind
-                log.info(
-                    "%s: ComfyUI runs on device type %r, where /system_stats does not report "
-                    "VRAM held; unloads are confirmed by telemetry only",
-                    self.backend.name,
-                    kind or "unknown",
-                )
-            return None
-        return int(device["torch_vram_total"])
-
-    async def unload(self) -> None:
-        before = await self._reserved()
-        await _json(self.client, "POST", "/free", json={"unload_models": True, "free_memory": True})
-        if not before:
-            return
-        goal = freed_goal(before)
-
-        async def freed() -> bool:
-            now = await self._reserved()
-            return now is None or now <= goal
-
-        await poll_until(freed)
-
-    async def jobs(self) -> list[Job]:
-        # server.py get_prompt: {"exec_info": {"queue_remaining": n}}, a few bytes, where
-        # GET /queue (get_queue) carries every prompt in full, UI workflow included: read the
-        # count each time and the list only when the count changed.
-        info = await _json(self.client, "GET", "/prompt") or {}
-        remaining = (info.get("exec_info") or {}).get("queue_remaining")
-        if remaining == 0:
-            self._jobs = []
-        elif not isinstance(remaining, int) or remaining != len(self._jobs):
-            self._jobs = await self._queue()
-        return list(self._jobs)
-
-    async def _queue(self) -> list[Job]:
-        # server.py get_queue: {"queue_running": [...], "queue_pending": [...]}, each item
-        # (number, prompt_id, prompt, extra_data, outputs_to_execute). ComfyUI stamps no time
-        # on a job, so ``since`` is left to the broker (when it first saw the job).
-        queue = await _json(self.client, "GET", "/queue") or {}
-        out: list[Job] = []
-        states: tuple[tuple[str, Literal["running", "pending"]], ...] = (
-            ("queue_running", "running"),
-            ("queue_pending", "pending"),
-        )
-        for key, state in states:
-            for item in queue.get(key) or []:
-                if isinstance(item, list) and len(item) >= 2:
-                    out.append(Job(str(item[1]), state, url="/prompt"))
-        return out
-
-    async def resident(self) -> bool | None:
-        reserved = await self._reserved()
-        return None if reserved is None else reserved > 0
 
 
 class VLLMStrategy(Strategy):
