@@ -34,19 +34,6 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
-class Demand:
-    """What one GPU request asks of its backend's memory, as its strategy reads the body."""
-
-    model: str | None = None
-    """The model it names, canonical (Ollama: "llama3:latest")."""
-    need: int | None = None
-    """Bytes its model needs on the GPU for THIS request (weights + KV cache at its context);
-    None: unknown."""
-    parts: tuple[str, ...] = ()
-    """Model files it loads (ComfyUI: ckpt/unet/clip/vae/lora...)."""
-
-
-@dataclass(frozen=True, slots=True)
 class StrategyContext:
     """What gpubroker hands a strategy when it creates one for a backend.
 
@@ -96,8 +83,6 @@ class Strategy:
     """How ``unload()`` frees the VRAM: ``sleep`` keeps the service up with its weights off
     the GPU (it is reported asleep and woken by ``load()``), ``unload`` drops the model,
     ``stop`` ends the process. Separate from :attr:`eviction_cost`, which only ranks."""
-    per_model: ClassVar[bool] = False
-    """It frees and loads model by model (the ``*_model`` methods)."""
     eviction_cost: ClassVar[int] = 2
     """How dear it is to evict and bring back: 1 sleeps (wakes in seconds), 2 unloads (a cold
     load), 3 stops a process. The budget scheduler evicts the cheapest first."""
@@ -125,24 +110,6 @@ class Strategy:
         """Is GPU work still running after its HTTP calls ended (e.g. ComfyUI's queue)?"""
         jobs = await self.jobs()
         return bool(jobs)
-
-    async def demand(self, method: str, path: str, body: bytes) -> Demand | None:
-        """What this request asks of the GPU, read from its body (b"" when it has none);
-        None when the strategy cannot tell. Must not raise for bad input."""
-        return None
-
-    async def unload_model(self, model: str) -> None:
-        """Free one model's VRAM (``per_model`` strategies only)."""
-        raise NotImplementedError
-
-    async def load_model(self, model: str) -> None:
-        """Bring one model in before its requests go on; the default does nothing (the
-        service loads on request, as Ollama does)."""
-        return None
-
-    async def loaded_models(self) -> dict[str, int] | None:
-        """Model -> GPU bytes as the service reports them; None when it cannot tell."""
-        return None
 
     async def jobs(self) -> list[Job] | None:
         """The service's own queue of accepted work, for a service whose requests return
