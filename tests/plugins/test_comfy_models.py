@@ -15,7 +15,7 @@ from gpubroker.config.model import BackendConfig
 from gpubroker.plugins.strategies.base import Demand, StrategyContext
 from gpubroker.plugins.strategies.builtin import ComfyUIStrategy as ReExported
 from gpubroker.plugins.strategies.comfy_models import LOADER_INPUTS, workflow_models
-from gpubroker.plugins.strategies.comfyui import THREAD_PARSE, ComfyUIStrategy
+from gpubroker.plugins.strategies.comfyui import THREAD_PARSE, WORKING_MEMORY, ComfyUIStrategy
 from gpubroker.sim import ComfyUIEmulator, GiB, SimGPU, flux_workflow, running, simple_workflow
 from gpubroker.sim.comfyui_models import NODE_FILES
 
@@ -208,9 +208,10 @@ async def test_a_prompt_asks_for_the_files_its_workflow_names() -> None:
                 "clip_l.safetensors",
                 "flux1-dev.safetensors",
                 "detail.safetensors",
-            )
+            ),
+            need=WORKING_MEMORY,  # what ComfyUI keeps free for sampling beside its files
         )
-        assert flux.model is None and flux.need is None
+        assert flux.model is None
         # ComfyUI's frontend posts to /api/prompt (server.py: every route also under /api)
         sdxl = await s.demand("POST", "/api/prompt", body(SDXL_REFINER))
         assert sdxl is not None and sdxl.parts == workflow_models(SDXL_REFINER)

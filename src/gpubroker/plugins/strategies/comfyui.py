@@ -15,6 +15,11 @@ from gpubroker.plugins.strategies.base import Demand, Job, Strategy, StrategyCon
 from gpubroker.plugins.strategies.calls import json_call as _json
 from gpubroker.plugins.strategies.calls import poll_until
 from gpubroker.plugins.strategies.comfy_models import workflow_models
+from gpubroker.vram import GiB, MiB
+
+# comfy/model_management.py minimum_inference_memory: 0.8 GiB, plus EXTRA_RESERVED_VRAM (400 MiB
+# on Linux) — what ComfyUI keeps free for sampling beside the weights it loads.
+WORKING_MEMORY = int(0.8 * GiB) + 400 * MiB
 from gpubroker.vram import freed_goal
 
 log = logging.getLogger("gpubroker.plugins.strategies")
@@ -129,12 +134,15 @@ class ComfyUIStrategy(Strategy):
         return None if reserved is None else reserved > 0
 
     async def demand(self, method: str, path: str, body: bytes) -> Demand | None:
-        """A queued prompt asks for the model files its loader nodes name (``parts``); its
-        bytes are for the broker to learn per file. Other requests: None."""
+        """A queued prompt asks for the model files its loader nodes name (``parts``), and
+        ComfyUI's working memory beside them (``need``); each file's bytes the broker declares
+        or learns. Other requests: None."""
         if method.upper() != "POST" or path.split("?", 1)[0] not in PROMPT_PATHS:
             return None
         if len(body) > THREAD_PARSE:
             parts = await anyio.to_thread.run_sync(prompt_parts, body)
         else:
             parts = prompt_parts(body)
-        return None if parts is None else Demand(parts=parts)
+        if parts is None:
+            return None
+        return Demand(parts=parts, need=WORKING_MEMORY if parts else None)
