@@ -48,7 +48,9 @@ def build_document(
         "apiBodyLimit: 64MiB        # how much of a body is read to find its model\n"
         "modelRefresh: 30s          # how often each backend's model list is read again\n"
         "apiKeys:                   # Bearer keys; needed when the api port binds beyond loopback\n"
-        "  - {name: ci, key: env:CI_KEY}",
+        "  - {name: ci, key: env:CI_KEY}\n"
+        "Where learned memory footprints are kept (default: $XDG_STATE_HOME/gpubroker):\n"
+        "stateDir: ~/.local/state/gpubroker",
     )
     doc["policy"] = "exclusive"
     doc.yaml_add_eol_comment("one service owns the GPU at a time", "policy", column=22)
@@ -108,7 +110,10 @@ def build_document(
         before="One entry per GPU service. Optional per backend: vram, priority, pinned,\n"
         "gpuPaths, maxConcurrency, healthPath, idleTimeout, sleepLevel (vllm),\n"
         "progress (comments: SSE comments while a streaming request waits),\n"
-        "models (else discovered): [llama3:8b, {name: qwen2.5:14b, aliases: [reasoner]}].",
+        "models (else discovered): [llama3:8b, {name: qwen2.5:14b, aliases: [reasoner]}].\n"
+        "Under policy: budget, what must never share the GPU (backends or declared models):\n"
+        "exclusiveWith: [comfyui], and per model {name: llama3:70b, vram: 40GiB,\n"
+        "pinned: true, exclusiveWith: [qwen2.5:14b]}.",
     )
     doc.yaml_set_start_comment(HEADER)
     return doc

@@ -129,6 +129,26 @@ def _str_list(value: object) -> tuple[str, ...]:
     raise ValueError("a non-empty list of strings")
 
 
+def _name_list(value: object) -> tuple[str, ...]:
+    """``exclusiveWith``: one name or a list of them (a name listed twice counts once)."""
+    names = [value] if isinstance(value, str) and value.strip() else value
+    if isinstance(names, list) and names and all(isinstance(v, str) and v.strip() for v in names):
+        return tuple(dict.fromkeys(v.strip() for v in names))
+    raise ValueError("a name or a non-empty list of names (backends, or models they declare)")
+
+
+def backend_name(value: object) -> str:
+    """A backend's name: it is a path segment (``/proxy/NAME/``, ``/api/unload``) and the
+    first half of a model's unit name (``NAME/MODEL``), so no "/", space or control character."""
+    name = _str(value)
+    if any(c == "/" or c.isspace() or not c.isprintable() for c in name):
+        raise ValueError(
+            'a name without "/", spaces or control characters (it appears in URLs such as '
+            "/proxy/NAME/ and in the unit names NAME/MODEL)"
+        )
+    return name
+
+
 def _host_list(value: object) -> tuple[str, ...]:
     """``allowedHosts``: names as the Host check compares them (lower case, no brackets)."""
     out = []
@@ -164,7 +184,7 @@ class Field:
 
 
 BACKEND_KEYS: dict[str, Field] = {
-    "name": Field("name", _str),
+    "name": Field("name", backend_name),
     "proxyPort": Field("proxy_port", parse_port),
     "upstream": Field("upstream", parse_url),
     "unloadStrategy": Field("unload_strategy", _str),
@@ -174,6 +194,7 @@ BACKEND_KEYS: dict[str, Field] = {
     "vram": Field("vram", parse_size),
     "priority": Field("priority", _int),
     "pinned": Field("pinned", _bool),
+    "exclusiveWith": Field("exclusive_with", _name_list),
     "gpu": Field("gpu", _gpu_list),
     "gpuPaths": Field("gpu_paths", _gpu_paths),
     "sleepLevel": Field("sleep_level", _choice(1, 2)),
@@ -221,6 +242,7 @@ TOP_KEYS: dict[str, Field] = {
     "apiPort": Field("api_port", parse_port),
     "apiBodyLimit": Field("api_body_limit", parse_size),
     "modelRefresh": Field("model_refresh", _interval),
+    "stateDir": Field("state_dir", _str),
 }
 API_KEY_KEYS: dict[str, Field] = {
     "name": Field("name", _str),
@@ -239,4 +261,6 @@ MODEL_KEYS: dict[str, Field] = {
     "aliases": Field("aliases", _str_list),
     "upstreamModel": Field("upstream_model", _str),
     "vram": Field("vram", parse_size),
+    "pinned": Field("pinned", _bool),
+    "exclusiveWith": Field("exclusive_with", _name_list),
 }

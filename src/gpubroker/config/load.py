@@ -16,7 +16,7 @@ import difflib
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -46,7 +46,9 @@ from gpubroker.config.model import (
     Config,
     GpuSpec,
     ModelSpec,
+    parent_keypath,
 )
+from gpubroker.config.rules import check_residency, residency_notes
 from gpubroker.config.units import format_duration
 from gpubroker.errors import ConfigError
 
@@ -77,6 +79,20 @@ class _Loader:
     def fail(self, keypath: str, message: str, at: tuple[int, int] | None = None) -> ConfigError:
         line, col = at if at else self.locations.get(keypath, (None, None))
         return ConfigError(message, source=self.source, line=line, column=col, keypath=keypath)
+
+    def fail_near(self, keypath: str, message: str) -> ConfigError:
+        """``fail`` at ``keypath``'s location, else at its nearest located parent's."""
+        probe = keypath
+        while probe and probe not in self.locations:
+            probe = parent_keypath(probe)
+        return self.fail(keypath, message, self.locations.get(probe))
+
+    def note_items(self, node: Any, key: str, keypath: str) -> None:
+        """Locate each item of the list under ``node[key]`` (for errors about one item)."""
+        items = node.get(key) if isinstance(node, Mapping) else None
+        if isinstance(items, list):
+            for i in range(len(items)):
+                self.note(items, i, f"{keypath}.{key}[{i}]")
 
     def note(self, node: Any, key: Any, keypath: str) -> None:
         try:
@@ -181,6 +197,7 @@ class _Loader:
             if isinstance(item, str):
                 item = {"name": item}
             values = self.mapping(item, path, MODEL_KEYS)
+            self.note_items(item, "exclusiveWith", path)
             if "name" not in values:
                 raise self.fail(path, "missing required key 'name' (the model's name)")
             spec = ModelSpec(**values)
@@ -201,6 +218,7 @@ class _Loader:
             path = f"backends[{i}]"
             self.note(node, i, path)
             values = self.mapping(item, path, BACKEND_KEYS)
+            self.note_items(item, "exclusiveWith", path)
             if "models" in values:
                 values["models"] = self.models(values["models"], f"{path}.models")
             for key in BACKEND_REQUIRED:
@@ -219,6 +237,7 @@ class _Loader:
                 )
             seen_ports[port] = f"{path} ({name})"
             out.append(BackendConfig(**values))
+        check_residency(out, self.fail_near)
         return tuple(out)
 
 
@@ -327,7 +346,11 @@ def load_config_file(path: Path, env: Mapping[str, str] | None = None) -> Config
         ) from None
     except Exception as exc:  # ruamel raises a few unmarked errors (e.g. duplicate keys)
         raise ConfigError(f"invalid YAML: {exc}".splitlines()[0], source=source) from None
-    return parse_config(data, source, env)
+    cfg = parse_config(data, source, env)
+    state = cfg.state_dir
+    if state is not None and not state.startswith("~") and not Path(state).is_absolute():
+        cfg = replace(cfg, state_dir=str(path.absolute().parent / state))  # beside the file
+    return cfg
 
 
 def _env_port(env: Mapping[str, str], name: str, default: int) -> int:
@@ -388,6 +411,22 @@ def default_config_paths(env: Mapping[str, str]) -> list[Path]:
     return paths
 
 
+def state_path(cfg: Config, env: Mapping[str, str]) -> Path:
+    """Where learned state is kept: ``stateDir`` ("~" expanded; a relative one was made
+    relative to its file when it loaded, else it is relative to the working directory), else
+    $XDG_STATE_HOME/gpubroker (an absolute one, as the XDG spec asks), else
+    ~/.local/state/gpubroker. Nothing is created or read here."""
+    home = Path(env.get("HOME") or Path.home())
+    if cfg.state_dir is not None:
+        state = cfg.state_dir
+        if state == "~" or state.startswith("~/"):
+            return home / state[2:]
+        return Path(os.path.expanduser(state)).absolute()  # ~user/... too
+    xdg = env.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".local" / "state"
+    return base / "gpubroker"
+
+
 def resolve_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
     """The config a command should use: ``--config``, $GPUBROKER_CONFIG, a usual place, env vars."""
     env = os.environ if env is None else env
@@ -436,6 +475,7 @@ def describe_config(cfg: Config) -> str:
         )
     if cfg.api_keys:  # the names only: a key is never printed
         lines.append("apiKeys: " + ", ".join(_key_summary(k) for k in cfg.api_keys))
+    lines.extend(residency_notes(cfg))
     return "\n".join(lines)
 
 

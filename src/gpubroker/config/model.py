@@ -53,12 +53,17 @@ class ModelSpec:
 
     ``aliases`` are other names clients may ask for; ``upstream_model`` is the name sent
     upstream in place of whatever name matched (None: the name asked for); ``vram`` in bytes.
+    ``pinned`` and ``exclusive_with`` are the residency rules of the model's own unit
+    (``backend/model``, under ``policy: budget``); ``exclusive_with`` holds names as written,
+    each a backend or a model some backend declares (:mod:`~gpubroker.config.rules`).
     """
 
     name: str
     aliases: tuple[str, ...] = ()
     upstream_model: str | None = None
     vram: int | None = None
+    pinned: bool = False
+    exclusive_with: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -79,6 +84,9 @@ class BackendConfig:
     vram: int | None = None
     priority: int = 0
     pinned: bool = False
+    exclusive_with: tuple[str, ...] = ()
+    """Backends, or models some backend declares, never resident beside this one (either
+    side naming the other is enough); checked by :mod:`~gpubroker.config.rules`."""
     gpu: tuple[int | str, ...] = ()
     gpu_paths: tuple[str, ...] | None = None
     sleep_level: int = 1
@@ -140,6 +148,9 @@ class Config:
     api_port: int | None = None  # the one endpoint for every model; None: off
     api_body_limit: int = DEFAULT_API_BODY_LIMIT  # bytes of a body read to find its model
     model_refresh: float = 30.0  # how often discovered model lists are read again
+    state_dir: str | None = None
+    """Where learned state (footprints) is kept; a relative path in a file is made relative to
+    the file's folder when it loads. None: ``state_path``'s default (XDG_STATE_HOME)."""
     source: str | None = None
     locations: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
 
@@ -163,7 +174,7 @@ class Config:
         """A ConfigError pointing at ``keypath`` (or its nearest located parent)."""
         probe = keypath
         while probe and probe not in self.locations:
-            probe = probe.rpartition(".")[0] if "." in probe else ""
+            probe = parent_keypath(probe)
         line, col = self.locations.get(probe, (None, None))
         return ConfigError(message, source=self.source, line=line, column=col, keypath=keypath)
 
@@ -178,6 +189,12 @@ class Config:
             out["adminToken"] = HIDDEN_KEY
         out["backends"] = [_exported(b, BACKEND_KEYS) for b in self.backends]
         return out
+
+
+def parent_keypath(keypath: str) -> str:
+    """``a.b[2]`` -> ``a.b`` -> ``a`` -> ``""``: where to look when a key has no location."""
+    cut = max(keypath.rfind("."), keypath.rfind("["))
+    return keypath[:cut] if cut > 0 else ""
 
 
 def _exported(obj: Any, spec: Mapping[str, Field]) -> dict[str, Any]:
@@ -201,11 +218,11 @@ def _export(value: Any) -> Any:
             out["models"] = list(value.models)
         return out
     if isinstance(value, ModelSpec):
-        if not (value.aliases or value.upstream_model or value.vram is not None):
-            return value.name
         spec: dict[str, Any] = {"name": value.name, "aliases": list(value.aliases)}
         spec.update(upstreamModel=value.upstream_model, vram=value.vram)
-        return {k: v for k, v in spec.items() if v is not None and v != []}
+        spec.update(pinned=value.pinned or None, exclusiveWith=list(value.exclusive_with))
+        spec = {k: v for k, v in spec.items() if v is not None and v != []}
+        return value.name if spec.keys() == {"name"} else spec
     if isinstance(value, Mapping):
         return dict(value)
     return value
