@@ -9,18 +9,22 @@ is built. News travels up the :class:`~gpubroker.events.EventBus`, calls go down
     supervisor = Supervisor(config, bus, telemetry=sampler.latest)     publishes worker_*,
                                                                         WorkerGone
     strategies = {backend: Strategy(StrategyContext(.., supervisor))}
-    sched      = build_scheduler(config, strategies, first sample)     pure, no I/O
+    book       = FootprintBook(state dir), loaded                      learned footprints
+    sched      = build_scheduler(config, strategies, first sample,     pure, no I/O
+                                 book)
     health     = HealthProbe(config, supervisor)                       .results, read-only
     monitor    = Monitor(config, sched (read-only), sampler, bus,      publishes Measured,
-                         health.results, roots=supervisor.roots)        warning, warning_cleared
+                         health.results, roots=supervisor.roots)        Unmanaged, warning,
+                                                                        warning_cleared
     broker     = Broker(config, strategies, sched, bus, supervisor,    publishes lease/swap events;
-                        confirm_freed=monitor | None)                   applies Measured, WorkerGone
+                        confirm_freed=monitor | None, book)             applies Measured, Unmanaged,
+                                                                        WorkerGone
     proxies    = {backend: ProxyApp(.., broker, Upstream)}
     status     = StatusApp(broker, bus, monitor, health)               Metrics(bus), /events(bus)
     catalogue  = Catalogue(backends, residency=sched (read-only))      only with apiPort
     api        = ApiApp(proxies, catalogue, ApiKeys)                   hands requests to proxies
 
-Subscribers of the bus: the broker (Measured, WorkerGone), the monitor's alerts (freed),
+Subscribers of the bus: the broker (Measured, Unmanaged, WorkerGone), the monitor's alerts (freed),
 metrics (admitted, first_byte, swapped, unload_failed, refused) and each ``/events`` reader.
 
 Order of shutdown, decided here rather than by Hypercorn's own signal handlers: stop accepting,
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -57,6 +62,7 @@ from gpubroker.proxy.listener import Listener, listen, serve
 from gpubroker.proxy.upstream import Upstream
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.domains import build_scheduler
+from gpubroker.scheduling.footprints import FootprintBook
 from gpubroker.telemetry.sampler import Sampler
 from gpubroker.workers.supervisor import Supervisor
 
@@ -137,7 +143,9 @@ async def run_broker(
     # the monitor's samples: the supervisor never reads the GPUs itself
     supervisor = Supervisor(config, bus=bus, telemetry=lambda: sampler.latest)
     strategies = {b.name: make_strategy(b, config, plugins, supervisor) for b in config.backends}
-    sched = build_scheduler(config, strategies, first if first.gpus else None)
+    book = FootprintBook.for_config(config, os.environ)
+    await book.load()  # footprints learned on earlier runs: a corrupt file is ignored, logged
+    sched = build_scheduler(config, strategies, first if first.gpus else None, book=book)
     unknown = [g for g, cap in sched.capacity.items() if cap is None]
     if config.policy == "budget" and unknown:
         log.warning(
@@ -154,6 +162,7 @@ async def run_broker(
         bus,
         supervisor=supervisor,
         confirm_freed=monitor if sampler.source.name != "none" else None,
+        footprints=book,
     )
     upstreams = {
         b.name: Upstream(

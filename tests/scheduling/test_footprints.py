@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from gpubroker.scheduling.footprints import STALE_AFTER, FootprintBook
+from gpubroker.testing import make_config
 from gpubroker.vram import GiB
 
 pytestmark = pytest.mark.anyio
@@ -256,30 +257,20 @@ async def test_saves_asked_for_during_a_write_make_one_more_write(
     assert not book.dirty
 
 
-def test_the_default_place_follows_the_xdg_rules(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    home = tmp_path / "home"
-    monkeypatch.setenv("HOME", str(home))
-    env = {"HOME": str(home)}
-    xdg = tmp_path / "xdg-state"
-    assert FootprintBook.at_default(None, {**env, "XDG_STATE_HOME": str(xdg)}).path == (
-        xdg / "gpubroker" / "footprints.json"
+def test_the_book_lives_in_the_configs_state_directory(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path / "home"), "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    cfg = make_config({"a": {"upstream": "http://a"}}, stateDir=str(tmp_path / "s"))
+    assert FootprintBook.for_config(cfg, env).path == tmp_path / "s" / "footprints.json"
+    plain = make_config({"a": {"upstream": "http://a"}})
+    assert FootprintBook.for_config(plain, env).path == (
+        tmp_path / "xdg" / "gpubroker" / "footprints.json"
     )
-    default = home / ".local" / "state" / "gpubroker" / "footprints.json"
-    assert FootprintBook.at_default(None, env).path == default
-    assert FootprintBook.at_default(None, {**env, "XDG_STATE_HOME": "rel/state"}).path == default
-    assert FootprintBook.at_default("~/brokerstate", env).path == (
-        home / "brokerstate" / "footprints.json"
-    )
-    assert FootprintBook.at_default(
-        str(tmp_path / "s"), {**env, "XDG_STATE_HOME": str(xdg)}
-    ).path == (tmp_path / "s" / "footprints.json")
 
 
 async def test_a_book_in_the_xdg_state_home_is_written_there(tmp_path: Path) -> None:
     xdg = tmp_path / "xdg-state"
-    book = FootprintBook.at_default(None, {"XDG_STATE_HOME": str(xdg), "HOME": "/nonexistent"})
+    cfg = make_config({"a": {"upstream": "http://a"}})
+    book = FootprintBook.for_config(cfg, {"XDG_STATE_HOME": str(xdg), "HOME": "/nonexistent"})
     book.record("vllm", 20 * GiB)
     await book.save()
     assert (

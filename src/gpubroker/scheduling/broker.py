@@ -56,6 +56,7 @@ SHUTTING_DOWN = "gpubroker is shutting down; try again once it is back"
 CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload freed memory anyway
 FORGET_TRIES = 100  # a worker gone for good: evict it, retrying past a swap in progress…
 FORGET_RETRY = 0.1  # …this often (a plan on the same GPU ends within its own timeouts)
+SAVE_GRACE = 2.0  # seconds the last write of learned footprints may take as the broker stops
 
 
 class FreedConfirmer(Protocol):
@@ -169,6 +170,8 @@ class Broker:
             await self._run(task_status)
         finally:
             self._tg = None  # leases that end from now on are released at once
+            with anyio.CancelScope(shield=True), anyio.move_on_after(SAVE_GRACE):
+                await self.units.save()  # what this run learned, for the next
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
@@ -177,6 +180,7 @@ class Broker:
             self._follower.follow_all(tg)  # work queued before we started is in flight too
             if self.units.per_model:
                 tg.start_soon(self.units.follow_all)
+            tg.start_soon(self.units.keep_saved)
             task_status.started()
             await self._clock_loop()
 

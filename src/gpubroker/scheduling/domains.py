@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gpubroker.config.model import Config
+from gpubroker.config.rules import UnitRef, exclusions
 from gpubroker.plugins.strategies.base import Strategy
 from gpubroker.scheduling.scheduler import BackendSpec, Scheduler
 from gpubroker.scheduling.units import Footprints, model_spec, per_model, unit_name
@@ -38,31 +39,21 @@ def capacities(config: Config, snapshot: TelemetrySnapshot | None) -> dict[str, 
 
 
 def exclusive_sets(config: Config, strategies: Mapping[str, Strategy]) -> dict[str, frozenset[str]]:
-    """Each backend's and each declared model's ``exclusiveWith``, as unit (or backend) names:
-    a model of a per-model backend is its unit, a model of any other backend is that backend.
-    (The config loader has checked that every name is known and unambiguous.)"""
-    where: dict[str, str] = {b.name: b.name for b in config.backends}
-    for b in config.backends:
-        strategy = strategies[b.name]
-        for m in b.models or ():
-            unit = (
-                unit_name(b.name, strategy.model_key(m.upstream_model or m.name))
-                if per_model(config, strategy)
-                else b.name
-            )
-            for n in m.names:
-                where.setdefault(n, unit)
-    out: dict[str, frozenset[str]] = {}
-    for b in config.backends:
-        strategy = strategies[b.name]
-        out[b.name] = frozenset(where.get(n, n) for n in getattr(b, "exclusive_with", ()))
-        if not per_model(config, strategy):
-            continue
-        for m in b.models or ():
-            unit = unit_name(b.name, strategy.model_key(m.upstream_model or m.name))
-            names = getattr(m, "exclusive_with", ())
-            out[unit] = out.get(unit, frozenset()) | {where.get(n, n) for n in names}
-    return out
+    """The config's ``exclusiveWith`` relation (:func:`~gpubroker.config.rules.exclusions`,
+    already symmetric) in unit names: a model of a per-model backend is its unit, by the name
+    its service knows it by; a model of any other backend stands for that backend."""
+
+    def unit(ref: UnitRef) -> str:
+        strategy = strategies[ref.backend]
+        if ref.model is None or not per_model(config, strategy):
+            return ref.backend
+        spec = next(m for m in config.backend(ref.backend).models or () if m.name == ref.model)
+        return unit_name(ref.backend, strategy.model_key(spec.upstream_model or spec.name))
+
+    out: dict[str, set[str]] = {}
+    for ref, others in exclusions(config.backends).items():
+        out.setdefault(unit(ref), set()).update(unit(o) for o in others)
+    return {name: frozenset(names - {name}) for name, names in out.items()}
 
 
 def build_scheduler(
@@ -110,7 +101,7 @@ def build_scheduler(
                     model,
                     declared=m.vram,
                     learned=book.get(unit) if book is not None else None,
-                    pinned=getattr(m, "pinned", False),
+                    pinned=m.pinned,
                     exclusive=rules.get(unit, frozenset()),
                 )
             )

@@ -26,6 +26,9 @@ from typing import Any, TypeGuard
 import anyio
 import anyio.to_thread
 
+from gpubroker.config.load import state_path
+from gpubroker.config.model import Config
+
 log = logging.getLogger("gpubroker.scheduling.footprints")
 
 FILE_NAME = "footprints.json"
@@ -46,19 +49,6 @@ def _valid_bytes(n: object) -> TypeGuard[int]:
     return isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_BYTES
 
 
-def default_dir(state_dir: str | None, env: Mapping[str, str]) -> Path:
-    """``state_dir`` (``~`` expanded), else ``$XDG_STATE_HOME/gpubroker``, else
-    ``~/.local/state/gpubroker`` (the XDG base directory rules: a relative XDG_STATE_HOME is
-    ignored)."""
-    if state_dir:
-        return Path(state_dir).expanduser()
-    xdg = env.get("XDG_STATE_HOME", "")
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "gpubroker"
-    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
-    return home / ".local" / "state" / "gpubroker"
-
-
 class FootprintBook:
     """Learned footprints (bytes) by key (a unit name, or "comfyui:<file>"), kept in a file."""
 
@@ -72,9 +62,10 @@ class FootprintBook:
         self._logged: set[tuple[int | None, str | None]] = set()  # write errors already told
 
     @classmethod
-    def at_default(cls, state_dir: str | None, env: Mapping[str, str]) -> FootprintBook:
-        """The book in the state directory (see :func:`default_dir`)."""
-        return cls(default_dir(state_dir, env) / FILE_NAME)
+    def for_config(cls, config: Config, env: Mapping[str, str]) -> FootprintBook:
+        """The book in the config's state directory (``stateDir``, else the XDG one:
+        :func:`~gpubroker.config.load.state_path`)."""
+        return cls(state_path(config, env) / FILE_NAME)
 
     # --- in memory ---------------------------------------------------------------------------
 

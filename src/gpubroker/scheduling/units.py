@@ -30,6 +30,8 @@ from gpubroker.scheduling.scheduler import BackendSpec, Scheduler, State
 
 log = logging.getLogger("gpubroker.scheduling.units")
 
+SAVE_EVERY = 10.0  # seconds between writes of learned footprints, at most
+
 
 class Footprints(Protocol):
     """Learned footprints kept across restarts (``FootprintBook``), by unit or file key."""
@@ -274,6 +276,13 @@ class Units:
     async def save(self) -> None:
         if self.book is not None:
             await self.book.save()
+
+    async def keep_saved(self) -> None:
+        """Write what was learned every ``SAVE_EVERY`` seconds (a no-op when nothing was),
+        until cancelled; the broker saves once more as it stops."""
+        while True:
+            await anyio.sleep(SAVE_EVERY)
+            await self.save()
 
     # --- following what a per-model service holds -----------------------------------------
 

@@ -15,14 +15,13 @@ from gpubroker.plugins.strategies.base import Demand, Job, Strategy, StrategyCon
 from gpubroker.plugins.strategies.calls import json_call as _json
 from gpubroker.plugins.strategies.calls import poll_until
 from gpubroker.plugins.strategies.comfy_models import workflow_models
-from gpubroker.vram import GiB, MiB
+from gpubroker.vram import GiB, MiB, freed_goal
+
+log = logging.getLogger("gpubroker.plugins.strategies")
 
 # comfy/model_management.py minimum_inference_memory: 0.8 GiB, plus EXTRA_RESERVED_VRAM (400 MiB
 # on Linux) — what ComfyUI keeps free for sampling beside the weights it loads.
 WORKING_MEMORY = int(0.8 * GiB) + 400 * MiB
-from gpubroker.vram import freed_goal
-
-log = logging.getLogger("gpubroker.plugins.strategies")
 
 PROMPT_PATHS = frozenset({"/prompt", "/api/prompt"})
 """server.py ``post_prompt`` is routed at /prompt and, as every route, again under /api
