@@ -26,7 +26,7 @@ WIRE: dict[str, list[str]] = {
     "jobs": ["count", "running", "pending"],
     "shutting_down": [],
     "reconciled": ["state"],
-    "swap_started": ["victims", "swap", "requests"],
+    "swap_started": ["victims", "swap", "requests", "reason"],  # reason: added with units
     "draining": ["active", "swap"],
     "unloading": ["swap"],
     "sleeping": ["swap"],
@@ -215,3 +215,10 @@ def test_a_subscriber_gets_only_the_kinds_it_names_and_their_subclasses() -> Non
     unsubscribe()
     bus.publish(admitted)
     assert late == [admitted]
+
+
+def test_a_model_units_swap_step_names_the_model_last_and_only_when_set() -> None:
+    plain = ev.Draining(backend="ollama", swap=2, active=0)
+    assert "model" not in plain.to_json()
+    unit = dataclasses.replace(plain, model="llama3:latest")
+    assert list(unit.to_json())[-1] == "model" and unit.to_json()["model"] == "llama3:latest"

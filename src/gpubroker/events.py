@@ -139,8 +139,11 @@ class LeaseStep(WireEvent):
 
     def to_json(self) -> dict[str, Any]:
         out = WireEvent.to_json(self)
+        model = out.pop("model", None)  # caller, then model: last, as they always came
         if self.caller is not None:
             out["caller"] = self.caller
+        if model is not None:
+            out["model"] = model
         return out
 
 
