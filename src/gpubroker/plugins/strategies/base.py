@@ -34,6 +34,19 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class Demand:
+    """What one GPU request asks of its backend's memory, as its strategy reads the body."""
+
+    model: str | None = None
+    """The model it names, canonical (Ollama: ``"llama3:latest"``)."""
+    need: int | None = None
+    """Bytes its model needs on the GPU for this request (weights + KV cache at its
+    context); None: unknown."""
+    parts: tuple[str, ...] = ()
+    """Model files it loads (ComfyUI: ckpt/unet/clip/vae/lora...)."""
+
+
+@dataclass(frozen=True, slots=True)
 class StrategyContext:
     """What gpubroker hands a strategy when it creates one for a backend.
 
@@ -70,6 +83,8 @@ class Strategy:
     eviction_cost: ClassVar[int] = 2
     """How dear it is to evict and bring back: 1 sleeps (wakes in seconds), 2 unloads (a cold
     load), 3 stops a process. The budget scheduler evicts the cheapest first."""
+    per_model: ClassVar[bool] = False
+    """Frees and loads model by model (the ``*_model`` methods)."""
 
     def __init__(self, ctx: StrategyContext) -> None:
         self.ctx = ctx
@@ -100,6 +115,27 @@ class Strategy:
         and the status. The broker asks after each GPU request and then every
         ``JOB_POLL`` seconds while any remain.
         """
+        return None
+
+    async def demand(self, method: str, path: str, body: bytes) -> Demand | None:
+        """What this request asks of the GPU, read from its body; None: nothing known.
+
+        Called before the lease is asked for, with the body already read (b"" when none);
+        must not raise for bad input.
+        """
+        return None
+
+    async def unload_model(self, model: str) -> None:
+        """Free one model's VRAM (``per_model`` strategies) and return once it is free."""
+        raise NotImplementedError
+
+    async def load_model(self, model: str) -> None:
+        """Bring one model in before its requests are forwarded; may no-op (Ollama loads on
+        request)."""
+        return None
+
+    async def loaded_models(self) -> dict[str, int] | None:
+        """Model -> GPU bytes it holds now; None: this strategy cannot tell (the default)."""
         return None
 
 
