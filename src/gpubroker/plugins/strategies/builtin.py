@@ -2,13 +2,15 @@
 
 Each follows the service's own API as documented in shared/BACKENDS.md. The broker bounds every
 call with ``unloadTimeout``, so the confirmation polls below simply poll until done.
+``OllamaStrategy`` lives in :mod:`~gpubroker.plugins.strategies.ollama` (it uses the helpers
+here) and is importable from this module too.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import httpx
@@ -16,6 +18,9 @@ import httpx
 from gpubroker.errors import StrategyFailed
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy, StrategyContext
 from gpubroker.vram import freed_goal
+
+if TYPE_CHECKING:
+    from gpubroker.plugins.strategies.ollama import OllamaStrategy  # noqa: F401 (re-export)
 
 log = logging.getLogger("gpubroker.plugins.strategies")
 
@@ -46,45 +51,6 @@ async def _json(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any)
         return response.json()
     except ValueError:
         raise StrategyFailed(f"{method} {url} answered non-JSON: {response.text[:200]}") from None
-
-
-class OllamaStrategy(Strategy):
-    """Unload every model in ``/api/ps`` with ``keep_alive: 0``, then wait until ps is empty.
-
-    Ollama replies to ``keep_alive: 0`` at once but unloads only after its running requests end
-    (server/sched.go: expireRunner, processCompleted), so the reply proves nothing: ``/api/ps``
-    is the confirmation; a runner being killed keeps ps from answering until it is gone. A
-    model that is still *loading* is not in ps at all (it sits in the scheduler's
-    ``activeLoading``), so ps cannot confirm that nothing is on its way in: the broker's
-    telemetry check after an unload is what catches that.
-    """
-
-    name = "ollama"
-    description = "Ollama: keep_alive 0 for each loaded model, confirmed through /api/ps"
-    # server/routes.go allowedHostsMiddleware: on a loopback listener Ollama answers 403 to a
-    # Host *name* other than localhost, its hostname or *.local/.internal/.localhost, so a
-    # client that reached the broker by DNS name would be refused; its Origin check (CORS)
-    # still sees the browser's Origin, exactly as it would directly.
-    host_header = "upstream"
-
-    async def _loaded(self) -> list[str]:
-        data = await _json(self.client, "GET", "/api/ps")
-        return [m.get("name") or m.get("model") for m in (data or {}).get("models", [])]
-
-    async def unload(self) -> None:
-        models = await self._loaded()
-        for model in models:
-            await _json(
-                self.client, "POST", "/api/generate", json={"model": model, "keep_alive": 0}
-            )
-
-        async def gone() -> bool:
-            return not await self._loaded()
-
-        await poll_until(gone)
-
-    async def resident(self) -> bool | None:
-        return bool(await self._loaded())
 
 
 # ComfyUI's comfy/model_management.py get_total_memory(dev, torch_total_too=True): on these
@@ -252,3 +218,13 @@ class GenericStrategy(Strategy):
     async def load(self) -> None:
         if self.backend.load_endpoint:
             await _json(self.client, "POST", self.backend.load_endpoint)
+
+
+def __getattr__(name: str) -> Any:
+    # strategies/ollama.py imports the helpers above, so it cannot be imported from the top of
+    # this module; it is handed out on first use instead (PEP 562).
+    if name == "OllamaStrategy":
+        from gpubroker.plugins.strategies.ollama import OllamaStrategy
+
+        return OllamaStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
