@@ -51,7 +51,7 @@ from typing import Any
 import anyio
 import httpx
 
-import gpubroker.plugins.strategies.builtin as strategies_module
+import gpubroker.plugins.strategies.calls as strategies_module
 import gpubroker.scheduling.broker as broker_module
 from gpubroker.events import Swapped
 from gpubroker.sim import (
@@ -104,7 +104,7 @@ BROKER_REAL = {
     "startTimeout": 120.0,
 }
 IDLE_POLL_REAL = 0.05  # gpubroker.scheduling.broker.IDLE_POLL
-CONFIRM_POLL_REAL = 0.02  # gpubroker.plugins.strategies.builtin.POLL_INTERVAL
+CONFIRM_POLL_REAL = 0.02  # gpubroker.plugins.strategies.calls.POLL_INTERVAL
 HISTORY_POLL_REAL = 0.5  # how often the bench's client polls ComfyUI's /history
 
 

@@ -61,8 +61,9 @@ from gpubroker.proxy.app import ProxyApp
 from gpubroker.proxy.listener import Listener, listen, serve
 from gpubroker.proxy.upstream import Upstream
 from gpubroker.scheduling.broker import Broker
-from gpubroker.scheduling.domains import build_scheduler
+from gpubroker.scheduling.domains import build_scheduler, capacities
 from gpubroker.scheduling.footprints import FootprintBook
+from gpubroker.telemetry.gpus import backend_gpus
 from gpubroker.telemetry.sampler import Sampler
 from gpubroker.workers.supervisor import Supervisor
 
@@ -82,7 +83,11 @@ class Endpoints:
 
 
 def make_strategy(
-    backend: BackendConfig, config: Config, plugins: Plugins, supervisor: Supervisor | None = None
+    backend: BackendConfig,
+    config: Config,
+    plugins: Plugins,
+    supervisor: Supervisor | None = None,
+    gpu_memory: int | None = None,
 ) -> Strategy:
     client = httpx.AsyncClient(
         base_url=backend.upstream,
@@ -94,6 +99,7 @@ def make_strategy(
         client=client,
         unload_timeout=config.unload_timeout,
         supervisor=supervisor,
+        gpu_memory=gpu_memory,
     )
     return plugins.strategies[backend.unload_strategy].cls(ctx)
 
@@ -142,10 +148,19 @@ async def run_broker(
     bus = EventBus()
     # the monitor's samples: the supervisor never reads the GPUs itself
     supervisor = Supervisor(config, bus=bus, telemetry=lambda: sampler.latest)
-    strategies = {b.name: make_strategy(b, config, plugins, supervisor) for b in config.backends}
+    seen = first if first.gpus else None
+    caps = capacities(config, seen, less_reserve=False)  # what a service itself sees
+
+    def memory_of(b: BackendConfig) -> int | None:
+        sizes = [caps.get(g) for g in backend_gpus(b, seen)]
+        return sum(n for n in sizes if n is not None) if all(sizes) and sizes else None
+
+    strategies = {
+        b.name: make_strategy(b, config, plugins, supervisor, memory_of(b)) for b in config.backends
+    }
     book = FootprintBook.for_config(config, os.environ)
     await book.load()  # footprints learned on earlier runs: a corrupt file is ignored, logged
-    sched = build_scheduler(config, strategies, first if first.gpus else None, book=book)
+    sched = build_scheduler(config, strategies, seen, book=book)
     unknown = [g for g, cap in sched.capacity.items() if cap is None]
     if config.policy == "budget" and unknown:
         log.warning(

@@ -22,8 +22,11 @@ from gpubroker.telemetry.gpus import aliases as _aliases
 from gpubroker.telemetry.gpus import backend_gpus, gpu_key
 
 
-def capacities(config: Config, snapshot: TelemetrySnapshot | None) -> dict[str, int | None]:
-    """Usable bytes per GPU key (None where unknown)."""
+def capacities(
+    config: Config, snapshot: TelemetrySnapshot | None, *, less_reserve: bool = True
+) -> dict[str, int | None]:
+    """Usable bytes per GPU key (None where unknown); the card's whole memory with
+    ``less_reserve`` false."""
     aliases = _aliases(snapshot)
     totals = {str(g.index): g.memory_total for g in snapshot.gpus} if snapshot else {}
     declared = {gpu_key(g.id, aliases): g for g in config.gpus} if config.gpus != "auto" else {}
@@ -33,7 +36,7 @@ def capacities(config: Config, snapshot: TelemetrySnapshot | None) -> dict[str, 
     for key in sorted(keys):
         spec = declared.get(key)
         total = spec.memory if spec and spec.memory is not None else totals.get(key)
-        reserve = spec.reserve if spec else 0
+        reserve = spec.reserve if spec and less_reserve else 0
         out[key] = None if total is None else max(0, total - reserve)
     return out
 

@@ -26,14 +26,22 @@ commit fb30760: server/sched.go, server/routes.go, api/types.go, envconfig/confi
   name is not an IP of ours, ``localhost``, this host's name or ``*.localhost``/``.local``/
   ``.internal`` gets 403; the port is never looked at) and the CORS Origin allow-list of
   ``envconfig.AllowedOrigins`` (``origins`` = ``OLLAMA_ORIGINS``);
-- ``/api/*`` stream NDJSON, ``/v1/*`` stream SSE ending in ``[DONE]``.
+- ``/api/*`` stream NDJSON, ``/v1/*`` stream SSE ending in ``[DONE]``;
+- a loaded runner is reused only while the request's runner options match the ones it was
+  loaded with (``(*runnerRef).needsReload``): a different ``num_ctx``, ``num_batch``,
+  ``num_gpu``... expires it (once its requests end) and loads the model again;
+- a model is a fixed footprint (a plain byte count) or a
+  :class:`~gpubroker.sim.ollama_models.SimModel`, whose runner takes its weights plus a KV
+  cache at the runner's context (:mod:`gpubroker.sim.ollama_models` has the sizing, the
+  options and ``/api/show``'s ``model_info``); ``/api/tags`` lists the weights, ``/api/ps``
+  the runner's ``size``, ``size_vram`` and ``context_length``.
 
 Each model is allocated on the GPU under owner ``owner`` (default ``"ollama"``) and tag = the
 model's full name.
 
-Not reproduced: pull/push/create, per-request option changes forcing a reload, the VRAM
-recovery wait after an unload, the host's own interface addresses in the Host check,
-``OLLAMA_MAX_QUEUE``, ``/v1/responses``, ``/v1/messages`` and ``/v1/audio/transcriptions``.
+Not reproduced: pull/push/create, the VRAM recovery wait after an unload, the host's own
+interface addresses in the Host check, ``OLLAMA_MAX_QUEUE``, ``/v1/responses``,
+``/v1/messages`` and ``/v1/audio/transcriptions``.
 A test-only option ``options.sim_error_after: N`` ends a stream after N tokens with an
 ``{"error"}`` line, the way Ollama reports a runner failure mid-stream.
 """
@@ -47,7 +55,7 @@ import re
 import socket
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
@@ -60,6 +68,19 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpubroker.sim.gpu import OutOfMemory, SimGPU
+from gpubroker.sim.ollama_models import (
+    Entry,
+    RunnerOptions,
+    capabilities,
+    default_context,
+    footprint,
+    model_info,
+    needs_reload,
+    parameters_text,
+    runner_options,
+    slots_of,
+    weights_of,
+)
 from gpubroker.sim.service import Changed, EmulatedService
 from gpubroker.sim.wire import (
     EVENT_STREAM,
@@ -81,7 +102,6 @@ from gpubroker.sim.wire import (
 
 VERSION = "0.12.6"
 DEFAULT_NUM_PREDICT = 8
-CONTEXT_LENGTH = 4096
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {
@@ -156,6 +176,9 @@ class _Runner:
     size: int
     session: float
     expires_mono: float
+    options: RunnerOptions
+    context_length: int
+    weights: int
     vram: int = 0
     """Bytes on the GPU: ``size`` unless llama-server had to put layers on the CPU."""
     state: Literal["loading", "loaded", "unloading"] = "loading"
@@ -173,7 +196,7 @@ class _Pending:
 
     name: str
     keep_alive: float | None
-    num_gpu: int | None = None
+    options: RunnerOptions
     done: anyio.Event = field(default_factory=anyio.Event)
     runner: _Runner | None = None
     error: str | None = None
@@ -187,7 +210,7 @@ class OllamaEmulator(EmulatedService):
     def __init__(
         self,
         gpu: SimGPU,
-        models: dict[str, int],
+        models: Mapping[str, Entry],
         *,
         load_seconds: float = 0.05,
         unload_seconds: float = 0.02,
@@ -198,10 +221,17 @@ class OllamaEmulator(EmulatedService):
         num_predict: int = DEFAULT_NUM_PREDICT,
         owner: str = "ollama",
         origins: Sequence[str] = (),
+        context_length: int = 0,
+        kv_cache_type: str = "",
     ) -> None:
         self.origins = tuple(origins)
         """``OLLAMA_ORIGINS``: extra browser origins allowed on top of the loopback ones."""
-        self.models = {_full_name(n): size for n, size in models.items()}
+        self.models: dict[str, Entry] = {_full_name(n): entry for n, entry in models.items()}
+        """Model -> a fixed footprint in bytes, or a :class:`SimModel` sized at its context."""
+        self.context_length = context_length
+        """``OLLAMA_CONTEXT_LENGTH``: the default num_ctx; 0 for the VRAM-tier default."""
+        self.kv_cache_type = kv_cache_type
+        """``OLLAMA_KV_CACHE_TYPE`` (f16 when empty)."""
         self.load_seconds = load_seconds
         self.unload_seconds = unload_seconds
         self.token_interval = token_interval
@@ -215,6 +245,8 @@ class OllamaEmulator(EmulatedService):
         """How many times a model was unloaded from the GPU."""
         self.cpu_offloads = 0
         """Loads that did not fit in free VRAM and ran partly on the CPU: a broker fault."""
+        self.reloads = 0
+        """Runners expired because a request asked for other runner options (num_ctx...)."""
         self._runners: dict[str, _Runner] = {}
         self._pending: deque[_Pending] = deque()
         self._pending_changed = Changed()
@@ -248,18 +280,28 @@ class OllamaEmulator(EmulatedService):
     async def _schedule(self, p: _Pending) -> None:
         while (runner := self._runners.get(p.name)) is not None:
             if runner.state != "unloading":
-                self._grant(p, runner)
-                return
+                if not needs_reload(runner.options, p.options):
+                    self._grant(p, runner)
+                    return
+                # processPending: a runner that needs a reload is expired like a victim and
+                # the request waits for it to be gone (after its requests end).
+                self.reloads += 1
+                self._expire(runner)
             await runner.gone.wait()
-        await self._make_room(self.models[p.name])
-        size = self.models[p.name]
+        entry = self.models[p.name]
+        fp = footprint(entry, p.options, parallel=self.num_parallel, cache_type=self.kv_cache_type)
+        await self._make_room(fp.predicted)
+        size = fp.total
         session = self._session(p.keep_alive)
         runner = _Runner(
             p.name,
             size,
             session,
             anyio.current_time() + session,
-            slots=anyio.Semaphore(self.num_parallel),
+            options=p.options,
+            context_length=fp.context_length,
+            weights=weights_of(entry),
+            slots=anyio.Semaphore(slots_of(entry, self.num_parallel)),
         )
         self._runners[p.name] = runner
         started = anyio.current_time()
@@ -267,9 +309,10 @@ class OllamaEmulator(EmulatedService):
         # server/sched.go: (*Scheduler).load with requireFull=false (nothing of ours is left to
         # evict): llama-server fits the layers it can on the GPU, the rest runs on the CPU.
         # Only layers demanded on the GPU (num_gpu > 0) make the runner die of an OOM.
-        if p.num_gpu == 0:
+        num_gpu = p.options.num_gpu if p.options.num_gpu >= 0 else None
+        if num_gpu == 0:
             vram = 0
-        elif p.num_gpu is not None or size <= self.gpu.free_bytes:
+        elif num_gpu is not None or size <= self.gpu.free_bytes:
             vram = size
         else:
             vram = max(0, self.gpu.free_bytes)
@@ -282,7 +325,7 @@ class OllamaEmulator(EmulatedService):
             p.error = f"llama runner process has terminated: {exc}"
             p.done.set()
             return
-        if vram < size and p.num_gpu != 0:
+        if vram < size and num_gpu != 0:
             self.cpu_offloads += 1
         self.loads += 1
         runner.vram = vram
@@ -357,11 +400,19 @@ class OllamaEmulator(EmulatedService):
     def _session(self, keep_alive: float | None) -> float:
         return self.default_keep_alive if keep_alive is None else keep_alive
 
-    async def _acquire(
-        self, name: str, keep_alive: float | None, num_gpu: int | None = None
-    ) -> _Pending:
+    def _options(self, name: str, options: Any = None) -> RunnerOptions:
+        """The runner options a request with ``options`` asks for (server/routes.go
+        modelOptions); ``options`` that are not an object count as none."""
+        return runner_options(
+            self.models[name],
+            options if isinstance(options, dict) else {},
+            default_ctx=default_context(self.gpu.total, self.context_length),
+            parallel=self.num_parallel,
+        )
+
+    async def _acquire(self, name: str, keep_alive: float | None, options: Any = None) -> _Pending:
         """Queue for the scheduler; return the granted pending request (runner held)."""
-        p = _Pending(name, keep_alive, num_gpu)
+        p = _Pending(name, keep_alive, self._options(name, options))
         self.require_running()
         self._pending.append(p)
         self._pending_changed.notify()
@@ -433,11 +484,11 @@ class OllamaEmulator(EmulatedService):
                         "name": name,
                         "model": name,
                         "modified_at": modified,
-                        "size": size,
+                        "size": weights_of(entry),
                         "digest": digest_of(name),
-                        "details": _details(size),
+                        "details": _details(weights_of(entry)),
                     }
-                    for name, size in sorted(self.models.items())
+                    for name, entry in sorted(self.models.items())
                 ]
             }
         )
@@ -460,10 +511,10 @@ class OllamaEmulator(EmulatedService):
                     "model": name,
                     "size": r.size,
                     "digest": digest_of(name),
-                    "details": _details(r.size),
+                    "details": _details(r.weights),
                     "expires_at": iso_local(expires),
                     "size_vram": r.vram,
-                    "context_length": CONTEXT_LENGTH,
+                    "context_length": r.context_length,
                 }))  # fmt: skip
         # server/routes.go: (*Server).PsHandler — longest time left first.
         entries.sort(key=lambda e: e[0], reverse=True)
@@ -476,15 +527,16 @@ class OllamaEmulator(EmulatedService):
         name = self._resolve(body.get("model") or body.get("name"))
         if isinstance(name, Response):
             return name
+        entry = self.models[name]
         return JSONResponse(
             {
                 "license": "",
                 "modelfile": f"FROM {name}\n",
-                "parameters": "",
+                "parameters": parameters_text(entry),
                 "template": "{{ .Prompt }}",
-                "details": _details(self.models[name]),
-                "model_info": {"general.architecture": "llama", "llama.context_length": 131072},
-                "capabilities": ["completion", "embedding"],
+                "details": _details(weights_of(entry)),
+                "model_info": model_info(entry),
+                "capabilities": capabilities(entry),
                 "modified_at": iso_local(utc_now()),
             }
         )
@@ -522,9 +574,10 @@ class OllamaEmulator(EmulatedService):
             if (runner := self._runners.get(name)) is not None:
                 self._expire(runner)
             return JSONResponse(_native_done(model, chat, "unload"))
-        options = body.get("options") or {}
+        options = body.get("options")
+        options = options if isinstance(options, dict) else {}
         try:
-            p = await self._acquire(name, keep_alive, _num_gpu(options))
+            p = await self._acquire(name, keep_alive, options)
         except LoadFailed as exc:
             return JSONResponse({"error": str(exc)}, status_code=500)
         assert p.runner is not None
@@ -594,7 +647,9 @@ class OllamaEmulator(EmulatedService):
         raw = body.get("input")
         inputs = [raw] if isinstance(raw, str) else list(raw or [])
         inputs = [text for text in inputs if text]
-        result = await self._embed_texts(name, body.get("keep_alive"), inputs)
+        result = await self._embed_texts(
+            name, body.get("keep_alive"), inputs, options=body.get("options")
+        )
         if isinstance(result, Response):
             return result
         return JSONResponse(
@@ -614,7 +669,9 @@ class OllamaEmulator(EmulatedService):
         if isinstance(name, Response):
             return name
         prompt = body.get("prompt") or ""
-        result = await self._embed_texts(name, body.get("keep_alive"), [prompt] if prompt else [])
+        result = await self._embed_texts(
+            name, body.get("keep_alive"), [prompt] if prompt else [], options=body.get("options")
+        )
         if isinstance(result, Response):
             return result
         return JSONResponse({"embedding": result[0] if result else []})
@@ -625,11 +682,12 @@ class OllamaEmulator(EmulatedService):
         keep_alive_raw: Any,
         inputs: list[str],
         error: Callable[[int, str], Response] | None = None,
+        options: Any = None,
     ) -> list[list[float]] | Response:
         error = error or (lambda status, msg: JSONResponse({"error": msg}, status_code=status))
         try:
             keep_alive = parse_keep_alive(keep_alive_raw)
-            p = await self._acquire(name, keep_alive)
+            p = await self._acquire(name, keep_alive, options)
         except BadRequest as exc:
             return error(400, str(exc))
         except LoadFailed as exc:
@@ -814,14 +872,6 @@ async def _body(request: Request) -> tuple[dict[str, Any], Response | None]:
     if not isinstance(body, dict):
         return {}, JSONResponse({"error": "request body must be a JSON object"}, status_code=400)
     return body, None
-
-
-def _num_gpu(options: dict[str, Any]) -> int | None:
-    """``options.num_gpu`` when the client set it (-1, Ollama's "auto", counts as unset)."""
-    value = options.get("num_gpu")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return None
-    return value
 
 
 _LOCAL_SUFFIXES = (".localhost", ".local", ".internal")

@@ -47,6 +47,9 @@ class StrategyContext:
     unload_timeout: float
     supervisor: Supervisor | None = None
     """The managed workers' supervisor (``command:`` backends); None where there is none."""
+    gpu_memory: int | None = None
+    """Total bytes of the GPUs the backend runs on, where known (telemetry or ``gpus:``):
+    some services size their defaults by it (Ollama's context length)."""
 
 
 @dataclass(frozen=True, slots=True)

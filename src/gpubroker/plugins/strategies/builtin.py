@@ -1,7 +1,9 @@
 """Builtin unload strategies, registered through the same hook a plugin uses.
 
-Each follows the service's own API as documented in shared/BACKENDS.md. The broker bounds every
+Each follows the service's own API, as its docstring names it. The broker bounds every
 call with ``unloadTimeout``, so the confirmation polls below simply poll until done.
+``OllamaStrategy`` and ``ComfyUIStrategy`` live in modules of their own and are importable
+from this one too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from gpubroker.plugins.strategies.base import Strategy
 from gpubroker.plugins.strategies.calls import POLL_INTERVAL, poll_until
 from gpubroker.plugins.strategies.calls import json_call as _json
 from gpubroker.plugins.strategies.comfyui import ComfyUIStrategy
+from gpubroker.plugins.strategies.ollama import OllamaStrategy
 
 __all__ = [
     "POLL_INTERVAL",
@@ -22,45 +25,6 @@ __all__ = [
     "VLLMStrategy",
     "poll_until",
 ]
-
-
-class OllamaStrategy(Strategy):
-    """Unload every model in ``/api/ps`` with ``keep_alive: 0``, then wait until ps is empty.
-
-    Ollama replies to ``keep_alive: 0`` at once but unloads only after its running requests end
-    (server/sched.go: expireRunner, processCompleted), so the reply proves nothing: ``/api/ps``
-    is the confirmation; a runner being killed keeps ps from answering until it is gone. A
-    model that is still *loading* is not in ps at all (it sits in the scheduler's
-    ``activeLoading``), so ps cannot confirm that nothing is on its way in: the broker's
-    telemetry check after an unload is what catches that.
-    """
-
-    name = "ollama"
-    description = "Ollama: keep_alive 0 for each loaded model, confirmed through /api/ps"
-    # server/routes.go allowedHostsMiddleware: on a loopback listener Ollama answers 403 to a
-    # Host *name* other than localhost, its hostname or *.local/.internal/.localhost, so a
-    # client that reached the broker by DNS name would be refused; its Origin check (CORS)
-    # still sees the browser's Origin, exactly as it would directly.
-    host_header = "upstream"
-
-    async def _loaded(self) -> list[str]:
-        data = await _json(self.client, "GET", "/api/ps")
-        return [m.get("name") or m.get("model") for m in (data or {}).get("models", [])]
-
-    async def unload(self) -> None:
-        models = await self._loaded()
-        for model in models:
-            await _json(
-                self.client, "POST", "/api/generate", json={"model": model, "keep_alive": 0}
-            )
-
-        async def gone() -> bool:
-            return not await self._loaded()
-
-        await poll_until(gone)
-
-    async def resident(self) -> bool | None:
-        return bool(await self._loaded())
 
 
 class VLLMStrategy(Strategy):
