@@ -182,9 +182,10 @@ async def test_what_does_not_fit_evicts_only_the_needed_victim_never_a_pinned_on
             st = await status(client, ep.status_url)
             used = gpu.used
     assert to_c.status_code == 200
-    assert to_c.headers["x-gpubroker-swap"].startswith("evicted=a; to=c;")  # lowest prio, LRU
+    # Ollama's models are units of their own under budget: the header names the model's unit
+    assert to_c.headers["x-gpubroker-swap"].startswith("evicted=a/a:latest; to=c/c:latest;")
     assert back_to_a.status_code == 200
-    assert back_to_a.headers["x-gpubroker-swap"].startswith("evicted=b; to=a;")  # b older than c
+    assert back_to_a.headers["x-gpubroker-swap"].startswith("evicted=b/b:latest; to=a/a:latest;")
     assert {n: e.unloads for n, e in emus.items()} == {"pin": 0, "hi": 0, "a": 1, "b": 1, "c": 0}
     assert st["swapCount"] == 2
     states = {n: b["state"] for n, b in st["backends"].items()}
@@ -228,7 +229,7 @@ async def test_vllm_is_slept_not_unloaded_when_it_is_the_cheapest_victim() -> No
     assert asleep == (True, 8 * GiB, True)  # slept: weights in host RAM, process still up
     assert chat_unloads == 0  # the dearer victim was spared
     assert answer.status_code == 200 and "garbage" not in answer.text
-    assert answer.headers["x-gpubroker-swap"].startswith("evicted=chat; to=vllm;")  # LRU
+    assert answer.headers["x-gpubroker-swap"].startswith("evicted=chat/llama3.1:8b; to=vllm;")
     assert not vllm.is_sleeping and st["backends"]["vllm"]["state"] == "resident"
     assert vllm.sleep_with_inflight == 0 and vllm.requests_while_asleep == 0
     assert gpu.oom_count == 0 and chat_emu.cpu_offloads == 0

@@ -407,7 +407,7 @@ def read(
         backends.append(
             BackendView(
                 name=b.name,
-                state=sched.state(b.name),
+                state=sched.backend_state(b.name),
                 owner=owner == b.name,
                 active=sched.active(b.name),
                 in_flight=sched.in_flight(b.name),

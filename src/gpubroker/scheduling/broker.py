@@ -250,6 +250,10 @@ class Broker:
             placed = Placed(spec.name, model=spec.model)
         else:
             placed = await self.units.place(backend, method, path, body)
+        if placed.need == 0:  # it asks for no memory (an unload request): nothing to place
+            self.record_passthrough(backend)
+            yield Grant(0, backend, 0.0, None)
+            return
         lease = next(self._ids)
         now = self.clock()
         pending = _Pending()

@@ -26,7 +26,7 @@ import anyio
 from gpubroker.config.model import Config
 from gpubroker.plugins.strategies.base import Demand, Strategy
 from gpubroker.scheduling.effects import Effect
-from gpubroker.scheduling.scheduler import BackendSpec, Scheduler, State
+from gpubroker.scheduling.scheduler import BackendSpec, Scheduler, Source, State
 
 log = logging.getLogger("gpubroker.scheduling.units")
 
@@ -73,19 +73,25 @@ def model_spec(
     exclusive: frozenset[str] = frozenset(),
 ) -> BackendSpec:
     """A model unit of the backend whose own unit is ``base``: its GPUs, priority, costs and
-    limits; its own footprint (declared, else learned, else unknown) and rules."""
-    need, source = (
-        (declared, "declared")
-        if declared is not None
-        else ((learned, "measured") if learned is not None else (None, "unknown"))
-    )
+    limits; its own rules; its footprint: the model's declared ``vram``, else the one learned
+    on an earlier run, else the backend's declared ``vram`` (the worst case its user stated),
+    else unknown."""
+    source: Source
+    if declared is not None:
+        need, source = declared, "declared"
+    elif learned is not None:
+        need, source = learned, "measured"
+    elif base.need is not None and base.source == "declared":
+        need, source = base.need, "declared"
+    else:
+        need, source = None, "unknown"
     return replace(
         base,
         name=unit_name(base.name, model),
         group=base.name,
         model=model,
         need=need,
-        source=source,  # type: ignore[arg-type]
+        source=source,
         pinned=base.pinned or pinned,
         exclusive=base.exclusive | exclusive,
     )
@@ -97,7 +103,7 @@ class Placed:
     unit freed first), the model it names and the files it loads."""
 
     unit: str
-    need: int | None = None
+    need: int | None = None  # 0: it takes no memory at all (an unload request)
     fresh: int | None = None
     model: str | None = None
     parts: tuple[str, ...] = ()
