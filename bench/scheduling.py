@@ -31,6 +31,11 @@ wait (``X-GPUBroker-Queue-Ms``), completion and errors; for ComfyUI completion i
 Targets (issue 4), checked at the end; the exit status is 1 when one is missed:
 on (a) and (c) budget makes at least 2x fewer swaps and has a lower p95 wait than exclusive; on
 every trace and policy 0 OOMs, 0 errors and max wait within ``MAX_WAIT_BOUND``.
+
+Model-level residency (issue 14) is measured by ``bench/replay.py``: the pure scheduler on a
+simulated clock, a day of traffic in seconds, our rule against the peers' (LRU, Ollama's,
+Lemonade's, one at a time). The household run through real sockets joins this file once the
+Ollama strategy places models one by one.
 """
 
 from __future__ import annotations
