@@ -315,3 +315,23 @@ def test_random_traces_never_overcommit_and_serve_everyone(seed: int) -> None:
     assert all(e.code == "never_fits" for e in refused.values())
     assert not h.sched.queue, "a request starved"
     assert admitted | set(refused) == set(range(1, n))
+
+
+def test_a_second_waiter_behind_a_draining_plan_leaves_no_past_deadline() -> None:
+    # Found by bench/replay.py: the broker's clock loop would have ticked without pause.
+    sched = Scheduler([BackendSpec(n) for n in "abc"], policy="exclusive", hold_time=10.0)
+    for n in "abc":
+        sched.reconciled(n, n == "a")
+    h = Harness(sched)
+    h.request(1, "a")
+    h.now = 1.0
+    h.request(2, "b")
+    h.now = 2.0
+    h.request(3, "c")
+    h.now = 11.0
+    h.feed(sched.tick(h.now))  # b's plan drains a, still serving lease 1
+    deadline = sched.next_deadline()
+    assert deadline is None or deadline > h.now
+    h.release(1)
+    h.run_io()
+    assert 2 in h.admitted()

@@ -221,6 +221,7 @@ class Scheduler:
         self.swap_count = 0
         self.last_swap_at: float | None = None
         self._wake_at: float | None = None  # minimum-residency or idle-timeout deadline
+        self._pumped_at = float("-inf")  # when the queue was last pumped
         self._ids = itertools.count(1)
 
     # --- units --------------------------------------------------------------------------
@@ -378,7 +379,9 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """When ``tick`` next has something to do."""
         times = [w.since + self.queue_timeout for w in self.queue]
-        times += self.hold_until.values()
+        # A hold already past (a waiter behind another plan on its GPU) needs no tick: the
+        # plan's own end pumps the queue again.
+        times += (t for t in self.hold_until.values() if t > self._pumped_at)
         if self._wake_at is not None:
             times.append(self._wake_at)
         for s in self.slots.values():
@@ -715,6 +718,7 @@ class Scheduler:
 
     def _pump(self, now: float) -> list[Effect]:
         """Admit what may be admitted; make room where a waiter needs it."""
+        self._pumped_at = now
         effects: list[Effect] = []
         for plan in list(self.plans.values()):
             effects += self._drain_progress(plan, now)
