@@ -3,21 +3,27 @@ GPU, under ``policy: budget``, with footprints declared per model file."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
+import ollama
 import pytest
 
+from gpubroker.scheduling.scheduler import State
 from gpubroker.sim import (
     ComfyUIEmulator,
     GenericEmulator,
     GiB,
+    OllamaEmulator,
     SimGPU,
     flux_workflow,
     running,
     simple_workflow,
 )
+from gpubroker.sim.ollama_models import SimModel
 from gpubroker.testing import broker_running, make_config
 
 pytestmark = pytest.mark.anyio
@@ -84,3 +90,110 @@ async def test_a_workflow_whose_files_would_not_fit_beside_the_cache_frees_comfy
             assert "sdxl.safetensors" not in comfy.cached
             assert embed.loaded, "the embedder was evicted, though only ComfyUI's cache had to go"
             assert gpu.oom_count == 0
+
+
+def sized(gib: float) -> SimModel:
+    return SimModel(int(gib * GiB))
+
+
+async def ollama_status(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    return (await client.get(url + "/")).json()
+
+
+async def test_ollama_models_are_placed_one_by_one_and_only_what_is_needed_goes() -> None:
+    gpu = SimGPU(16 * GiB)  # Ollama's default context on a card under 23 GiB: 4096
+    emu = OllamaEmulator(gpu, {"small": sized(2), "mid": sized(4), "big": sized(7)})
+    async with running(emu.app) as o, httpx.AsyncClient(timeout=10) as client:
+        cfg = make_config(
+            {"ollama": {"upstream": o, "unloadStrategy": "ollama"}},
+            policy="budget",
+            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
+            minResidency=0,
+        )
+        async with broker_running(cfg) as ep, ollama.AsyncClient(host=ep.proxies["ollama"]) as oc:
+            await oc.generate(model="small", prompt="hi")
+            await anyio.sleep(0.01)
+            await oc.generate(model="mid", prompt="hi")
+            # small + mid fit together, each sized by its estimate (weights + KV at 4096)
+            assert sorted(emu.resident()) == ["mid:latest", "small:latest"]
+            st = await ollama_status(client, ep.status_url)
+            assert st["swapCount"] == 0 and st["backends"]["ollama"]["state"] == "resident"
+            # big beside both would pass 16 GiB; beside mid alone it fits: only small goes
+            reply = await oc.generate(model="big", prompt="hi")
+            assert reply.response
+            assert sorted(emu.resident()) == ["big:latest", "mid:latest"]
+            [swap] = (await ollama_status(client, ep.status_url))["swaps"]
+            assert swap["evicted"] == ["ollama/small:latest"] and swap["to"] == "ollama/big:latest"
+    assert gpu.oom_count == 0 and emu.cpu_offloads == 0
+
+
+async def test_a_longer_context_counts_its_kv_cache_and_makes_room_for_it() -> None:
+    gpu = SimGPU(16 * GiB)
+    emu = OllamaEmulator(gpu, {"chat": sized(4.5), "other": sized(4.5)})
+    async with running(emu.app) as o:
+        cfg = make_config(
+            {"ollama": {"upstream": o, "unloadStrategy": "ollama"}},
+            policy="budget",
+            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
+            minResidency=0,
+        )
+        async with broker_running(cfg) as ep, ollama.AsyncClient(host=ep.proxies["ollama"]) as oc:
+            await oc.generate(model="other", prompt="hi")
+            await anyio.sleep(0.01)
+            await oc.generate(model="chat", prompt="hi")
+            assert sorted(emu.resident()) == ["chat:latest", "other:latest"]
+            # 65536 tokens of an 8B-shaped model's f16 KV cache: 8 GiB more; both no longer fit
+            reply = await oc.generate(model="chat", prompt="hi", options={"num_ctx": 65536})
+            assert reply.response
+            assert sorted(emu.resident()) == ["chat:latest"]
+    assert gpu.oom_count == 0 and emu.cpu_offloads == 0
+
+
+async def test_footprints_learned_on_one_run_size_the_next(tmp_path: Path) -> None:
+    gpu = SimGPU(16 * GiB)
+    emu = OllamaEmulator(gpu, {"chat": 5 * GiB})  # a fixed size: nothing to estimate it by
+    async with running(emu.app) as o:
+        cfg = make_config(
+            {"ollama": {"upstream": o, "unloadStrategy": "ollama"}},
+            policy="budget",
+            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
+            stateDir=str(tmp_path),
+            telemetryInterval=0.1,
+        )
+        async with broker_running(cfg) as ep, ollama.AsyncClient(host=ep.proxies["ollama"]) as oc:
+            await oc.generate(model="chat", prompt="hi")
+            assert ep.broker is not None
+            sched = ep.broker.sched
+            with anyio.fail_after(5):  # unknown at first (the whole card); /api/ps tells
+                while sched.footprint("ollama/chat:latest", "0")[1] != "measured":
+                    await anyio.sleep(0.02)
+            assert sched.footprint("ollama/chat:latest", "0")[0] == 5 * GiB
+        saved = json.loads((tmp_path / "footprints.json").read_text())
+        assert saved["footprints"]["ollama/chat:latest"]["bytes"] == 5 * GiB
+        async with broker_running(cfg) as ep:  # restarted: the model is known before any use
+            assert ep.broker is not None
+            with anyio.fail_after(5):
+                while "ollama/chat:latest" not in ep.broker.sched.slots:
+                    await anyio.sleep(0.02)
+            assert ep.broker.sched.slots["ollama/chat:latest"].spec.need == 5 * GiB
+
+
+async def test_a_model_ollama_lets_go_by_itself_is_seen_absent() -> None:
+    gpu = SimGPU(16 * GiB)
+    emu = OllamaEmulator(gpu, {"chat": sized(2)})
+    async with running(emu.app) as o:
+        cfg = make_config(
+            {"ollama": {"upstream": o, "unloadStrategy": "ollama"}},
+            policy="budget",
+            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
+            telemetryInterval=0.1,
+        )
+        async with broker_running(cfg) as ep, ollama.AsyncClient(host=ep.proxies["ollama"]) as oc:
+            await oc.generate(model="chat", prompt="hi", keep_alive=0.2)
+            assert ep.broker is not None
+            sched = ep.broker.sched
+            assert sched.state("ollama/chat:latest") is State.RESIDENT
+            with anyio.fail_after(5):  # its keep_alive ran out: Ollama unloaded it
+                while sched.state("ollama/chat:latest") is not State.ABSENT:
+                    await anyio.sleep(0.02)
+            assert sched.backend_state("ollama") is State.ABSENT

@@ -34,6 +34,7 @@ A unit moves through these states::
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -269,9 +270,10 @@ class Scheduler:
             return cap if cap is not None else 1
         slot = self.slots[backend]
         known = [n for n in (slot.spec.need, slot.estimate, need) if n is not None]
-        if not known:
-            return cap
-        return max(*known, slot.measured.get(gpu, 0))
+        held = slot.measured.get(gpu)
+        if not known and (held is None or slot.state not in HOLDS_VRAM):
+            return cap  # what it held before it left is no measure of what it will
+        return max([*known, held or 0])
 
     def footprint(self, unit: str, gpu: str) -> tuple[int, str]:
         """What ``unit`` is planned to take on ``gpu`` and where that figure comes from:
@@ -298,6 +300,13 @@ class Scheduler:
             return cap if cap is not None else 1
         known = [n for n in (self.slots[unit].spec.need, need) if n is not None]
         return max(known) if known else cap
+
+    def learned(self, unit: str, nbytes: int) -> None:
+        """What ``unit`` was measured to take while resident becomes its footprint for later
+        loads, unless one is declared."""
+        slot = self.slots[unit]
+        if slot.spec.source != "declared" and nbytes > 0:
+            slot.spec = dataclasses.replace(slot.spec, need=nbytes, source="measured")
 
     def unmanaged(self, gpu: str, nbytes: int, now: float) -> list[Effect]:
         """Telemetry saw processes no backend owns hold ``nbytes`` on ``gpu``. Under the budget

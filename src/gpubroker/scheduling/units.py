@@ -274,10 +274,15 @@ class Units:
         cache.loading.clear()
 
     def _learn(self, key: str, nbytes: int) -> None:
-        if nbytes <= self._learned.get(key, 0) or self.book is None:
+        """The most ``key`` was seen to take this run: its footprint from now on (a unit's in
+        the scheduler, unless declared) and on the next start (the book)."""
+        if nbytes <= self._learned.get(key, 0):
             return
         self._learned[key] = nbytes
-        self.book.record(key, nbytes)
+        if key in self.sched.slots:
+            self.sched.learned(key, nbytes)
+        if self.book is not None:
+            self.book.record(key, nbytes)
 
     async def save(self) -> None:
         if self.book is not None:
