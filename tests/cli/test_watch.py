@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import socket
 import time
@@ -172,6 +173,73 @@ def test_render_shows_every_section() -> None:
     assert "6.0 GiB" in row and "9.0 GiB" in row  # declared next to measured
     bars = (0.75, 0.87, 312.5 / 450)  # VRAM, utilisation, power
     assert text.count("█") == sum(round(f * dashboard.BAR) for f in bars)
+
+
+def with_units() -> dict[str, Any]:
+    """STATUS from a broker that shows units: ollama's models, each GPU's plan, why swaps ran."""
+    status = copy.deepcopy(STATUS)
+    unit = {"active": 0, "queued": 0, "measuredBytes": None}
+    status["backends"]["ollama"]["units"] = [
+        {**unit, "name": "ollama/llama3:8b", "model": "llama3:8b", "state": "resident",
+         "vramBytes": 9 * GiB, "vramSource": "measured", "measuredBytes": 9 * GiB, "active": 1},
+        {**unit, "name": "ollama/qwen2:0.5b", "model": "qwen2:0.5b", "state": "draining",
+         "vramBytes": GiB, "vramSource": "learned"},
+        {**unit, "name": "ollama/gemma:27b", "model": "gemma:27b", "state": "absent",
+         "vramBytes": 17 * GiB, "vramSource": "declared"},
+    ]  # fmt: skip
+    status["backends"]["comfyui"]["units"] = [
+        {**unit, "name": "comfyui", "model": None, "state": "absent", "vramBytes": 7 * GiB,
+         "vramSource": "estimated", "queued": 1},
+    ]  # fmt: skip
+    status["gpuPlan"] = [
+        {"gpu": "0", "capacityBytes": 24 * GiB, "plannedBytes": 19 * GiB,
+         "unmanagedBytes": 9 * GiB},
+    ]  # fmt: skip
+    status["swaps"][0] |= {"evicted": ["ollama/gemma:27b", "comfyui"], "reason": "unmanaged"}
+    status["queue"][0]["unit"] = "comfyui"
+    return status
+
+
+def test_render_shows_each_unit_its_footprint_and_why_it_was_evicted() -> None:
+    text = render_text(render(with_units(), url=URL, now=1090.0), width=140)
+    lines = text.splitlines()
+
+    def line(part: str) -> str:
+        (found,) = [row for row in lines if part in row]
+        return found
+
+    llama = line("  llama3:8b")
+    assert "resident" in llama and "9.0 GiB measured" in llama  # size, and where it comes from
+    assert "draining" in line("  qwen2:0.5b") and "1.0 GiB learned" in line("  qwen2:0.5b")
+    assert not [row for row in lines if "  gemma:27b" in row]  # absent: no line of its own
+    below = [lines.index(line(part)) for part in ("resident ★", "  llama3:8b", "  qwen2:0.5b")]
+    assert below == list(range(below[0], below[0] + 3))  # right under their backend's row
+    assert "7.0 GiB estimated" in line("estimated")  # a whole backend: on its own row
+    assert line("estimated").startswith("│ comfyui ")
+    assert "plan 19.0 GiB / 24.0 GiB   unmanaged 9.0 GiB" in text
+    swap = line("ollama/gemma:27b, comfyui → ollama")
+    assert "unmanaged" in swap.split("→")[1]  # the reason, beside the units that went
+    bars = (0.75, 0.87, 312.5 / 450)  # no bar of its own for the plan
+    assert text.count("█") == sum(round(f * dashboard.BAR) for f in bars)
+
+
+def test_the_plan_line_leaves_out_what_is_zero_or_unknown_and_shows_without_telemetry() -> None:
+    status = with_units()
+    status["gpuPlan"][0]["unmanagedBytes"] = 0
+    assert "unmanaged 0" not in render_text(render(status, url=URL), width=140)
+    quiet = {
+        "vramOwner": None,
+        "backends": {},
+        "telemetry": {"source": "none", "notice": "no NVIDIA driver found"},
+        "gpuPlan": [
+            {"gpu": "0", "capacityBytes": 24 * GiB, "plannedBytes": 6 * GiB,
+             "unmanagedBytes": None},
+            {"gpu": "1", "capacityBytes": None, "plannedBytes": None, "unmanagedBytes": None},
+        ],
+    }  # fmt: skip
+    text = render_text(render(quiet, url=URL))
+    assert "GPU 0 plan 6.0 GiB / 24.0 GiB" in text and "GPU 1" not in text  # unknown: no line
+    assert "GPUs" not in text
 
 
 def test_render_without_gpus_or_activity_is_short_and_honest() -> None:

@@ -178,7 +178,20 @@ async def test_the_view_is_python_units_and_what_the_json_and_metrics_say() -> N
     body = view.to_json()
     assert body["swaps"][0]["totalMs"] == round(view.swaps[0].total_s * 1000, 1)
     assert body["uptime"] == int(view.now - view.started_at)
+    assert [q.unit for q in view.queue] == [q.backend for q in view.queue]  # whole backends
+    assert view.swaps[0].reason == "request" and body["swaps"][0]["reason"] == "request"
+    # exclusive: each unit takes its whole GPU, and memory nobody owns is not planned with
+    (plan,) = body["gpuPlan"]
+    assert plan["unmanagedBytes"] is None and plan["capacityBytes"] == 16 * GiB
+    (comfy,) = body["backends"]["comfyui"]["units"]
+    assert comfy["name"] == "comfyui" and comfy["model"] is None
+    assert (comfy["state"], comfy["vramBytes"], comfy["vramSource"]) == (
+        "resident", 16 * GiB, "exclusive"
+    )  # fmt: skip
+    assert [u["name"] for u in body["backends"]["a"]["units"]] == ["a"]  # absent, yet its only
     assert 'gpubroker_backend_state{backend="comfyui",state="resident"} 1.0' in metrics
+    assert 'gpubroker_unit_state{backend="comfyui",model="",state="resident"} 1.0' in metrics
+    assert "gpubroker_unmanaged_vram_bytes{" not in metrics  # not counted: left out
     assert 'gpubroker_backend_up{backend="gone"} 0.0' in metrics
     assert 'gpubroker_backend_vram_measured_bytes{backend="a"} 0.0' in metrics
     assert 'gpubroker_backend_vram_declared_bytes{backend="a"} 2.147483648e+09' in metrics

@@ -23,10 +23,12 @@ from rich.text import Text
 from gpubroker.observe.schema import (
     BackendJson,
     GpuJson,
+    GpuPlanJson,
     LiveEntryJson,
     QueueEntryJson,
     StatusJson,
     SwapJson,
+    UnitJson,
     WarningJson,
 )
 from gpubroker.vram import GiB
@@ -110,10 +112,24 @@ def _header(data: StatusJson, url: str, error: str | None, stale_s: float | None
     return text
 
 
+def _plan_line(p: GpuPlanJson) -> Text | None:
+    """What the scheduler plans on a GPU, and the memory nobody owns where there is some."""
+    capacity, planned = p.get("capacityBytes"), p.get("plannedBytes")
+    if capacity is None or planned is None:
+        return None
+    text = Text(f"plan {_gib(planned)} / {_gib(capacity)}")
+    if unmanaged := p.get("unmanagedBytes"):
+        text.append(f"   unmanaged {_gib(unmanaged)}", style="yellow")
+    return text
+
+
 def _gpus(data: StatusJson) -> RenderableType | None:
     gpus: list[GpuJson] = data.get("gpus") or []
-    if not gpus:
-        return None
+    plans: dict[str, GpuPlanJson] = {p["gpu"]: p for p in data.get("gpuPlan") or []}
+    if not gpus:  # no telemetry: what the scheduler plans, where it knows the capacity
+        lines = [(k, _plan_line(p)) for k, p in plans.items()]
+        shown = [Text(f"GPU {k} ").append_text(line) for k, line in lines if line is not None]
+        return Group(*shown) if shown else None
     rows: list[RenderableType] = []
     for g in gpus:
         total, used = g.get("memoryTotal"), g.get("memoryUsed")
@@ -145,6 +161,9 @@ def _gpus(data: StatusJson) -> RenderableType | None:
             f"temp {_num(g.get('temperature'), '°C')}   fan {_num(g.get('fan'), '%')}   {clocks}"
         )
         rows += [title, vram, busy, power, other]
+        plan = plans.get(str(g["index"]))
+        if plan is not None and (line := _plan_line(plan)) is not None:
+            rows.append(line)
         procs = g.get("processes") or []
         if procs:
             table = Table(box=None, padding=(0, 2), show_edge=False)
@@ -166,6 +185,41 @@ def _gpus(data: StatusJson) -> RenderableType | None:
     return Panel(Group(*rows), title="GPUs", title_align="left")
 
 
+def _footprint(u: UnitJson) -> str:
+    """A unit's size when resident and where that figure comes from."""
+    size = u.get("vramBytes")
+    return "whole GPU" if size is None else f"{_gib(size)} {u.get('vramSource', '?')}"
+
+
+Row = tuple[RenderableType, ...]
+
+
+def _unit_rows(b: BackendJson) -> tuple[str, list[Row]]:
+    """The footprint on the backend's own row (its only unit's), or else a row below it for
+    each of its units holding memory: a model by its name, the backend's own unit as such."""
+    units: list[UnitJson] = b.get("units") or []
+    if len(units) == 1 and units[0].get("model") is None:
+        return _footprint(units[0]), []
+    rows: list[Row] = []
+    for u in units:
+        state = u.get("state", "?")
+        if state in ("absent", "asleep"):
+            continue
+        measured = u.get("measuredBytes")
+        rows.append(
+            (
+                f"  {u.get('model') or '(backend)'}",
+                Text(state, style="green" if state == "resident" else ""),
+                "",
+                "" if measured is None else _gib(measured),
+                _footprint(u),
+                str(u.get("active", 0)),
+                str(u.get("queued", 0)),
+            )
+        )
+    return "", rows
+
+
 def _backends(data: StatusJson) -> RenderableType:
     table = Table(title="Backends", title_justify="left", expand=False)
     for col, just in (
@@ -173,6 +227,7 @@ def _backends(data: StatusJson) -> RenderableType:
         ("state", "left"),
         ("declared", "right"),
         ("measured", "right"),
+        ("footprint", "left"),
         ("active", "right"),
         ("queued", "right"),
         ("GPU req", "right"),
@@ -190,17 +245,21 @@ def _backends(data: StatusJson) -> RenderableType:
         health_text = Text(status, style={"up": "green", "down": "red"}.get(status, "dim"))
         if health and "latencyMs" in health:
             health_text.append(f" {health['latencyMs']:.0f}ms", style="dim")
+        footprint, units = _unit_rows(b)
         table.add_row(
             name,
             state,
             _gib(b.get("declaredVram")),
             _gib(b.get("measuredVram")),
+            footprint,
             str(b.get("inFlight", b.get("active", 0))),
             str(b.get("queued", 0)),
             str(b.get("gpuRequests", 0)),
             str(b.get("passthroughRequests", 0)),
             health_text,
         )
+        for unit in units:
+            table.add_row(*unit)
     return table
 
 
@@ -215,10 +274,11 @@ def _requests(data: StatusJson) -> RenderableType | None:
     for col in ("id", "backend", "caller", "state", "path", "elapsed", "queued"):
         table.add_column(col, justify="right" if col in ("id", "elapsed", "queued") else "left")
     callers = {r["id"]: r.get("caller") or "" for r in everything if r.get("kind") != "job"}
-    for r in live:
+    for r in live:  # a lease on one model shows its unit, backend/model
         table.add_row(
-            str(r["id"]), r["backend"], callers.get(r["id"], ""), Text("in flight", style="green"),
-            r.get("path", ""), _ms(r.get("elapsedMs")), _ms(r.get("queuedMs")),
+            str(r["id"]), r.get("unit") or r["backend"], callers.get(r["id"], ""),
+            Text("in flight", style="green"), r.get("path", ""), _ms(r.get("elapsedMs")),
+            _ms(r.get("queuedMs")),
         )  # fmt: skip
     for j in jobs:  # the service's own queue (ComfyUI): GPU work after its request ended
         running = j.get("state") == "running"
@@ -229,7 +289,7 @@ def _requests(data: StatusJson) -> RenderableType | None:
         )  # fmt: skip
     for q in queue:
         table.add_row(
-            str(q["id"]), q["backend"], callers.get(q["id"], ""),
+            str(q["id"]), q.get("unit") or q["backend"], callers.get(q["id"], ""),
             Text(f"queued #{q['position']}", style="yellow"), "", _ms(q.get("waitedMs")), "",
         )  # fmt: skip
     return table
@@ -240,8 +300,8 @@ def _swaps(data: StatusJson, limit: int = 5) -> RenderableType | None:
     if not swaps:
         return None
     table = Table(title="Recent swaps", title_justify="left")
-    for col in ("at", "evicted → to", "drain", "unload", "load", "total"):
-        table.add_column(col, justify="left" if col in ("at", "evicted → to") else "right")
+    for col in ("at", "evicted → to", "why", "drain", "unload", "load", "total"):
+        table.add_column(col, justify="left" if col in ("at", "evicted → to", "why") else "right")
     for s in swaps:
         at = s.get("at") or ""
         try:
@@ -252,8 +312,8 @@ def _swaps(data: StatusJson, limit: int = 5) -> RenderableType | None:
         if s.get("failures"):
             moved += " (failures)"
         table.add_row(
-            at, moved, _ms(s.get("drainMs")), _ms(s.get("unloadMs")), _ms(s.get("loadMs")),
-            _ms(s.get("totalMs")),
+            at, moved, s.get("reason") or "", _ms(s.get("drainMs")), _ms(s.get("unloadMs")),
+            _ms(s.get("loadMs")), _ms(s.get("totalMs")),
         )  # fmt: skip
     return table
 

@@ -2,9 +2,9 @@
 
 Each broker has a registry of its own, never the process-global one, so tests and embedded
 brokers never collide. Gauges and counts the broker already keeps are read at scrape time, from
-one :mod:`~gpubroker.observe.readmodel` view; only what needs a distribution (queue wait, swap
-phases, first byte) is observed as events happen. A reading telemetry cannot give is left out,
-never exported as zero.
+one :mod:`~gpubroker.observe.readmodel` view; only what the broker does not keep (the queue wait,
+swap phases and first byte as distributions, evictions with why they happened) is observed as
+events happen. A reading telemetry cannot give is left out, never exported as zero.
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ from gpubroker.events import (
     Event,
     EventBus,
     FirstByte,
+    Freed,
     LeaseRefused,
+    SwapAbandoned,
+    SwapFailed,
+    SwapLoadFailed,
     Swapped,
+    SwapStarted,
     UnloadFailed,
 )
 from gpubroker.observe.alerts import ALERT_CODES
@@ -34,6 +39,8 @@ from gpubroker.scheduling.scheduler import State
 WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300)
 SWAP_BUCKETS = (0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300)
 PHASES = ("drain", "unload", "load", "total")
+REASONS = ("request", "admin", "idle", "unmanaged")  # why a plan frees units (SwapStarted)
+OPEN_SWAPS = 256  # reasons kept for swaps in progress; beyond, the oldest is forgotten
 
 # (metric suffix, help, GpuSample attribute, scale)
 _GPU_GAUGES = (
@@ -60,6 +67,7 @@ class _StateCollector(Collector):
         view = self.view()
         yield from _gpus(view)
         yield from _backends(view)
+        yield from _units(view)
         queue = GaugeMetricFamily("gpubroker_queue_length", "Requests waiting for the GPU")
         queue.add_metric([], len(view.queue))
         yield queue
@@ -152,6 +160,37 @@ def _backends(view: StatusView) -> Iterator[Metric]:
     yield from (by_kind, refused, errors, active, jobs, queued, state, up, declared, measured)
 
 
+def _units(view: StatusView) -> Iterator[Metric]:
+    """Each unit (a backend's own: model empty), and the memory nobody owns on each GPU."""
+    vram = GaugeMetricFamily(
+        "gpubroker_unit_vram_bytes",
+        "What each unit holding memory is planned to take, over its GPUs, and where that figure "
+        "comes from (declared, learned, estimated, measured, unknown, exclusive)",
+        labels=["backend", "model", "source"],
+    )
+    state = GaugeMetricFamily(
+        "gpubroker_unit_state",
+        "1 for each unit's scheduler state (model empty: the backend's own unit)",
+        labels=["backend", "model", "state"],
+    )
+    for u in (u for b in view.backends for u in b.units):
+        model = u.model or ""
+        for s in State:
+            state.add_metric([u.backend, model, s.value], 1 if s is u.state else 0)
+        if u.holds and u.vram is not None:
+            vram.add_metric([u.backend, model, u.source], u.vram)
+    unmanaged = GaugeMetricFamily(
+        "gpubroker_unmanaged_vram_bytes",
+        "GPU memory held by processes no backend owns, which the budget scheduler takes off "
+        "the GPU's capacity",
+        labels=["gpu"],
+    )
+    for p in view.gpu_plan:
+        if p.unmanaged is not None:
+            unmanaged.add_metric([p.gpu], p.unmanaged)
+    yield from (vram, state, unmanaged)
+
+
 class Metrics:
     """The registry for one broker, fed by its events."""
 
@@ -204,6 +243,14 @@ class Metrics:
             ["backend", "model", "caller"],
             registry=self.registry,
         )
+        self.evictions = Counter(
+            "gpubroker_evictions",
+            "Units freed by a swap, by why: request (room for a request), admin (an unload or "
+            "swap asked for), idle (idleTimeout), unmanaged (memory no backend owns grew)",
+            ["backend", "model", "reason"],
+            registry=self.registry,
+        )
+        self._reasons: dict[int, str] = {}  # swap id -> why, while it runs
         self._key_names = frozenset(k.name for k in broker.config.api_keys)
         for name in names:  # every series exists from the start, at zero
             self.queue_wait.labels(name)
@@ -212,9 +259,13 @@ class Metrics:
             self.oom_avoided.labels(name)
         for phase in PHASES:
             self.swap_duration.labels(phase)
+        for unit in broker.sched.slots.values():
+            for reason in REASONS:
+                self.evictions.labels(unit.spec.backend, unit.spec.model or "", reason)
         state = {} if health is None else health
         self.registry.register(_StateCollector(lambda: read(broker, monitor, state)))
-        bus.subscribe(self.on_event, (Admitted, FirstByte, Swapped, UnloadFailed, LeaseRefused))
+        kinds = (Admitted, FirstByte, LeaseRefused, SwapStarted, Freed, UnloadFailed, Swapped)
+        bus.subscribe(self.on_event, (*kinds, SwapFailed, SwapAbandoned, SwapLoadFailed))
 
     def on_event(self, event: Event) -> None:
         match event:
@@ -230,10 +281,27 @@ class Metrics:
                 )
                 for phase, seconds in phases:
                     self.swap_duration.labels(phase).observe(seconds)
+                self._reasons.pop(event.swap, None)
             case UnloadFailed():
                 self.unload_failures.labels(event.backend).inc()
+                if not event.holding:  # it failed, yet its memory is gone: it went all the same
+                    self._evicted(event.backend, event.model, event.swap)
             case LeaseRefused(status=507):
                 self.oom_avoided.labels(event.backend).inc()
+            case SwapStarted():
+                self._reasons[event.swap] = event.reason
+                while len(self._reasons) > OPEN_SWAPS:
+                    del self._reasons[next(iter(self._reasons))]
+            case Freed():
+                self._evicted(event.backend, event.model, event.swap)
+            case SwapFailed() | SwapAbandoned() | SwapLoadFailed():  # ends without "swapped"
+                self._reasons.pop(event.swap, None)
+
+    def _evicted(self, backend: str | None, model: str | None, swap: int) -> None:
+        """A unit a swap freed: counted once, when its memory went (a swap whose target then
+        fails to load evicted its victims all the same), with the reason its swap began for."""
+        reason = self._reasons.get(swap, "unknown")
+        self.evictions.labels(backend or "", model or "", reason).inc()
 
     def _count_request(self, event: Admitted) -> None:
         """Labels only of bounded sets: a configured key's name (never an address or what a

@@ -15,11 +15,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from gpubroker.observe.alerts import PINNED_TO_WRONG_GPU, Alert
 from gpubroker.observe.attribution import OwnedProcess
 from gpubroker.observe.monitor import Monitor
+from gpubroker.observe.residency import GpuPlanView, listed, plan, plan_json, unit_json, units_of
 from gpubroker.observe.schema import (
     BackendJson,
     GpuJson,
@@ -32,10 +33,18 @@ from gpubroker.observe.schema import (
     WarningJson,
     WorkerJson,
 )
+from gpubroker.observe.views import (
+    BackendView,
+    GpuView,
+    JobView,
+    LeaseView,
+    QueueView,
+    SwapView,
+    TelemetryView,
+    WorkerView,
+)
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.effects import SwapRecord
-from gpubroker.scheduling.scheduler import State
-from gpubroker.telemetry.base import GpuSample
 from gpubroker.workers.supervisor import Supervisor, WorkerState
 
 Health = Mapping[str, Mapping[str, Any]]
@@ -54,119 +63,6 @@ def _ms(seconds: float) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class LeaseView:
-    """A GPU request holding or awaiting a lease. Times: wall-clock seconds."""
-
-    id: int
-    backend: str
-    method: str
-    path: str  # without the query
-    since: float
-    admitted_at: float | None
-    caller: str | None = None  # who asked (a key's name, the client's own name, its address)
-    model: str | None = None  # the model asked for, where known
-
-
-@dataclass(frozen=True, slots=True)
-class JobView:
-    """A job in a service's own queue (ComfyUI); ``since`` None when nobody knows."""
-
-    id: str
-    backend: str
-    state: Literal["running", "pending"]
-    since: float | None
-    method: str
-    url: str
-
-
-@dataclass(frozen=True, slots=True)
-class QueueView:
-    position: int  # from 1
-    id: int
-    backend: str
-    waited_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class SwapView:
-    """One entry of the swap history, newest first in the view."""
-
-    at: float
-    to: str | None
-    evicted: tuple[str, ...]
-    drain_s: float
-    unload_s: float
-    load_s: float
-    total_s: float
-    failures: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class BackendView:
-    name: str
-    state: State
-    owner: bool  # OneGPU4All's single owner
-    active: int  # leases held
-    in_flight: int  # leases plus the service's own jobs
-    job_count: int  # the service's own jobs, as the scheduler counts them
-    jobs: tuple[JobView, ...] | None  # None: the service has no queue of its own
-    queued: int
-    upstream: str
-    proxy_port: int
-    strategy: str
-    gpu_requests: int
-    passthrough_requests: int
-    refused: int
-    upstream_errors: int
-    health: Mapping[str, Any]  # the prober's last result ({"status": "unknown"} before it)
-    gpus: tuple[str, ...]
-    declared_vram: int | None
-    measured_vram: int | None  # None: not traced, or a process would not say
-    measured_by_gpu: Mapping[str, int | None]  # empty: not traced
-
-    @property
-    def up(self) -> bool | None:
-        """What the health probe says (None: it says neither up nor down)."""
-        status = self.health.get("status")
-        return {"up": True, "down": False}.get(status) if isinstance(status, str) else None
-
-
-@dataclass(frozen=True, slots=True)
-class TelemetryView:
-    source: str
-    notice: str | None
-    error: str | None
-    taken_at: float
-    interval_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class GpuView:
-    sample: GpuSample
-    processes: tuple[OwnedProcess, ...]  # those on this GPU, with their owners
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerView:
-    """A managed worker as the supervisor knows it, with what telemetry adds."""
-
-    name: str
-    state: WorkerState
-    pid: int | None
-    adopted: bool
-    gpus: tuple[str, ...]
-    upstream: str
-    uptime_s: float | None  # while ready
-    restarts: int
-    last_exit: Mapping[str, Any] | None
-    error: str | None
-    log_tail: tuple[str, ...]  # admins only; kept once it failed
-    command: tuple[str, ...]  # admins only
-    vram: int | None  # what its processes hold, per telemetry
-    warnings: tuple[Alert, ...]  # pinned to the wrong GPU
-
-
-@dataclass(frozen=True, slots=True)
 class StatusView:
     """Everything shown, at one moment ``now`` (wall-clock seconds)."""
 
@@ -182,6 +78,7 @@ class StatusView:
     swaps: tuple[SwapView, ...]
     telemetry: TelemetryView | None  # None: no monitor
     gpus: tuple[GpuView, ...]
+    gpu_plan: tuple[GpuPlanView, ...]  # each GPU as the scheduler plans it
     processes: tuple[OwnedProcess, ...]  # every attributed GPU process
     warnings: tuple[Alert, ...]
     workers: tuple[WorkerView, ...]
@@ -224,6 +121,7 @@ class StatusView:
             "queue": [_queue_json(q) for q in self.queue],
             "telemetry": self._telemetry_json(),
             "gpus": [_gpu_json(g) for g in self.gpus],
+            "gpuPlan": [plan_json(p) for p in self.gpu_plan],
             "warnings": [_warning_json(a) for a in self.warnings],
         }
 
@@ -241,6 +139,7 @@ class StatusView:
                 "url": r.path,  # without the query, as OneGPU4All shows it
                 "startedAt": iso(r.since),
                 "backend": r.backend,
+                "unit": r.unit,
                 "kind": "lease",
                 "id": r.id,
                 "path": r.path,
@@ -258,6 +157,7 @@ class StatusView:
                 "url": j.url,
                 "startedAt": iso(j.since),
                 "backend": j.backend,
+                "unit": j.backend,  # a service's own jobs are its backend's own unit's
                 "kind": "job",
                 "id": j.id,
                 "path": j.url,
@@ -307,6 +207,7 @@ def _backend_json(b: BackendView) -> BackendJson:
         "declaredVram": b.declared_vram,
         "measuredVram": b.measured_vram,
         "measuredByGpu": dict(b.measured_by_gpu),
+        "units": [unit_json(u) for u in listed(b.units)],
     }
 
 
@@ -320,11 +221,18 @@ def _swap_json(s: SwapView) -> SwapJson:
         "loadMs": round(s.load_s * 1000, 1),
         "totalMs": round(s.total_s * 1000, 1),
         "failures": list(s.failures),
+        "reason": s.reason,
     }
 
 
 def _queue_json(q: QueueView) -> QueueEntryJson:
-    return {"position": q.position, "id": q.id, "backend": q.backend, "waitedMs": _ms(q.waited_s)}
+    return {
+        "position": q.position,
+        "id": q.id,
+        "backend": q.backend,
+        "unit": q.unit,
+        "waitedMs": _ms(q.waited_s),
+    }
 
 
 def _gpu_json(view: GpuView) -> GpuJson:
@@ -404,18 +312,19 @@ def read(
         counts = broker.counters[b.name]
         jobs = broker.jobs.get(b.name)
         measured = b.name in broker.measured
+        units = units_of(sched, b.name)
         backends.append(
             BackendView(
                 name=b.name,
                 state=sched.backend_state(b.name),
                 owner=owner == b.name,
-                active=sched.active(b.name),
-                in_flight=sched.in_flight(b.name),
-                job_count=sched.jobs_of(b.name),
+                active=sum(u.active for u in units),
+                in_flight=sum(sched.in_flight(u.name) for u in units),
+                job_count=sum(sched.jobs_of(u.name) for u in units),
                 jobs=None
                 if jobs is None
                 else tuple(JobView(j.id, b.name, j.state, j.since, j.method, j.url) for j in jobs),
-                queued=sched.queued(b.name),
+                queued=sum(u.queued for u in units),
                 upstream=b.upstream,
                 proxy_port=b.proxy_port,
                 strategy=b.unload_strategy,
@@ -428,6 +337,7 @@ def read(
                 declared_vram=b.vram,
                 measured_vram=broker.measured_total(b.name) if measured else None,
                 measured_by_gpu=dict(broker.measured.get(b.name, {})),
+                units=units,
             )
         )
     alerts = tuple(monitor.alerts.current()) if monitor is not None else ()
@@ -441,17 +351,32 @@ def read(
         backends=tuple(backends),
         leases=tuple(
             LeaseView(
-                r.lease, r.backend, r.method, r.path, r.since, r.admitted_at, r.caller, r.model
+                r.lease,
+                r.backend,
+                r.method,
+                r.path,
+                r.since,
+                r.admitted_at,
+                r.caller,
+                r.model,
+                r.unit or r.backend,
             )
             for r in broker.live.values()
         ),
         queue=tuple(
-            QueueView(i, w.lease, w.backend, now - arrived.get(w.lease, now))
+            QueueView(
+                i,
+                w.lease,
+                sched.slots[w.backend].spec.backend,  # a waiter's backend is its unit
+                w.backend,
+                now - arrived.get(w.lease, now),
+            )
             for i, w in enumerate(sched.queue, 1)
         ),
         swaps=tuple(_swap(s) for s in broker.history),
         telemetry=_telemetry(monitor),
         gpus=_gpus(monitor),
+        gpu_plan=plan(sched, {str(g.index) for g in monitor.snapshot.gpus} if monitor else ()),
         processes=tuple(monitor.attribution.processes) if monitor is not None else (),
         warnings=alerts,
         workers=_workers(broker, broker.supervisor, alerts, now),
@@ -469,6 +394,7 @@ def _swap(record: SwapRecord) -> SwapView:
         load_s=info.load_s,
         total_s=info.total_s,
         failures=info.failures,
+        reason=info.reason,
     )
 
 

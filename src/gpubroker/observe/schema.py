@@ -28,10 +28,29 @@ class BackendJobJson(TypedDict):
     since: str | None
 
 
-class BackendJson(TypedDict):
+class UnitJson(TypedDict):
+    """A unit the scheduler places: the backend as a whole (``model`` None), or one of its
+    models (``name`` is ``backend/model``)."""
+
+    name: str
+    model: str | None
     state: str  # a scheduler State's value
+    vramBytes: int | None  # what it takes when resident, summed over its GPUs; None: a GPU's
+    # capacity is unknown (it takes the whole GPU, whatever that is)
+    vramSource: Literal["declared", "learned", "estimated", "measured", "unknown", "exclusive"]
+    # declared: config; learned: measured on an earlier run; estimated: what its requests asked
+    # (a context's KV cache, a workflow's files); measured: telemetry now; unknown: nothing is
+    # known, so the whole GPU; exclusive: the whole GPU by policy. On several GPUs: the least
+    # certain of theirs.
+    measuredBytes: int | None  # what telemetry (or the service, model by model) saw it hold
+    active: int  # leases held
+    queued: int
+
+
+class BackendJson(TypedDict):
+    state: str  # a scheduler State's value: the busiest of its units'
     owner: bool
-    active: int
+    active: int  # these three: summed over its units
     inFlight: int
     jobs: list[BackendJobJson] | None  # None: the service has no queue of its own
     queued: int
@@ -47,6 +66,8 @@ class BackendJson(TypedDict):
     declaredVram: int | None
     measuredVram: int | None
     measuredByGpu: dict[str, int | None]
+    units: list[UnitJson]  # its own unit when it holds memory or is the only one, then models
+    # unless absent with nothing known of them
 
 
 class LiveEntryJson(TypedDict):
@@ -56,6 +77,7 @@ class LiveEntryJson(TypedDict):
     url: str
     startedAt: str | None
     backend: str
+    unit: str | None  # what it holds in the scheduler: the backend, or ``backend/model``
     kind: Literal["lease", "job"]
     id: int | str
     path: str
@@ -83,12 +105,15 @@ class SwapJson(TypedDict):
     loadMs: float
     totalMs: float
     failures: list[str]
+    reason: str  # request, admin (an unload or swap asked for), idle, unmanaged (memory no
+    # backend owns grew)
 
 
 class QueueEntryJson(TypedDict):
     position: int
     id: int
     backend: str
+    unit: str
     waitedMs: int
 
 
@@ -127,6 +152,16 @@ class GpuJson(TypedDict):
     processes: list[ProcessJson]
 
 
+class GpuPlanJson(TypedDict):
+    """One GPU as the scheduler plans it (``gpu``: its key, the index where telemetry knows it)."""
+
+    gpu: str
+    capacityBytes: int | None  # usable: declared or total memory, less reserve; None: unknown
+    plannedBytes: int | None  # taken by units holding memory plus what nobody owns
+    unmanagedBytes: int | None  # held by processes no backend owns, taken off capacity; None:
+    # not counted (policy is not budget, or telemetry does not see this GPU)
+
+
 class WarningJson(TypedDict):
     code: str
     subject: str
@@ -157,6 +192,7 @@ class StatusJson(TypedDict):
     queue: list[QueueEntryJson]
     telemetry: TelemetryJson
     gpus: list[GpuJson]
+    gpuPlan: list[GpuPlanJson]
     warnings: list[WarningJson]
 
 
