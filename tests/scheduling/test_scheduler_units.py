@@ -335,3 +335,10 @@ def test_a_second_waiter_behind_a_draining_plan_leaves_no_past_deadline() -> Non
     h.release(1)
     h.run_io()
     assert 2 in h.admitted()
+
+
+def test_a_unit_of_unknown_size_takes_what_the_card_has_beside_memory_nobody_owns() -> None:
+    h = budget([BackendSpec("a")])  # no vram declared, nothing measured yet
+    h.feed(h.sched.unmanaged("0", G // 2, h.now))  # a desktop's half GiB
+    serve(h, 1, "a")  # not "the whole GPU", which could never fit beside it
+    assert h.sched.size("a", "0") == 24 * G - G // 2

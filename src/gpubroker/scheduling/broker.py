@@ -514,9 +514,11 @@ class Broker:
         self._idle_scopes.pop(effect.swap, None)
         if info.evicted:
             self.history.appendleft(SwapRecord(time.time(), info))
+            target = self.sched.slots[info.target].spec if info.target is not None else None
             self._publish(
                 ev.Swapped,
-                backend=info.target,
+                backend=target.backend if target is not None else None,
+                model=target.model if target is not None else None,
                 swap=effect.swap,
                 evicted=tuple(info.evicted),
                 drain=info.drain_s,

@@ -272,7 +272,9 @@ class Scheduler:
         known = [n for n in (slot.spec.need, slot.estimate, need) if n is not None]
         held = slot.measured.get(gpu)
         if not known and (held is None or slot.state not in HOLDS_VRAM):
-            return cap  # what it held before it left is no measure of what it will
+            # Nothing known (what it held before it left is no measure of what it will): all
+            # the card has for it, which memory nobody owns is not.
+            return max(1, cap - self.unowned.get(gpu, 0))
         return max([*known, held or 0])
 
     def footprint(self, unit: str, gpu: str) -> tuple[int, str]:
