@@ -20,6 +20,7 @@ from gpubroker.sim import (
     OllamaEmulator,
     SimGPU,
     flux_workflow,
+    gpu_app,
     running,
     simple_workflow,
 )
@@ -197,3 +198,34 @@ async def test_a_model_ollama_lets_go_by_itself_is_seen_absent() -> None:
                 while sched.state("ollama/chat:latest") is not State.ABSENT:
                     await anyio.sleep(0.02)
             assert sched.backend_state("ollama") is State.ABSENT
+
+
+async def test_a_files_size_is_learned_from_how_much_comfyui_grew(tmp_path: Path) -> None:
+    gpu = SimGPU(24 * GiB)
+    comfy = ComfyUIEmulator(gpu, 7 * GiB, model_sizes=FILES, job_seconds=0.05)
+    async with running(comfy.app) as c, running(gpu_app(gpu)) as g:
+        cfg = make_config(
+            {"comfyui": {"upstream": c, "unloadStrategy": "comfyui"}},  # no sizes declared
+            policy="budget",
+            gpus=GPU_24,
+            telemetry="sim",
+            telemetryUrl=g,
+            telemetryInterval="100ms",
+            stateDir=str(tmp_path),
+        )
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            assert ep.broker is not None
+            await run_prompt(client, ep.proxies["comfyui"], simple_workflow())
+            units = ep.broker.units
+            with anyio.fail_after(5):  # once ComfyUI is idle, its growth is the file's size
+                while units.file_size("comfyui", "sdxl.safetensors") is None:
+                    await anyio.sleep(0.05)
+            learned = units.file_size("comfyui", "sdxl.safetensors")
+            assert learned is not None and 7 * GiB <= learned <= 7 * GiB + 2 * GiB
+            # The next workflow naming it is sized by it: no longer the whole card.
+            placed = await units.place(
+                "comfyui", "POST", "/prompt", json.dumps({"prompt": simple_workflow()}).encode()
+            )
+            assert placed.need is not None and placed.need < 12 * GiB
+        saved = json.loads((tmp_path / "footprints.json").read_text())["footprints"]
+        assert saved["comfyui#sdxl.safetensors"]["bytes"] == learned
