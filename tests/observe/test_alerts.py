@@ -160,6 +160,26 @@ def test_declared_vram_far_from_measured_while_resident() -> None:
     assert codes(alerts) == []
 
 
+def test_a_model_placed_by_itself_is_held_to_its_own_declared_vram() -> None:
+    alerts = Alerts()
+    # Ollama holds 15 GiB in all for two models: no longer a mismatch of the backend's 6 GiB,
+    # but llama3's own declared 4 GiB against the 9.3 GiB measured for it is.
+    models = {
+        "ollama/llama3:latest": ("ollama", 4 * GiB, int(9.3 * GiB)),
+        "ollama/small:latest": ("ollama", 6 * GiB, int(5.8 * GiB)),
+    }
+    split = replace(
+        facts(measured={"ollama": {"0": 15 * GiB}}), models=models, split=frozenset({"ollama"})
+    )
+    alerts.evaluate(split)
+    assert codes(alerts) == [("vram_mismatch", "ollama/llama3:latest")]
+    [alert] = alerts.current()
+    assert alert.backend == "ollama" and alert.message == (
+        "ollama/llama3:latest declares vram 4.0 GiB but holds 9.3 GiB; set `vram: 10GiB` on "
+        "that model under ollama's models:"
+    )
+
+
 def test_unload_that_did_not_free_memory() -> None:
     alerts = Alerts()
     gone = {"ollama": "absent", "comfyui": "absent"}

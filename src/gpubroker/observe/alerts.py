@@ -75,10 +75,26 @@ class Facts:
     states: Mapping[str, str]  # backend -> scheduler state ("resident", "absent", …)
     gpus: Mapping[str, tuple[str, ...]]  # backend -> the GPU keys it is configured for
     health: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # resident model unit -> (backend, the model's declared vram, bytes measured for it)
+    models: Mapping[str, tuple[str, int, int]] = field(default_factory=dict)
+    split: frozenset[str] = frozenset()  # backends placed model by model
 
 
 def _gib(nbytes: int) -> str:
     return format_size(nbytes)
+
+
+def _mismatch(declared: int, measured: int) -> bool:
+    """A declared size telemetry contradicts: off by a quarter (and MISMATCH_MIN), and not far
+    below it (that is more likely a service that unloaded itself: keep_alive)."""
+    return abs(measured - declared) >= max(MISMATCH_MIN, declared / 4) and (
+        measured >= declared / 4
+    )
+
+
+def _suggest(measured: int) -> str:
+    """A ``vram:`` a little above what was measured, in half GiB."""
+    return f"{math.ceil(measured * 1.05 / (GiB / 2)) / 2:g}GiB"
 
 
 class Alerts:
@@ -196,20 +212,27 @@ class Alerts:
     def _sizes(self, facts: Facts, add: Any) -> None:
         for b in facts.backends:
             measured = facts.attribution.total(b.name)
-            if b.vram is None or not measured or facts.states.get(b.name) != "resident":
+            if facts.states.get(b.name) != "resident" or b.vram is None or not measured:
                 continue
-            if abs(measured - b.vram) < max(MISMATCH_MIN, b.vram / 4):
-                continue
-            if measured < b.vram / 4:  # more likely a service that unloaded itself (keep_alive)
-                continue
-            suggest = math.ceil(measured * 1.05 / (GiB / 2)) / 2
-            add(
-                "vram_mismatch",
-                b.name,
-                f"{b.name} declares vram {_gib(b.vram)} but holds {_gib(measured)}; "
-                f"set `vram: {suggest:g}GiB`",
-                b.name,
-            )
+            if b.name in facts.split:
+                continue  # placed model by model: each model's own figure is compared below
+            if _mismatch(b.vram, measured):
+                add(
+                    "vram_mismatch",
+                    b.name,
+                    f"{b.name} declares vram {_gib(b.vram)} but holds {_gib(measured)}; "
+                    f"set `vram: {_suggest(measured)}`",
+                    b.name,
+                )
+        for unit, (backend, declared, measured) in sorted(facts.models.items()):
+            if _mismatch(declared, measured):
+                add(
+                    "vram_mismatch",
+                    unit,
+                    f"{unit} declares vram {_gib(declared)} but holds {_gib(measured)}; set "
+                    f"`vram: {_suggest(measured)}` on that model under {backend}'s models:",
+                    backend,
+                )
 
     def _unload(self, facts: Facts, add: Any) -> None:
         for b in facts.backends:

@@ -60,6 +60,8 @@ class SlotView(Protocol):
     def state(self) -> State: ...
     @property
     def spec(self) -> BackendSpec: ...
+    @property
+    def measured(self) -> Mapping[str, int]: ...
 
 
 class Placement(Protocol):
@@ -147,6 +149,16 @@ class Monitor:
             states={name: self.placement.backend_state(name).value for name in names},
             gpus={name: slots[name].spec.gpus for name in names},
             health=self.health,
+            models={
+                unit: (slot.spec.backend, slot.spec.need, sum(slot.measured.values()))
+                for unit, slot in slots.items()
+                if slot.spec.model is not None
+                and slot.spec.source == "declared"  # the model's own vram, not its backend's
+                and slot.spec.need is not None
+                and slot.state is State.RESIDENT
+                and slot.measured
+            },
+            split=frozenset(slot.spec.backend for slot in slots.values() if slot.spec.group),
         )
         raised, cleared = self.alerts.evaluate(facts)
         for a in raised:

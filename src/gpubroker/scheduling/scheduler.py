@@ -59,7 +59,9 @@ from gpubroker.scheduling.victims import Candidate, choose_victims
 
 Chooser = Callable[[int, Sequence[Candidate], float], list[str] | None]
 """Which candidates free ``shortfall`` bytes (given the time now), or None: the victim rule."""
-Source = Literal["declared", "measured", "unknown"]
+Source = Literal["declared", "backend", "measured", "unknown"]
+"""Where a unit's own footprint comes from: its config (``declared``), its backend's ``vram``
+standing in for a model's (``backend``), an earlier measurement (``measured``), or nowhere."""
 
 
 class State(enum.Enum):
@@ -292,7 +294,8 @@ class Scheduler:
             return size, "estimated"
         if slot.spec.need is None:
             return size, "unknown"
-        return size, "learned" if slot.spec.source == "measured" else slot.spec.source
+        shown = {"measured": "learned", "backend": "declared"}
+        return size, shown.get(slot.spec.source, slot.spec.source)
 
     def _fresh_size(self, unit: str, gpu: str, need: int | None) -> int:
         """What ``unit`` would take on ``gpu`` loaded afresh for a request asking ``need``
@@ -305,7 +308,7 @@ class Scheduler:
 
     def learned(self, unit: str, nbytes: int) -> None:
         """What ``unit`` was measured to take while resident becomes its footprint for later
-        loads, unless one is declared."""
+        loads, unless its own is declared (a backend's ``vram`` standing in gives way)."""
         slot = self.slots[unit]
         if slot.spec.source != "declared" and nbytes > 0:
             slot.spec = dataclasses.replace(slot.spec, need=nbytes, source="measured")

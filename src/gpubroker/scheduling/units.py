@@ -82,7 +82,7 @@ def model_spec(
     elif learned is not None:
         need, source = learned, "measured"
     elif base.need is not None and base.source == "declared":
-        need, source = base.need, "declared"
+        need, source = base.need, "backend"
     else:
         need, source = None, "unknown"
     return replace(
