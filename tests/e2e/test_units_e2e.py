@@ -4,6 +4,7 @@ GPU, under ``policy: budget``, with footprints declared per model file."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +230,69 @@ async def test_a_files_size_is_learned_from_how_much_comfyui_grew(tmp_path: Path
             assert placed.need is not None and placed.need < 12 * GiB
         saved = json.loads((tmp_path / "footprints.json").read_text())["footprints"]
         assert saved["comfyui#sdxl.safetensors"]["bytes"] == learned
+
+
+async def test_a_model_that_did_not_unload_in_time_is_not_loaded_over() -> None:
+    gpu = SimGPU(10 * GiB)
+    emu = OllamaEmulator(gpu, {"a": 6 * GiB}, token_interval=0.02, num_predict=100)
+    gen = GenericEmulator(gpu, 6 * GiB, owner="gen")
+    async with running(emu.app) as o, running(gen.app) as g:
+        cfg = make_config(
+            {
+                "ollama": {
+                    "upstream": o,
+                    "unloadStrategy": "ollama",
+                    "models": [{"name": "a", "vram": "6GiB"}],
+                },
+                "gen": {
+                    "upstream": g,
+                    "unloadStrategy": "generic",
+                    "unloadEndpoint": "/unload",
+                    "loadEndpoint": "/load",
+                    "vram": "6GiB",
+                },
+            },
+            policy="budget",
+            gpus=[{"id": 0, "memory": "10GiB", "reserve": 0}],
+            minResidency=0,
+            unloadTimeout="0.5s",
+            queueTimeout="20s",
+        )
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=20) as client:
+            one = {"model": "a", "prompt": "x", "stream": False}
+            await client.post(ep.proxies["ollama"] + "/api/generate", json=one)
+            async with anyio.create_task_group() as tg:
+                # A client of Ollama's own keeps model a busy ~2 s: keep_alive 0 waits for it,
+                # past unloadTimeout. Ollama still lists it, so nothing may load over it.
+                tg.start_soon(partial(client.post, o + "/api/generate", json=one))
+                await anyio.sleep(0.2)
+                r = await client.post(ep.proxies["gen"] + "/generate", json={})
+            assert r.status_code == 200
+    assert gpu.oom_count == 0
+
+
+async def test_a_model_holding_more_than_it_declares_is_warned_about() -> None:
+    gpu = SimGPU(16 * GiB)
+    emu = OllamaEmulator(gpu, {"chat": 5 * GiB})
+    async with running(emu.app) as o, httpx.AsyncClient(timeout=10) as client:
+        cfg = make_config(
+            {
+                "ollama": {
+                    "upstream": o,
+                    "unloadStrategy": "ollama",
+                    "models": [{"name": "chat", "vram": "2GiB"}],
+                }
+            },
+            policy="budget",
+            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
+            telemetryInterval="100ms",
+        )
+        async with broker_running(cfg) as ep, ollama.AsyncClient(host=ep.proxies["ollama"]) as oc:
+            await oc.generate(model="chat", prompt="hi")
+            with anyio.fail_after(5):
+                while not (warnings := (await ollama_status(client, ep.status_url))["warnings"]):
+                    await anyio.sleep(0.05)
+    assert [w["code"] for w in warnings] == ["vram_mismatch"]
+    assert warnings[0]["message"].startswith(
+        "ollama/chat:latest declares vram 2.0 GiB but holds 5.0 GiB"
+    )

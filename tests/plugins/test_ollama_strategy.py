@@ -17,6 +17,7 @@ from gpubroker.errors import StrategyFailed
 from gpubroker.plugins.strategies.base import Demand, StrategyContext
 from gpubroker.plugins.strategies.builtin import OllamaStrategy as FromBuiltin
 from gpubroker.plugins.strategies.ollama import (
+    NOTHING,
     OllamaStrategy,
     canonical_model,
     modelfile_options,
@@ -172,9 +173,12 @@ async def test_the_modelfile_num_ctx_is_the_default() -> None:
         body(model="llama3:"),
     ],
 )
-async def test_bad_bodies_are_no_demand(raw: bytes) -> None:
-    async with ollama() as (_emu, s, _client):
-        assert await s.demand("POST", "/api/generate", raw) is None
+async def test_bad_bodies_need_nothing(raw: bytes) -> None:
+    # Ollama answers 400 ("model is required", a decode error) and loads nothing: no lease.
+    async with ollama() as (emu, s, client):
+        assert await s.demand("POST", "/api/generate", raw) == NOTHING == Demand(need=0)
+        assert (await client.post("/api/generate", content=raw)).status_code >= 400
+        assert emu.loads == 0
 
 
 async def test_only_model_routes_make_a_demand() -> None:
@@ -198,9 +202,8 @@ async def test_an_unload_request_needs_nothing_and_unknowns_stay_unknown() -> No
             )
         loads = await s.demand("POST", "/api/generate", body(model=LLAMA, keep_alive="5m"))
         assert loads and loads.need  # an empty prompt that keeps the model loads it
-        assert await s.demand("POST", "/api/generate", body(model="nope", prompt="x")) == Demand(
-            model="nope:latest"
-        )
+        # a model Ollama does not have: it answers 404 and loads nothing (no unit is made)
+        assert await s.demand("POST", "/api/generate", body(model="nope", prompt="x")) == NOTHING
         fixed = await s.demand("POST", "/api/generate", body(model="fixed", prompt="x"))
         assert fixed == Demand(model="fixed:latest")  # /api/show names no layers: unknown
 
@@ -296,3 +299,14 @@ def test_unload_requests_and_modelfile_parameters() -> None:
     parsed = modelfile_options(text)
     assert parsed == {"num_ctx": "8192", "stop": '"<|im_end|>"', "temperature": "0.7"}
     assert modelfile_options(None) == {}
+
+
+async def test_keys_are_matched_as_ollamas_go_decoder_does() -> None:
+    # encoding/json matches a key to a field case-insensitively, the last one winning: this is
+    # a generation, not an unload, and must get a lease like any other.
+    async with ollama() as (_emu, s, _client):
+        raw = b'{"model": "%s", "Prompt": "hi", "keep_alive": 0}' % LLAMA.encode()
+        got = await s.demand("POST", "/api/generate", raw)
+        assert got is not None and got.model == LLAMA and got.need
+        upper = b'{"MODEL": "%s", "prompt": "", "Keep_Alive": 0}' % LLAMA.encode()
+        assert await s.demand("POST", "/api/generate", upper) == Demand(model=LLAMA, need=0)

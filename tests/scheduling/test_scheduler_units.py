@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from gpubroker.scheduling.effects import Admit, Load, Note, Refuse
+from gpubroker.scheduling.effects import Admit, Load, Note, Refuse, SwapDone, WaitIdle
 from gpubroker.scheduling.scheduler import BackendSpec, Scheduler, State
 from gpubroker.scheduling.victims import Candidate
 from scheduler_harness import Harness
@@ -342,3 +342,43 @@ def test_a_unit_of_unknown_size_takes_what_the_card_has_beside_memory_nobody_own
     h.feed(h.sched.unmanaged("0", G // 2, h.now))  # a desktop's half GiB
     serve(h, 1, "a")  # not "the whole GPU", which could never fit beside it
     assert h.sched.size("a", "0") == 24 * G - G // 2
+
+
+def test_an_idle_deadline_the_last_pump_kept_is_no_tick_to_spin_on() -> None:
+    # b's idle timeout passes while a request for it waits for the backend's one slot
+    h = budget([*ollama_units(("a", 2 * G), ("b", 2 * G), max_concurrency=1, idle_timeout=5.0)])
+    serve(h, 1, "ollama/b")
+    h.now = 1
+    ask(h, 2, "ollama/a")
+    h.run_io()
+    ask(h, 3, "ollama/b")
+    h.now = 10
+    h.feed(h.sched.tick(h.now))
+    deadline = h.sched.next_deadline()
+    assert deadline is None or deadline > h.now
+    h.release(2)
+    assert 3 in h.admitted()
+
+
+def test_a_unit_of_unknown_size_beside_a_pinned_one_is_not_refused() -> None:
+    h = budget([*ollama_units(("embed", G), pinned=True)])
+    serve(h, 1, "ollama/embed")
+    h.sched.add_unit(BackendSpec("ollama/x", group="ollama", model="x", source="unknown"))
+    serve(h, 2, "ollama/x")  # all the card has beside the pinned embedder
+    assert h.sched.size("ollama/x", "0") == 23 * G
+    assert h.sched.state("ollama/embed") is State.RESIDENT
+
+
+def test_a_flush_that_freed_nothing_is_no_swap_and_is_not_tried_again() -> None:
+    h = budget([BackendSpec("comfy"), BackendSpec("chat", need=6 * G)])
+    serve(h, 1, "chat")
+    serve(h, 2, "comfy", need=10 * G)
+    seen = len(h.effects)
+    ask(h, 3, "comfy", need=20 * G, fresh=8 * G)
+    [wait] = [e for e in h.effects[seen:] if isinstance(e, WaitIdle)]
+    h.feed(h.sched.idle(wait.swap, "comfy", h.now))
+    h.feed(h.sched.unloaded(wait.swap, "comfy", "timed out", h.now, holding=True))
+    assert h.sched.swap_count == 0
+    assert not any(isinstance(e, SwapDone) for e in h.effects[seen:])
+    # planned afresh, freeing the chat model instead of ComfyUI again
+    assert [e.backend for e in h.effects[seen:] if isinstance(e, WaitIdle)] == ["comfy", "chat"]

@@ -155,7 +155,7 @@ class Monitor:
                 if slot.spec.model is not None
                 and slot.spec.source == "declared"  # the model's own vram, not its backend's
                 and slot.spec.need is not None
-                and slot.state is State.RESIDENT
+                and slot.state.value == "resident"
                 and slot.measured
             },
             split=frozenset(slot.spec.backend for slot in slots.values() if slot.spec.group),

@@ -250,6 +250,10 @@ class Broker:
             placed = Placed(spec.name, model=spec.model)
         else:
             placed = await self.units.place(backend, method, path, body)
+            if self.closing:  # it stopped while the strategy read the body
+                raise Refused.of(
+                    Refuse(0, backend, 503, "shutting_down", SHUTTING_DOWN, retry_after=5.0)
+                )
         if placed.need == 0:  # it asks for no memory (an unload request): nothing to place
             self.record_passthrough(backend)
             yield Grant(0, backend, 0.0, None)
@@ -454,10 +458,15 @@ class Broker:
             strategy = self._strategy(effect.backend)
             unload = functools.partial(strategy.unload_model, model)
             error = await self._bounded(unload, self.config.unload_timeout)
+            holding = False
             if error:
                 log.warning("%s: unload failed: %s", effect.backend, error)
+                holding = await self.units.still_loaded(effect.backend)
             self.units.unloaded(effect.backend)
-            self._apply(self.sched.unloaded(effect.swap, effect.backend, error, self.clock()))
+            effects = self.sched.unloaded(
+                effect.swap, effect.backend, error, self.clock(), holding=holding
+            )
+            self._apply(effects)
             return
         started = self.clock()
         error = await self._bounded(

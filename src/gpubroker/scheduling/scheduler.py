@@ -270,13 +270,26 @@ class Scheduler:
         cap = self.capacity[gpu]
         if self.policy == "exclusive" or cap is None:
             return cap if cap is not None else 1
-        slot = self.slots[backend]
+        known = self._known_size(backend, gpu, need)
+        if known is not None:
+            return known
+        # Nothing known (what it held before it left is no measure of what it will): all the
+        # card has for it, which memory nobody owns is not, nor what pinned units hold.
+        pinned = sum(
+            self._known_size(s.name, gpu) or 0
+            for s in self.slots.values()
+            if s.spec.pinned and s.name != backend and s.state in HOLDS_VRAM and gpu in s.spec.gpus
+        )
+        return max(1, cap - self.unowned.get(gpu, 0) - pinned)
+
+    def _known_size(self, unit: str, gpu: str, need: int | None = None) -> int | None:
+        """``size`` where something is known of it (budget policy, a known capacity), else
+        None."""
+        slot = self.slots[unit]
         known = [n for n in (slot.spec.need, slot.estimate, need) if n is not None]
         held = slot.measured.get(gpu)
         if not known and (held is None or slot.state not in HOLDS_VRAM):
-            # Nothing known (what it held before it left is no measure of what it will): all
-            # the card has for it, which memory nobody owns is not.
-            return max(1, cap - self.unowned.get(gpu, 0))
+            return None
         return max([*known, held or 0])
 
     def footprint(self, unit: str, gpu: str) -> tuple[int, str]:
@@ -400,7 +413,11 @@ class Scheduler:
             times.append(self._wake_at)
         for s in self.slots.values():
             if s.spec.idle_timeout is not None and s.state is State.RESIDENT and not s.busy:
-                times.append(s.last_used + s.spec.idle_timeout)
+                # Past, yet the last pump kept it (it has waiters, or its GPU is in a plan):
+                # whatever ends that pumps again.
+                due = s.last_used + s.spec.idle_timeout
+                if due > self._pumped_at:
+                    times.append(due)
         return min(times) if times else None
 
     # --- events ---------------------------------------------------------------------------
@@ -544,6 +561,10 @@ class Scheduler:
         slot = self.slots[backend]
         if holding:
             slot.state = State.RESIDENT
+            if backend == plan.target:  # freeing it did not help: this request asks no more
+                for w in self.queue:
+                    if w.backend == backend:
+                        w.fresh = None
         else:
             slot.state = State.ASLEEP if slot.spec.sleeps and error is None else State.ABSENT
             slot.estimate = None
@@ -562,16 +583,23 @@ class Scheduler:
             return effects
         plan.unloaded_at = now
         target = plan.target
-        if target is None or self.slots[target].state is State.RESIDENT:
+        if target is None:
             return effects + self._finish(plan, now) + self._pump(now)
-        if not self._fits(target, self._want(target)):  # a victim kept its memory: could OOM
-            del self.plans[plan.id]
-            self.slots[target].plan = None
-            effects.append(
-                Note("swap_failed", target, detail={"swap": plan.id, "failures": plan.failures})
-            )
-            return effects + self._pump(now)
-        return [*effects, *self._load(plan)]
+        slot = self.slots[target]
+        want = self._want(target)
+        resident = slot.state is State.RESIDENT  # it grows in place, or kept what it was to free
+        if resident and self._room_for(slot, want):
+            return effects + self._finish(plan, now) + self._pump(now)
+        if not resident and self._fits(target, want):
+            return [*effects, *self._load(plan)]
+        # A victim kept its memory: loading (or growing) now could OOM, and the plan did not
+        # do what it promised. Planned afresh; the unit itself is not freed again for it.
+        del self.plans[plan.id]
+        slot.plan = None
+        effects.append(
+            Note("swap_failed", target, detail={"swap": plan.id, "failures": plan.failures})
+        )
+        return effects + self._pump(now)
 
     def _fits(self, backend: str, need: int | None = None) -> bool:
         """Whether unit ``backend``, asked for ``need``, fits beside what is planned."""

@@ -297,6 +297,18 @@ class Units:
 
     # --- following what a per-model service holds -----------------------------------------
 
+    async def still_loaded(self, unit: str) -> bool:
+        """After a failed unload: does the service still list the model? (True when it cannot
+        say: a model that may still be there must not be loaded over.)"""
+        spec = self.sched.slots[unit].spec
+        loaded: dict[str, int] | None = None
+        with anyio.move_on_after(self.config.unload_timeout):
+            try:
+                loaded = await self.strategies[spec.backend].loaded_models()
+            except Exception as exc:
+                log.debug("%s: cannot read its loaded models: %s", spec.backend, exc)
+        return loaded is None or spec.model in loaded
+
     async def follow(self, backend: str) -> None:
         """Read what ``backend`` holds now, model by model, and tell the scheduler."""
         strategy = self.strategies[backend]

@@ -77,6 +77,20 @@ def _is_zero_keep_alive(value: Any) -> bool:
     return isinstance(value, str) and _ZERO_DURATION.fullmatch(value.strip()) is not None
 
 
+NOTHING = Demand(need=0)
+"""A request Ollama answers without loading anything (a bad body, no model, a model it lacks)."""
+
+
+def _go_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's fields as Ollama's decoder sees them: Go's encoding/json matches a key
+    to a field case-insensitively and the last one wins, so ``{"Prompt": "hi"}`` is a prompt.
+    Keys are folded to lower case here; every field we read is lower case."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        out[key.casefold()] = value
+    return out
+
+
 def unloads_only(path: str, body: Mapping[str, Any]) -> bool:
     """server/routes.go GenerateHandler / ChatHandler: an empty prompt (no messages) with
     keep_alive 0 expires the runner and answers ``done_reason: "unload"``, loading nothing."""
@@ -264,14 +278,14 @@ class OllamaStrategy(Strategy):
         if path not in NATIVE_ROUTES and path not in COMPAT_ROUTES:
             return None
         try:
-            data = json.loads(body)
+            data = json.loads(body, object_pairs_hook=_go_fields)
         except (ValueError, UnicodeDecodeError):
-            return None
+            return NOTHING  # Ollama answers 400 and loads nothing
         if not isinstance(data, dict):
-            return None
+            return NOTHING
         name = canonical_model(data.get("model"))
         if name is None:
-            return None
+            return NOTHING  # "model is required": 400, nothing loaded
         options = data.get("options") if path in NATIVE_ROUTES else None
         options = options if isinstance(options, dict) else {}
         if unloads_only(path, data):
@@ -279,7 +293,7 @@ class OllamaStrategy(Strategy):
         try:
             facts = await self._facts_for(name)
             if facts is None:
-                return Demand(model=name)
+                return NOTHING  # not installed: Ollama answers 404 and loads nothing
             return Demand(model=facts.name, need=await self._need(facts, options))
         except Exception as exc:  # a lookup that failed leaves the size unknown, nothing more
             log.debug("%s: cannot size %s: %s", self.backend.name, name, exc)
