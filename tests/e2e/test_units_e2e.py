@@ -167,9 +167,9 @@ async def test_footprints_learned_on_one_run_size_the_next(tmp_path: Path) -> No
             assert ep.broker is not None
             sched = ep.broker.sched
             with anyio.fail_after(5):  # unknown at first (the whole card); /api/ps tells
-                while sched.footprint("ollama/chat:latest", "0")[1] != "measured":
+                while sched.slots["ollama/chat:latest"].spec.need is None:  # learned at rest
                     await anyio.sleep(0.02)
-            assert sched.footprint("ollama/chat:latest", "0")[0] == 5 * GiB
+            assert sched.footprint("ollama/chat:latest", "0") == (5 * GiB, "measured")
         saved = json.loads((tmp_path / "footprints.json").read_text())
         assert saved["footprints"]["ollama/chat:latest"]["bytes"] == 5 * GiB
         async with broker_running(cfg) as ep:  # restarted: the model is known before any use
@@ -296,3 +296,66 @@ async def test_a_model_holding_more_than_it_declares_is_warned_about() -> None:
     assert warnings[0]["message"].startswith(
         "ollama/chat:latest declares vram 2.0 GiB but holds 5.0 GiB"
     )
+
+
+def one_ollama(url: str, **top: Any) -> Any:
+    return make_config(
+        {"ollama": {"upstream": url, "unloadStrategy": "ollama"}},
+        policy="budget",
+        gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
+        minResidency=0,
+        telemetryInterval="100ms",
+        **top,
+    )
+
+
+async def test_a_long_context_once_does_not_size_the_model_for_good(tmp_path: Path) -> None:
+    gpu = SimGPU(16 * GiB)
+    emu = OllamaEmulator(gpu, {"chat": sized(4.5), "other": sized(4.5)})
+    async with (
+        running(emu.app) as o,
+        broker_running(one_ollama(o, stateDir=str(tmp_path))) as ep,
+        ollama.AsyncClient(host=ep.proxies["ollama"]) as oc,
+    ):
+        assert ep.broker is not None
+        await oc.generate(model="chat", prompt="hi", options={"num_ctx": 65536})
+        await oc.generate(model="chat", prompt="hi")  # the default context: Ollama reloads
+        with anyio.fail_after(5):  # at rest, it is sized by what it holds now
+            while ep.broker.sched.size("ollama/chat:latest", "0") > 8 * GiB:
+                await anyio.sleep(0.05)
+        await oc.generate(model="other", prompt="hi")
+        assert sorted(emu.resident()) == ["chat:latest", "other:latest"]  # both fit again
+    assert gpu.oom_count == 0
+
+
+async def test_models_ollama_does_not_have_evict_nothing_and_leave_no_unit() -> None:
+    gpu = SimGPU(16 * GiB)
+    emu = OllamaEmulator(gpu, {"chat": sized(2)})
+    embed = GenericEmulator(gpu, 3 * GiB, owner="embed")
+    async with running(emu.app) as o, running(embed.app) as e:
+        cfg = make_config(
+            {
+                "ollama": {"upstream": o, "unloadStrategy": "ollama"},
+                "embed": {
+                    "upstream": e,
+                    "unloadStrategy": "generic",
+                    "unloadEndpoint": "/unload",
+                    "loadEndpoint": "/load",
+                    "vram": "3GiB",
+                },
+            },
+            policy="budget",
+            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
+            minResidency=0,
+        )
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            assert ep.broker is not None
+            assert (await client.post(ep.proxies["embed"] + "/generate", json={})).is_success
+            base = ep.proxies["ollama"] + "/api/generate"
+            await client.post(base, json={"model": "chat", "prompt": "x", "stream": False})
+            for i in range(3):  # typos: Ollama answers 404, and loads nothing
+                r = await client.post(base, json={"model": f"typo{i}", "prompt": "x"})
+                assert r.status_code == 404
+            assert embed.loaded and sorted(emu.resident()) == ["chat:latest"]
+            assert ep.broker.sched.swap_count == 0
+            assert not [u for u in ep.broker.sched.slots if "typo" in u]

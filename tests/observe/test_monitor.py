@@ -380,3 +380,27 @@ async def test_by_pids_unmanaged_is_the_visible_strangers_the_broker_itself_incl
     await watch.refresh()
     assert [e.per_gpu for e in got if isinstance(e, Unmanaged)] == [{"0": GiB}]
     assert watch.attribution.measured["svc"] == {"0": 5 * GiB}
+
+
+async def test_a_backend_whose_processes_cannot_be_found_stops_strangers_being_subtracted(
+    worker_pid: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # svc answers (its probe says up), but no tree holds its processes (another user's
+    # service: its listener's pid is hidden): its runner would pass for a stranger.
+    cfg = make_config({"svc": generic("http://127.0.0.1:1")}, telemetryInterval="100ms")
+    bus = EventBus()
+    got: list[Event] = []
+    bus.subscribe(got.append, (Unmanaged,))
+    source = HostProcesses(cfg)
+    source.processes = (GpuProcess(worker_pid, 5 * GiB, "runner"),)
+    health = {"svc": {"status": "up"}}
+    watch = Monitor(cfg, placement("svc"), Sampler(source), bus, health=health)
+    with caplog.at_level(logging.WARNING, "gpubroker.observe.monitor"):
+        await watch.refresh()
+        await watch.refresh()
+    assert [e.per_gpu for e in got if isinstance(e, Unmanaged)] == [{"0": 0}, {"0": 0}]
+    told = [r for r in caplog.records if "cannot see the processes of svc" in r.message]
+    assert len(told) == 1  # said once, not every sample
+    health["svc"] = {"status": "down"}  # not running: what remains on the GPU is a stranger's
+    await watch.refresh()
+    assert got[-1].per_gpu == {"0": 5 * GiB}  # type: ignore[attr-defined]

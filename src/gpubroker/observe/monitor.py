@@ -101,6 +101,7 @@ class Monitor:
         self._trees: dict[str, set[int]] = {}
         self._trees_at = float("-inf")
         self._strangers: set[int] = set()  # pids no tree held when the trees were last found
+        self._told_untraced: frozenset[str] = frozenset()  # the untraced backends last logged
         self._refresh = SingleFlight(self._refresh_once)
         bus.subscribe(self._on_event, (Freed,))
 
@@ -139,7 +140,19 @@ class Monitor:
                 self.bus.publish(Measured(backend=b.name, per_gpu=per_gpu))
             settled = None if self.sampler.source.names_owners else self._strangers
             keys = [str(g.index) for g in snap.gpus]
-            self.bus.publish(Unmanaged(per_gpu=unmanaged(self.attribution, keys, settled=settled)))
+            unowned = unmanaged(self.attribution, keys, settled=settled)
+            hidden = self._untraced()
+            if hidden:  # their processes look like strangers: subtracting them would count twice
+                unowned = dict.fromkeys(keys, 0)
+                if hidden != self._told_untraced:
+                    self._told_untraced = hidden
+                    log.warning(
+                        "cannot see the processes of %s (another user's service, or behind a "
+                        "proxy): memory no backend owns is not subtracted from capacity; run "
+                        "gpubroker as that user, or as root, to count it",
+                        ", ".join(sorted(hidden)),
+                    )
+            self.bus.publish(Unmanaged(per_gpu=unowned))
         slots, names = self.placement.slots, [b.name for b in self.config.backends]
         facts = Facts(
             now=time.time(),
@@ -168,6 +181,20 @@ class Monitor:
             )
         for a in cleared:
             self.bus.publish(WarningCleared(backend=a.backend, code=a.code, subject=a.subject))
+
+    def _untraced(self) -> frozenset[str]:
+        """Backends that answer (their health probe says up) on a local upstream, not started
+        by us, whose processes the last look could not find: on a GPU they would pass for
+        processes nobody owns. A source that names owners needs no trees."""
+        if self.sampler.source.names_owners or not self._trees:
+            return frozenset()
+        return frozenset(
+            b.name
+            for b in self.config.backends
+            if not b.command
+            and not self._trees.get(b.name)
+            and (self.health.get(b.name) or {}).get("status") == "up"
+        )
 
     async def _attribute(self, snap: TelemetrySnapshot) -> Attribution:
         names = [b.name for b in self.config.backends]

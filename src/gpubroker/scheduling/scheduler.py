@@ -319,6 +319,14 @@ class Scheduler:
         known = [n for n in (self.slots[unit].spec.need, need) if n is not None]
         return max(known) if known else cap
 
+    def settle(self, unit: str) -> None:
+        """``unit`` is idle and its service just said what it holds: that reading, not the most
+        its requests asked since it loaded, is its size now (a long context's cache may be gone
+        with a reload)."""
+        slot = self.slots[unit]
+        if slot.state is State.RESIDENT and not slot.busy and slot.plan is None and slot.measured:
+            slot.estimate = None
+
     def learned(self, unit: str, nbytes: int) -> None:
         """What ``unit`` was measured to take while resident becomes its footprint for later
         loads, unless its own is declared (a backend's ``vram`` standing in gives way)."""

@@ -273,10 +273,12 @@ class Units:
                     cache.files[f] = max(cache.files.get(f) or 0, each)
         cache.loading.clear()
 
-    def _learn(self, key: str, nbytes: int) -> None:
-        """The most ``key`` was seen to take this run: its footprint from now on (a unit's in
-        the scheduler, unless declared) and on the next start (the book)."""
-        if nbytes <= self._learned.get(key, 0):
+    def _learn(self, key: str, nbytes: int, *, latest: bool = False) -> None:
+        """The most ``key`` was seen to take this run (with ``latest``, what it took when last
+        seen at rest: a model's size follows the context it runs at): its footprint from now
+        on (a unit's in the scheduler, unless declared) and on the next start (the book)."""
+        seen = self._learned.get(key, 0)
+        if nbytes == seen or (nbytes < seen and not latest):
             return
         self._learned[key] = nbytes
         if key in self.sched.slots:
@@ -332,8 +334,10 @@ class Units:
             for gpu in gpus:
                 effects += self.sched.measured(unit, gpu, nbytes // len(gpus), self.clock())
             effects += self.sched.observed(unit, True, self.clock())
-            if self.sched.state(unit) is State.RESIDENT and nbytes > 0:
-                self._learn(unit, nbytes)
+            slot = self.sched.slots[unit]
+            if slot.state is State.RESIDENT and not slot.busy and nbytes > 0:
+                self.sched.settle(unit)  # what it holds at rest, at whatever context it runs
+                self._learn(unit, nbytes, latest=True)
         for unit in self.sched.units_of(backend):
             if unit not in seen and self._touched.get(unit, float("-inf")) < asked:
                 effects += self.sched.observed(unit, False, self.clock())
