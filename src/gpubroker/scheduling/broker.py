@@ -304,6 +304,7 @@ class Broker:
                     deferred = True
                 else:
                     self._apply(self.sched.released(lease, self.clock()))
+                    self.units.touched(placed.unit)
         finally:
             self._pending.pop(lease, None)
             if not deferred:
@@ -504,7 +505,7 @@ class Broker:
                 await strategy.load()
 
         error = await self._bounded(load, backend.start_timeout)
-        self.units.loaded(effect.backend)
+        self.units.touched(effect.backend)
         self._apply(self.sched.loaded(effect.swap, effect.backend, error, self.clock()))
 
     @staticmethod

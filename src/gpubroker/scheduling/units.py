@@ -229,7 +229,9 @@ class Units:
         return name
 
     def admitted(self, placed: Placed) -> None:
-        """A request holding files was admitted: they join its backend's cache."""
+        """A request was admitted: a poll of its unit begun before is stale now; files it
+        holds join its backend's cache."""
+        self.touched(placed.unit)
         if not placed.parts:
             return
         cache = self._caches.setdefault(placed.unit, _Cache())
@@ -246,7 +248,9 @@ class Units:
         self._caches.pop(unit, None)
         self._touched[unit] = self.clock()
 
-    def loaded(self, unit: str) -> None:
+    def touched(self, unit: str) -> None:
+        """A load of ``unit`` ended, or a lease on it began or ended: what was polled of it
+        before now may be stale (Ollama loads a model as its request arrives)."""
         self._touched[unit] = self.clock()
 
     # --- learning -------------------------------------------------------------------------
