@@ -359,3 +359,28 @@ async def test_models_ollama_does_not_have_evict_nothing_and_leave_no_unit() -> 
             assert embed.loaded and sorted(emu.resident()) == ["chat:latest"]
             assert ep.broker.sched.swap_count == 0
             assert not [u for u in ep.broker.sched.slots if "typo" in u]
+
+
+async def test_an_admin_swap_names_a_model_of_a_backend_placed_by_model() -> None:
+    gpu = SimGPU(16 * GiB)
+    emu = OllamaEmulator(gpu, {"chat": sized(2)})
+    async with running(emu.app) as o, httpx.AsyncClient(timeout=10) as client:
+        cfg = make_config(
+            {
+                "ollama": {
+                    "upstream": o,
+                    "unloadStrategy": "ollama",
+                    "models": [{"name": "chat", "vram": "3GiB"}],
+                }
+            },
+            policy="budget",
+            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
+        )
+        async with broker_running(cfg) as ep:
+            whole = await client.post(ep.status_url + "/api/swap", json={"backend": "ollama"})
+            assert whole.status_code == 400
+            assert "swap to one of them (ollama/chat:latest)" in whole.json()["message"]
+            one = await client.post(
+                ep.status_url + "/api/swap", json={"backend": "ollama/chat:latest"}
+            )
+            assert one.status_code == 200 and one.json()["ok"] is True

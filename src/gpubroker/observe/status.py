@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gpubroker.errors import UnknownBackend
+from gpubroker.errors import BadRequest, UnknownBackend
 from gpubroker.events import EventBus
 from gpubroker.observe.admin import AdminGate
 from gpubroker.observe.guard import HostPolicy, ListenerGuard
@@ -115,6 +115,10 @@ class StatusApp:
         self.gate.check(request)
         name = self._backend(await json_object(request), required=True)
         assert name is not None  # required=True: a missing name is a 404 above
+        models = self.broker.sched.children.get(name)
+        if name in self.broker.units.per_model:  # its own unit would take the whole card
+            known = ", ".join(models or ()) or "none yet"
+            raise BadRequest(f"{name} places its models one by one: swap to one of them ({known})")
         grant = await self.broker.preload(name)  # or Refused
         swap = grant.swap
         return JSONResponse(
