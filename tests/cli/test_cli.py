@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -318,3 +319,18 @@ def test_console_script_errors_are_one_line(tmp_path: Path) -> None:
         f"gpubroker: error: {path}:9:5: backends[1].upstream: expected an http:// or https:// "
         "URL with a host and no path, such as http://127.0.0.1:11434, found ':8188'\n"
     )
+
+
+def test_the_demo_runs_the_readmes_main_job_and_leaves_no_state_behind(
+    own_state_dir: Path,
+) -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("gpubroker")), "demo", "-n", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "XDG_STATE_HOME": str(own_state_dir)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "With gpubroker: 3 ok, 0 failed, 0 simulated OOMs" in result.stdout
+    assert not any(own_state_dir.iterdir())  # the demo's learned sizes stay with the demo

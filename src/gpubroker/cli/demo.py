@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -142,13 +143,19 @@ async def drive(urls: dict[str, str], jobs: list[str]) -> Tally:
     return tally
 
 
-def broker_config(urls: dict[str, str], telemetry_url: str | None = None) -> Config:
+def broker_config(
+    urls: dict[str, str], telemetry_url: str | None = None, state_dir: str | None = None
+) -> Config:
+    """The demo's broker. ``state_dir``: where it keeps what it learns (a directory of its own:
+    the simulated services' footprints must never size a user's real ones)."""
     telemetry = {"telemetry": "sim", "telemetryUrl": telemetry_url} if telemetry_url else {}
+    state = {"stateDir": state_dir} if state_dir else {}
     return parse_config(
         {
             "queueTimeout": "60s",
             "holdTime": "2s",
             **telemetry,
+            **state,
             "backends": [
                 {"name": name, "proxyPort": 5001 + i, "upstream": url, "unloadStrategy": name}
                 for i, (name, url) in enumerate(urls.items())
@@ -156,6 +163,13 @@ def broker_config(urls: dict[str, str], telemetry_url: str | None = None) -> Con
         },
         source="demo",
     )
+
+
+@contextlib.asynccontextmanager
+async def _scratch_dir() -> AsyncIterator[str]:
+    """A directory for the demo broker's state, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="gpubroker-demo-") as path:
+        yield path
 
 
 def summary(title: str, tally: Tally, gpu: SimGPU, extra: str = "") -> None:
@@ -176,12 +190,16 @@ async def run(keep: bool, n: int) -> int:
 
     typer.echo("\n2) The same workload through gpubroker:")
     gpu = SimGPU(CAPACITY, name="Simulated 24 GiB GPU")
-    async with services(gpu) as urls, running(gpu_app(gpu)) as gpu_url:
+    async with (
+        services(gpu) as urls,
+        running(gpu_app(gpu)) as gpu_url,
+        _scratch_dir() as state_dir,
+    ):
         shutdown = anyio.Event()
         async with anyio.create_task_group() as tg:
             endpoints = await tg.start(
                 lambda task_status: run_broker(
-                    broker_config(urls, gpu_url),
+                    broker_config(urls, gpu_url, state_dir),
                     create_plugins(),
                     shutdown,
                     ephemeral_ports=True,
