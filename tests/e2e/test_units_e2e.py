@@ -94,6 +94,18 @@ async def test_a_workflow_whose_files_would_not_fit_beside_the_cache_frees_comfy
             assert gpu.oom_count == 0
 
 
+GPU_16 = [{"id": 0, "memory": "16GiB", "reserve": 0}]  # Ollama's default context here: 4096
+
+
+def one_ollama(url: str, models: list[Any] | None = None, **top: Any) -> Any:
+    """A budget broker's config for one Ollama backend on a 16 GiB card."""
+    backend: dict[str, Any] = {"upstream": url, "unloadStrategy": "ollama"}
+    if models is not None:
+        backend["models"] = models
+    top = {"minResidency": 0, "telemetryInterval": "100ms", **top}
+    return make_config({"ollama": backend}, policy="budget", gpus=GPU_16, **top)
+
+
 def sized(gib: float) -> SimModel:
     return SimModel(int(gib * GiB))
 
@@ -106,12 +118,7 @@ async def test_ollama_models_are_placed_one_by_one_and_only_what_is_needed_goes(
     gpu = SimGPU(16 * GiB)  # Ollama's default context on a card under 23 GiB: 4096
     emu = OllamaEmulator(gpu, {"small": sized(2), "mid": sized(4), "big": sized(7)})
     async with running(emu.app) as o, httpx.AsyncClient(timeout=10) as client:
-        cfg = make_config(
-            {"ollama": {"upstream": o, "unloadStrategy": "ollama"}},
-            policy="budget",
-            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
-            minResidency=0,
-        )
+        cfg = one_ollama(o)
         async with broker_running(cfg) as ep, ollama.AsyncClient(host=ep.proxies["ollama"]) as oc:
             await oc.generate(model="small", prompt="hi")
             await anyio.sleep(0.01)
@@ -133,12 +140,7 @@ async def test_a_longer_context_counts_its_kv_cache_and_makes_room_for_it() -> N
     gpu = SimGPU(16 * GiB)
     emu = OllamaEmulator(gpu, {"chat": sized(4.5), "other": sized(4.5)})
     async with running(emu.app) as o:
-        cfg = make_config(
-            {"ollama": {"upstream": o, "unloadStrategy": "ollama"}},
-            policy="budget",
-            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
-            minResidency=0,
-        )
+        cfg = one_ollama(o)
         async with broker_running(cfg) as ep, ollama.AsyncClient(host=ep.proxies["ollama"]) as oc:
             await oc.generate(model="other", prompt="hi")
             await anyio.sleep(0.01)
@@ -155,13 +157,7 @@ async def test_footprints_learned_on_one_run_size_the_next(tmp_path: Path) -> No
     gpu = SimGPU(16 * GiB)
     emu = OllamaEmulator(gpu, {"chat": 5 * GiB})  # a fixed size: nothing to estimate it by
     async with running(emu.app) as o:
-        cfg = make_config(
-            {"ollama": {"upstream": o, "unloadStrategy": "ollama"}},
-            policy="budget",
-            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
-            stateDir=str(tmp_path),
-            telemetryInterval=0.1,
-        )
+        cfg = one_ollama(o, stateDir=str(tmp_path))
         async with broker_running(cfg) as ep, ollama.AsyncClient(host=ep.proxies["ollama"]) as oc:
             await oc.generate(model="chat", prompt="hi")
             assert ep.broker is not None
@@ -184,12 +180,7 @@ async def test_a_model_ollama_lets_go_by_itself_is_seen_absent() -> None:
     gpu = SimGPU(16 * GiB)
     emu = OllamaEmulator(gpu, {"chat": sized(2)})
     async with running(emu.app) as o:
-        cfg = make_config(
-            {"ollama": {"upstream": o, "unloadStrategy": "ollama"}},
-            policy="budget",
-            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
-            telemetryInterval=0.1,
-        )
+        cfg = one_ollama(o)
         async with broker_running(cfg) as ep, ollama.AsyncClient(host=ep.proxies["ollama"]) as oc:
             await oc.generate(model="chat", prompt="hi", keep_alive=0.2)
             assert ep.broker is not None
@@ -275,18 +266,7 @@ async def test_a_model_holding_more_than_it_declares_is_warned_about() -> None:
     gpu = SimGPU(16 * GiB)
     emu = OllamaEmulator(gpu, {"chat": 5 * GiB})
     async with running(emu.app) as o, httpx.AsyncClient(timeout=10) as client:
-        cfg = make_config(
-            {
-                "ollama": {
-                    "upstream": o,
-                    "unloadStrategy": "ollama",
-                    "models": [{"name": "chat", "vram": "2GiB"}],
-                }
-            },
-            policy="budget",
-            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
-            telemetryInterval="100ms",
-        )
+        cfg = one_ollama(o, [{"name": "chat", "vram": "2GiB"}])
         async with broker_running(cfg) as ep, ollama.AsyncClient(host=ep.proxies["ollama"]) as oc:
             await oc.generate(model="chat", prompt="hi")
             with anyio.fail_after(5):
@@ -295,17 +275,6 @@ async def test_a_model_holding_more_than_it_declares_is_warned_about() -> None:
     assert [w["code"] for w in warnings] == ["vram_mismatch"]
     assert warnings[0]["message"].startswith(
         "ollama/chat:latest declares vram 2.0 GiB but holds 5.0 GiB"
-    )
-
-
-def one_ollama(url: str, **top: Any) -> Any:
-    return make_config(
-        {"ollama": {"upstream": url, "unloadStrategy": "ollama"}},
-        policy="budget",
-        gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
-        minResidency=0,
-        telemetryInterval="100ms",
-        **top,
     )
 
 
@@ -345,7 +314,7 @@ async def test_models_ollama_does_not_have_evict_nothing_and_leave_no_unit() -> 
                 },
             },
             policy="budget",
-            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
+            gpus=GPU_16,
             minResidency=0,
         )
         async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
@@ -365,17 +334,7 @@ async def test_an_admin_swap_names_a_model_of_a_backend_placed_by_model() -> Non
     gpu = SimGPU(16 * GiB)
     emu = OllamaEmulator(gpu, {"chat": sized(2)})
     async with running(emu.app) as o, httpx.AsyncClient(timeout=10) as client:
-        cfg = make_config(
-            {
-                "ollama": {
-                    "upstream": o,
-                    "unloadStrategy": "ollama",
-                    "models": [{"name": "chat", "vram": "3GiB"}],
-                }
-            },
-            policy="budget",
-            gpus=[{"id": 0, "memory": "16GiB", "reserve": 0}],
-        )
+        cfg = one_ollama(o, [{"name": "chat", "vram": "3GiB"}])
         async with broker_running(cfg) as ep:
             whole = await client.post(ep.status_url + "/api/swap", json={"backend": "ollama"})
             assert whole.status_code == 400
