@@ -596,6 +596,8 @@ def test_resolved_config_loads_back_as_the_same_config() -> None:
 
     examples = Path(__file__).resolve().parents[2] / "examples"
     for path in sorted(examples.glob("*.yaml")):
+        if path.name == "prometheus-alerts.yaml":  # a Prometheus rule file, not a config
+            continue
         cfg = load_config_file(path)
         again = parse_config(cfg.to_dict(), source="again")
         assert dataclasses.replace(again, source=cfg.source) == cfg, path.name

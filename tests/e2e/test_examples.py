@@ -10,8 +10,15 @@ from gpubroker.config.load import load_config_file
 from gpubroker.plugins.manager import check_config_names, create_plugins
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# YAML in examples/ that is not a gpubroker config (e.g. a compose file) is named here.
-NOT_CONFIGS = {"compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml"}
+# YAML in examples/ that is not a gpubroker config (e.g. a compose file) is named here; the
+# Prometheus rule file has tests of its own (tests/observe/test_operator_examples.py).
+NOT_CONFIGS = {
+    "compose.yaml",
+    "compose.yml",
+    "docker-compose.yaml",
+    "docker-compose.yml",
+    "prometheus-alerts.yaml",
+}
 CONFIGS = sorted(
     p for p in [*EXAMPLES.rglob("*.yaml"), *EXAMPLES.rglob("*.yml")] if p.name not in NOT_CONFIGS
 )
