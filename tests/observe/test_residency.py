@@ -303,6 +303,9 @@ async def test_whole_backends_and_the_memory_nobody_owns_as_telemetry_sees_them(
     unmanaged = {"backend": victim, "model": "", "reason": "unmanaged"}
     assert value(found, "gpubroker_evictions_total", **unmanaged) == 1
     assert value(found, "gpubroker_unmanaged_vram_bytes", gpu="0") == 6 * GiB + GiB // 2
+    plan = gone["gpuPlan"][0]  # the same figures per GPU as the status JSON
+    assert value(found, "gpubroker_gpu_capacity_bytes", gpu="0") == plan["capacityBytes"]
+    assert value(found, "gpubroker_gpu_planned_bytes", gpu="0") == plan["plannedBytes"]
     assert value(found, "gpubroker_unit_state", backend=victim, model="", state="absent") == 1
     kept_source = "declared" if kept == "a" else "measured"
     kept_size = 4 * GiB if kept == "a" else 6 * GiB

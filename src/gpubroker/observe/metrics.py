@@ -185,10 +185,24 @@ def _units(view: StatusView) -> Iterator[Metric]:
         "the GPU's capacity",
         labels=["gpu"],
     )
+    capacity = GaugeMetricFamily(
+        "gpubroker_gpu_capacity_bytes",
+        "What the scheduler may plan with on each GPU (declared or total memory, less reserve)",
+        labels=["gpu"],
+    )
+    planned = GaugeMetricFamily(
+        "gpubroker_gpu_planned_bytes",
+        "What the scheduler plans as taken on each GPU: units holding memory, and what nobody owns",
+        labels=["gpu"],
+    )
     for p in view.gpu_plan:
         if p.unmanaged is not None:
             unmanaged.add_metric([p.gpu], p.unmanaged)
-    yield from (vram, state, unmanaged)
+        if p.capacity is not None:
+            capacity.add_metric([p.gpu], p.capacity)
+        if p.planned is not None:
+            planned.add_metric([p.gpu], p.planned)
+    yield from (vram, state, unmanaged, capacity, planned)
 
 
 class Metrics:
