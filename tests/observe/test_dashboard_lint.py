@@ -26,7 +26,8 @@ clearTimeout setInterval clearInterval requestAnimationFrame cancelAnimationFram
 queueMicrotask getComputedStyle matchMedia structuredClone Event CustomEvent Element
 HTMLElement Node CSS Intl JSON Math Date Number String Boolean Array Object Set Map
 WeakMap Symbol Promise Error TypeError RangeError RegExp Reflect BigInt isFinite isNaN
-parseInt parseFloat undefined NaN Infinity globalThis arguments
+parseInt parseFloat encodeURIComponent decodeURIComponent encodeURI undefined NaN Infinity
+globalThis arguments
 """  # what a browser page may read without declaring it
 BROWSER = frozenset(GLOBALS.split())
 DECLARES = {  # node type -> fields that bind names
