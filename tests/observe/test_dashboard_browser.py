@@ -89,11 +89,14 @@ def page_errors(page: Page, *expected: str) -> list[str]:
 
 
 @asynccontextmanager
-async def broker(**top: Any) -> AsyncIterator[tuple[Endpoints, httpx.AsyncClient]]:
+async def broker(
+    unload_a: float = 0.02, **top: Any
+) -> AsyncIterator[tuple[Endpoints, httpx.AsyncClient]]:
     """Two generic backends that cannot share the 16 GiB card and an Ollama beside them,
-    with simulated telemetry; ``a`` and ``ollama/small`` are resident when it yields."""
+    with simulated telemetry; ``a`` (unloading in ``unload_a`` s) and ``ollama/small`` are
+    resident when it yields."""
     gpu = SimGPU(16 * GiB, name="Sim 16G")
-    a = GenericEmulator(gpu, 10 * GiB, owner="a")
+    a = GenericEmulator(gpu, 10 * GiB, owner="a", unload_seconds=unload_a)
     b = GenericEmulator(gpu, 10 * GiB, owner="b")
     emu = OllamaEmulator(gpu, {"small": SimModel(2 * GiB)})
     async with (
@@ -262,6 +265,41 @@ async def test_a_swap_a_request_causes_appears_in_the_timeline_within_two_second
     assert set(bars) == {"drain", "unload", "load"}, bars
     longest = max(ms, key=lambda p: ms[p])
     assert bars[longest] == max(bars.values()) > 0, (bars, ms)  # widths follow the durations
+    assert page_errors(page) == []
+
+
+async def test_a_request_waiting_behind_a_swap_shows_in_the_queue_with_its_phase(
+    artifacts: Path,
+) -> None:
+    row = "document.querySelector('#queue tr[data-lease]')"
+    async with (
+        broker(unload_a=3.0) as (ep, client),
+        chromium_page(ep.status_url + "/ui/") as page,
+        anyio.create_task_group() as tg,
+    ):
+        await opened(page)
+        await page.wait_for("window.gpubroker.connected", within=10)
+        done: list[httpx.Response] = []
+
+        async def request_b() -> None:  # b must wait while a takes 3 s to unload
+            done.append(await client.post(ep.proxies["b"] + "/generate", json={}))
+
+        tg.start_soon(request_b)
+        shown = await page.wait_for(
+            f"(tr => tr && /unloading/.test(tr.textContent) && [tr.dataset.lease,"
+            " tr.querySelector('[data-field=\"phase\"]').textContent.trim(), tr.textContent])"
+            f"({row})",
+            within=3,
+        )
+        live = (await status(client, ep))["liveRequests"]
+        await snap(page, artifacts, "queued", show="#queue")
+        gone = await page.wait_for(f"!{row}", within=10)
+    assert shown, "no queued request with its swap phase in #queue"
+    lease, phase, text = shown
+    [entry] = [e for e in live if str(e["id"]) == lease]
+    assert entry["backend"] == "b" and entry["state"] == "queued"
+    assert phase == "unloading" and (entry["caller"] or "") in text
+    assert gone and done[0].status_code == 200
     assert page_errors(page) == []
 
 
