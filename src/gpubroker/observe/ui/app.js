@@ -277,7 +277,7 @@
         if (!HOLDS_VRAM.has(u.state)) continue;
         let bytes = null;
         if (u.model === null && share > 1 && b.measuredByGpu) bytes = b.measuredByGpu[key];
-        else if (typeof u.measuredBytes === "number" && u.measuredBytes > 0) bytes = u.measuredBytes / share;
+        else if (typeof u.measuredBytes === "number") bytes = u.measuredBytes / share; // telemetry's word
         else if (typeof u.vramBytes === "number") bytes = u.vramBytes / share;
         if (typeof bytes === "number" && bytes > 0) out.push({ owner: u.name || name, bytes });
       }
