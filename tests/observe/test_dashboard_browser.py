@@ -1,7 +1,8 @@
 """The dashboard (``/ui/``) in a real headless Chromium, against a broker in front of emulators.
 
-What the page shows is read through the hooks docs/ui (the contract) names: ``window.gpubroker``
-and the ``data-*`` attributes, and compared with the status JSON fetched beside it. One PNG
+What the page shows is read through the hooks it keeps for tests (``window.gpubroker``, the ids
+and ``data-*`` attributes of observe/ui/app.js) and compared with the status JSON fetched
+beside it. One PNG
 screenshot per state goes to ``$GPUBROKER_ARTIFACTS`` (else the test's tmp_path), each checked
 to decode and not to be blank.
 """
