@@ -2,9 +2,8 @@
 
 What the page shows is read through the hooks it keeps for tests (``window.gpubroker``, the ids
 and ``data-*`` attributes of observe/ui/app.js) and compared with the status JSON fetched
-beside it. One PNG
-screenshot per state goes to ``$GPUBROKER_ARTIFACTS`` (else the test's tmp_path), each checked
-to decode and not to be blank.
+beside it. One PNG screenshot per state goes to ``$GPUBROKER_ARTIFACTS`` (else the test's
+tmp_path), each checked to decode and not to be blank.
 """
 
 from __future__ import annotations
