@@ -79,7 +79,9 @@ def workload(n: int, seed: int = 7) -> list[str]:
     return [rng.choices(["ollama", "comfyui", "vllm"], weights=[5, 2, 3])[0] for _ in range(n)]
 
 
-async def one(client: httpx.AsyncClient, kind: str, base: str, tally: Tally) -> None:
+async def one(
+    client: httpx.AsyncClient, kind: str, base: str, tally: Tally, echo: bool = True
+) -> None:
     started = time.perf_counter()
     try:
         if kind == "ollama":
@@ -119,6 +121,8 @@ async def one(client: httpx.AsyncClient, kind: str, base: str, tally: Tally) -> 
         tally.waits.append(float(r.headers.get("x-gpubroker-queue-ms", 0)) / 1000)
     else:
         tally.errors.append(f"{kind}: {r.status_code} {r.text[:120]}")
+    if not echo:
+        return
     typer.echo(
         f"  {'ok ' if ok else 'ERR'} {kind:<8} {time.perf_counter() - started:5.2f}s"
         + ("" if ok else f"  {r.text[:90]}")
@@ -141,6 +145,24 @@ async def drive(urls: dict[str, str], jobs: list[str]) -> Tally:
             tg.start_soon(task)
             await anyio.sleep(0.03)
     return tally
+
+
+def dashboard_url(status_url: str) -> str:
+    """Where the status port serves its dashboard (``observe/dashboard.py``)."""
+    return status_url.rstrip("/") + "/ui/"
+
+
+async def trickle(urls: dict[str, str], pause: float = 3.0) -> None:
+    """``--keep``: the mixed workload, slowly and for ever, two at a time, so the dashboard
+    shows swaps happening (each request's line is not printed; the swaps are)."""
+    rng = random.Random(11)
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
+        while True:
+            kinds = workload(2, seed=rng.randrange(1 << 30))
+            async with anyio.create_task_group() as tg:
+                for kind in kinds:
+                    tg.start_soon(one, client, kind, urls[kind], Tally(), False)
+            await anyio.sleep(pause)
 
 
 def broker_config(
@@ -217,6 +239,8 @@ async def run(keep: bool, n: int) -> int:
                     )
 
             endpoints.bus.subscribe(on_event)
+            if keep:
+                typer.echo(f"  (watch it: {dashboard_url(endpoints.status_url)})")
             brokered = await drive(endpoints.proxies, jobs)
             waits = sorted(brokered.waits) or [0.0]
             summary(
@@ -228,13 +252,18 @@ async def run(keep: bool, n: int) -> int:
             )
             if keep:
                 typer.echo(
-                    "\nStill serving. Try:\n"
+                    f"\nStill serving, with a request every few seconds so swaps keep "
+                    f"happening.\n\n  Dashboard: {dashboard_url(endpoints.status_url)}\n\n"
+                    "Or try:\n"
                     f"  gpubroker status --watch --url {endpoints.status_url}"
                     + "".join(f"\n  {n}: {u}" for n, u in endpoints.proxies.items())
                     + "\nCtrl-C to stop."
                 )
-                with contextlib.suppress(KeyboardInterrupt):
-                    await anyio.sleep_forever()
+                async with anyio.create_task_group() as keepers:
+                    keepers.start_soon(trickle, endpoints.proxies)
+                    with contextlib.suppress(KeyboardInterrupt):
+                        await anyio.sleep_forever()
+                    keepers.cancel_scope.cancel()
             shutdown.set()
     return 0 if gpu.oom_count == 0 and not sum(brokered.failed.values()) else 1
 

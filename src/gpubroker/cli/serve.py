@@ -87,7 +87,12 @@ def serve(
 
 def demo(
     keep: Annotated[
-        bool, typer.Option("--keep", help="Keep serving after the workload, until Ctrl-C.")
+        bool,
+        typer.Option(
+            "--keep",
+            help="Keep serving after the workload, with a request every few seconds, and "
+            "print the dashboard's URL; until Ctrl-C.",
+        ),
     ] = False,
     requests: Annotated[
         int, typer.Option("--requests", "-n", min=3, max=500, help="Requests in the workload.")

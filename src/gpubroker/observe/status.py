@@ -2,7 +2,8 @@
 
 ``GET /`` keeps OneGPU4All's field names (so its dashboards keep working) and adds ours: the
 GPUs as telemetry sees them, each backend's measured VRAM next to its declared one, the queue
-and the active warnings. ``GET /metrics`` is the same in Prometheus' format and ``GET /events``
+and the active warnings; a browser asking for it is sent to the dashboard at ``/ui/``
+(``dashboard.py``). ``GET /metrics`` is the same in Prometheus' format and ``GET /events``
 streams every scheduler event as Server-Sent Events.
 
 Admin verbs (these, and the ``/api/workers`` verbs of ``worker_routes``) pass one gate
@@ -26,6 +27,7 @@ from starlette.routing import Route
 from gpubroker.errors import BadRequest, UnknownBackend
 from gpubroker.events import EventBus
 from gpubroker.observe.admin import AdminGate
+from gpubroker.observe.dashboard import Dashboard, to_ui, wants_html
 from gpubroker.observe.guard import HostPolicy, ListenerGuard
 from gpubroker.observe.health import HealthProbe
 from gpubroker.observe.metrics import Metrics
@@ -66,6 +68,7 @@ class StatusApp:
                 Route("/events", self.events.endpoint),
                 Route("/metrics", self.prometheus),
                 *workers.routes(),
+                *Dashboard().routes(),
             ],
             exception_handlers=exception_handlers,  # a route raises; the answer is made here
         )
@@ -78,6 +81,8 @@ class StatusApp:
         return read(self.broker, self.monitor, self.health)
 
     async def index(self, request: Request) -> Response:
+        if request.url.path == "/" and wants_html(request):  # a browser: the dashboard
+            return to_ui()
         return JSONResponse(self.view().to_json())
 
     async def prometheus(self, request: Request) -> Response:
