@@ -221,6 +221,12 @@ async def test_the_page_loads_clean_and_shows_what_the_status_json_says(artifact
             within=10,
         )
         hook = await page.evaluate("JSON.stringify(window.gpubroker)")
+        # at 1280x800 no section scrolls sideways either (each table fits its section)
+        sideways = await page.evaluate(
+            "[...document.querySelectorAll('section, .scroll')]"
+            ".filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.id || e.className)"
+        )
+    assert sideways == [], sideways
     assert wrong == [], "\n".join(wrong)
     assert connection == "live"
     hook = json.loads(hook)
