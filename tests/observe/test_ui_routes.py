@@ -81,13 +81,22 @@ async def test_root_sends_browsers_to_the_dashboard_and_keeps_json_for_tools() -
         r = await client.get("/", headers={"accept": BROWSER_ACCEPT})
         assert r.status_code == 307
         assert r.headers["location"] == "/ui/"
-        for accept in ("*/*", "application/json", None):  # curl, OneGPU4All tools, no header
+        assert r.headers["vary"] == "Accept"  # caches keep the page and the JSON apart
+        tools = (
+            "*/*",  # curl
+            "application/json",  # OneGPU4All tools
+            None,  # no header
+            "application/json, text/html;q=0.1",  # prefers JSON
+            "text/html;q=0",  # refuses HTML outright
+        )
+        for accept in tools:
             headers = {"accept": accept} if accept else {}
             if accept is None:
                 client.headers.pop("accept", None)
             r = await client.get("/", headers=headers)
             assert r.status_code == 200, accept
             assert r.headers["content-type"] == "application/json"
+            assert r.headers["vary"] == "Accept"
             assert "vramOwner" in r.json()
         # the API's own path stays JSON even for a browser
         r = await client.get("/api/status", headers={"accept": BROWSER_ACCEPT})

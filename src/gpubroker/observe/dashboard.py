@@ -48,12 +48,39 @@ def ui_files() -> Traversable:
 
 
 def wants_html(request: Request) -> bool:
-    """A browser navigating here: its ``Accept`` names ``text/html`` (curl's ``*/*`` does not)."""
-    return "text/html" in request.headers.get("accept", "").lower()
+    """A browser navigating here: its ``Accept`` prefers ``text/html`` to JSON (curl's ``*/*``
+    names neither; ``application/json, text/html;q=0.1`` prefers JSON; ``q=0`` refuses)."""
+    prefs = accepted(request.headers.get("accept", ""))
+    html = prefs.get("text/html", 0.0)
+    return html > 0 and html >= prefs.get("application/json", 0.0)
+
+
+def accepted(header: str) -> dict[str, float]:
+    """Media type -> quality, from an ``Accept`` header (RFC 9110 §12.5.1); a bad q is 0."""
+    out: dict[str, float] = {}
+    for item in header.split(","):
+        media, *params = (p.strip() for p in item.split(";"))
+        if not media:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        media = media.lower()
+        out[media] = max(out.get(media, 0.0), q)
+    return out
+
+
+# ``/`` answers a browser and an API client differently: caches must keep them apart.
+VARY = {"vary": "Accept"}
 
 
 def to_ui() -> Response:
-    return RedirectResponse(UI_PATH, status_code=307)
+    return RedirectResponse(UI_PATH, status_code=307, headers=VARY)
 
 
 class Dashboard:

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from gpubroker.errors import BadRequest, UnknownBackend
 from gpubroker.events import EventBus
 from gpubroker.observe.admin import AdminGate
-from gpubroker.observe.dashboard import Dashboard, to_ui, wants_html
+from gpubroker.observe.dashboard import VARY, Dashboard, to_ui, wants_html
 from gpubroker.observe.guard import HostPolicy, ListenerGuard
 from gpubroker.observe.health import HealthProbe
 from gpubroker.observe.metrics import Metrics
@@ -81,9 +81,11 @@ class StatusApp:
         return read(self.broker, self.monitor, self.health)
 
     async def index(self, request: Request) -> Response:
-        if request.url.path == "/" and wants_html(request):  # a browser: the dashboard
+        if request.url.path != "/":
+            return JSONResponse(self.view().to_json())
+        if wants_html(request):  # a browser: the dashboard
             return to_ui()
-        return JSONResponse(self.view().to_json())
+        return JSONResponse(self.view().to_json(), headers=VARY)
 
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
