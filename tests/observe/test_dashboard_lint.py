@@ -59,6 +59,22 @@ def children(node: Any) -> Iterator[tuple[str, Any]]:
                 yield key, child
 
 
+# Members that parse a string as HTML (innerHTML is caught where it is assigned).
+HTML_SINKS = frozenset(
+    {"outerHTML", "insertAdjacentHTML", "setHTMLUnsafe", "createContextualFragment", "localStorage"}
+)
+
+
+def member_name(node: Any) -> str:
+    """``x.name`` or ``x["name"]``'s name; "" for anything else (a computed, non-literal key)."""
+    if getattr(node, "type", "") != "MemberExpression":
+        return ""
+    prop = node.property
+    if not node.computed:
+        return str(prop.name)
+    return prop.value if prop.type == "Literal" and isinstance(prop.value, str) else ""
+
+
 def lint(source: str, path: str = "app.js") -> list[str]:
     """Every complaint as ``path:line: what``; empty when the file passes."""
     try:
@@ -95,17 +111,36 @@ def lint(source: str, path: str = "app.js") -> list[str]:
             and getattr(node.callee, "name", "") == "Function"
         ):
             complain(node, "no Function(): it evaluates a string")
-        elif kind == "MemberExpression" and not node.computed:
-            name = node.property.name
-            if name in ("outerHTML", "insertAdjacentHTML", "localStorage") or (
+        elif kind == "MemberExpression":
+            name = member_name(node)
+            if name in HTML_SINKS or (
                 name in ("write", "writeln") and getattr(node.object, "name", "") == "document"
             ):
                 complain(node, f"no .{name}: build nodes, set textContent")
-        elif (
-            kind == "AssignmentExpression"
-            and getattr(getattr(node.left, "property", None), "name", "") == "innerHTML"
-        ):
+            elif name in ("eval", "localStorage"):
+                complain(node, f"no {name}")
+        elif kind == "AssignmentExpression" and member_name(node.left) == "innerHTML":
             complain(node, "no innerHTML =: build nodes, set textContent")
+        elif kind == "CallExpression" and node.arguments:
+            callee, first = (
+                member_name(node.callee) or getattr(node.callee, "name", ""),
+                node.arguments[0],
+            )
+            literal = first.value if first.type == "Literal" else None
+            if callee in ("setTimeout", "setInterval") and first.type in (
+                "Literal",
+                "TemplateLiteral",
+            ):
+                complain(node, f"no {callee}() of a string: it evaluates it")
+            elif (
+                callee == "setAttribute"
+                and isinstance(literal, str)
+                and (
+                    literal.lower() in ("href", "src", "style", "srcdoc", "action", "formaction")
+                    or literal.lower().startswith("on")
+                )
+            ):
+                complain(node, f"no setAttribute({literal!r}): set a safe property instead")
         for key, child in children(node):
             if key in DECLARES.get(kind, ()):
                 bind(child)
@@ -151,6 +186,13 @@ GOOD = '"use strict";\nconst box = document.getElementById("x");\n'
         (GOOD + "localStorage.setItem('t', 'x');\n", "app.js:3: no localStorage"),
         (GOOD + "window.localStorage.t = 1;\n", "app.js:3: no .localStorage"),
         (GOOD + "function lonely() { return lonely; }\n", "app.js:3: function lonely is never"),
+        (GOOD + "box['innerHTML'] = '<b>x</b>';\n", "app.js:3: no innerHTML ="),
+        (GOOD + "box.setHTMLUnsafe('<b>x</b>');\n", "app.js:3: no .setHTMLUnsafe"),
+        (GOOD + "document.createRange().createContextualFragment('x');\n", "app.js:3: no .create"),
+        (GOOD + "box.setAttribute('onclick', 'x()');\n", "app.js:3: no setAttribute('onclick')"),
+        (GOOD + "box.setAttribute('HREF', 'javascript:x');\n", "app.js:3: no setAttribute('HREF')"),
+        (GOOD + "window['eval']('1');\n", "app.js:3: no eval"),
+        (GOOD + "setTimeout('box.focus()', 1);\n", "app.js:3: no setTimeout() of a string"),
     ],
 )
 def test_the_lint_catches(source: str, complaint: str) -> None:
