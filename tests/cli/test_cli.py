@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,40 @@ def test_the_demo_runs_the_readmes_main_job_and_leaves_no_state_behind(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "With gpubroker: 3 ok, 0 failed, 0 simulated OOMs" in result.stdout
     assert not any(own_state_dir.iterdir())  # the demo's learned sizes stay with the demo
+
+
+def test_demo_keep_prints_a_dashboard_that_answers_and_stops_cleanly_on_ctrl_c(
+    own_state_dir: Path,
+) -> None:
+    import re
+    import signal
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("gpubroker")), "demo", "--keep", "-n", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "XDG_STATE_HOME": str(own_state_dir)},
+    )
+    try:
+        assert proc.stdout is not None
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if m := re.search(r"Dashboard: (http://127\.0\.0\.1:\d+/ui/)", line):
+                url = m.group(1)
+        assert url is not None, "the demo printed no dashboard URL"
+        with urllib.request.urlopen(url, timeout=10) as page:  # the page the user opens
+            assert page.status == 200 and b"app.js" in page.read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "stopping." in out

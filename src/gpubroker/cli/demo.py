@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -261,11 +262,18 @@ async def run(keep: bool, n: int) -> int:
                 )
                 async with anyio.create_task_group() as keepers:
                     keepers.start_soon(trickle, endpoints.proxies)
-                    with contextlib.suppress(KeyboardInterrupt):
-                        await anyio.sleep_forever()
+                    await _until_stopped()  # Ctrl-C or SIGTERM: a clean stop, no traceback
                     keepers.cancel_scope.cancel()
+                typer.echo("stopping.")
             shutdown.set()
     return 0 if gpu.oom_count == 0 and not sum(brokered.failed.values()) else 1
+
+
+async def _until_stopped() -> None:
+    """Wait for the first SIGINT or SIGTERM (handled here, so asyncio raises nothing)."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
 
 
 def run_demo(*, keep: bool = False, requests: int = 24) -> None:
