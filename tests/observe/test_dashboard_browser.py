@@ -441,3 +441,46 @@ async def test_the_page_says_when_the_event_stream_is_lost_and_comes_back(artifa
         back = await page.wait_for(f"{state} === 'live' && window.gpubroker.connected", within=20)
     assert live and back
     assert lost == "reconnecting…"
+
+
+async def test_a_status_that_stops_answering_turns_the_page_stale_not_live() -> None:
+    """GET / hangs (paused by the browser, as a frozen broker would) while /events stays open:
+    the page must stop saying "live" within a few polls, and say "live" again once answers
+    come back."""
+    state = "document.getElementById('connection').dataset.state"
+    async with broker() as (ep, _), chromium_page(ep.status_url + "/ui/") as page:
+        await opened(page)
+        assert await page.wait_for(f"{state} === 'live'", within=10)
+        await page.send("Fetch.enable", patterns=[{"urlPattern": ep.status_url + "/"}])
+        stale = await page.wait_for(
+            f"{state} === 'stale' && window.gpubroker.connected && "
+            "[document.getElementById('connection').textContent.trim(),"
+            " document.getElementById('notice').hidden]",
+            within=6.5,  # ~3 polls of 2 s
+        )
+        await page.send("Fetch.disable")
+        back = await page.wait_for(f"{state} === 'live'", within=10)
+    assert stale, "the page still said live with no status answering"
+    text, notice_hidden = stale
+    assert re.fullmatch(r"stale \N{EM DASH} no answer for \d+ s", text), text
+    assert notice_hidden is False
+    assert back
+    assert page_errors(page, "status:", "GET /") == []
+
+
+async def test_a_hidden_tab_lets_go_of_its_event_stream_and_takes_it_up_when_shown() -> None:
+    """Six open tabs must not hold the browser's six connections to the host."""
+    hide = (
+        "Object.defineProperty(document, 'hidden', {{configurable: true, get: () => {0}}});"
+        "document.dispatchEvent(new Event('visibilitychange')); true"
+    )
+    async with broker() as (ep, _), chromium_page(ep.status_url + "/ui/") as page:
+        await opened(page)
+        assert await page.wait_for("window.gpubroker.connected", within=10)
+        await page.evaluate(hide.format("true"))
+        closed = await page.wait_for("!window.gpubroker.connected", within=5)
+        await page.evaluate(hide.format("false"))
+        back = await page.wait_for("window.gpubroker.connected", within=10)
+        opens = [u for u in page.requests if u.endswith("/events")]
+    assert closed and back
+    assert len(opens) >= 2, opens  # shown again, it opened a new stream

@@ -4,7 +4,10 @@
 "use strict";
 
 (() => {
-  const POLL_MS = 2000;
+  // ?poll=<ms> (a test hook): how often GET / is polled, 500..60000, default 2000
+  const POLL_MS = pollMs(new URLSearchParams(location.search).get("poll"));
+  const FETCH_TIMEOUT_MS = 5000; // a GET nobody answers ends here, so the page can say "stale"
+  const ACTION_TIMEOUT_MS = 120000; // an admin verb waits for its swap to finish
   const DEBOUNCE_MS = 100;
   const HISTORY_MS = 5 * 60 * 1000;
   const LOG_LINES = 40;
@@ -37,6 +40,14 @@
   let refreshTimer = null;
   let events = null;
   let workersAdmin = false;
+  let lastGood = null; // Date.now() of the last status that rendered
+  const started = Date.now();
+
+  function pollMs(raw) {
+    const n = Number(raw);
+    if (raw === null || raw === "" || !Number.isFinite(n)) return 2000;
+    return Math.min(60000, Math.max(500, Math.round(n)));
+  }
 
   // --- small helpers ----------------------------------------------------------------------
 
@@ -145,11 +156,19 @@
     return h;
   }
 
+  // a signal that aborts the fetch after `ms` (a request nobody answers must end)
+  function deadline(ms) {
+    const c = new AbortController();
+    setTimeout(() => c.abort(new Error(`no answer in ${ms / 1000} s`)), ms);
+    return c.signal;
+  }
+
   async function getJson(url, auth = false) {
     const r = await fetch(url, {
       headers: auth ? headers(false) : { Accept: "application/json" },
       cache: "no-store",
       credentials: "same-origin",
+      signal: deadline(FETCH_TIMEOUT_MS),
     });
     let body = null;
     try { body = await r.json(); } catch (_) { body = null; }
@@ -165,11 +184,13 @@
       if (!r.ok || r.body === null) throw new Error(`GET / answered ${r.status}`);
       G.status = r.body;
       render(r.body);
+      lastGood = Date.now();
       showNotice(null);
     } catch (err) {
       noteError(`status: ${err.message || err}`);
-      showNotice("the broker does not answer; retrying every 2 s");
+      showNotice(`the broker does not answer; retrying every ${duration(POLL_MS)}`);
     }
+    showConnection();
     await refreshWorkers();
     pollTimer = setTimeout(refresh, POLL_MS);
   }
@@ -189,27 +210,59 @@
 
   function setConnected(live) {
     G.connected = live;
+    showConnection();
+  }
+
+  // "stale" (no status rendered for 2 polls) wins over "live": an open stream with a status
+  // app that stopped answering is not live data
+  function showConnection() {
     const node = $("#connection");
-    setText(node, live ? "live" : "reconnecting…");
-    setAttr(node, "data-state", live ? "live" : "reconnecting");
-    setAttr(node, "title", live ? "the /events stream is open" : "the /events stream is down; reconnecting by itself");
+    const since = lastGood ?? started;
+    const age = Date.now() - since;
+    let state = G.connected ? "live" : "reconnecting";
+    let text = G.connected ? "live" : "reconnecting…";
+    let title = G.connected ? "the /events stream is open" : "the /events stream is down; reconnecting by itself";
+    if (age > 2 * POLL_MS && !document.hidden) {
+      state = "stale";
+      text = `stale — no answer for ${Math.round(age / 1000)} s`;
+      title = lastGood === null ? "no status has arrived yet" : `the last status arrived at ${new Date(lastGood).toLocaleTimeString()}`;
+      showNotice(`the data shown is stale: the broker has not answered for ${Math.round(age / 1000)} s`);
+    }
+    setText(node, text);
+    setAttr(node, "data-state", state);
+    setAttr(node, "title", title);
   }
 
   function connect() {
-    events = new EventSource("/events");
-    events.onopen = () => { setConnected(true); refreshSoon(); };
-    events.onerror = () => {
+    if (events !== null || document.hidden) return;
+    const source = new EventSource("/events");
+    events = source;
+    source.onopen = () => { setConnected(true); refreshSoon(); };
+    source.onerror = () => {
+      if (events !== source) return;
       setConnected(false);
-      if (events.readyState === EventSource.CLOSED) { // refused outright: try again ourselves
+      if (source.readyState === EventSource.CLOSED) { // refused outright: try again ourselves
         events = null;
         setTimeout(connect, POLL_MS);
       }
     };
-    for (const kind of REFRESH_ON) events.addEventListener(kind, onEvent);
-    events.addEventListener("shutting_down", () => {
+    for (const kind of REFRESH_ON) source.addEventListener(kind, onEvent);
+    source.addEventListener("shutting_down", () => {
       setConnected(false);
       showNotice("the broker is shutting down; this page reconnects when it is back");
     });
+  }
+
+  // a hidden tab lets go of its stream (browsers allow 6 connections per host: six open tabs
+  // would use them all) and takes it up again when shown
+  function onVisibility() {
+    if (document.hidden) {
+      if (events !== null) { events.close(); events = null; }
+      setConnected(false);
+    } else {
+      connect();
+      refreshSoon();
+    }
   }
 
   function onEvent(message) {
@@ -618,6 +671,7 @@
       body: JSON.stringify(req.body),
       cache: "no-store",
       credentials: "same-origin",
+      signal: deadline(ACTION_TIMEOUT_MS),
     });
     let body = null;
     try { body = await r.json(); } catch (_) { body = null; }
@@ -683,6 +737,8 @@
 
   function start() {
     setConnected(false);
+    document.addEventListener("visibilitychange", onVisibility);
+    setInterval(showConnection, 1000);
     connect();
     refresh();
   }
