@@ -647,7 +647,9 @@
     showResult(null, `${what}…`);
     try {
       let r = await post(req);
-      if (r.status === 401 || r.status === 403) {
+      // 401: a token would help, so ask; 403: no token can (e.g. the verbs are off), so the
+      // API's message shows in #action-result below
+      if (r.status === 401) {
         const token = await askToken(r.body && r.body.message);
         if (token !== null) r = await post(req);
       }
