@@ -499,3 +499,44 @@ async def test_when_the_admin_verbs_are_off_an_action_says_so_and_asks_for_no_to
     assert dialog is False, "a 403 opened the token dialog"
     assert (403, url + "/api/unload") in page.responses
     assert page_errors(page, "403", "unload a") == []
+
+
+async def test_without_telemetry_a_unit_holding_the_whole_gpu_is_drawn_and_no_size_is_made_up(
+    artifacts: Path,
+) -> None:
+    """Telemetry off, policy exclusive: nobody knows the GPU's size or the unit's; the card
+    says a dash (not "0.0 GiB"), draws the unit across the bar, and says telemetry is off."""
+    gpu = SimGPU(16 * GiB)
+    a = GenericEmulator(gpu, 1 * GiB, owner="a")
+    card = "document.querySelector('#gpus [data-gpu=\"0\"]')"
+    async with running(a.app) as ua:
+        cfg = make_config(
+            {"a": {"upstream": ua, "unloadStrategy": "generic", "unloadEndpoint": "/unload"}},
+            telemetry="none",
+            minResidency=0,
+        )
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as client:
+            assert (await client.post(ep.proxies["a"] + "/generate", json={})).status_code == 200
+            st = await status(client, ep)
+            async with chromium_page(ep.status_url + "/ui/") as page:
+                await opened(page)
+                shown = await page.wait_for(
+                    f"(d => d && d.querySelector('rect[data-owner=\"a\"]') && ({{"
+                    " used: d.querySelector('[data-field=\"used\"]').textContent.trim(),"
+                    " total: d.querySelector('[data-field=\"total\"]').textContent.trim(),"
+                    " notice: d.querySelector('[data-field=\"notice\"]').textContent.trim(),"
+                    " width: +d.querySelector('rect[data-owner=\"a\"]').getAttribute('width'),"
+                    " owners: [...d.querySelectorAll('rect[data-owner]')]"
+                    ".map(r => r.dataset.owner)}))"
+                    f"({card})",
+                    within=10,
+                )
+                await snap(page, artifacts, "no-telemetry", show="#gpus")
+    [unit] = st["backends"]["a"]["units"]
+    assert unit["state"] == "resident" and unit["vramBytes"] is None, unit
+    assert st["gpuPlan"][0]["plannedBytes"] is None and st["telemetry"]["notice"]
+    assert shown, f"no segment for the unit that holds the GPU: {page.errors}"
+    assert shown["used"] == DASH and shown["total"] == DASH, shown
+    assert shown["owners"] == ["a"] and shown["width"] >= 999, shown
+    assert shown["notice"] == st["telemetry"]["notice"], shown
+    assert page_errors(page) == []

@@ -333,6 +333,9 @@
         else if (typeof u.measuredBytes === "number") bytes = u.measuredBytes / share; // telemetry's word
         else if (typeof u.vramBytes === "number") bytes = u.vramBytes / share;
         if (typeof bytes === "number" && bytes > 0) out.push({ owner: u.name || name, bytes });
+        // nobody knows its size (the whole GPU, or telemetry is off): it is drawn across the
+        // rest of the bar, its size shown as "–", never as 0
+        else if (typeof bytes !== "number" && u.state !== "unknown") out.push({ owner: u.name || name, bytes: null });
       }
     }
     let unmanaged = plan && typeof plan.unmanagedBytes === "number" ? plan.unmanagedBytes : null;
@@ -340,8 +343,9 @@
       unmanaged = (gpu.processes || []).filter((p) => !p.owner).reduce((a, p) => a + (p.usedBytes || 0), 0);
     }
     if (unmanaged) out.push({ owner: "unmanaged", bytes: unmanaged });
-    const taken = out.reduce((a, s) => a + s.bytes, 0);
-    if (typeof total === "number") out.push({ owner: "free", bytes: Math.max(0, total - taken) });
+    const taken = out.reduce((a, s) => a + (s.bytes || 0), 0);
+    const unknown = out.some((s) => s.bytes === null);
+    if (typeof total === "number" && !unknown) out.push({ owner: "free", bytes: Math.max(0, total - taken) });
     return out;
   }
 
@@ -375,15 +379,22 @@
       facts.append(el("div", {}, el("dt", { text: label }), el("dd", { "data-field": name, text: DASH })));
     }
     return el("article", { class: "gpu" },
-      el("h3", { "data-field": "name", text: "GPU" }), bar, el("ul", { class: "owners" }), facts, chart,
+      el("h3", { "data-field": "name", text: "GPU" }), el("p", { class: "notice", "data-field": "notice", hidden: "" }), bar, el("ul", { class: "owners" }), facts, chart,
       el("p", { class: "chart-legend" }, el("span", { class: "l-vram", text: "── VRAM %" }), " ", el("span", { class: "l-util", text: "- - utilisation %" }), " · last 5 minutes"));
   }
 
   function updateGpu(node, st, key, plan, gpu) {
     const total = gpu && typeof gpu.memoryTotal === "number" ? gpu.memoryTotal : plan ? plan.capacityBytes : null;
     const segs = segments(st, key, plan, gpu, total);
-    const taken = segs.filter((s) => s.owner !== "free").reduce((a, s) => a + s.bytes, 0);
-    const used = gpu && typeof gpu.memoryUsed === "number" ? gpu.memoryUsed : plan && typeof plan.plannedBytes === "number" ? Math.min(plan.plannedBytes, total ?? Infinity) : taken;
+    const held = segs.filter((s) => s.owner !== "free");
+    const taken = held.some((s) => s.bytes === null) ? null : held.reduce((a, s) => a + s.bytes, 0);
+    let used = taken;
+    if (gpu && typeof gpu.memoryUsed === "number") used = gpu.memoryUsed;
+    else if (plan) used = typeof plan.plannedBytes === "number" ? Math.min(plan.plannedBytes, total ?? Infinity) : null;
+    const tele = st.telemetry || {};
+    const notice = field(node, "notice");
+    setText(notice, tele.notice || tele.error || "");
+    notice.hidden = !(tele.notice || tele.error);
     setText(field(node, "name"), gpu ? `GPU ${key}: ${gpu.name}` : `GPU ${key}`);
     setText(field(node, "used"), gib(used));
     setText(field(node, "total"), gib(total));
@@ -402,10 +413,17 @@
     const bar = node.querySelector("svg.bar");
     const group = bar.querySelector("g.segs");
     const hatch = bar.querySelector("pattern").id;
-    const sum = typeof total === "number" && total > 0 ? total : segs.reduce((a, s) => a + s.bytes, 0) || 1;
+    const known = segs.filter((s) => s.bytes !== null);
+    const unknown = segs.length - known.length;
+    const hasTotal = typeof total === "number" && total > 0;
+    const sum = hasTotal ? total : known.reduce((a, s) => a + s.bytes, 0) || 1;
+    // sizes nobody knows share what the known ones leave (with no total either: equal parts)
+    const even = unknown > 0 && !hasTotal;
+    const knownW = even ? 0 : Math.min(1000, known.reduce((a, s) => a + (s.bytes / sum) * 1000, 0));
+    const restW = unknown > 0 ? (1000 - knownW) / unknown : 0;
     let x = 0;
     const placed = segs.map((s) => {
-      const w = Math.max(0, (s.bytes / sum) * 1000);
+      const w = even ? 1000 / segs.length : s.bytes === null ? restW : Math.max(0, (s.bytes / sum) * 1000);
       const out = { ...s, x, w };
       x += w;
       return out;
