@@ -290,14 +290,35 @@ async def test_a_request_waiting_behind_a_swap_shows_in_the_queue_with_its_phase
         async def request_b() -> None:  # b must wait while a takes 3 s to unload
             done.append(await client.post(ep.proxies["b"] + "/generate", json={}))
 
+        async def request_a() -> None:
+            done.append(await client.post(ep.proxies["a"] + "/generate", json={}))
+
         tg.start_soon(request_b)
         shown = await page.wait_for(
-            f"(tr => tr && /unloading/.test(tr.textContent) && [tr.dataset.lease,"
+            "(tr => tr && tr.querySelector('[data-field=\"phase\"]').textContent.trim()"
+            " === 'unloading' && [tr.dataset.lease,"
             " tr.querySelector('[data-field=\"phase\"]').textContent.trim(), tr.textContent])"
             f"({row})",
             within=3,
         )
-        live = (await status(client, ep))["liveRequests"]
+        # a request for a itself, queued after the swap began (a is its victim): it waits on
+        # the same unload, and no event names it
+        tg.start_soon(request_a)
+        phase_of_a = await page.wait_for(
+            "(tr => tr && (t => t !== '\u2013' && t)(tr.querySelector("
+            "'[data-field=\"phase\"]').textContent.trim()))"
+            "([...document.querySelectorAll('#queue tr[data-lease]')].find(tr =>"
+            " tr.querySelector('[data-field=\"unit\"]').textContent.trim() === 'a'))",
+            within=3,
+        )
+        st = await status(client, ep)
+        live = st["liveRequests"]
+        # it stays the exact phase over the polls that follow (a status reply must not turn
+        # it into the bare "swapping")
+        await anyio.sleep(1.0)
+        later = await page.evaluate(
+            f"(tr => tr && tr.querySelector('[data-field=\"phase\"]').textContent.trim())({row})"
+        )
         await snap(page, artifacts, "queued", show="#queue")
         gone = await page.wait_for(f"!{row}", within=10)
     assert shown, "no queued request with its swap phase in #queue"
@@ -305,7 +326,10 @@ async def test_a_request_waiting_behind_a_swap_shows_in_the_queue_with_its_phase
     [entry] = [e for e in live if str(e["id"]) == lease]
     assert entry["backend"] == "b" and entry["state"] == "queued"
     assert phase == "unloading" and (entry["caller"] or "") in text
-    assert gone and done[0].status_code == 200
+    assert st["backends"]["a"]["state"] == "unloading", st["backends"]["a"]
+    assert later == "unloading", later
+    assert phase_of_a == "unloading", phase_of_a
+    assert gone and [r.status_code for r in done] == [200, 200]
     assert page_errors(page) == []
 
 

@@ -180,10 +180,11 @@
   async function refresh() {
     clearTimeout(pollTimer);
     try {
+      const asked = Date.now();
       const r = await getJson("/");
       if (!r.ok || r.body === null) throw new Error(`GET / answered ${r.status}`);
       G.status = r.body;
-      render(r.body);
+      render(r.body, asked);
       lastGood = Date.now();
       showNotice(null);
     } catch (err) {
@@ -279,9 +280,10 @@
     if (!phase) return;
     let s = swaps.get(data.swap);
     if (!s) {
-      s = { target: null, phase, requests: new Set() };
+      s = { target: null, phase, requests: new Set(), at: 0 };
       swaps.set(data.swap, s);
     }
+    s.at = Date.now();
     if (kind === "swap_started") {
       s.target = data.backend;
       for (const r of data.requests || []) s.requests.add(String(r));
@@ -291,7 +293,22 @@
     }
   }
 
-  function phaseFor(entry) {
+  // The phase of the swap a queued request waits on, read from the status itself: its unit
+  // loading, else a victim draining or unloading; the events' word where the status has none.
+  function phaseFor(entry, st) {
+    if (st && st.swapping) {
+      const target = entry.unit || entry.backend;
+      const states = [];
+      for (const [name, b] of Object.entries(st.backends || {})) {
+        for (const u of b.units || []) states.push([u.name || name, u.state]);
+        if (!(b.units || []).length) states.push([name, b.state]);
+      }
+      const mine = states.filter(([n]) => n === target || n === entry.backend).map(([, state]) => state);
+      const all = states.map(([, state]) => state);
+      if (mine.includes("loading") || mine.includes("waking")) return "loading";
+      if (all.includes("draining")) return "draining"; // its own unit may be the victim
+      if (all.includes("unloading")) return "unloading";
+    }
     for (const s of swaps.values()) {
       if (s.requests.has(String(entry.id)) || (s.target && s.target === entry.backend)) return s.phase;
     }
@@ -300,12 +317,13 @@
 
   // --- rendering --------------------------------------------------------------------------
 
-  function render(st) {
+  function render(st, asked) {
     setText($("#owner"), st.vramOwner || "none");
     setText($("#policy"), st.policy);
     setText($("#swap-count"), st.swapCount);
     setText($("#uptime"), duration((st.uptime || 0) * 1000));
-    if (!st.swapping) swaps.clear();
+    // a status asked for before an event arrived does not undo what that event said
+    if (!st.swapping) for (const [id, s] of swaps) if (s.at < asked) swaps.delete(id);
     renderGpus(st);
     renderBackends(st);
     renderQueue(st);
@@ -560,7 +578,7 @@
     setText(field(tr, "unit"), e.unit && e.unit !== e.backend ? `${e.backend} / ${e.unit}` : e.backend);
     setText(field(tr, "request"), e.method ? `${e.method} ${e.path || e.url || ""}` : DASH);
     setText(field(tr, "elapsed"), duration(e.elapsedMs ?? e.queuedMs));
-    const phase = e.state === "queued" ? phaseFor(e) : null;
+    const phase = e.state === "queued" ? phaseFor(e, G.status) : null;
     setText(field(tr, "phase"), phase || (e.state === "queued" && G.status && G.status.swapping ? "swapping" : DASH));
   }
 
