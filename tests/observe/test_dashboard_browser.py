@@ -248,9 +248,13 @@ async def test_a_swap_a_request_causes_appears_in_the_timeline_within_two_second
     artifacts: Path,
 ) -> None:
     count = "document.querySelectorAll('#swaps [data-swap]').length"
-    async with broker() as (ep, client), chromium_page(ep.status_url + "/ui/") as page:
+    # polling once a minute (the page's ?poll= test hook): only /events can bring it in time
+    async with broker() as (ep, client), chromium_page(ep.status_url + "/ui/?poll=60000") as page:
         await opened(page)
         await page.wait_for("window.gpubroker.connected", within=10)
+        # the first load's render and the one the stream's opening asks for are both done,
+        # so no poll is due for a minute
+        assert await page.wait_for("window.gpubroker.renders >= 2", within=10)
         before = await page.evaluate(count)
         r = await client.post(ep.proxies["b"] + "/generate", json={})  # b evicts a
         returned = anyio.current_time()
