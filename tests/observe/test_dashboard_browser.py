@@ -568,3 +568,37 @@ async def test_without_telemetry_a_unit_holding_the_whole_gpu_is_drawn_and_no_si
     assert shown["owners"] == ["a"] and shown["width"] >= 999, shown
     assert shown["notice"] == st["telemetry"]["notice"], shown
     assert page_errors(page) == []
+
+
+async def test_an_empty_config_says_so_once_the_broker_answered() -> None:
+    texts = (
+        "[document.querySelector('#gpus .empty'), document.getElementById('backends-empty')]"
+        ".map(e => !e.hidden && e.getClientRects().length > 0 && e.textContent.trim())"
+    )
+    async with (
+        broker_running(make_config({}, telemetry="none")) as ep,
+        chromium_page(ep.status_url + "/ui/") as page,
+    ):
+        await opened(page)
+        shown = await page.evaluate(texts)
+    assert shown == ["no GPUs known", "no backends configured"], shown
+    assert page_errors(page) == []
+
+
+async def test_a_per_model_backend_is_made_owner_on_its_unit_rows_only() -> None:
+    """The API answers 400 to a swap to a backend whose units are models: no such button."""
+    visible = "(e => !!e && !e.hidden && e.getClientRects().length > 0)(document.querySelector({}))"
+    async with broker() as (ep, client), chromium_page(ep.status_url + "/ui/") as page:
+        units = (await status(client, ep))["backends"]["ollama"]["units"]
+        [unit] = [u for u in units if u["model"]]
+        model = f'button[data-action="swap"][data-unit="{unit["name"]}"]'
+        await opened(page)
+        assert await page.wait_for(visible.format(json.dumps(model)), within=10), f"no {model}"
+        shown = {
+            name: await page.evaluate(
+                visible.format(json.dumps(f'button[data-action="swap"][data-backend="{name}"]'))
+            )
+            for name in ("a", "b", "ollama")
+        }
+    assert unit["model"].startswith("small"), unit
+    assert shown == {"a": True, "b": True, "ollama": False}, shown

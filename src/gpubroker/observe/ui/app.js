@@ -373,7 +373,8 @@
     const tele = new Map((st.gpus || []).map((g) => [String(g.index), g]));
     const keys = gpuKeys(st);
     const empty = root.querySelector(".empty");
-    if (empty && keys.length) empty.remove();
+    setText(empty, "no GPUs known"); // said once a status came: "waiting" was before it
+    empty.hidden = keys.length > 0;
     keyed(root, keys, (k) => k, "data-gpu", makeGpu, (node, key) => {
       updateGpu(node, st, key, plans.get(key), tele.get(key));
     });
@@ -500,6 +501,7 @@
       for (const u of b.units || []) rows.push({ key: `u:${u.name}`, name, u });
     }
     keyed(body, rows, (r) => r.key, "data-row", makeBackendRow, updateBackendRow);
+    $("#backends-empty").hidden = rows.length > 0;
   }
 
   function cell(name, label) {
@@ -542,6 +544,11 @@
     const b = row.b;
     setText(field(tr, "name"), row.name);
     setText(field(tr, "owner"), b.owner ? " (owner)" : "");
+    // a per-model backend (its units are models) is made owner model by model, on its unit
+    // rows: the API refuses the backend itself (400)
+    const swap = tr.querySelector('button[data-action="swap"]');
+    const perModel = (b.units || []).some((u) => u.model);
+    if (swap.hidden !== perModel) swap.hidden = perModel;
     badge(tr.querySelector('[data-field="state"] .badge'), b.state);
     setText(field(tr, "declared"), b.declaredVram === null ? "not declared" : gib(b.declaredVram));
     setText(field(tr, "measured"), gib(b.measuredVram));
