@@ -4,7 +4,10 @@
 "use strict";
 
 (() => {
-  const POLL_MS = 2000;
+  // ?poll=<ms> (a test hook): how often GET / is polled, 500..60000, default 2000
+  const POLL_MS = pollMs(new URLSearchParams(location.search).get("poll"));
+  const FETCH_TIMEOUT_MS = 5000; // a GET nobody answers ends here, so the page can say "stale"
+  const ACTION_TIMEOUT_MS = 120000; // an admin verb waits for its swap to finish
   const DEBOUNCE_MS = 100;
   const HISTORY_MS = 5 * 60 * 1000;
   const LOG_LINES = 40;
@@ -37,6 +40,14 @@
   let refreshTimer = null;
   let events = null;
   let workersAdmin = false;
+  let lastGood = null; // Date.now() of the last status that rendered
+  const started = Date.now();
+
+  function pollMs(raw) {
+    const n = Number(raw);
+    if (raw === null || raw === "" || !Number.isFinite(n)) return 2000;
+    return Math.min(60000, Math.max(500, Math.round(n)));
+  }
 
   // --- small helpers ----------------------------------------------------------------------
 
@@ -145,11 +156,19 @@
     return h;
   }
 
+  // a signal that aborts the fetch after `ms` (a request nobody answers must end)
+  function deadline(ms) {
+    const c = new AbortController();
+    setTimeout(() => c.abort(new Error(`no answer in ${ms / 1000} s`)), ms);
+    return c.signal;
+  }
+
   async function getJson(url, auth = false) {
     const r = await fetch(url, {
       headers: auth ? headers(false) : { Accept: "application/json" },
       cache: "no-store",
       credentials: "same-origin",
+      signal: deadline(FETCH_TIMEOUT_MS),
     });
     let body = null;
     try { body = await r.json(); } catch (_) { body = null; }
@@ -161,15 +180,18 @@
   async function refresh() {
     clearTimeout(pollTimer);
     try {
+      const asked = Date.now();
       const r = await getJson("/");
       if (!r.ok || r.body === null) throw new Error(`GET / answered ${r.status}`);
       G.status = r.body;
-      render(r.body);
+      render(r.body, asked);
+      lastGood = Date.now();
       showNotice(null);
     } catch (err) {
       noteError(`status: ${err.message || err}`);
-      showNotice("the broker does not answer; retrying every 2 s");
+      showNotice(`the broker does not answer; retrying every ${duration(POLL_MS)}`);
     }
+    showConnection();
     await refreshWorkers();
     pollTimer = setTimeout(refresh, POLL_MS);
   }
@@ -189,27 +211,59 @@
 
   function setConnected(live) {
     G.connected = live;
+    showConnection();
+  }
+
+  // "stale" (no status rendered for 2 polls) wins over "live": an open stream with a status
+  // app that stopped answering is not live data
+  function showConnection() {
     const node = $("#connection");
-    setText(node, live ? "live" : "reconnecting…");
-    setAttr(node, "data-state", live ? "live" : "reconnecting");
-    setAttr(node, "title", live ? "the /events stream is open" : "the /events stream is down; reconnecting by itself");
+    const since = lastGood ?? started;
+    const age = Date.now() - since;
+    let state = G.connected ? "live" : "reconnecting";
+    let text = G.connected ? "live" : "reconnecting…";
+    let title = G.connected ? "the /events stream is open" : "the /events stream is down; reconnecting by itself";
+    if (age > 2 * POLL_MS && !document.hidden) {
+      state = "stale";
+      text = `stale — no answer for ${Math.round(age / 1000)} s`;
+      title = lastGood === null ? "no status has arrived yet" : `the last status arrived at ${new Date(lastGood).toLocaleTimeString()}`;
+      showNotice(`the data shown is stale: the broker has not answered for ${Math.round(age / 1000)} s`);
+    }
+    setText(node, text);
+    setAttr(node, "data-state", state);
+    setAttr(node, "title", title);
   }
 
   function connect() {
-    events = new EventSource("/events");
-    events.onopen = () => { setConnected(true); refreshSoon(); };
-    events.onerror = () => {
+    if (events !== null || document.hidden) return;
+    const source = new EventSource("/events");
+    events = source;
+    source.onopen = () => { setConnected(true); refreshSoon(); };
+    source.onerror = () => {
+      if (events !== source) return;
       setConnected(false);
-      if (events.readyState === EventSource.CLOSED) { // refused outright: try again ourselves
+      if (source.readyState === EventSource.CLOSED) { // refused outright: try again ourselves
         events = null;
         setTimeout(connect, POLL_MS);
       }
     };
-    for (const kind of REFRESH_ON) events.addEventListener(kind, onEvent);
-    events.addEventListener("shutting_down", () => {
+    for (const kind of REFRESH_ON) source.addEventListener(kind, onEvent);
+    source.addEventListener("shutting_down", () => {
       setConnected(false);
       showNotice("the broker is shutting down; this page reconnects when it is back");
     });
+  }
+
+  // a hidden tab lets go of its stream (browsers allow 6 connections per host: six open tabs
+  // would use them all) and takes it up again when shown
+  function onVisibility() {
+    if (document.hidden) {
+      if (events !== null) { events.close(); events = null; }
+      setConnected(false);
+    } else {
+      connect();
+      refreshSoon();
+    }
   }
 
   function onEvent(message) {
@@ -226,9 +280,10 @@
     if (!phase) return;
     let s = swaps.get(data.swap);
     if (!s) {
-      s = { target: null, phase, requests: new Set() };
+      s = { target: null, phase, requests: new Set(), at: 0 };
       swaps.set(data.swap, s);
     }
+    s.at = Date.now();
     if (kind === "swap_started") {
       s.target = data.backend;
       for (const r of data.requests || []) s.requests.add(String(r));
@@ -238,7 +293,22 @@
     }
   }
 
-  function phaseFor(entry) {
+  // The phase of the swap a queued request waits on, read from the status itself: its unit
+  // loading, else a victim draining or unloading; the events' word where the status has none.
+  function phaseFor(entry, st) {
+    if (st && st.swapping) {
+      const target = entry.unit || entry.backend;
+      const states = [];
+      for (const [name, b] of Object.entries(st.backends || {})) {
+        for (const u of b.units || []) states.push([u.name || name, u.state]);
+        if (!(b.units || []).length) states.push([name, b.state]);
+      }
+      const mine = states.filter(([n]) => n === target || n === entry.backend).map(([, state]) => state);
+      const all = states.map(([, state]) => state);
+      if (mine.includes("loading") || mine.includes("waking")) return "loading";
+      if (all.includes("draining")) return "draining"; // its own unit may be the victim
+      if (all.includes("unloading")) return "unloading";
+    }
     for (const s of swaps.values()) {
       if (s.requests.has(String(entry.id)) || (s.target && s.target === entry.backend)) return s.phase;
     }
@@ -247,12 +317,13 @@
 
   // --- rendering --------------------------------------------------------------------------
 
-  function render(st) {
+  function render(st, asked) {
     setText($("#owner"), st.vramOwner || "none");
     setText($("#policy"), st.policy);
     setText($("#swap-count"), st.swapCount);
     setText($("#uptime"), duration((st.uptime || 0) * 1000));
-    if (!st.swapping) swaps.clear();
+    // a status asked for before an event arrived does not undo what that event said
+    if (!st.swapping) for (const [id, s] of swaps) if (s.at < asked) swaps.delete(id);
     renderGpus(st);
     renderBackends(st);
     renderQueue(st);
@@ -280,6 +351,9 @@
         else if (typeof u.measuredBytes === "number") bytes = u.measuredBytes / share; // telemetry's word
         else if (typeof u.vramBytes === "number") bytes = u.vramBytes / share;
         if (typeof bytes === "number" && bytes > 0) out.push({ owner: u.name || name, bytes });
+        // nobody knows its size (the whole GPU, or telemetry is off): it is drawn across the
+        // rest of the bar, its size shown as "–", never as 0
+        else if (typeof bytes !== "number" && u.state !== "unknown") out.push({ owner: u.name || name, bytes: null });
       }
     }
     let unmanaged = plan && typeof plan.unmanagedBytes === "number" ? plan.unmanagedBytes : null;
@@ -287,8 +361,9 @@
       unmanaged = (gpu.processes || []).filter((p) => !p.owner).reduce((a, p) => a + (p.usedBytes || 0), 0);
     }
     if (unmanaged) out.push({ owner: "unmanaged", bytes: unmanaged });
-    const taken = out.reduce((a, s) => a + s.bytes, 0);
-    if (typeof total === "number") out.push({ owner: "free", bytes: Math.max(0, total - taken) });
+    const taken = out.reduce((a, s) => a + (s.bytes || 0), 0);
+    const unknown = out.some((s) => s.bytes === null);
+    if (typeof total === "number" && !unknown) out.push({ owner: "free", bytes: Math.max(0, total - taken) });
     return out;
   }
 
@@ -298,7 +373,8 @@
     const tele = new Map((st.gpus || []).map((g) => [String(g.index), g]));
     const keys = gpuKeys(st);
     const empty = root.querySelector(".empty");
-    if (empty && keys.length) empty.remove();
+    setText(empty, "no GPUs known"); // said once a status came: "waiting" was before it
+    empty.hidden = keys.length > 0;
     keyed(root, keys, (k) => k, "data-gpu", makeGpu, (node, key) => {
       updateGpu(node, st, key, plans.get(key), tele.get(key));
     });
@@ -322,15 +398,22 @@
       facts.append(el("div", {}, el("dt", { text: label }), el("dd", { "data-field": name, text: DASH })));
     }
     return el("article", { class: "gpu" },
-      el("h3", { "data-field": "name", text: "GPU" }), bar, el("ul", { class: "owners" }), facts, chart,
+      el("h3", { "data-field": "name", text: "GPU" }), el("p", { class: "notice", "data-field": "notice", hidden: "" }), bar, el("ul", { class: "owners" }), facts, chart,
       el("p", { class: "chart-legend" }, el("span", { class: "l-vram", text: "── VRAM %" }), " ", el("span", { class: "l-util", text: "- - utilisation %" }), " · last 5 minutes"));
   }
 
   function updateGpu(node, st, key, plan, gpu) {
     const total = gpu && typeof gpu.memoryTotal === "number" ? gpu.memoryTotal : plan ? plan.capacityBytes : null;
     const segs = segments(st, key, plan, gpu, total);
-    const taken = segs.filter((s) => s.owner !== "free").reduce((a, s) => a + s.bytes, 0);
-    const used = gpu && typeof gpu.memoryUsed === "number" ? gpu.memoryUsed : plan && typeof plan.plannedBytes === "number" ? Math.min(plan.plannedBytes, total ?? Infinity) : taken;
+    const held = segs.filter((s) => s.owner !== "free");
+    const taken = held.some((s) => s.bytes === null) ? null : held.reduce((a, s) => a + s.bytes, 0);
+    let used = taken;
+    if (gpu && typeof gpu.memoryUsed === "number") used = gpu.memoryUsed;
+    else if (plan) used = typeof plan.plannedBytes === "number" ? Math.min(plan.plannedBytes, total ?? Infinity) : null;
+    const tele = st.telemetry || {};
+    const notice = field(node, "notice");
+    setText(notice, tele.notice || tele.error || "");
+    notice.hidden = !(tele.notice || tele.error);
     setText(field(node, "name"), gpu ? `GPU ${key}: ${gpu.name}` : `GPU ${key}`);
     setText(field(node, "used"), gib(used));
     setText(field(node, "total"), gib(total));
@@ -349,10 +432,17 @@
     const bar = node.querySelector("svg.bar");
     const group = bar.querySelector("g.segs");
     const hatch = bar.querySelector("pattern").id;
-    const sum = typeof total === "number" && total > 0 ? total : segs.reduce((a, s) => a + s.bytes, 0) || 1;
+    const known = segs.filter((s) => s.bytes !== null);
+    const unknown = segs.length - known.length;
+    const hasTotal = typeof total === "number" && total > 0;
+    const sum = hasTotal ? total : known.reduce((a, s) => a + s.bytes, 0) || 1;
+    // sizes nobody knows share what the known ones leave (with no total either: equal parts)
+    const even = unknown > 0 && !hasTotal;
+    const knownW = even ? 0 : Math.min(1000, known.reduce((a, s) => a + (s.bytes / sum) * 1000, 0));
+    const restW = unknown > 0 ? (1000 - knownW) / unknown : 0;
     let x = 0;
     const placed = segs.map((s) => {
-      const w = Math.max(0, (s.bytes / sum) * 1000);
+      const w = even ? 1000 / segs.length : s.bytes === null ? restW : Math.max(0, (s.bytes / sum) * 1000);
       const out = { ...s, x, w };
       x += w;
       return out;
@@ -411,6 +501,7 @@
       for (const u of b.units || []) rows.push({ key: `u:${u.name}`, name, u });
     }
     keyed(body, rows, (r) => r.key, "data-row", makeBackendRow, updateBackendRow);
+    $("#backends-empty").hidden = rows.length > 0;
   }
 
   function cell(name, label) {
@@ -453,6 +544,11 @@
     const b = row.b;
     setText(field(tr, "name"), row.name);
     setText(field(tr, "owner"), b.owner ? " (owner)" : "");
+    // a per-model backend (its units are models) is made owner model by model, on its unit
+    // rows: the API refuses the backend itself (400)
+    const swap = tr.querySelector('button[data-action="swap"]');
+    const perModel = (b.units || []).some((u) => u.model);
+    if (swap.hidden !== perModel) swap.hidden = perModel;
     badge(tr.querySelector('[data-field="state"] .badge'), b.state);
     setText(field(tr, "declared"), b.declaredVram === null ? "not declared" : gib(b.declaredVram));
     setText(field(tr, "measured"), gib(b.measuredVram));
@@ -489,7 +585,7 @@
     setText(field(tr, "unit"), e.unit && e.unit !== e.backend ? `${e.backend} / ${e.unit}` : e.backend);
     setText(field(tr, "request"), e.method ? `${e.method} ${e.path || e.url || ""}` : DASH);
     setText(field(tr, "elapsed"), duration(e.elapsedMs ?? e.queuedMs));
-    const phase = e.state === "queued" ? phaseFor(e) : null;
+    const phase = e.state === "queued" ? phaseFor(e, G.status) : null;
     setText(field(tr, "phase"), phase || (e.state === "queued" && G.status && G.status.swapping ? "swapping" : DASH));
   }
 
@@ -594,7 +690,9 @@
     showResult(null, `${what}…`);
     try {
       let r = await post(req);
-      if (r.status === 401 || r.status === 403) {
+      // 401: a token would help, so ask; 403: no token can (e.g. the verbs are off), so the
+      // API's message shows in #action-result below
+      if (r.status === 401) {
         const token = await askToken(r.body && r.body.message);
         if (token !== null) r = await post(req);
       }
@@ -618,6 +716,7 @@
       body: JSON.stringify(req.body),
       cache: "no-store",
       credentials: "same-origin",
+      signal: deadline(ACTION_TIMEOUT_MS),
     });
     let body = null;
     try { body = await r.json(); } catch (_) { body = null; }
@@ -683,6 +782,8 @@
 
   function start() {
     setConnected(false);
+    document.addEventListener("visibilitychange", onVisibility);
+    setInterval(showConnection, 1000);
     connect();
     refresh();
   }
