@@ -21,8 +21,13 @@ import httpx
 import pytest
 
 from browser import CHROMIUM, Page, chromium_page, png_colours
-from gpubroker.events import BrokerShuttingDown
+from gpubroker.events import BrokerShuttingDown, EventBus
+from gpubroker.observe.status import StatusApp
+from gpubroker.plugins.strategies.base import StrategyContext
+from gpubroker.plugins.strategies.builtin import GenericStrategy
 from gpubroker.runtime import Endpoints
+from gpubroker.scheduling.broker import Broker
+from gpubroker.scheduling.domains import build_scheduler
 from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, gpu_app, running
 from gpubroker.sim.ollama_models import SimModel
 from gpubroker.testing import broker_running, make_config
@@ -509,21 +514,36 @@ async def test_a_hidden_tab_lets_go_of_its_event_stream_and_takes_it_up_when_sho
     assert len(opens) >= 2, opens  # shown again, it opened a new stream
 
 
+@asynccontextmanager
+async def gate_off_beyond_loopback() -> AsyncIterator[str]:
+    """The status app of a broker configured to bind beyond loopback with no adminToken (its
+    gate answers 403 to every verb), served, as every test server is, on 127.0.0.1 only."""
+    upstream = "http://127.0.0.1:9"
+    cfg = make_config({"a": {"upstream": upstream, "unloadStrategy": "generic"}}, bind="0.0.0.0")
+    bus = EventBus()
+    async with httpx.AsyncClient(base_url=upstream) as client:
+        strategies = {"a": GenericStrategy(StrategyContext(cfg.backend("a"), client, 1.0))}
+        brk = Broker(cfg, strategies, build_scheduler(cfg, strategies, None), bus)
+        async with anyio.create_task_group() as tg:
+            await tg.start(brk.run)
+            async with running(StatusApp(brk, bus).app) as url:
+                yield url
+            tg.cancel_scope.cancel()
+
+
 async def test_when_the_admin_verbs_are_off_an_action_says_so_and_asks_for_no_token() -> None:
     """Beyond loopback with no adminToken the gate answers 403: no token can help, so the
     page shows the API's reason instead of the token dialog (which is for a 401)."""
     button = 'button[data-action="unload"][data-backend="a"]'
-    async with broker(bind="0.0.0.0") as (ep, _):
-        url = ep.status_url.replace("0.0.0.0", "127.0.0.1")
-        async with chromium_page(url + "/ui/") as page:
-            await opened(page)
-            assert await page.click(button), f"no {button}"
-            result = await page.wait_for(
-                "(e => e.dataset.ok === 'false' && e.textContent.trim())"
-                "(document.getElementById('action-result'))",
-                within=10,
-            )
-            dialog = await page.evaluate("document.getElementById('token-dialog').open")
+    async with gate_off_beyond_loopback() as url, chromium_page(url + "/ui/") as page:
+        await opened(page)
+        assert await page.click(button), f"no {button}"
+        result = await page.wait_for(
+            "(e => e.dataset.ok === 'false' && e.textContent.trim())"
+            "(document.getElementById('action-result'))",
+            within=10,
+        )
+        dialog = await page.evaluate("document.getElementById('token-dialog').open")
     assert result and "admin verbs are off" in result, result
     assert dialog is False, "a 403 opened the token dialog"
     assert (403, url + "/api/unload") in page.responses
