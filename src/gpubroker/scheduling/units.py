@@ -307,24 +307,23 @@ class Units:
         """After a failed unload: does the service still list the model? (True when it cannot
         say: a model that may still be there must not be loaded over.)"""
         spec = self.sched.slots[unit].spec
-        loaded: dict[str, int] | None = None
-        with anyio.move_on_after(self.config.unload_timeout):
-            try:
-                loaded = await self.strategies[spec.backend].loaded_models()
-            except Exception as exc:
-                log.debug("%s: cannot read its loaded models: %s", spec.backend, exc)
+        loaded = await self._loaded(spec.backend)
         return loaded is None or spec.model in loaded
 
-    async def follow(self, backend: str) -> None:
-        """Read what ``backend`` holds now, model by model, and tell the scheduler."""
-        strategy = self.strategies[backend]
-        asked = self.clock()
-        loaded: dict[str, int] | None = None
+    async def _loaded(self, backend: str) -> dict[str, int] | None:
+        """The service's own list of what it holds, bounded; None when it cannot say."""
         with anyio.move_on_after(self.config.unload_timeout):
             try:
-                loaded = await strategy.loaded_models()
-            except Exception as exc:  # down or confused: what it holds stays as it was
+                return await self.strategies[backend].loaded_models()
+            except Exception as exc:  # down or confused: nothing to go by
                 log.debug("%s: cannot read its loaded models: %s", backend, exc)
+        return None
+
+    async def follow(self, backend: str) -> None:
+        """Read what ``backend`` holds now, model by model, and tell the scheduler (what it
+        cannot say leaves things as they were)."""
+        asked = self.clock()
+        loaded = await self._loaded(backend)
         if loaded is None:
             return
         effects: list[Effect] = []
