@@ -240,20 +240,16 @@ class Broker:
         once (it queues, or a swap runs for it), and only then: ``progress(id)`` says what it
         waits for.
         """
-        if self.closing:
-            raise Refused.of(
-                Refuse(0, backend, 503, "shutting_down", SHUTTING_DOWN, retry_after=5.0)
-            )
         spec = self.sched.slots[backend].spec
         backend = spec.backend
         if spec.group:  # a unit named outright (an admin swap to one model)
             placed = Placed(spec.name, model=spec.model)
-        else:
+        elif not self.closing:
             placed = await self.units.place(backend, method, path, body)
-            if self.closing:  # it stopped while the strategy read the body
-                raise Refused.of(
-                    Refuse(0, backend, 503, "shutting_down", SHUTTING_DOWN, retry_after=5.0)
-                )
+        if self.closing:  # stopping, or it stopped while the strategy read the body
+            raise Refused.of(
+                Refuse(0, backend, 503, "shutting_down", SHUTTING_DOWN, retry_after=5.0)
+            )
         if placed.need == 0:  # it asks for no memory (an unload request): nothing to place
             self.record_passthrough(backend)
             yield Grant(0, backend, 0.0, None)
