@@ -339,7 +339,16 @@ def run_broker_child(spec: str) -> None:
     loop = options.pop("loop", None)
     if loop is None:
         loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    anyio.run(broker_child, options, backend_options={"use_uvloop": loop == "uvloop"})
+    backend_options = {"use_uvloop": loop == "uvloop"}
+    profile = os.environ.get("GPUBROKER_BENCH_PROFILE")  # a file for the broker's cProfile
+    if not profile:
+        anyio.run(broker_child, options, backend_options=backend_options)
+        return
+    import cProfile
+
+    with cProfile.Profile() as prof:
+        anyio.run(broker_child, options, backend_options=backend_options)
+    prof.dump_stats(profile)
 
 
 # --- the report -------------------------------------------------------------------------------

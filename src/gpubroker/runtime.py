@@ -234,6 +234,7 @@ async def run_broker(
                             own_headers=name == "status",
                             header_timeout=config.header_timeout,
                             client_idle_timeout=config.client_idle_timeout,
+                            server=config.server,
                         )
                         servers.start_soon(run, app, listeners.pop(name), shutdown.wait)
                 stopped.set()

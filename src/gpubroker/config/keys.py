@@ -243,6 +243,7 @@ TOP_KEYS: dict[str, Field] = {
     "apiBodyLimit": Field("api_body_limit", parse_size),
     "modelRefresh": Field("model_refresh", _interval),
     "stateDir": Field("state_dir", _str),
+    "server": Field("server", _choice("hypercorn", "uvicorn")),
 }
 API_KEY_KEYS: dict[str, Field] = {
     "name": Field("name", _str),

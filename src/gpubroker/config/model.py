@@ -151,6 +151,8 @@ class Config:
     state_dir: str | None = None
     """Where learned state (footprints) is kept; a relative path in a file is made relative to
     the file's folder when it loads. None: ``state_path``'s default (XDG_STATE_HOME)."""
+    server: Literal["hypercorn", "uvicorn"] = "hypercorn"
+    """The HTTP server for every port; ``uvicorn`` (with httptools) needs the ``fast`` extra."""
     source: str | None = None
     locations: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
 
