@@ -282,7 +282,12 @@ class ProxyApp:
                 "back at a broker",
             )
         lengths = {v.strip() for k, v in headers if k == b"content-length"}
-        if lengths and any(k == b"transfer-encoding" for k, _ in headers):
+        codings = [v for k, v in headers if k == b"transfer-encoding"]
+        if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
+            # Only chunked is de-chunked by every server we run on (h11 refuses the rest with
+            # 501; httptools would hand the still-coded body on): never forward it re-framed.
+            raise BadRequest("only Transfer-Encoding: chunked is accepted", headers=[CLOSE])
+        if lengths and codings:
             raise BadRequest(
                 "a request must not have both Content-Length and Transfer-Encoding",
                 headers=[CLOSE],

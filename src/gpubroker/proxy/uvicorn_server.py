@@ -128,6 +128,8 @@ async def serve_uvicorn(
     quiet = logging.getLogger("uvicorn.error")
     if quiet.level == logging.NOTSET:  # its start/stop lines at INFO would repeat ours per port
         quiet.setLevel(logging.WARNING)
+    if not any(isinstance(f, _OnPurpose) for f in quiet.filters):
+        quiet.addFilter(_OnPurpose())
     config = uvicorn.Config(
         app,
         http=_protocol_class(header_timeout, max_head),
@@ -155,6 +157,15 @@ async def serve_uvicorn(
     finally:
         watcher.cancel()
         sock.close()
+
+
+class _OnPurpose(logging.Filter):
+    """Drops uvicorn's error line for a response left unfinished: the proxy does that on purpose
+    (an upstream that broke off a body: the client must see the truncation, app.py), and
+    logs why itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing response."
 
 
 def _server_class() -> type:
