@@ -97,6 +97,9 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
             self._stop_head_timer()
             self._head_bytes = -1
             super().on_headers_complete()
+            cycle = self.cycle
+            if cycle is not None and cycle.transport is self.transport:  # (not an upgrade)
+                cycle.transport = _Cork(self.transport, self.loop)  # type: ignore[assignment]
 
         def _stop_head_timer(self) -> None:
             if self._head_timer is not None:
@@ -109,6 +112,39 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
                 self.transport.close()
 
     return _Protocol
+
+
+class _Cork:
+    """A response's writes within one event-loop step, sent as one: uvicorn writes a response's
+    head as soon as it is given and the body apart, two ``send`` syscalls for a small answer
+    that arrived whole (the proxy sends both in one step). The cork flushes when the step ends
+    (``call_soon``) or before a close, so nothing waits longer than that."""
+
+    __slots__ = ("_loop", "_parts", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self._loop = loop
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._parts:
+            self._loop.call_soon(self.flush)
+        self._parts.append(data)
+
+    def flush(self) -> None:
+        parts = self._parts
+        if parts:
+            self._parts = []
+            if not self.transport.is_closing():
+                self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
 
 
 async def serve_uvicorn(
