@@ -16,7 +16,8 @@ Pieces, each in its own process so none shares a GIL (or a Node event loop) with
   with the wall-clock time it was written.
 - brokers: the real one (``gpubroker.runtime.run_broker``), one child process per ``--broker
   NAME=SPEC`` (SPEC: comma-separated ``server=hypercorn|uvicorn``, ``loop=asyncio|uvloop``,
-  ``src=DIR`` for another checkout's ``src`` (a before/after in one run), ``client=httpx|aiohttp``),
+  ``src=DIR`` for another checkout's ``src`` (a before/after in one run), ``client=httpx|aiohttp``,
+  ``malloc=glibc`` for ``PYTHONMALLOC=malloc``),
   each with one ``generic`` backend whose ``gpuPaths`` are ``POST /gpu``, ``GET /gpu-sse`` and
   ``POST /v1/chat/completions`` (a GPU lease per request; the rest pass through), and the
   ``apiPort`` (the "via apiPort" cases post to ``/v1/chat/completions`` there). By default:
@@ -208,7 +209,8 @@ class Runner:
                                           str(case.events), str(case.interval))  # fmt: skip
                 done.set()
             result["cpu_us"] = (t.cpu() - cpu) / max(1, result["events"]) * 1e6
-            await anyio.sleep(self.args.settle)  # then: does its memory come back?
+            # then: does its memory come back? (the broker looks every 5 s: proxy/memory.py)
+            await anyio.sleep(self.args.settle if case.path == "/gpu-sse" else 1.0)
             result.update(rss_base=base, rss_peak=peak, rss_after=ps.memory_info().rss)
             t.results[case.label] = result
 
@@ -246,12 +248,14 @@ class Runner:
 
     async def start_broker(self, name: str, spec: str, upstream: str) -> Target:
         options = dict(part.split("=", 1) for part in spec.split(",") if part)
-        unknown = set(options) - {"server", "loop", "src", "client"}
+        unknown = set(options) - {"server", "loop", "src", "client", "malloc"}
         if unknown:
             raise SystemExit(f"--broker {name}: unknown option(s) {', '.join(sorted(unknown))}")
         env = dict(os.environ)
         if "src" in options:
             env["PYTHONPATH"] = options.pop("src")  # (the child runs in our directory)
+        if options.pop("malloc", None) == "glibc":  # CPython's objects on glibc's heap
+            env["PYTHONMALLOC"] = "malloc"
         options["upstream"] = upstream
         cmd = [sys.executable, __file__, "--broker-child", json.dumps(options)]
         proc = await self.spawn(cmd, env=env, stdin=-1, stderr=None)
@@ -568,7 +572,9 @@ def main() -> None:
     p.add_argument("--lease-streams", type=int, default=1000, help="GPU-lease SSE streams")
     p.add_argument("--lease-events", type=int, default=12)
     p.add_argument("--lease-interval", type=int, default=500)
-    p.add_argument("--settle", type=float, default=2.0, help="s after streams end, before RSS")
+    p.add_argument(
+        "--settle", type=float, default=6.0, help="s after the lease streams end, before RSS"
+    )
     p.add_argument("--rounds", type=int, default=6, help="llama.cpp rounds per target")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument(

@@ -41,6 +41,7 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 
 from gpubroker.errors import HeadersTooLarge, RequestTimeout
+from gpubroker.proxy.memory import trimming
 from gpubroker.proxy.target import MAX_HEAD, head_size
 from gpubroker.responses import send_error
 
@@ -344,14 +345,15 @@ async def serve(
     """
     if client_idle_timeout is not None:
         app = _BodyIdleGuard(app, client_idle_timeout)
-    await SERVERS[server](
-        _HeadLimit(app),
-        listener,
-        shutdown_trigger,
-        graceful_timeout=graceful_timeout,
-        own_headers=own_headers,
-        header_timeout=header_timeout,
-    )
+    async with trimming():  # memory a burst freed goes back to the system (memory.py)
+        await SERVERS[server](
+            _HeadLimit(app),
+            listener,
+            shutdown_trigger,
+            graceful_timeout=graceful_timeout,
+            own_headers=own_headers,
+            header_timeout=header_timeout,
+        )
 
 
 async def _serve_hypercorn(
