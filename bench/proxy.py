@@ -565,7 +565,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--duration", type=int, default=3, help="seconds per case and target")
+    p.add_argument("--duration", type=int, default=2, help="seconds per case and target")
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--events", type=int, default=200, help="events per SSE stream")
     p.add_argument("--interval", type=int, default=20, help="ms between SSE events")

@@ -11,15 +11,21 @@ from gpubroker.proxy import memory
 pytestmark = pytest.mark.anyio
 
 
-def test_the_heap_is_trimmed_only_past_the_slack() -> None:
+def test_the_heap_is_trimmed_once_it_has_slack_and_not_again_until_it_grows() -> None:
     libc = memory._libc()
     if libc is None:
         pytest.skip("not glibc 2.33+")
-    blocks = [bytearray(64 * 1024) for _ in range(200)]  # ~13 MB on glibc's heap, then freed
-    del blocks
-    assert not memory.trim_if_slack(libc, slack=2**62)  # never past an absurd slack
-    assert memory.trim_if_slack(libc, slack=0)
-    assert libc.mallinfo2().fordblks < 2 * 2**20  # what was free went back
+    trimmer = memory.Trimmer(libc)
+    # ~25 MB of 100 KiB blocks on glibc's heap, each followed by a small survivor, then the
+    # big ones freed: holes in the middle of the heap, which free() never gives back itself
+    pairs = [(bytearray(100 * 1024), bytearray(2048)) for _ in range(250)]
+    kept = [small for _, small in pairs]
+    del pairs
+    before = memory._rss()
+    assert trimmer.look()
+    assert memory._rss() < before - 8 * 2**20  # the holes' pages went back
+    assert not trimmer.look()  # nothing new: no collection, no trim
+    assert len(kept) == 250
 
 
 async def test_servers_share_one_trimming_task_that_ends_with_the_last() -> None:

@@ -5,11 +5,11 @@ is kept (no live lease, no buffer; a census of objects shows only the 64 pooled 
 connections left), it is the allocators. CPython's small-object allocator (pymalloc) returns a
 1 MiB arena only when every block in it is free, and a few objects that outlive the burst pin
 most arenas (56 arenas, 26 MB in use, 28 MB of free pools inside them); the rest is glibc's
-heap, whose freed pages stay mapped until ``malloc_trim``. So: every ``INTERVAL`` s, when
-glibc holds more than ``SLACK`` bytes free (``mallinfo2``), ``malloc_trim(0)`` returns them.
-That alone gives back the glibc part (~7 MiB of the ~37 after 1,000 streams); run the broker
-with ``PYTHONMALLOC=malloc`` (all objects on glibc's heap) and it gives back nearly all of it
-(93 -> 61 MiB against a 56 MiB baseline). Off where glibc is not the C library (no-op).
+heap, whose freed pages stay mapped until ``malloc_trim``, and cyclic garbage the burst left
+that waits for a full collection. So :class:`Trimmer` collects and trims once memory grew.
+Run the broker with ``PYTHONMALLOC=malloc`` (all objects on glibc's heap) and that gives
+back nearly all of it (96 -> 61 MiB against a 56 MiB baseline after 1,000 streams); with
+pymalloc, what its pinned arenas hold stays. Off where glibc is not the C library.
 """
 
 from __future__ import annotations
@@ -18,13 +18,17 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 
 log = logging.getLogger("gpubroker.proxy.memory")
 
 INTERVAL = 5.0  # s between looks at the heap (one mallinfo2 call: microseconds)
 SLACK = 4 * 2**20  # free heap bytes worth a trim
+GROWTH = 16 * 2**20  # RSS grown since the last trim worth a look for garbage
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class _MallInfo2(ctypes.Structure):
@@ -58,12 +62,32 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def trim_if_slack(libc: ctypes.CDLL, slack: int = SLACK) -> bool:
-    """Return glibc's free heap to the system if more than ``slack`` bytes of it are free."""
-    if libc.mallinfo2().fordblks <= slack:
-        return False
-    libc.malloc_trim(0)
-    return True
+def _rss() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class Trimmer:
+    """Looks every ``INTERVAL`` s: once glibc's free heap grew by ``SLACK`` bytes, or RSS by
+    ``GROWTH``, since the last trim, collects cyclic garbage (a burst's requests leave some,
+    which only a full collection frees: that is what kept glibc from giving pages back) and
+    returns the free heap with ``malloc_trim``. A full collection costs milliseconds, at most
+    once per look, and only after memory grew."""
+
+    def __init__(self, libc: ctypes.CDLL) -> None:
+        self.libc = libc
+        self.since = _rss()  # RSS after the last trim
+        self.free = 0  # glibc's free heap bytes after it (trimmed pages still count as free)
+
+    def look(self) -> bool:
+        free = self.libc.mallinfo2().fordblks
+        if free <= self.free + SLACK and _rss() < self.since + GROWTH:
+            return False
+        gc.collect()
+        self.libc.malloc_trim(0)
+        self.since = _rss()
+        self.free = self.libc.mallinfo2().fordblks
+        return True
 
 
 _users = 0
@@ -71,9 +95,10 @@ _task: asyncio.Task[None] | None = None
 
 
 async def _trim_loop(libc: ctypes.CDLL) -> None:
+    trimmer = Trimmer(libc)
     while True:
         await asyncio.sleep(INTERVAL)
-        trim_if_slack(libc)
+        trimmer.look()
 
 
 @contextlib.asynccontextmanager
