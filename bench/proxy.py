@@ -575,7 +575,7 @@ def main() -> None:
     p.add_argument(
         "--settle", type=float, default=6.0, help="s after the lease streams end, before RSS"
     )
-    p.add_argument("--rounds", type=int, default=6, help="llama.cpp rounds per target")
+    p.add_argument("--rounds", type=int, default=10, help="llama.cpp rounds per target")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument(
         "--broker", action="append", metavar="NAME=SPEC", help="a broker to measure (repeat)"

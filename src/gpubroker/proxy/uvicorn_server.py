@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 MISSING = (
-    "server: uvicorn needs uvicorn with httptools (the `fast` extra): pip install 'gpubroker[fast]'"
+    "uvicorn with httptools is not installed (the `fast` extra): pip install 'gpubroker[fast]'"
 )
 _TEXT = b"the request head is too large"
 TOO_LARGE = (
