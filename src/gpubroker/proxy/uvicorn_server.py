@@ -115,29 +115,37 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
 
 
 class _Cork:
-    """A response's writes within one event-loop step, sent as one: uvicorn writes a response's
-    head as soon as it is given and the body apart, two ``send`` syscalls for a small answer
-    that arrived whole (the proxy sends both in one step). The cork flushes when the step ends
-    (``call_soon``) or before a close, so nothing waits longer than that."""
+    """A response's head held back until its body's first write, the two sent as one: uvicorn
+    writes a head as soon as it is given and the body apart, two ``send`` syscalls for a small
+    answer that arrived whole (the proxy sends both in one step). A head followed by nothing
+    yet (a stream that starts later) goes out when the loop step ends (``call_soon``); every
+    later write goes straight through."""
 
-    __slots__ = ("_loop", "_parts", "transport")
+    __slots__ = ("_head", "_loop", "transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
         self._loop = loop
-        self._parts: list[bytes] = []
+        self._head: bytes | None = None  # b"": the cork is spent
 
     def write(self, data: bytes) -> None:
-        if not self._parts:
+        head = self._head
+        if head is None:  # the first write: hold it for the rest of this step
+            self._head = data
             self._loop.call_soon(self.flush)
-        self._parts.append(data)
+            return
+        if head:
+            data = head + data
+            self._head = b""
+        if not self.transport.is_closing():
+            self.transport.write(data)
 
     def flush(self) -> None:
-        parts = self._parts
-        if parts:
-            self._parts = []
+        head = self._head
+        if head:
+            self._head = b""
             if not self.transport.is_closing():
-                self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+                self.transport.write(head)
 
     def is_closing(self) -> bool:
         return self.transport.is_closing()
