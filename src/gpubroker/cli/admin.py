@@ -1,7 +1,7 @@
-"""Commands that talk to a running broker: ``status``, ``unload``, ``swap``.
+"""Commands that talk to a running broker: ``status``, ``unload``, ``swap``, ``reload``.
 
-Exit codes: 0 done, 1 the broker said no or the action failed, 2 usage or config error,
-3 no broker reachable.
+Exit codes: 0 done, 1 the broker said no or the action failed, 2 usage or config error (a
+reload of a broken file among them), 3 no broker reachable.
 """
 
 from __future__ import annotations
@@ -91,3 +91,32 @@ def swap(
     data = call("POST", base, "/api/swap", token=tok, json={"backend": name})
     evicted = ", ".join(data.get("evicted", [])) or "nothing"
     _print(data, json_, f"{name} owns the GPU (evicted {evicted}) after {data.get('ms', 0):.0f} ms")
+
+
+def reload(
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_: JsonOption = False,
+) -> None:
+    """Make the running broker re-read its config file and apply what changed, keeping every
+    connection (a broken file changes nothing: its error is printed, exit code 2)."""
+    from gpubroker.cli.client import broker_target, call
+    from gpubroker.errors import ConfigError
+
+    try:
+        base, tok = broker_target(url, config, token)
+    except ConfigError:  # the file is broken: the broker says so too (and logs it), if found
+        if config is None:
+            raise
+        base, tok = broker_target(url, None, token)
+    data = call("POST", base, "/api/reload", token=tok, json={}, timeout=60.0)
+    if not data.get("ok", False):
+        if json_:
+            typer.echo(json.dumps(data, indent=2))
+        raise ConfigError(str(data.get("error") or "the broker could not reload its config"))
+    changes = data.get("changes") or {}
+    text = f"reloaded: {data.get('summary', 'done')}"
+    if changes.get("needsRestart"):
+        text += "\n(the keys that need a restart keep their running values until then)"
+    _print(data, json_, text)

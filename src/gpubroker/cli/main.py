@@ -153,7 +153,7 @@ def plugins_(
         typer.echo(f"disabled: {', '.join(plugins.disabled)}")
 
 
-for command in (serve.serve, serve.demo, admin.status, admin.unload, admin.swap):
+for command in (serve.serve, serve.demo, admin.status, admin.unload, admin.swap, admin.reload):
     app.command()(friendly(command))
 app.add_typer(workers.app)
 

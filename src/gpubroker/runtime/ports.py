@@ -124,7 +124,13 @@ class Ports:
         async def run() -> None:
             try:
                 with port.scope:
-                    await self._server(door, listener, port.stop.wait, own_headers=own_headers)
+                    try:
+                        await self._server(door, listener, port.stop.wait, own_headers=own_headers)
+                    except Exception:
+                        if not port.scope.cancel_called:
+                            raise
+                        # cut past its grace: Hypercorn may fail on its way out; the port is shut
+                        log.debug("port %s: closed while cut", key, exc_info=True)
             finally:
                 port.done.set()
                 if self._ports.get(key) is port:

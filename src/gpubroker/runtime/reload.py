@@ -193,7 +193,7 @@ class Reloader:
         p = self.parts
         check_config_names(new, p.plugins)
         target = applicable(self.config, new)
-        changes = diff(self.config, target)
+        changes = diff(self.config, new)  # what needs a restart is kept out of target
         if changes.empty:
             return changes
         index = {b.name: i for i, b in enumerate(target.backends)}
