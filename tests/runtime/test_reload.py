@@ -352,3 +352,20 @@ async def test_watching_the_file_reloads_on_an_edit(tmp_path: Path) -> None:
                 response = await client.post(ep.proxies["b"] + "/generate", json={"tokens": 1})
             assert response.status_code == 200
             tg.cancel_scope.cancel()
+
+
+async def test_the_reload_verb_passes_the_admin_gate(tmp_path: Path) -> None:
+    gpu = SimGPU(24 * GiB)
+    emu = GenericEmulator(gpu, 2 * GiB)
+    token = "s3cret-admin-token"
+    async with running(emu.app) as a:
+        path = write(tmp_path / "gpubroker.yaml", [generic("a", a, 21001)], adminToken=token)
+        async with serving(path) as ep, httpx.AsyncClient(timeout=10) as client:
+            url = ep.status_url + "/api/reload"
+            assert (await client.post(url, json={})).status_code == 401
+            form = await client.post(
+                url, content=b"x", headers={"authorization": f"Bearer {token}"}
+            )
+            assert form.status_code == 415  # a web page's form cannot reload it either
+            answer = await client.post(url, json={}, headers={"authorization": f"Bearer {token}"})
+            assert answer.status_code == 200 and answer.json()["summary"] == "nothing changed"
