@@ -369,3 +369,35 @@ async def test_the_reload_verb_passes_the_admin_gate(tmp_path: Path) -> None:
             assert form.status_code == 415  # a web page's form cannot reload it either
             answer = await client.post(url, json={}, headers={"authorization": f"Bearer {token}"})
             assert answer.status_code == 200 and answer.json()["summary"] == "nothing changed"
+
+
+async def test_the_api_port_routes_to_backends_as_the_reloaded_file_lists_them(
+    tmp_path: Path,
+) -> None:
+    gpu = SimGPU(24 * GiB)
+    a_emu = GenericEmulator(gpu, 2 * GiB, owner="a")
+    b_emu = GenericEmulator(gpu, 2 * GiB, owner="b")
+    async with running(a_emu.app) as a, running(b_emu.app) as b:
+        one = [generic("a", a, 21001, models=["alpha"])]
+        path = write(tmp_path / "gpubroker.yaml", one, apiPort=21100)
+        async with serving(path) as ep, httpx.AsyncClient(timeout=10) as client:
+            assert ep.api_url is not None
+
+            async def models() -> set[str]:
+                listing = (await client.get(ep.api_url + "/v1/models")).json()
+                return {m["id"] for m in listing["data"]}
+
+            async def chat(model: str) -> httpx.Response:
+                body = {"model": model, "messages": []}
+                return await client.post(ep.api_url + "/v1/chat/completions", json=body)
+
+            assert await models() == {"alpha"}
+            two = [*one, generic("b", b, 21002, models=["beta"])]
+            write(path, two, apiPort=21100)
+            assert (await reload(ep))["ok"]
+            assert await models() == {"alpha", "beta"}
+            assert (await chat("beta")).headers["x-gpubroker-backend"] == "b"
+            write(path, [generic("b", b, 21002, models=["beta"])], apiPort=21100)
+            assert (await reload(ep))["changes"]["removed"] == ["a"]
+            assert await models() == {"beta"}
+            assert (await chat("alpha")).status_code == 404  # model_not_found, not a dead port

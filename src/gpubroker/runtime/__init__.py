@@ -95,7 +95,6 @@ class Endpoints:
     api_url: str | None = None  # the one endpoint for every model (``apiPort``), if set
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
     """Read the config file again and apply it (``POST /api/reload``'s answer)."""
-    reloader: Reloader | None = None
 
 
 def make_upstream(backend: BackendConfig, config: Config) -> Upstream:
@@ -258,7 +257,6 @@ async def run_broker(
                 bus=bus,
                 api_url=api_url,
                 reload=reload_file,
-                reloader=reloader,
             )
 
             async def refuse_when_stopping() -> None:

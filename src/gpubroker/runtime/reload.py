@@ -57,6 +57,7 @@ from gpubroker.runtime.ports import Door, Ports
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.domains import build_scheduler
 from gpubroker.scheduling.footprints import FootprintBook
+from gpubroker.scheduling.scheduler import Scheduler
 from gpubroker.telemetry.base import TelemetrySnapshot
 from gpubroker.workers.supervisor import Supervisor, WorkerState
 
@@ -148,6 +149,10 @@ class Reloader:
         except GPUBrokerError as exc:
             self._failed(str(exc))
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug must not take the broker down with the reload
+            log.exception("config reload failed unexpectedly")
+            self._failed(f"{type(exc).__name__}: {exc}")
+            return {"ok": False, "error": f"the reload failed: {type(exc).__name__}: {exc}"}
         return {"ok": True, "summary": changes.summary(), "changes": changes.to_json()}
 
     async def apply(self, new: Config) -> ConfigDiff:
@@ -250,7 +255,7 @@ class Reloader:
         target: Config,
         changes: ConfigDiff,
         fresh: dict[str, Strategy],
-        plan: Any,
+        plan: Scheduler,
         bound: dict[int, Listener],
     ) -> None:
         """Everything a reload changes, at once (no await: no reader sees half of it)."""
@@ -285,7 +290,8 @@ class Reloader:
         timeouts = {"upstreamTimeout", "upstreamIdleTimeout"} & set(changes.top)
         for b in target.backends:
             if b.name in changes.added or b.name in changes.changed or timeouts:
-                self._proxy(b, olds.get(b.name), target, strategies[b.name], bound, timeouts)
+                old = olds.get(b.name)
+                self._proxy(b, old, target, strategies[b.name], bound, bool(timeouts))
         for name in changes.removed:
             p.broker.draining(name)
             self._tg.start_soon(self._guard, name, self._remove(olds[name]))
@@ -301,7 +307,7 @@ class Reloader:
         config: Config,
         strategy: Strategy,
         bound: dict[int, Listener],
-        renew: object = False,
+        renew: bool = False,
     ) -> None:
         """``b``'s proxy app, behind its port's door (a new port, or the app swapped in)."""
         p = self.parts
@@ -415,8 +421,7 @@ class Reloader:
         await p.broker.forget(name)  # unloaded: the broker plans with nothing it cannot see
         if p.supervisor.manages(name):
             await p.supervisor.retire(name)
-        with anyio.move_on_after(grace):
-            await self._until_idle(name)
+        await self._until_idle(name)  # nothing new comes: what is left ends by itself
         p.broker.remove(name)
         del self._leaving[name]
         if p.proxies.get(name) is app:
