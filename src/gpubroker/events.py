@@ -386,6 +386,7 @@ class ConfigReloaded(WireEvent):
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
     restart: tuple[str, ...] = ()
+    summary: str = ""  # one line, as the log and ``gpubroker reload`` say it
 
     def detail(self) -> dict[str, Any]:
         return {
@@ -393,6 +394,7 @@ class ConfigReloaded(WireEvent):
             "removed": list(self.removed),
             "changed": list(self.changed),
             "needsRestart": list(self.restart),
+            "summary": self.summary,
         }
 
 

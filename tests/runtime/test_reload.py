@@ -290,16 +290,24 @@ async def test_keys_that_need_a_restart_are_reported_and_the_rest_applied(
             assert ep.broker.sched.queue_timeout == 45.0
             assert ep.broker.sched.slots["a"].spec.max_concurrency == 2
             assert ep.broker.config.status_port == 5102  # kept until a restart
+            before = ep.broker.strategies["a"]
+            write(path, [generic("a", a, 21001, unloadStrategy="ollama", classifier="generic")])
+            answer = await reload(ep)
+            assert answer["changes"]["changed"] == {
+                "a": ["unloadStrategy", "classifier", "maxConcurrency"]
+            }
+            assert type(ep.broker.strategies["a"]).name == "ollama"  # a new instance
+            await until(lambda: before.client.is_closed)  # the old one's client, once idle
 
 
 async def test_a_changed_command_restarts_the_managed_worker_once_idle(tmp_path: Path) -> None:
-    port = free_port()
+    port, other = free_port(), free_port()
 
-    def worker(*args: str) -> dict[str, Any]:
+    def worker(*args: str, name: str = "w", at: int = port) -> dict[str, Any]:
         return {
-            "name": "w",
-            "proxyPort": 21001,
-            "upstream": f"http://127.0.0.1:{port}",
+            "name": name,
+            "proxyPort": 21001 if name == "w" else 21002,
+            "upstream": f"http://127.0.0.1:{at}",
             "unloadStrategy": "process",
             "classifier": "generic",
             "healthPath": "/health",
@@ -333,6 +341,16 @@ async def test_a_changed_command_restarts_the_managed_worker_once_idle(tmp_path:
         assert first is not None and not alive(first)
         response = await client.post(ep.proxies["w"] + "/v1/chat/completions", json=chat)
         assert response.status_code == 200
+        # a managed worker added, running, then removed: stopped, never left running
+        write(path, [worker("--token-interval", "0.001"), worker(name="v", at=other)])
+        assert (await reload(ep))["changes"]["added"] == ["v"]
+        response = await client.post(ep.proxies["v"] + "/v1/chat/completions", json=chat)
+        pid = sup.workers["v"].pid
+        assert response.status_code == 200 and pid is not None
+        write(path, [worker("--token-interval", "0.001")])
+        assert (await reload(ep))["changes"]["removed"] == ["v"]
+        await until(lambda: "v" not in sup.workers, limit=20)
+        assert not alive(pid)
 
 
 async def test_watching_the_file_reloads_on_an_edit(tmp_path: Path) -> None:

@@ -96,7 +96,9 @@ def serve(
 
             endpoints = await tg.start(broker)
             reload.append(endpoints.reload)
-            if watch_config and cfg.source not in (None, "environment"):
+            if watch_config and cfg.source in (None, "environment"):
+                typer.echo("--watch-config: no config file to watch (env-var mode)", err=True)
+            elif watch_config:
                 from gpubroker.runtime.watch import watch_config as watch
 
                 tg.start_soon(watch, Path(str(cfg.source)), endpoints.reload)

@@ -168,6 +168,7 @@ class Reloader:
                 removed=changes.removed,
                 changed=tuple(changes.changed),
                 restart=changes.restart,
+                summary=changes.summary(),
             )
         )
         if self._failing:
