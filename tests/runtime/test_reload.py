@@ -19,7 +19,7 @@ from gpubroker.config.load import load_config_file
 from gpubroker.runtime import Endpoints
 from gpubroker.runtime.watch import watch_config
 from gpubroker.scheduling.scheduler import State
-from gpubroker.sim import GenericEmulator, GiB, SimGPU, running
+from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, running
 from gpubroker.testing import broker_running
 from processes import FAKE, alive, free_port, port_open
 
@@ -99,7 +99,7 @@ async def test_a_stream_in_flight_survives_a_reload_that_adds_a_backend(tmp_path
                 got: list[list[str]] = []
 
                 async def stream() -> None:
-                    got.append(await sse(client, ep.proxies["a"], 40))
+                    got.append(await sse(client, ep.proxies["a"], 100))
 
                 tg.start_soon(stream)
                 await until(lambda: a_emu.inflight > 0)
@@ -109,7 +109,7 @@ async def test_a_stream_in_flight_survives_a_reload_that_adds_a_backend(tmp_path
                 assert answer["changes"]["added"] == ["b"]
                 assert answer["changes"]["changed"] == {"a": ["priority"]}
                 assert a_emu.inflight == 1  # still streaming, on the same connection
-            assert complete(got[0], 40)
+            assert complete(got[0], 100)
             assert ep.broker is not None and ep.broker.sched.slots["a"].spec.priority == 3
             response = await client.post(ep.proxies["b"] + "/generate", json={"tokens": 2})
             assert response.status_code == 200 and b_emu.loaded
@@ -133,7 +133,7 @@ async def test_a_removed_backend_finishes_its_response_then_its_port_closes(
                 got: list[list[str]] = []
 
                 async def stream() -> None:
-                    got.append(await sse(client, b_url, 40))
+                    got.append(await sse(client, b_url, 100))
 
                 tg.start_soon(stream)
                 await until(lambda: b_emu.inflight > 0)
@@ -144,7 +144,8 @@ async def test_a_removed_backend_finishes_its_response_then_its_port_closes(
                 assert late.status_code == 503
                 assert late.json()["error"] == "backend_removed"
                 assert late.headers["retry-after"] == "5"
-            assert complete(got[0], 40)
+                assert b_emu.inflight == 1  # still streaming on the port that refuses others
+            assert complete(got[0], 100)
             await until(lambda: refused(b_url))
             assert ep.broker is not None
             await until(lambda: "b" not in ep.broker.sched.slots)
@@ -419,3 +420,29 @@ async def test_the_api_port_routes_to_backends_as_the_reloaded_file_lists_them(
             assert (await reload(ep))["changes"]["removed"] == ["a"]
             assert await models() == {"beta"}
             assert (await chat("alpha")).status_code == 404  # model_not_found, not a dead port
+
+
+async def test_models_found_while_running_follow_their_backends_new_settings(
+    tmp_path: Path,
+) -> None:
+    gpu = SimGPU(24 * GiB)
+    emu = OllamaEmulator(gpu, {"small:latest": 2 * GiB})
+    top = {"policy": "budget", "gpus": [{"id": 0, "memory": "24GiB"}]}
+    async with running(emu.app) as o:
+
+        def ollama(**extra: Any) -> list[dict[str, Any]]:
+            entry = {"name": "ollama", "proxyPort": 21001, "upstream": o, **extra}
+            return [{**entry, "unloadStrategy": "ollama"}]
+
+        path = write(tmp_path / "gpubroker.yaml", ollama(), **top)
+        async with serving(path) as ep, httpx.AsyncClient(timeout=30) as client:
+            assert ep.broker is not None
+            body = {"model": "small:latest", "prompt": "hi", "stream": False}
+            response = await client.post(ep.proxies["ollama"] + "/api/generate", json=body)
+            assert response.status_code == 200
+            unit = "ollama/small:latest"
+            assert unit in ep.broker.sched.slots  # found on first use, not in the file
+            write(path, ollama(priority=5, maxConcurrency=3), **top)
+            assert (await reload(ep))["ok"]
+            spec = ep.broker.sched.slots[unit].spec
+            assert (spec.priority, spec.max_concurrency) == (5, 3)

@@ -41,7 +41,7 @@ from gpubroker.scheduling.effects import (
 from gpubroker.scheduling.jobs import JobFollower
 from gpubroker.scheduling.notes import note_event
 from gpubroker.scheduling.scheduler import Scheduler, State
-from gpubroker.scheduling.units import Footprints, Placed, Units
+from gpubroker.scheduling.units import Footprints, Placed, Units, model_spec
 from gpubroker.scheduling.waiting import wait_note
 from gpubroker.workers.start import start_before_load
 
@@ -646,6 +646,13 @@ class Broker:
                     self.sched.add_unit(slot.spec)
                 elif self.sched.slots[name].spec != slot.spec:
                     effects += self.sched.respec(slot.spec, self.clock())
+            for name, slot in list(self.sched.slots.items()):  # models found while running
+                base = plan.slots.get(slot.spec.group)
+                if name in plan.slots or base is None or slot.spec.model is None:
+                    continue
+                spec = model_spec(base.spec, slot.spec.model, declared=None, learned=None)
+                if spec != slot.spec:
+                    effects += self.sched.respec(spec, self.clock())
             self._apply(effects)
         self.units.reconfigure(config)
         if self.units.per_model and not self._models_followed and self._tg is not None:
