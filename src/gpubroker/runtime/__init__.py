@@ -2,7 +2,8 @@
 event loop, with a graceful stop.
 
 Everything is passed in through constructors; nothing is assigned onto another object after it
-is built. News travels up the :class:`~gpubroker.events.EventBus`, calls go down::
+is built (a reload changes the parts through their own methods: ``reconfigure``, ``respec``,
+``Door.swap``...). News travels up the :class:`~gpubroker.events.EventBus`, calls go down::
 
     sampler    = Sampler(telemetry source)
     bus        = EventBus()
@@ -20,7 +21,7 @@ is built. News travels up the :class:`~gpubroker.events.EventBus`, calls go down
                         confirm_freed=monitor | None, book)             applies Measured, Unmanaged,
                                                                         WorkerGone
     proxies    = {backend: ProxyApp(.., broker, Upstream)}
-    status     = StatusApp(broker, bus, monitor, health)               Metrics(bus), /events(bus)
+    status     = StatusApp(broker, bus, monitor, health, reload)       Metrics(bus), /events(bus)
     catalogue  = Catalogue(backends, residency=sched (read-only))      only with apiPort
     api        = ApiApp(proxies, catalogue, ApiKeys)                   hands requests to proxies
     reloader   = Reloader(config, parts)                               applies a re-read config

@@ -70,6 +70,12 @@ class Door:
         prefix = "websocket.http" if scope["type"] == "websocket" else "http"
         await send_error(send, error, prefix=prefix)
 
+    def swap(self, app: Any, backend: str | None = None) -> None:
+        """Serve ``app`` (for ``backend``) from the next request on; None refuses them."""
+        self.app = app
+        if backend is not None:
+            self.backend = backend
+
     def in_flight(self, app: Any | None = None) -> int:
         """Requests in flight (that entered ``app``, when given)."""
         if app is None:
@@ -148,7 +154,7 @@ class Ports:
             return True
         door = port.door
         if door.app is app:
-            door.app = None
+            door.swap(None)
         clean = True
         with anyio.move_on_after(grace) as waited:
             await door.drained(app)

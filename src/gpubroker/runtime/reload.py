@@ -326,7 +326,7 @@ class Reloader:
         p.proxies[b.name] = app
         if b.proxy_port in p.ports:  # its own port, or one a removed backend leaves to it
             door = p.ports.door(b.proxy_port)
-            door.app, door.backend = app, b.name
+            door.swap(app, b.name)
             p.urls[b.name] = url(p.host, p.ports.listener(b.proxy_port).port)
         else:
             listener = bound[b.proxy_port]
@@ -344,7 +344,7 @@ class Reloader:
         proxies = {b.name: p.proxies[b.name] for b in self.config.backends}
         strategies = {n: p.broker.strategies[n] for n in proxies}
         app, catalogue, _ = build_api(self.config, proxies, p.broker.sched, strategies, api.client)
-        api.door.app = ListenerGuard(app, api.policy)
+        api.door.swap(ListenerGuard(app, api.policy))
         self.run_catalogue(catalogue)
 
     def run_catalogue(self, catalogue: Catalogue) -> None:
