@@ -446,3 +446,36 @@ async def test_models_found_while_running_follow_their_backends_new_settings(
             assert (await reload(ep))["ok"]
             spec = ep.broker.sched.slots[unit].spec
             assert (spec.priority, spec.max_concurrency) == (5, 3)
+
+
+async def test_a_port_handed_from_a_removed_backend_to_a_new_one_stays_open(
+    tmp_path: Path,
+) -> None:
+    gpu = SimGPU(24 * GiB)
+    a_emu = GenericEmulator(gpu, 2 * GiB, token_interval=0.02, owner="a")
+    c_emu = GenericEmulator(gpu, 2 * GiB, owner="c")
+    async with running(a_emu.app) as a, running(c_emu.app) as c:
+        path = write(tmp_path / "gpubroker.yaml", [generic("a", a, 21001)])
+        async with serving(path) as ep, httpx.AsyncClient(timeout=30) as client:
+            url = ep.proxies["a"]
+            async with anyio.create_task_group() as tg:
+                got: list[list[str]] = []
+
+                async def stream() -> None:
+                    got.append(await sse(client, url, 100))
+
+                tg.start_soon(stream)
+                await until(lambda: a_emu.inflight > 0)
+                write(path, [generic("c", c, 21001)])
+                answer = await reload(ep)
+                assert answer["changes"]["added"] == ["c"]
+                assert answer["changes"]["removed"] == ["a"]
+                assert ep.proxies["c"] == url and a_emu.inflight == 1
+                response = await client.post(url + "/generate", json={"tokens": 1})
+                assert response.status_code == 200 and c_emu.loaded  # c's now
+                assert "evicted=a" in response.headers["x-gpubroker-swap"]  # once a's ended
+                assert a_emu.unload_with_inflight == 0
+            assert complete(got[0], 100)
+            assert ep.broker is not None
+            await until(lambda: "a" not in ep.broker.sched.slots)
+            assert not refused(url)

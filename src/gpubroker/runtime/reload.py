@@ -294,6 +294,9 @@ class Reloader:
                 old = olds.get(b.name)
                 self._proxy(b, old, target, strategies[b.name], bound, bool(timeouts))
         for name in changes.removed:
+            pending = self._restarts.pop(name, None)  # a restart it was waiting for: moot
+            if pending is not None:
+                pending.cancel()
             p.broker.draining(name)
             self._tg.start_soon(self._guard, name, self._remove(olds[name]))
         for name in changes.added:
