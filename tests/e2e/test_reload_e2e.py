@@ -96,8 +96,9 @@ async def test_reload_sighup_and_watch_config_on_a_real_serve(tmp_path: Path) ->
 
                         # a broken file: exit 2, file:line:col as `serve --check` prints it
                         cfg.write_text(text(status, [("a", pa, a)]) + "    priorty: 1\n")
-                        broken = await cli("reload", "--url", base)
+                        broken = await cli("reload", "-c", str(cfg), "--json")  # by its port
                         assert broken.exit_code == 2, broken.output
+                        assert '"ok": false' in broken.output  # the broker's answer
                         check = await cli("serve", "--check", "-c", str(cfg))
                         assert check.exit_code == 2
                         where = f"{cfg}:9:5: backends[0].priorty: unknown key"
