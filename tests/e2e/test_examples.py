@@ -19,8 +19,11 @@ NOT_CONFIGS = {
     "docker-compose.yml",
     "prometheus-alerts.yaml",
 }
+NOT_CONFIG_DIRS = {"kubernetes"}  # manifests (tests/e2e/test_kubernetes_example.py)
 CONFIGS = sorted(
-    p for p in [*EXAMPLES.rglob("*.yaml"), *EXAMPLES.rglob("*.yml")] if p.name not in NOT_CONFIGS
+    p
+    for p in [*EXAMPLES.rglob("*.yaml"), *EXAMPLES.rglob("*.yml")]
+    if p.name not in NOT_CONFIGS and not NOT_CONFIG_DIRS & set(p.relative_to(EXAMPLES).parts)
 )
 
 
