@@ -19,6 +19,8 @@ NOT_CONFIGS = {
     "docker-compose.yml",
     "prometheus-alerts.yaml",
 }
+# the keys examples read with `key: env:VAR` (compose/gpubroker.yaml)
+EXAMPLE_ENV = {"GPUBROKER_API_KEY": "k" * 48}
 NOT_CONFIG_DIRS = {"kubernetes"}  # manifests (tests/e2e/test_kubernetes_example.py)
 CONFIGS = sorted(
     p
@@ -33,7 +35,7 @@ def test_there_are_examples() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_example_loads_and_names_known_plugins(path: Path) -> None:
-    cfg = load_config_file(path)
+    cfg = load_config_file(path, env=EXAMPLE_ENV)
     assert cfg.backends, f"{path.name} declares no backends"
     # Builtins only: an example must not need a third-party plugin to load.
     check_config_names(cfg, create_plugins(env={}, entry_points=False))
