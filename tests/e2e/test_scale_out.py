@@ -49,7 +49,11 @@ SHARED = "llama3.2"  # both nodes
 ONLY_A = "phi3"  # node A's Ollama
 ONLY_B = "Qwen/Qwen2.5-1.5B"  # node B's vLLM
 MASTER_KEY = "sk-gateway-" + "0123456789abcdef" * 2  # LiteLLM refuses to start without one
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "litellm" / "config.yaml"
+NODE_A, NODE_B = "gpu-a.nodes.example.internal", "gpu-b.nodes.example.internal"
 NODE_KEY = "gw-" + "fedcba9876543210" * 2  # each broker's apiKeys: the gateway's key
+GHOST = "mistral"  # no node serves it; a gateway deployment says node A does
+WRONG_KEY = "phi3-badkey"  # node A with a key its broker does not know
 SPREAD = 40  # requests for SHARED: all on one node by chance is 2 * 2**-40
 PROMPT = [{"role": "user", "content": "hi"}]
 STARTUP = 180.0  # s: LiteLLM imports a great deal; a loaded CI machine is slow at it
@@ -79,25 +83,16 @@ async def node(name: str, with_vllm: bool) -> AsyncIterator[Endpoints]:
 
 
 def litellm_config(a: str, b: str) -> dict[str, Any]:
-    """The gateway's config: every model on the nodes that serve it, as OpenAI-compatible
-    deployments; one ``model_name`` twice is one model group, spread by the router."""
-
-    def deployment(model: str, api: str) -> dict[str, Any]:
-        params = {"model": f"openai/{model}", "api_base": api + "/v1", "api_key": NODE_KEY}
-        return {"model_name": model, "litellm_params": params}
-
-    return {
-        "model_list": [
-            deployment(SHARED, a),
-            deployment(SHARED, b),
-            deployment(ONLY_A, a),
-            deployment(ONLY_B, b),
-        ],
-        # no retries: each request is answered by the node it was sent to, or fails the test
-        "router_settings": {"routing_strategy": "simple-shuffle", "num_retries": 0},
-        "litellm_settings": {"num_retries": 0, "request_timeout": 60},
-        "general_settings": {"master_key": MASTER_KEY},
-    }
+    """examples/litellm/config.yaml with its two nodes' addresses replaced by ``a`` and
+    ``b``: every model on the nodes that serve it, as OpenAI-compatible deployments; one
+    ``model_name`` twice is one model group, spread by the router."""
+    config: dict[str, Any] = YAML(typ="safe").load(EXAMPLE.read_text())
+    nodes = {NODE_A: a, NODE_B: b}
+    for deployment in config["model_list"]:
+        params = deployment["litellm_params"]
+        base = httpx.URL(params["api_base"])
+        params["api_base"] = nodes[base.host] + base.path
+    return config
 
 
 @asynccontextmanager
@@ -113,6 +108,8 @@ async def gateway(config: dict[str, Any], tmp_path: Path) -> AsyncIterator[str]:
         "LANG": "C.UTF-8",
         "NO_PROXY": "127.0.0.1,localhost",
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # the bundled cost map: no download at start
+        "LITELLM_MASTER_KEY": MASTER_KEY,  # the example reads both keys from the environment
+        "GPUBROKER_GATEWAY_KEY": NODE_KEY,
     }
     log = (tmp_path / "litellm.log").open("wb")
     argv = [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(path)]
@@ -170,10 +167,21 @@ async def ask(client: openai.AsyncOpenAI, model: str) -> str:
     return content
 
 
+def misrouted(config: dict[str, Any], a: str) -> dict[str, Any]:
+    """Two deployments a gateway gets wrong: a model node A does not serve, and node A with
+    a key its broker does not know."""
+    base = {"api_base": a + "/v1", "api_key": NODE_KEY}
+    ghost = {"model_name": GHOST, "litellm_params": {**base, "model": f"openai/{GHOST}"}}
+    params = {**base, "model": f"openai/{ONLY_A}", "api_key": "gw-" + "0" * 32}
+    config["model_list"] += [ghost, {"model_name": WRONG_KEY, "litellm_params": params}]
+    return config
+
+
 async def test_the_gateway_sends_each_model_to_a_node_that_serves_it(tmp_path: Path) -> None:
     async with node("a", with_vllm=False) as a, node("b", with_vllm=True) as b:
         assert a.api_url is not None and b.api_url is not None
-        async with gateway(litellm_config(a.api_url, b.api_url), tmp_path) as url:
+        config = misrouted(litellm_config(a.api_url, b.api_url), a.api_url)
+        async with gateway(config, tmp_path) as url:
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=MASTER_KEY, max_retries=0)
             with anyio.fail_after(120):
                 listed = {m.id async for m in client.models.list()}
@@ -184,7 +192,13 @@ async def test_the_gateway_sends_each_model_to_a_node_that_serves_it(tmp_path: P
                 for _ in range(SPREAD):
                     await ask(client, SHARED)
                 spread = (await served(a), await served(b))
+                # a broker's refusals reach the client through the gateway as what they are
+                with pytest.raises(openai.NotFoundError) as missing:
+                    await ask(client, GHOST)
+                with pytest.raises(openai.AuthenticationError):
+                    await ask(client, WRONG_KEY)
             await client.close()
+    assert f"the model '{GHOST}' is served by no backend" in str(missing.value)  # our words
     on_a, on_b = only
     # a model one node serves reached that node, and only it
     assert on_a[ONLY_A] == 1 and on_b[ONLY_A] == 0
