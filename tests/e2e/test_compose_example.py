@@ -140,3 +140,16 @@ def test_docker_compose_reads_the_file_as_we_do(tmp_path: Path) -> None:
     assert ports == {cfg.api_port, cfg.status_port, *(b.proxy_port for b in cfg.backends)}
     [mount] = [v for v in resolved["gpubroker"]["volumes"] if v["target"] == CONFIG_TARGET]
     assert Path(mount["source"]) == mounted_config(compose()["services"])
+
+
+def test_the_image_builds_from_files_that_exist_and_serves_the_mounted_config() -> None:
+    root = EXAMPLES.parent
+    lines = (EXAMPLES / "Dockerfile").read_text().splitlines()
+    copies = [line.split()[1:-1] for line in lines if line.startswith("COPY ")]
+    assert copies and all((root / src).exists() for sources in copies for src in sources)
+    ignored = (EXAMPLES / "Dockerfile.dockerignore").read_text().splitlines()
+    assert all(f"!{src}" in ignored for sources in copies for src in sources)
+    [cmd] = [line for line in lines if line.startswith("CMD ")]
+    assert json.loads(cmd.removeprefix("CMD ")) == ["serve", "--config", CONFIG_TARGET]
+    broker = compose()["services"]["gpubroker"]
+    assert broker["build"] == {"context": "..", "dockerfile": "examples/Dockerfile"}
