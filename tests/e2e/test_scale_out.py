@@ -6,8 +6,9 @@ subprocess on 127.0.0.1, and the client is the official ``openai`` one.
 Node A serves ``llama3.2`` and ``phi3`` (one Ollama); node B serves ``llama3.2`` (its Ollama)
 and a vLLM model. A request for a model one node serves reaches that node; requests for the
 model both serve are spread over both (``simple-shuffle``). Where each went is read from each
-broker's ``/metrics`` (``gpubroker_api_requests_total``): LiteLLM answers with its own headers,
-so ``X-GPUBroker-Backend`` does not reach the client.
+broker's ``/metrics`` (``gpubroker_api_requests_total``), which counts what the broker admitted
+whatever the gateway says; LiteLLM's own headers name the node it chose
+(``x-litellm-model-api-base``) and pass ours on prefixed (``llm_provider-x-gpubroker-…``).
 
 Skips without litellm (``pip install -e '.[scaleout]'``, as .ci/run does).
 """
@@ -187,7 +188,9 @@ async def test_the_gateway_sends_each_model_to_a_node_that_serves_it(tmp_path: P
                 listed = {m.id async for m in client.models.list()}
                 assert {SHARED, ONLY_A, ONLY_B} <= listed
                 await ask(client, ONLY_A)
-                await ask(client, ONLY_B)
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=ONLY_B, messages=PROMPT, max_tokens=2
+                )
                 only = (await served(a), await served(b))
                 for _ in range(SPREAD):
                     await ask(client, SHARED)
@@ -200,6 +203,9 @@ async def test_the_gateway_sends_each_model_to_a_node_that_serves_it(tmp_path: P
             await client.close()
     assert f"the model '{GHOST}' is served by no backend" in str(missing.value)  # our words
     on_a, on_b = only
+    # LiteLLM names the node it chose, and passes the broker's headers on, prefixed
+    assert raw.headers["x-litellm-model-api-base"] == b.api_url + "/v1"
+    assert raw.headers["llm_provider-x-gpubroker-backend"] == "vllm"
     # a model one node serves reached that node, and only it
     assert on_a[ONLY_A] == 1 and on_b[ONLY_A] == 0
     assert on_b[ONLY_B] == 1 and on_a[ONLY_B] == 0
