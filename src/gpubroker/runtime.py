@@ -22,7 +22,8 @@ is built. News travels up the :class:`~gpubroker.events.EventBus`, calls go down
     proxies    = {backend: ProxyApp(.., broker, Upstream)}
     status     = StatusApp(broker, bus, monitor, health)               Metrics(bus), /events(bus)
     catalogue  = Catalogue(backends, residency=sched (read-only))      only with apiPort
-    api        = ApiApp(proxies, catalogue, ApiKeys)                   hands requests to proxies
+    api        = ApiApp(proxies, catalogue, ApiKeys,                   hands requests to proxies
+                        Occupancy(sched (read-only)))                  residency in /v1/models
 
 Subscribers of the bus: the broker (Measured, Unmanaged, WorkerGone), the monitor's alerts (freed),
 metrics (admitted, first_byte, swapped, unload_failed, refused) and each ``/events`` reader.
@@ -45,8 +46,9 @@ import anyio
 import httpx
 
 from gpubroker.api.app import ApiApp
-from gpubroker.api.catalogue import Catalogue, Residency
+from gpubroker.api.catalogue import Catalogue, is_ollama
 from gpubroker.api.keys import ApiKeys
+from gpubroker.api.occupancy import Occupancy
 from gpubroker.config.model import BackendConfig, Config
 from gpubroker.errors import ConfigError
 from gpubroker.events import EventBus
@@ -63,6 +65,8 @@ from gpubroker.proxy.upstream import Upstream
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.domains import build_scheduler, capacities
 from gpubroker.scheduling.footprints import FootprintBook
+from gpubroker.scheduling.scheduler import Scheduler
+from gpubroker.scheduling.units import per_model
 from gpubroker.telemetry.gpus import backend_gpus
 from gpubroker.telemetry.sampler import Sampler
 from gpubroker.workers.supervisor import Supervisor
@@ -276,7 +280,7 @@ async def run_broker(
 def _build_api(
     config: Config,
     proxies: dict[str, ProxyApp],
-    sched: Residency,
+    sched: Scheduler,
     strategies: dict[str, Strategy],
 ) -> tuple[ApiApp, Catalogue, httpx.AsyncClient]:
     """The apiPort app, its model catalogue, and the client both read model lists with."""
@@ -289,7 +293,19 @@ def _build_api(
         costs={name: type(s).eviction_cost for name, s in strategies.items()},
     )
     keys = ApiKeys(config.api_keys)
-    app = ApiApp(proxies, catalogue, keys, body_limit=config.api_body_limit, client=client)
+    occupancy = Occupancy(
+        sched,
+        per_model=[n for n, s in strategies.items() if per_model(config, s)],
+        ollama=[b.name for b in config.backends if is_ollama(b)],
+    )
+    app = ApiApp(
+        proxies,
+        catalogue,
+        keys,
+        body_limit=config.api_body_limit,
+        client=client,
+        occupancy=occupancy,
+    )
     return app, catalogue, client
 
 
