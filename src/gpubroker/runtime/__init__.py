@@ -23,7 +23,8 @@ is built (a reload changes the parts through their own methods: ``reconfigure``,
     proxies    = {backend: ProxyApp(.., broker, Upstream)}
     status     = StatusApp(broker, bus, monitor, health, reload)       Metrics(bus), /events(bus)
     catalogue  = Catalogue(backends, residency=sched (read-only))      only with apiPort
-    api        = ApiApp(proxies, catalogue, ApiKeys)                   hands requests to proxies
+    api        = ApiApp(proxies, catalogue, ApiKeys,                   hands requests to proxies
+                        Occupancy(sched (read-only)))                  residency in /v1/models
     reloader   = Reloader(config, parts)                               applies a re-read config
 
 Subscribers of the bus: the broker (Measured, Unmanaged, WorkerGone), the monitor's alerts (freed),

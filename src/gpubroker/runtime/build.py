@@ -7,8 +7,9 @@ import dataclasses
 import httpx
 
 from gpubroker.api.app import ApiApp
-from gpubroker.api.catalogue import Catalogue, Residency
+from gpubroker.api.catalogue import Catalogue, is_ollama
 from gpubroker.api.keys import ApiKeys
+from gpubroker.api.occupancy import Occupancy
 from gpubroker.config.model import BackendConfig, Config
 from gpubroker.errors import ConfigError
 from gpubroker.plugins.classifiers.base import Classifier, RouteClassifier
@@ -16,6 +17,8 @@ from gpubroker.plugins.manager import Plugins
 from gpubroker.plugins.strategies.base import Strategy, StrategyContext
 from gpubroker.proxy.app import ProxyApp
 from gpubroker.proxy.listener import Listener, listen
+from gpubroker.scheduling.scheduler import Scheduler
+from gpubroker.scheduling.units import per_model
 from gpubroker.workers.supervisor import Supervisor
 
 
@@ -67,7 +70,7 @@ def bind(host: str, port: int, what: str) -> Listener:
 def build_api(
     config: Config,
     proxies: dict[str, ProxyApp],
-    sched: Residency,
+    sched: Scheduler,
     strategies: dict[str, Strategy],
     client: httpx.AsyncClient | None = None,
 ) -> tuple[ApiApp, Catalogue, httpx.AsyncClient]:
@@ -83,7 +86,19 @@ def build_api(
         costs={name: type(s).eviction_cost for name, s in strategies.items()},
     )
     keys = ApiKeys(config.api_keys)
-    app = ApiApp(proxies, catalogue, keys, body_limit=config.api_body_limit, client=client)
+    occupancy = Occupancy(
+        sched,
+        per_model=[n for n, s in strategies.items() if per_model(config, s)],
+        ollama=[b.name for b in config.backends if is_ollama(b)],
+    )
+    app = ApiApp(
+        proxies,
+        catalogue,
+        keys,
+        body_limit=config.api_body_limit,
+        client=client,
+        occupancy=occupancy,
+    )
     return app, catalogue, client
 
 
