@@ -8,6 +8,7 @@ time-bounded task and feeds the outcome back, with ``jobs`` (its ``JobFollower``
 services' own queues, ``notes`` naming the scheduler's notes as events and ``swaplog`` logging
 each swap's phases with their timings.
 
-May import ``config``, ``errors``, ``events``, ``logs``, ``vram``, ``telemetry``, ``plugins`` (the strategy
-base type) and ``workers`` (to start a managed worker); never ``proxy``, ``observe`` or ``cli``.
+May import ``config``, ``errors``, ``events``, ``logs``, ``vram``, ``telemetry``, ``plugins`` (the
+strategy base type) and ``workers`` (to start a managed worker); never ``proxy``, ``observe`` or
+``cli``.
 """
