@@ -52,9 +52,9 @@ async def check(client: httpx.AsyncClient, cfg: Config, backend: BackendConfig) 
         if start is not None and backend.unload_strategy == "vllm":
             dev_env = _flag_env((start.env or {}).get("VLLM_SERVER_DEV_MODE", "0"))
             sleeps = start.flag("--enable-sleep-mode")
-            facts = {"url": backend.upstream, "kind": "vllm", "devMode": dev_env,
-                     "sleepMode": sleeps, "sleepModeFrom": start.where}  # fmt: skip
-            out += _verdict(backend, dev_env, sleeps, None, facts, how="would start")
+            read = {"url": backend.upstream, "kind": "vllm", "devMode": dev_env,
+                    "sleepMode": sleeps, "sleepModeFrom": start.where}  # fmt: skip
+            out += _verdict(backend, dev_env, sleeps, None, read, how="would start")
         return out
     body = json_of(response)
     version = body.get("version") if isinstance(body, dict) else None
