@@ -53,7 +53,5 @@ def doctor(
                 typer.echo(f"        fix: {f.fix}")
         counts = {s: sum(f.severity == s for f in findings) for s in MARK}
         plural = {"error": "errors", "warning": "warnings"}
-        typer.echo(
-            ", ".join(f"{n} {plural.get(s, s) if n != 1 else s}" for s, n in counts.items())
-        )
+        typer.echo(", ".join(f"{n} {plural.get(s, s) if n != 1 else s}" for s, n in counts.items()))
     raise typer.Exit(exit_code(findings))
