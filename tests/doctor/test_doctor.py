@@ -170,7 +170,7 @@ async def test_dead_and_hung_upstreams_and_a_stranger_on_a_port(clean_env: Path)
     assert code == 1
     down = one(findings, check="upstream", backend="dead")
     assert down["severity"] == "error" and "cannot connect" in down["message"]
-    assert down["facts"]["reachable"] is False and "start the ollama service" in down["fix"]
+    assert down["facts"]["reachable"] is False and "start Ollama" in down["fix"]
     stuck = one(findings, check="upstream", backend="hung")
     assert stuck["severity"] == "error" and "did not answer in time" in stuck["message"]
     port = one(findings, check="ports", severity="error")

@@ -206,15 +206,26 @@ async def check(client: httpx.AsyncClient, cfg: Config, backend: BackendConfig) 
             )
         )
     elif found.env is None or (found.pid is not None and not found.mentions("ollama")):
-        why = "not readable" if found.env is None else f"that of {found.where}, not Ollama"
+        if found.env is None:
+            why, fix = (
+                "its environment is not readable",
+                ("run the doctor as the user Ollama runs as (or root) to check them"),
+            )
+        else:
+            why, fix = (
+                "not Ollama itself (a proxy, or a container's published port?)",
+                (
+                    "set OLLAMA_KEEP_ALIVE=-1 where Ollama runs, and leave "
+                    "OLLAMA_MAX_LOADED_MODELS unset"
+                ),
+            )
         out.append(
             Finding(
                 "ollama",
                 "info",
-                f"the process on {backend.name}'s upstream port is {found.where}; its "
-                f"environment is {why}: OLLAMA_KEEP_ALIVE and OLLAMA_MAX_LOADED_MODELS not "
-                "checked",
-                "run the doctor as the user Ollama runs as (or root) to check them",
+                f"the process on {backend.name}'s upstream port is {found.where}, {why}: "
+                "OLLAMA_KEEP_ALIVE and OLLAMA_MAX_LOADED_MODELS not checked",
+                fix,
                 backend.name,
                 {"pid": found.pid},
             )

@@ -18,6 +18,8 @@ from gpubroker.config.model import BackendConfig, Config
 from gpubroker.doctor.findings import Finding
 from gpubroker.doctor.local import Launch, launch_of
 
+NAMES = {"ollama": "Ollama", "vllm": "vLLM", "comfyui": "ComfyUI", "llamacpp": "llama-server"}
+
 
 class Unreachable(Exception):
     """The upstream did not answer an HTTP request: refused, reset, timed out."""
@@ -73,7 +75,8 @@ def unreachable(backend: BackendConfig, kind: str, why: str) -> Finding:
         "upstream",
         "error",
         f"{backend.upstream} is not answering ({why}): every request to {backend.name} will fail",
-        f"start the {kind} service, or point `upstream:` of {backend.name} at where it listens",
+        f"start {NAMES.get(kind, 'the service')}, or point {backend.name}'s `upstream:` at "
+        "where it listens",
         backend.name,
         facts,
     )
