@@ -155,6 +155,20 @@ async def check_llamacpp(
                 facts=facts,
             )
         ]
+    if health.status_code == 404:  # not llama.cpp's own server (llama-cpp-python has none)
+        models = await fetch(client, base + "/v1/models")
+        facts["status"] = models.status_code
+        if models.status_code == 200:
+            return [
+                Finding(
+                    "llamacpp",
+                    "ok",
+                    f"{backend.upstream} answers /v1/models but has no /health: an "
+                    "OpenAI-compatible server other than llama.cpp's (llama-cpp-python?)",
+                    backend=backend.name,
+                    facts=facts,
+                )
+            ]
     if health.status_code >= 400:
         return [
             Finding(
