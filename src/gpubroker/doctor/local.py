@@ -15,6 +15,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import psutil
+
 from gpubroker.config.model import BackendConfig
 from gpubroker.workers import procs
 from gpubroker.workers.worker import Worker, upstream_address
@@ -50,12 +52,23 @@ def is_local(host: str) -> bool:
         return False
 
 
+def _someone_listens(port: int) -> bool:
+    """Whether anything listens on ``port``, even a process whose pid we may not see."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
 def launch_of(backend: BackendConfig) -> Launch | None:
     """The live process listening on the upstream's port where it is local and visible,
     else the managed worker's ``command:``; None when neither can be told."""
     host, port = upstream_address(backend.upstream)
     if is_local(host):
         pids = procs.listening_on(port) or []
+        if not pids and _someone_listens(port):
+            return Launch("a process of another user", (), None)
         if pids and pids[0] != os.getpid():
             pid = pids[0]
             p = procs.process(pid)

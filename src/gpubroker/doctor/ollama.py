@@ -209,7 +209,8 @@ async def check(client: httpx.AsyncClient, cfg: Config, backend: BackendConfig) 
         if found.env is None:
             why, fix = (
                 "its environment is not readable",
-                ("run the doctor as the user Ollama runs as (or root) to check them"),
+                "run the doctor as the user Ollama runs as, or root (a systemd service: "
+                "`systemctl show ollama -p Environment` lists them)",
             )
         else:
             why, fix = (
