@@ -52,22 +52,25 @@ def is_local(host: str) -> bool:
         return False
 
 
-def _someone_listens(port: int) -> bool:
-    """Whether anything listens on ``port``, even a process whose pid we may not see."""
+def _listeners(port: int) -> tuple[list[int], bool]:
+    """PIDs listening on ``port`` that we may see, and whether anything listens at all (a
+    process of another user shows without its pid). One walk of the system's sockets."""
     try:
         conns = psutil.net_connections(kind="tcp")
     except (psutil.AccessDenied, OSError):
-        return False
-    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+        return [], False
+    mine = [c for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port]
+    return sorted({c.pid for c in mine if c.pid}), bool(mine)
 
 
-def launch_of(backend: BackendConfig) -> Launch | None:
+def launch_of(backend: BackendConfig, *, listening: bool = True) -> Launch | None:
     """The live process listening on the upstream's port where it is local and visible,
-    else the managed worker's ``command:``; None when neither can be told."""
+    else the managed worker's ``command:``; None when neither can be told. ``listening``
+    False: the caller knows nothing answers there (the sockets are not walked)."""
     host, port = upstream_address(backend.upstream)
-    if is_local(host):
-        pids = procs.listening_on(port) or []
-        if not pids and _someone_listens(port):
+    if listening and is_local(host):
+        pids, anyone = _listeners(port)
+        if not pids and anyone:
             return Launch("a process of another user", (), None)
         if pids and pids[0] != os.getpid():
             pid = pids[0]

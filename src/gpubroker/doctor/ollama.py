@@ -170,7 +170,7 @@ async def check(client: httpx.AsyncClient, cfg: Config, backend: BackendConfig) 
         if not backend.command:
             raise
         out = [unreachable(backend, "ollama", str(exc))]  # a managed worker, not started yet
-        start = await launch(backend)  # so what its command: and env: will start it with
+        start = await launch(backend, listening=False)  # what command: would start
         if start is not None and start.env is not None:
             out += env_findings(backend, start.env, start.where, cfg.policy == "budget")
         return out

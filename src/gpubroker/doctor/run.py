@@ -3,8 +3,9 @@
 A config that does not load is the one finding (nothing else can be checked without it).
 Otherwise the checks run concurrently: the config's own warnings, NVML then the declared sizes
 against the cards, the broker's ports, managed workers' commands, and one check per upstream. An
-upstream gets :data:`HTTP_TIMEOUT` per request and :data:`CHECK_LIMIT` in all, so a dead or hung
-service costs about two seconds however many there are; a check that runs out of time says so.
+upstream gets :data:`HTTP_TIMEOUT` per request and none after one failed, so a dead or hung
+service costs that much however many there are; :data:`CHECK_LIMIT` caps a whole check (a slow
+walk of ``/proc`` included), and a check that runs out of time says so.
 ``on_slow`` hears which checks are still running after :data:`SLOW` seconds (the CLI prints it
 on stderr).
 """
@@ -26,8 +27,8 @@ from gpubroker.doctor.findings import Finding
 from gpubroker.doctor.services import check_backend, kind_of
 from gpubroker.errors import ConfigError, GPUBrokerError
 
-HTTP_TIMEOUT = 1.5  # seconds for one request to an upstream
-CHECK_LIMIT = 2.5  # seconds one check may take in all (NVML has its own, gpu.NVML_LIMIT)
+HTTP_TIMEOUT = 1.5  # seconds for one request to an upstream (a dead one gets one request)
+CHECK_LIMIT = 5.0  # seconds one check may take in all, its process lookups included
 SLOW = 1.0  # seconds after which the checks still running are named on ``on_slow``
 
 

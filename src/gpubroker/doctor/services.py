@@ -9,6 +9,7 @@ not running is no error: gpubroker starts it on demand.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import anyio.to_thread
@@ -52,8 +53,10 @@ def kind_of(backend: BackendConfig) -> str:
     return "generic"
 
 
-async def launch(backend: BackendConfig) -> Launch | None:
-    return await anyio.to_thread.run_sync(launch_of, backend, abandon_on_cancel=True)
+async def launch(backend: BackendConfig, *, listening: bool = True) -> Launch | None:
+    """:func:`~gpubroker.doctor.local.launch_of` in a thread."""
+    find = functools.partial(launch_of, backend, listening=listening)
+    return await anyio.to_thread.run_sync(find, abandon_on_cancel=True)
 
 
 def unreachable(backend: BackendConfig, kind: str, why: str) -> Finding:

@@ -48,7 +48,7 @@ async def check(client: httpx.AsyncClient, cfg: Config, backend: BackendConfig) 
         if not backend.command:
             raise
         out = [unreachable(backend, "vllm", str(exc))]  # a managed worker, not started yet
-        start = await launch(backend)  # so what its command: and env: will start it with
+        start = await launch(backend, listening=False)  # what command: would start
         if start is not None and backend.unload_strategy == "vllm":
             dev_env = _flag_env((start.env or {}).get("VLLM_SERVER_DEV_MODE", "0"))
             sleeps = start.flag("--enable-sleep-mode")
