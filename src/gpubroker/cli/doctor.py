@@ -24,11 +24,11 @@ def doctor(
         ),
     ] = False,
 ) -> None:
-    """Check a set-up and say what to change: NVML and the driver, each upstream (reachable,
-    what it is, its version, Ollama's and vLLM's settings against the broker's, ComfyUI's
-    device), the broker's ports, config warnings, managed workers' commands.
+    """Check the set-up and say, for each finding, what to change.
 
-    Exit code 0 when nothing is an error, 1 otherwise.
+    NVML and the driver; each upstream (reachable, what it is, its version, Ollama's and
+    vLLM's settings against the broker's, ComfyUI's device); the broker's ports; config
+    warnings; managed workers' commands. Exit code 0 when nothing is an error, 1 otherwise.
     """
     import anyio
 
