@@ -135,3 +135,14 @@ def test_json_formatter_fields_extras_request_id_and_exceptions() -> None:
     assert first["odd"].startswith("<object")  # not JSON: written as its str, never a crash
     assert "requestId" not in second
     assert "RuntimeError: boom" in second["exception"]
+
+
+def test_an_unknown_log_format_is_a_usage_error() -> None:
+    from typer.testing import CliRunner
+
+    from gpubroker.cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", "--log-format", "xml"])
+    assert result.exit_code == 2 and "xml" in result.output
+    result = CliRunner().invoke(app, ["serve"], env={"GPUBROKER_LOG_FORMAT": "yaml"})
+    assert result.exit_code == 2 and "yaml" in result.output
