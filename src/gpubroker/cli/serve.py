@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from gpubroker.cli.common import ConfigOption
+from gpubroker.logs import LogFormat, configure
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("httpx", "httpcore", "hypercorn.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _logging(verbose: bool, log_format: LogFormat = "text") -> None:
+    """Text lines for people, or one JSON object per line for log shippers (gpubroker.logs)."""
+    configure(verbose=verbose, fmt=log_format)
 
 
 def serve(
@@ -35,6 +30,15 @@ def serve(
             "`gpubroker reload` reload it too.",
         ),
     ] = False,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            envvar="GPUBROKER_LOG_FORMAT",
+            help="text (for people) or json (one object per line on stderr: time, level, "
+            "logger, event, backend, requestId...).",
+        ),
+    ] = "text",
 ) -> None:
     """Run the broker: a proxy port per backend and the status port, until Ctrl-C or SIGTERM
     (SIGHUP re-reads the config file and applies what changed)."""
@@ -56,7 +60,7 @@ def serve(
         typer.echo(describe_config(cfg))
         typer.echo(json.dumps(cfg.to_dict(), indent=2))
         return
-    _logging(verbose)
+    _logging(verbose, log_format)
     typer.echo(describe_config(cfg), err=True)
 
     async def main() -> None:

@@ -24,6 +24,7 @@ from anyio.abc import TaskGroup
 from gpubroker import events as ev
 from gpubroker.config.model import Config
 from gpubroker.errors import Refused, SwapInProgress
+from gpubroker.logs import request_id
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy
 from gpubroker.scheduling.effects import (
     Admit,
@@ -41,6 +42,7 @@ from gpubroker.scheduling.effects import (
 from gpubroker.scheduling.jobs import JobFollower
 from gpubroker.scheduling.notes import note_event
 from gpubroker.scheduling.scheduler import Scheduler, State
+from gpubroker.scheduling.swaplog import SwapLog
 from gpubroker.scheduling.units import Footprints, Placed, Units, model_spec
 from gpubroker.scheduling.waiting import wait_note
 from gpubroker.workers.start import start_before_load
@@ -150,6 +152,7 @@ class Broker:
         self._wake = anyio.Event()
         self._armed: float | None = None  # the deadline the clock loop sleeps until
         self.closing = False
+        self._swaplog = SwapLog(sched, clock)  # the swap phases at info, with their timings
         self.units = Units(
             config,
             self.strategies,
@@ -260,6 +263,7 @@ class Broker:
             yield Grant(0, backend, 0.0, None)
             return
         lease = next(self._ids)
+        request_id.set(lease)  # this request's task logs under its lease id (gpubroker.logs)
         now = self.clock()
         pending = _Pending()
         self._pending[lease] = pending
@@ -523,6 +527,7 @@ class Broker:
     def _swap_done(self, effect: SwapDone) -> None:
         info = effect.info
         self._idle_scopes.pop(effect.swap, None)
+        self._swaplog.done(effect)
         if info.evicted:
             self.history.appendleft(SwapRecord(time.time(), info))
             target = self.sched.slots[info.target].spec if info.target is not None else None
@@ -547,6 +552,7 @@ class Broker:
 
         What a backend held as its unload began (measured, else None) is kept for its ``freed``.
         """
+        self._swaplog.note(note)
         held = None
         if note.backend is not None and note.kind == "unloading":
             self._held_before[note.backend] = self._held(note.backend)
