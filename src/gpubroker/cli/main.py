@@ -153,7 +153,15 @@ def plugins_(
         typer.echo(f"disabled: {', '.join(plugins.disabled)}")
 
 
-for command in (serve.serve, serve.demo, admin.status, admin.unload, admin.swap, doctor.doctor):
+for command in (
+    serve.serve,
+    serve.demo,
+    admin.status,
+    admin.unload,
+    admin.swap,
+    admin.reload,
+    doctor.doctor,
+):
     app.command()(friendly(command))
 app.add_typer(workers.app)
 

@@ -243,3 +243,7 @@ class Monitor:
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Freed) and event.backend is not None:
             self.alerts.unloaded(event.backend, event.at, event.held if event.measured else None)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: attribute and measure ``config``'s backends from the next sample on."""
+        self.config = config
