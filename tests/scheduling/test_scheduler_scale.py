@@ -162,3 +162,22 @@ def test_ten_thousand_waiters_drain_through_swaps() -> None:
     assert sorted(e.lease for e in admits) == list(range(10_001))
     assert not h.pending(Refuse) and not h.sched.queue and not h.sched.plans
     assert h.sched.next_deadline() is None
+
+
+def test_a_place_in_line_is_counted_among_those_still_queued() -> None:
+    rng = random.Random(3)
+    q = WaitQueue()
+    live: list[Waiter] = []
+    for lease in range(5_000):  # past the first size of its tree, with most gone meanwhile
+        w = Waiter(lease, "ab"[lease % 2], float(lease))
+        q.append(w)
+        live.append(w)
+        if rng.random() < 0.6:
+            gone = live.pop(rng.randrange(len(live)))
+            q.remove(gone)
+            assert q.position(gone.lease) is None
+        if lease % 97 == 0:
+            assert [q.position(w.lease) for w in live] == list(range(1, len(live) + 1))
+    q.clear()
+    q.append(Waiter(9, "a", 0.0))
+    assert q.position(9) == 1 and q[0].lease == 9

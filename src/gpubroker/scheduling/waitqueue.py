@@ -12,7 +12,10 @@ queued. What each question needs instead:
   dict's first item costs a walk past every entry deleted before it);
 - the oldest waiter, for queue timeouts: a heap on (``since``, ``seq``) with lazy deletion — a
   waiter that left stays in the heap until it reaches the top, where it is dropped (the heap is
-  rebuilt when stale entries outnumber the live ones, so it stays O(live)).
+  rebuilt when stale entries outnumber the live ones, so it stays O(live));
+- a waiter's place in line (what a waiting stream is told once a second): a Fenwick tree of
+  the waiters still queued by ``seq``, O(log n) where counting from the front was O(n) per
+  waiter per second.
 
 A unit's index exists only while it has waiters, so units added or removed (``add_unit``, a
 reload's ``remove_backend``, which refuses while anything is queued) touch nothing here.
@@ -30,6 +33,48 @@ from collections.abc import Iterator
 from gpubroker.scheduling.slots import Waiter
 
 
+class _Places:
+    """How many of the ``seq`` numbers marked come at or before a given one (a Fenwick tree
+    over ``seq - base``; rebuilt past its end from the seqs still marked, from the least)."""
+
+    def __init__(self) -> None:
+        self.base = 1
+        self.tree = [0] * 1025
+
+    def mark(self, seq: int, delta: int, live: Iterator[int]) -> None:
+        if seq - self.base + 1 >= len(self.tree):
+            self._rebuild(seq, live)
+        i = seq - self.base + 1
+        tree = self.tree
+        while i < len(tree):
+            tree[i] += delta
+            i += i & -i
+
+    def upto(self, seq: int) -> int:
+        i = min(seq - self.base + 1, len(self.tree) - 1)
+        total = 0
+        tree = self.tree
+        while i > 0:
+            total += tree[i]
+            i -= i & -i
+        return total
+
+    def _rebuild(self, seq: int, live: Iterator[int]) -> None:
+        seqs = list(live)
+        self.base = min(seqs, default=seq)
+        size = 1024
+        while size <= 2 * (seq - self.base + 1):
+            size *= 2
+        tree = [0] * (size + 1)
+        for s in seqs:
+            tree[s - self.base + 1] += 1
+        for i in range(1, size + 1):  # counts to prefix sums in place, O(size)
+            j = i + (i & -i)
+            if j <= size:
+                tree[j] += tree[i]
+        self.tree = tree
+
+
 class WaitQueue:
     """Waiting requests: iterated in arrival order, like the list it replaces."""
 
@@ -39,6 +84,7 @@ class WaitQueue:
         self._all: dict[int, Waiter] = {}  # lease -> waiter, in arrival order
         self._units: dict[str, OrderedDict[int, Waiter]] = {}  # unit -> its waiters, in order
         self._heap: list[tuple[float, int, int]] = []  # (since, seq, lease), lazily pruned
+        self._places = _Places()  # seqs still queued, for a waiter's place in line
         self._seq = 0
 
     # --- the list it replaces ---------------------------------------------------------------
@@ -72,6 +118,7 @@ class WaitQueue:
         """Queue ``waiter`` last; it is given its ``seq``."""
         self._seq += 1
         waiter.seq = self._seq
+        self._places.mark(waiter.seq, 1, (w.seq for w in self._all.values()))
         self._all[waiter.lease] = waiter
         self._units.setdefault(waiter.backend, OrderedDict())[waiter.lease] = waiter
         heapq.heappush(self._heap, (waiter.since, waiter.seq, waiter.lease))
@@ -83,6 +130,7 @@ class WaitQueue:
         del mine[waiter.lease]
         if not mine:
             del self._units[waiter.backend]
+        self._places.mark(waiter.seq, -1, iter(()))
         if len(self._heap) > 64 and len(self._heap) > 2 * len(self._all):
             self._heap = [(w.since, w.seq, w.lease) for w in self._all.values()]
             heapq.heapify(self._heap)
@@ -91,6 +139,7 @@ class WaitQueue:
         self._all.clear()
         self._units.clear()
         self._heap.clear()
+        self._places = _Places()
 
     # --- questions --------------------------------------------------------------------------
 
@@ -98,11 +147,9 @@ class WaitQueue:
         return self._all.get(lease)
 
     def position(self, lease: int) -> int | None:
-        """1-based place of ``lease`` in arrival order, or None (O(n): a status question)."""
-        for place, queued in enumerate(self._all, 1):
-            if queued == lease:
-                return place
-        return None
+        """1-based place of ``lease`` in arrival order, or None."""
+        waiter = self._all.get(lease)
+        return None if waiter is None else self._places.upto(waiter.seq)
 
     def count(self, unit: str | None = None) -> int:
         """Waiters for ``unit`` (every unit when None)."""
