@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import random
 import statistics
 import subprocess
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default="exclusive,budget")
     ap.add_argument("--reps", type=int, default=5, help="batches per figure (median)")
     ap.add_argument("--seed", type=int, default=16)
+    ap.add_argument("--json", type=Path, help="also write the figures here (µs per event)")
     args = ap.parse_args(argv)
     policies: list[Policy] = []
     for p in args.policies.split(","):
@@ -252,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench/scheduler_cost.py  git {git_rev()}  µs of CPU per event, median of {args.reps}")
     results = run(policies, args.backends, args.sizes, args.reps, args.seed)
     print("\n".join(table(results, args.sizes)))
+    if args.json:
+        rows = [
+            {"policy": p, "backends": b, "event": e, "queued": n, "us": us}
+            for (p, b, e, n), us in results.items()
+        ]
+        args.json.write_text(json.dumps({"git": git_rev(), "rows": rows}, indent=1) + "\n")
     return 0
 
 

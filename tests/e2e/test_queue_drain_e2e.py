@@ -3,7 +3,11 @@ served: real sockets, emulated services (issue 16; ``bench/scheduler_drain.py`` 
 
 from __future__ import annotations
 
+import os
 import resource
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -99,3 +103,12 @@ async def test_a_burst_of_two_thousand_waiting_requests_is_served_in_full() -> N
     assert codes.count(200) == BURST + 1, {c: codes.count(c) for c in set(codes)}
     assert gpu.oom_count == 0
     assert all(e.unload_with_inflight == 0 for e in emus.values())
+
+
+def test_the_ten_thousand_bench_still_runs_on_a_hundred() -> None:
+    bench = Path(__file__).resolve().parents[2] / "bench" / "scheduler_drain.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, str(bench), "--requests", "100", "--block", "0.5"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "answered 101 of 101: {'200': 101}" in done.stdout
