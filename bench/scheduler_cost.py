@@ -15,7 +15,10 @@ the state put back after each (untimed), so every sample sees ``N`` queued:
 - cancel: a queued client leaves, from a random place in the queue (then re-queued, untimed);
 - swap: the end of a swap, on a copy of the world where the owner drained and was sent to
   unload: its ``unloaded``, then the target's ``loaded``, which admits the target's first
-  requests (``maxConcurrency`` 4) and plans the next swap.
+  requests (``maxConcurrency`` 4) and plans the next swap. Each starts with the CPU caches
+  cold (64 MiB written first), as they are after the seconds a real swap takes: otherwise a
+  small world's copy stays in cache and a large one's does not, which the ratio would read as
+  the scheduler's cost.
 
 Each figure is the median over ``--reps`` batches of the CPU time (``time.process_time_ns``,
 less the cost of reading that clock) per event, in µs; the last column is the ratio of the
@@ -112,6 +115,7 @@ def measure(world: World, event: str, count: int, rng: random.Random, overhead: 
     if event == "swap":
         for _ in range(count):
             copy_ = copy.deepcopy(world)
+            bytearray(64 << 20)  # caches cold, as after the seconds a swap takes, at any size
             spent += swap_once(copy_, clock) - overhead
         return spent / count / 1000
     for i in range(count):

@@ -24,6 +24,7 @@ child imports whatever ``gpubroker`` the parent does, and uses only public names
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -73,10 +74,21 @@ class SchedulerClock:
     max_queued: int = 0
     depth: int = 0
     by_method: dict[str, list[float]] = field(default_factory=dict)  # name -> [calls, seconds]
+    gc_seconds: float = 0.0  # collections that ran inside those calls (the whole heap's)
+    _gc_started: float = 0.0
 
     def wrap(self, sched: Any) -> None:
         for name in TIMED:
             setattr(sched, name, self._timed(sched, getattr(sched, name)))
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, _info: dict[str, int]) -> None:
+        if not self.depth:
+            return
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_seconds += time.perf_counter() - self._gc_started
 
     def _timed(self, sched: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(fn)
@@ -119,6 +131,7 @@ async def serve(upstreams: dict[str, str]) -> None:
         sched = ep.broker.sched
         stats = {
             "seconds": clock.seconds,
+            "gc_seconds": clock.gc_seconds,
             "calls": clock.calls,
             "max_queued": clock.max_queued,
             "swaps": sched.swap_count,
@@ -285,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"event loop inside the scheduler: {r['sched_seconds']:.2f} s over "
-        f"{r['sched_calls']:,} calls ({per_call:.1f} µs per call)"
+        f"{r['sched_calls']:,} calls ({per_call:.1f} µs per call), of which garbage "
+        f"collections of the whole heap that fell inside them {r['sched_gc_seconds']:.2f} s"
     )
     busiest = sorted(r["sched_by_method"].items(), key=lambda kv: -kv[1][1])
     print(
