@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import anyio
 import anyio.to_thread
@@ -84,7 +84,7 @@ def read_json(path: Path, max_bytes: int = MAX_FILE) -> tuple[Any, str | None]:
         return None, f"not JSON: {exc}"
 
 
-def is_time(value: object) -> bool:
+def is_time(value: object) -> TypeGuard[int | float]:
     """A finite number of seconds (not a bool), as the files keep times."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -106,8 +106,8 @@ class Section:
         """``fn`` returns this section's current data, JSON-ready, at each save."""
         self.provider = fn
 
-    def changed(self) -> None:
-        self._owner.changed()
+    def changed(self, *, urgent: bool = False) -> None:
+        self._owner.changed(urgent=urgent)
 
 
 class StateFile:
@@ -119,6 +119,7 @@ class StateFile:
         self.loaded: dict[str, Any] = {}
         self.sections: dict[str, Section] = {}
         self._dirty = anyio.Event()
+        self._urgent = anyio.Event()
         self._lock = anyio.Lock()
         self._logged: set[tuple[int | None, str | None]] = set()
 
@@ -148,8 +149,11 @@ class StateFile:
         if data is not None:
             self.loaded = dict(data["sections"])
 
-    def changed(self) -> None:
-        """Something worth keeping changed: the writer saves within ``debounce``."""
+    def changed(self, *, urgent: bool = False) -> None:
+        """Something worth keeping changed: the writer saves within ``debounce`` (at once when
+        ``urgent``: a worker spawned or gone, which a crash right after must not lose)."""
+        if urgent:
+            self._urgent.set()
         self._dirty.set()
 
     async def keep_saved(self) -> None:
@@ -157,12 +161,13 @@ class StateFile:
         cancelled; owners save once more as they stop)."""
         while True:
             await self._dirty.wait()
-            await anyio.sleep(self.debounce)
+            with anyio.move_on_after(self.debounce):
+                await self._urgent.wait()  # an urgent change cuts the wait short
             await self.save()
 
     async def save(self) -> None:
         """Write every section now (in a thread); never raises for the disk's sake."""
-        self._dirty = anyio.Event()
+        self._dirty, self._urgent = anyio.Event(), anyio.Event()
         if self.path is None:
             return
         async with self._lock:

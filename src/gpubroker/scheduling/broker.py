@@ -25,6 +25,7 @@ from gpubroker import events as ev
 from gpubroker.config.model import Config
 from gpubroker.errors import Refused, SwapInProgress
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy
+from gpubroker.scheduling import memory
 from gpubroker.scheduling.effects import (
     Admit,
     CancelSwap,
@@ -40,9 +41,11 @@ from gpubroker.scheduling.effects import (
 )
 from gpubroker.scheduling.jobs import JobFollower
 from gpubroker.scheduling.notes import note_event
+from gpubroker.scheduling.preload import PreloadStep, preload_all
 from gpubroker.scheduling.scheduler import Scheduler
 from gpubroker.scheduling.units import Footprints, Placed, Units
 from gpubroker.scheduling.waiting import wait_note
+from gpubroker.statefile import StateFile
 from gpubroker.workers.start import start_before_load
 
 if TYPE_CHECKING:
@@ -57,6 +60,9 @@ CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload fr
 FORGET_TRIES = 100  # a worker gone for good: evict it, retrying past a swap in progress…
 FORGET_RETRY = 0.1  # …this often (a plan on the same GPU ends within its own timeouts)
 SAVE_GRACE = 2.0  # seconds the last write of learned footprints may take as the broker stops
+REMEMBER_EVERY = 5.0  # seconds between looks at whether the counters changed (state file)
+RETRY_FAILED = 5.0  # Retry-After for a worker that failed while its request waited: the next
+# request starts it afresh
 
 
 class FreedConfirmer(Protocol):
@@ -117,11 +123,14 @@ class Broker:
         supervisor: Supervisor | None = None,
         confirm_freed: FreedConfirmer | None = None,
         footprints: Footprints | None = None,
+        state: StateFile | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``supervisor``: managed workers (``command:``), started before their load.
         ``confirm_freed``: given when telemetry runs, to check what an unload freed.
-        ``footprints``: learned footprints, kept across restarts."""
+        ``footprints``: learned footprints, kept across restarts. ``state``: the state file,
+        loaded: the swap history and counters an earlier run left continue here
+        (``scheduling/memory.py``)."""
         self.config = config
         self.strategies = dict(strategies)
         self.clock = clock
@@ -159,6 +168,13 @@ class Broker:
             measured_total=self.measured_total,
         )
         bus.subscribe(self._on_event, (ev.Measured, ev.Unmanaged, ev.WorkerGone))
+        self.preloads: list[PreloadStep] = []  # the start-up preload's progress
+        self.state = state
+        self.swaps_before = 0  # swaps of earlier runs (the state file): swapCount continues
+        self._memory = state.section("broker") if state is not None else None
+        if self._memory is not None:
+            self._recall(self._memory.loaded)
+            self._memory.provide(self._remembered)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -172,6 +188,8 @@ class Broker:
             self._tg = None  # leases that end from now on are released at once
             with anyio.CancelScope(shield=True), anyio.move_on_after(SAVE_GRACE):
                 await self.units.save()  # what this run learned, for the next
+                if self.state is not None:
+                    await self.state.save()
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
@@ -181,6 +199,8 @@ class Broker:
             if self.units.per_model:
                 tg.start_soon(self.units.follow_all)
             tg.start_soon(self.units.keep_saved)
+            if self._memory is not None:
+                tg.start_soon(self._keep_remembered)
             task_status.started()
             await self._clock_loop()
 
@@ -289,6 +309,8 @@ class Broker:
             queued = self.clock() - now
             self._publish(ev.Admitted, backend=backend, lease=lease, queued=queued)
             try:
+                if self.supervisor is not None and self.supervisor.recovering(backend):
+                    await self._worker_back(backend, now)  # a crashed worker's restart
                 yield Grant(lease, backend, self.clock() - now, pending.admit.swap)
             finally:
                 if backend in self.jobs and self._tg is not None:
@@ -378,6 +400,56 @@ class Broker:
         """Admin swap: take and at once release a lease, so ``backend`` becomes the owner."""
         async with self.lease(backend, "(swap)", count=False) as grant:
             return grant
+
+    async def preload_all(self, targets: tuple[str, ...] | list[str]) -> None:
+        """Start-up ``preload:``: make ``targets`` resident in order, within the budget, never
+        evicting (``scheduling/preload.py``); progress in :attr:`preloads` and on the bus."""
+        await preload_all(self, targets)
+
+    async def _worker_back(self, backend: str, since: float) -> None:
+        """``backend``'s managed worker crashed and waits for its restart: wait for it (within
+        what is left of ``queueTimeout``), or refuse with 503 once it is marked failed."""
+        assert self.supervisor is not None
+        left = max(0.0, self.config.queue_timeout - (self.clock() - since))
+        with anyio.move_on_after(left):
+            if await self.supervisor.wait_recovered(backend):
+                return
+            w = self.supervisor.worker(backend)
+            why = w.error or f"it is {w.state.value}"
+            self.counters[backend]["refused"] += 1
+            message = f"{backend} crashed and did not come back: {why}"
+            raise Refused.of(Refuse(0, backend, 503, "worker_failed", message, RETRY_FAILED))
+        self.counters[backend]["refused"] += 1
+        message = f"{backend} crashed and is still restarting after queueTimeout"
+        raise Refused.of(Refuse(0, backend, 503, "queue_timeout", message, RETRY_FAILED))
+
+    # --- what a restart keeps (the state file) --------------------------------------------
+
+    def _recall(self, loaded: Any) -> None:
+        got = memory.decode(loaded, self.counters, HISTORY)
+        self.history.extend(got.history)
+        self.swaps_before = got.swaps
+        for backend, values in got.counters.items():
+            self.counters[backend].update(values)
+
+    def _remembered(self) -> dict[str, Any]:
+        return memory.encode(self.history, self.swaps_before + self.sched.swap_count, self.counters)
+
+    def _fingerprint(self) -> tuple[int, int, float]:
+        total = sum(sum(c.values()) for c in self.counters.values())
+        return total, self.sched.swap_count, self.history[0].at if self.history else 0.0
+
+    async def _keep_remembered(self) -> None:
+        """Tell the state file when the counters changed, at most every ``REMEMBER_EVERY``
+        (a swap tells it at once): nothing on the lease path itself."""
+        assert self._memory is not None
+        seen = self._fingerprint()
+        while True:
+            await anyio.sleep(REMEMBER_EVERY)
+            now = self._fingerprint()
+            if now != seen:
+                seen = now
+                self._memory.changed()
 
     # --- effects --------------------------------------------------------------------------
 
@@ -520,6 +592,8 @@ class Broker:
         self._idle_scopes.pop(effect.swap, None)
         if info.evicted:
             self.history.appendleft(SwapRecord(time.time(), info))
+            if self._memory is not None:
+                self._memory.changed()
             target = self.sched.slots[info.target].spec if info.target is not None else None
             self._publish(
                 ev.Swapped,
