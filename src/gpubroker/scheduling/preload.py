@@ -101,10 +101,10 @@ async def preload_all(broker: Broker, targets: tuple[str, ...] | list[str]) -> N
             else:  # a model on a backend placed whole: the backend's lease, then its model
                 await _load_inside(broker, unit, model)
         except Refused as exc:
-            _set(broker, step, "failed", exc.message)
+            await _failed(broker, step, unit, exc.message)
             continue
         except Exception as exc:  # a preload must never take the broker down
-            _set(broker, step, "failed", f"{type(exc).__name__}: {exc}")
+            await _failed(broker, step, unit, f"{type(exc).__name__}: {exc}")
             continue
         if broker.sched.state(unit) is State.RESIDENT:
             _set(broker, step, "done")
@@ -142,6 +142,16 @@ def _unit(broker: Broker, target: str) -> tuple[str, str | None]:
     if not per_model:
         return backend, model
     return broker.units.ensure(backend, model), None
+
+
+async def _failed(broker: Broker, step: PreloadStep, unit: str, error: str) -> None:
+    """A failed load may leave its unit counted as holding memory: where the service says
+    what it holds model by model (Ollama), ask it, so the next target is judged on the truth."""
+    _set(broker, step, "failed", error)
+    backend = broker.sched.slots[unit].spec.backend
+    if backend in broker.units.per_model:
+        with anyio.move_on_after(broker.config.unload_timeout):
+            await broker.units.follow(backend)
 
 
 def _set(broker: Broker, step: PreloadStep, state: PreloadState, error: str | None = None) -> None:
