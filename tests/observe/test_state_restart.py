@@ -113,9 +113,12 @@ async def test_malformed_records_are_dropped_the_rest_kept(own_state_dir: Path) 
     path.write_text(json.dumps({"version": 1, "sections": {"broker": broker}}))
     gpu = SimGPU(8 * GiB)
     a, b = GenericEmulator(gpu, 3 * GiB, owner="a"), GenericEmulator(gpu, 3 * GiB, owner="b")
-    async with running(a.app) as ua, running(b.app) as ub, httpx.AsyncClient(timeout=10) as c:
-        ep_cm = broker_running(two_backends(ua, ub))
-        async with ep_cm as ep:
-            st = (await c.get(ep.status_url + "/")).json()
+    async with (
+        running(a.app) as ua,
+        running(b.app) as ub,
+        httpx.AsyncClient(timeout=10) as c,
+        broker_running(two_backends(ua, ub)) as ep,
+    ):
+        st = (await c.get(ep.status_url + "/")).json()
     assert st["swapCount"] == 7 and len(st["swaps"]) == 1 and st["swaps"][0]["to"] == "a"
     assert st["gpuRequests"] == {"a": 5, "b": 0} and st["backends"]["a"]["refused"] == 0
