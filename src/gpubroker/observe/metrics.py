@@ -286,7 +286,7 @@ class Metrics:
                 self.evictions.labels(unit.spec.backend, unit.spec.model or "", reason)
         self._section = broker.state.section("metrics") if broker.state is not None else None
         if self._section is not None:
-            self._restore(self._section.loaded)
+            self._restore(self._section.loaded, set(names))
             self._section.provide(self._kept)
         state = {} if health is None else health
         self.registry.register(_StateCollector(lambda: read(broker, monitor, state)))
@@ -353,8 +353,9 @@ class Metrics:
                         rows.append({"labels": dict(sample.labels), "value": sample.value})
         return out
 
-    def _restore(self, loaded: Any) -> None:
-        """What an earlier run counted, added back (a malformed row is skipped)."""
+    def _restore(self, loaded: Any, backends: set[str]) -> None:
+        """What an earlier run counted, added back, for the backends configured now (a
+        malformed row is skipped)."""
         if not isinstance(loaded, dict):
             return
         for name, counter in self._counters().items():
@@ -362,6 +363,8 @@ class Metrics:
             for row in rows if isinstance(rows, list) else []:
                 try:
                     labels, value = row["labels"], float(row["value"])
+                    if labels.get("backend") not in backends:
+                        continue
                     if value > 0 and value != float("inf"):
                         counter.labels(**{k: str(v) for k, v in labels.items()}).inc(value)
                 except (KeyError, TypeError, ValueError, AttributeError):

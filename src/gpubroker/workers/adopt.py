@@ -137,6 +137,8 @@ class Leftovers:
                 error = await self._settle(w, found, record, may_wait=True)
                 if error not in (None, "adopted"):
                     w.error = error
+            self._remember(w)  # the earlier run's record gives way to what is true now
+            if found:
                 continue
             if not await port_open(w.host, w.port):
                 continue
