@@ -60,7 +60,6 @@ CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload fr
 FORGET_TRIES = 100  # a worker gone for good: evict it, retrying past a swap in progress…
 FORGET_RETRY = 0.1  # …this often (a plan on the same GPU ends within its own timeouts)
 SAVE_GRACE = 2.0  # seconds the last write of learned footprints may take as the broker stops
-REMEMBER_EVERY = 5.0  # seconds between looks at whether the counters changed (state file)
 RETRY_FAILED = 5.0  # Retry-After for a worker that failed while its request waited: the next
 # request starts it afresh
 
@@ -170,11 +169,13 @@ class Broker:
         bus.subscribe(self._on_event, (ev.Measured, ev.Unmanaged, ev.WorkerGone))
         self.preloads: list[PreloadStep] = []  # the start-up preload's progress
         self.state = state
-        self.swaps_before = 0  # swaps of earlier runs (the state file): swapCount continues
-        self._memory = state.section("broker") if state is not None else None
-        if self._memory is not None:
-            self._recall(self._memory.loaded)
-            self._memory.provide(self._remembered)
+        self._memory = (
+            None
+            if state is None
+            else memory.Memory(
+                state.section("broker"), self.history, self.counters, lambda: self.sched.swap_count
+            )
+        )
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -200,7 +201,7 @@ class Broker:
                 tg.start_soon(self.units.follow_all)
             tg.start_soon(self.units.keep_saved)
             if self._memory is not None:
-                tg.start_soon(self._keep_remembered)
+                tg.start_soon(self._memory.keep)
             task_status.started()
             await self._clock_loop()
 
@@ -423,33 +424,10 @@ class Broker:
         message = f"{backend} crashed and is still restarting after queueTimeout"
         raise Refused.of(Refuse(0, backend, 503, "queue_timeout", message, RETRY_FAILED))
 
-    # --- what a restart keeps (the state file) --------------------------------------------
-
-    def _recall(self, loaded: Any) -> None:
-        got = memory.decode(loaded, self.counters, HISTORY)
-        self.history.extend(got.history)
-        self.swaps_before = got.swaps
-        for backend, values in got.counters.items():
-            self.counters[backend].update(values)
-
-    def _remembered(self) -> dict[str, Any]:
-        return memory.encode(self.history, self.swaps_before + self.sched.swap_count, self.counters)
-
-    def _fingerprint(self) -> tuple[int, int, float]:
-        total = sum(sum(c.values()) for c in self.counters.values())
-        return total, self.sched.swap_count, self.history[0].at if self.history else 0.0
-
-    async def _keep_remembered(self) -> None:
-        """Tell the state file when the counters changed, at most every ``REMEMBER_EVERY``
-        (a swap tells it at once): nothing on the lease path itself."""
-        assert self._memory is not None
-        seen = self._fingerprint()
-        while True:
-            await anyio.sleep(REMEMBER_EVERY)
-            now = self._fingerprint()
-            if now != seen:
-                seen = now
-                self._memory.changed()
+    @property
+    def swaps_before(self) -> int:
+        """Swaps of earlier runs (the state file): ``swapCount`` continues from them."""
+        return self._memory.before if self._memory is not None else 0
 
     # --- effects --------------------------------------------------------------------------
 
@@ -593,7 +571,7 @@ class Broker:
         if info.evicted:
             self.history.appendleft(SwapRecord(time.time(), info))
             if self._memory is not None:
-                self._memory.changed()
+                self._memory.swapped()
             target = self.sched.slots[info.target].spec if info.target is not None else None
             self._publish(
                 ev.Swapped,

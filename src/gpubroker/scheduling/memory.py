@@ -13,16 +13,64 @@ one log line.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from gpubroker.scheduling.effects import SwapInfo, SwapRecord
-from gpubroker.statefile import is_time
+from gpubroker.statefile import Section, is_time
 
 log = logging.getLogger("gpubroker.scheduling.broker")
 
 COUNTERS = ("gpu", "passthrough", "refused", "upstream_errors")
+LOOK_EVERY = 5.0  # seconds between looks at whether the counters moved
+
+
+class Memory:
+    """The broker's section: restores the history and counters an earlier run left into the
+    broker's own ``history`` and ``counters`` (it keeps them, this reads them at each save), and
+    tells the state file when they change: a swap at once (:meth:`swapped`), the counters at
+    most every ``LOOK_EVERY`` (:meth:`keep`), so nothing is added to the lease path."""
+
+    def __init__(
+        self,
+        section: Section,
+        history: deque[SwapRecord],
+        counters: dict[str, dict[str, int]],
+        swaps_now: Callable[[], int],
+    ) -> None:
+        self.section = section
+        self.history = history
+        self.counters = counters
+        self.swaps_now = swaps_now
+        got = decode(section.loaded, counters, history.maxlen or 50)
+        history.extend(got.history)
+        self.before = got.swaps  # swaps of earlier runs: swapCount continues
+        for backend, values in got.counters.items():
+            counters[backend].update(values)
+        section.provide(self.encode)
+
+    def encode(self) -> dict[str, Any]:
+        return encode(self.history, self.before + self.swaps_now(), self.counters)
+
+    def swapped(self) -> None:
+        self.section.changed()
+
+    def _fingerprint(self) -> tuple[int, int, float]:
+        total = sum(sum(c.values()) for c in self.counters.values())
+        return total, self.swaps_now(), self.history[0].at if self.history else 0.0
+
+    async def keep(self) -> None:
+        seen = self._fingerprint()
+        while True:
+            await anyio.sleep(LOOK_EVERY)
+            now = self._fingerprint()
+            if now != seen:
+                seen = now
+                self.section.changed()
 
 
 @dataclass(slots=True)
