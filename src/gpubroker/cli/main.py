@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gpubroker.cli import admin, serve, workers
+from gpubroker.cli import admin, doctor, serve, workers
 from gpubroker.cli.common import ConfigOption, fail, friendly
 from gpubroker.errors import GPUBrokerError
 
@@ -153,7 +153,15 @@ def plugins_(
         typer.echo(f"disabled: {', '.join(plugins.disabled)}")
 
 
-for command in (serve.serve, serve.demo, admin.status, admin.unload, admin.swap):
+for command in (
+    serve.serve,
+    serve.demo,
+    admin.status,
+    admin.unload,
+    admin.swap,
+    admin.reload,
+    doctor.doctor,
+):
     app.command()(friendly(command))
 app.add_typer(workers.app)
 

@@ -252,3 +252,7 @@ class Monitor:
                 self.preload_problems.pop(event.target, None)
         if isinstance(event, Freed) and event.backend is not None:
             self.alerts.unloaded(event.backend, event.at, event.held if event.measured else None)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: attribute and measure ``config``'s backends from the next sample on."""
+        self.config = config

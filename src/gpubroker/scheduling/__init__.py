@@ -5,11 +5,11 @@ tests); ``effects`` are the words it answers in; ``victims`` is its eviction cho
 rule; ``domains`` groups backends by the GPUs they share and builds the scheduler for a config
 (``build_scheduler``); ``broker`` runs each effect (drain, unload, load) in its own
 time-bounded task and feeds the outcome back, with ``jobs`` (its ``JobFollower``) following the
-services' own queues and ``notes`` naming the scheduler's notes as events; ``preload`` makes the
-start-up ``preload:`` resident and ``memory`` is what a restart keeps of the broker (the state
-file's ``broker`` section).
+services' own queues, ``notes`` naming the scheduler's notes as events and ``swaplog`` logging
+each swap's phases with their timings; ``preload`` makes the start-up ``preload:`` resident and
+``memory`` is what a restart keeps of the broker (the state file's ``broker`` section).
 
-May import ``config``, ``errors``, ``events``, ``vram``, ``statefile``, ``telemetry``,
+May import ``config``, ``errors``, ``events``, ``logs``, ``vram``, ``statefile``, ``telemetry``,
 ``plugins`` (the strategy base type) and ``workers`` (to start a managed worker); never
 ``proxy``, ``observe`` or ``cli``.
 """

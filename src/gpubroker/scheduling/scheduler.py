@@ -1033,3 +1033,41 @@ class Scheduler:
             swap = info if plan.victims else None
             effects.append(self._admit(waiter.lease, slot, now, swap, need=waiter.need))
         return effects
+
+    # --- reload (``gpubroker reload``): the config changed under a running broker ----------
+    # Indexes kept beside ``slots`` (per backend, per GPU) must follow ``add_unit`` and
+    # ``remove_backend`` here; ``respec`` never moves a unit to other GPUs.
+
+    def respec(self, spec: BackendSpec, now: float) -> list[Effect]:
+        """Unit ``spec.name``'s new spec, for decisions from now on (a changed size, priority,
+        limit, idle timeout, cost or rule); what it holds and serves is unchanged. A footprint
+        learned while running stays unless the new spec declares one. Its GPUs cannot change
+        (ValueError): they are fixed at start-up."""
+        slot = self.slots[spec.name]
+        if spec.gpus != slot.spec.gpus:
+            raise ValueError(f"{spec.name}: its GPUs cannot change while running")
+        if spec.source != "declared" and slot.spec.source == "measured":
+            spec = dataclasses.replace(spec, need=slot.spec.need, source="measured")
+        slot.spec = spec
+        return self._pump(now)
+
+    def remove_backend(self, backend: str) -> None:
+        """Forget ``backend`` and its model units. Refused (RuntimeError) while any of them
+        holds a lease or a job, has a request queued or is in a plan: drain it first."""
+        units = self.units_of(backend)
+        for unit in units:
+            slot = self.slots[unit]
+            if slot.busy or slot.plan is not None or self.queued(unit):
+                raise RuntimeError(f"{unit} is still in use: drain it before removing it")
+        for unit in units:
+            del self.slots[unit]
+        self.children.pop(backend, None)
+
+    def retune(
+        self, *, queue_timeout: float, hold_time: float, min_residency: float, aging: float
+    ) -> None:
+        """New timings, for every decision from now on (requests already queued included)."""
+        self.queue_timeout = queue_timeout
+        self.hold_time = hold_time
+        self.min_residency = min_residency
+        self.aging = aging

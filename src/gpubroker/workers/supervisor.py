@@ -55,7 +55,7 @@ import anyio.abc
 import anyio.to_thread
 import httpx
 
-from gpubroker.config.model import Config
+from gpubroker.config.model import BackendConfig, Config
 from gpubroker.errors import WorkerError
 from gpubroker.events import (
     EventBus,
@@ -92,7 +92,7 @@ from gpubroker.workers.records import (
     start_time,
     still_running,
 )
-from gpubroker.workers.worker import Worker, WorkerState
+from gpubroker.workers.worker import Worker, WorkerState, upstream_address
 
 # What other modules import from here (the verbs' callers and the server's wiring).
 __all__ = ["LOG_LINES", "MARKER", "MARKER_UPSTREAM", "Supervisor", "WorkerError", "WorkerState"]
@@ -677,6 +677,41 @@ class Supervisor(Leftovers):
         w.created, w.tied = None, False
         self._remember(w)
         return report
+
+    # --- reload (``gpubroker reload``): workers added, removed, respecified ------------------
+
+    def add(self, spec: BackendConfig) -> None:
+        """A backend with ``command:`` the config gained: managed from now on (started on
+        demand, or now with ``autostart``)."""
+        if spec.name in self.workers:
+            raise WorkerError(f"{spec.name} is already a managed worker")
+        w = self.workers[spec.name] = Worker(spec)
+        if spec.autostart and self._tg is not None:
+            w.state, w.want_running = WorkerState.STARTING, True
+            self._tg.start_soon(self._autostart, w)
+
+    async def retire(self, name: str) -> None:
+        """Stop ``name`` (if it runs) and forget it: its backend left the config, or lost its
+        ``command:``."""
+        if name not in self.workers:
+            return
+        if self._tg is not None:
+            await self.stop(name)
+        self.workers.pop(name, None)
+
+    def respec(self, name: str, spec: BackendConfig) -> bool:
+        """``name``'s new config, used from its next start on. True when what its process runs
+        with changed (command, env, cwd, upstream, pin, log file) while a process runs: the
+        caller restarts it once its backend is idle. Where it listens changes only while no
+        process runs (a stop confirms the old port closed)."""
+        w = self.worker(name)
+        before = w.spec
+        w.spec = spec
+        if w.pid is None:
+            w.host, w.port = upstream_address(spec.upstream)
+        runs = ("command", "env", "cwd", "upstream", "gpu", "log_file", "detach")
+        changed = any(getattr(before, a) != getattr(spec, a) for a in runs)
+        return changed and w.pid is not None
 
 
 def _not_runnable(program: str, env: dict[str, str], cwd: str | None) -> str | None:
