@@ -10,9 +10,10 @@ milliseconds and imports nothing of ours), that
    the wrapper exits instead;
 2. forks a *watchdog*, which stays in the worker's process group (the worker leads its own, as
    ``start_new_session`` made it): it polls, every ``POLL`` seconds, that the broker (its PID and
-   start time) is still there. Once it is not, it sends SIGTERM to the whole group (children that
-   would ignore their leader's end included), waits up to the worker's ``stopTimeout`` for the
-   leader to go, and then SIGKILLs the group, itself with it. It exits by itself when the
+   start time; a zombie not yet reaped counts as gone) is still there. Once it is not, it sends
+   SIGTERM to the whole group (children that would ignore their leader's end included), waits
+   up to the worker's ``stopTimeout`` for the leader to go, and then SIGKILLs the group, itself
+   with it. It exits by itself when the
    leader ends while the broker lives (the supervisor then deals with what is left), and on a
    SIGTERM while the broker lives (a stop: ``procs.stop_tree`` signals the group). It holds no
    descriptor of the worker's (its stdio is /dev/null), so the broker's log pump sees the
@@ -44,7 +45,8 @@ def born(pid):
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
             stat = f.read()
-        return stat[stat.rindex(b")") + 2:].split()[19]
+        fields = stat[stat.rindex(b")") + 2:].split()
+        return None if fields[0] in (b"Z", b"X") else fields[19]
     except (OSError, ValueError, IndexError):
         return None
 broker_born = born(broker)
