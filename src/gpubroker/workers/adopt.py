@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -37,6 +38,7 @@ import anyio.to_thread
 
 from gpubroker.errors import WorkerError
 from gpubroker.events import WireEvent, WorkerAdopted, WorkerStarting
+from gpubroker.statefile import Section
 from gpubroker.workers.procs import (
     MARKER,
     Telemetry,
@@ -52,7 +54,7 @@ from gpubroker.workers.procs import (
     process_tree,
     stop_tree,
 )
-from gpubroker.workers.records import WorkerRecord, start_time, still_running
+from gpubroker.workers.records import WorkerRecord, parse_records, start_time, still_running
 from gpubroker.workers.worker import Worker, WorkerState
 
 log = logging.getLogger("gpubroker.workers.supervisor")
@@ -121,11 +123,87 @@ class Leftovers:
         def _command(self, w: Worker) -> tuple[list[str], dict[str, str]]: ...
         async def _healthy(self, w: Worker) -> bool: ...
         def _emit(self, event: type[WireEvent], w: Worker, **fields: Any) -> None: ...
-        def _remember(self, w: Worker) -> None: ...
-        def _follow_log(self, w: Worker) -> None: ...
+
+        _section: Section | None
+        log_dir: Path | None
+        _me: tuple[int, float | None]
+
         async def _recover(
             self, w: Worker, proc: anyio.abc.Process | None, code: int | None
         ) -> None: ...
+
+    # --- the state file's records (records.py): what the next start will find --------------
+
+    def _earlier_records(self, loaded: Any) -> dict[str, WorkerRecord]:
+        """The records an earlier run left; none while the broker that wrote them still runs
+        (two brokers on one state directory: its workers are not ours to judge)."""
+        if not isinstance(loaded, dict):
+            return {}
+        owner = loaded.get("broker")
+        if isinstance(owner, dict) and owner.get("pid") not in (None, os.getpid()):
+            pid, started = owner.get("pid"), owner.get("started")
+            if isinstance(pid, int) and isinstance(started, int | float):
+                probe = WorkerRecord(pid, float(started), ("?",), "", "", 0, False, False)
+                if still_running(probe):
+                    log.warning(
+                        "state file: the broker that wrote it (pid %d) still runs; its workers "
+                        "are left to it",
+                        pid,
+                    )
+                    return {}
+        return parse_records(loaded.get("workers"))
+
+    def _records_json(self) -> dict[str, Any]:
+        pid, started = self._me
+        return {
+            "broker": {"pid": pid, "started": started},
+            "workers": {name: r.to_json() for name, r in sorted(self.records.items())},
+        }
+
+    def _remember(self, w: Worker) -> None:
+        """``w``'s process changed (spawned, adopted, gone): its record follows."""
+        if w.pid is None:
+            self.records.pop(w.name, None)
+        else:
+            self.records[w.name] = WorkerRecord(
+                pid=w.pid,
+                started=w.created if w.created is not None else w.started_at or time.time(),
+                argv=tuple(w.argv),
+                gpu=",".join(w.gpu_ids),
+                upstream=w.spec.upstream,
+                port=w.port,
+                detach=w.spec.detach,
+                tied=w.tied,
+            )
+        if self._section is not None:
+            self._section.changed(urgent=True)
+
+    async def _stop_unknown(self) -> None:
+        """An earlier run's worker whose backend is gone from the config (or is no longer
+        managed) holds VRAM nobody owns: stop it."""
+        for name, record in list(self.records.items()):
+            if name in self.workers:
+                continue
+            del self.records[name]
+            if await anyio.to_thread.run_sync(still_running, record):
+                log.info("stopping pid %d: worker %r of an earlier run is no longer configured",
+                         record.pid, name)  # fmt: skip
+                with anyio.CancelScope(shield=True):
+                    await stop_tree(record.pid, 10.0, telemetry=self.telemetry)
+        if self._section is not None:
+            self._section.changed()
+
+    def _log_path(self, w: Worker) -> Path | None:
+        """Where a detached worker writes its output: ``logFile``, else the state directory."""
+        if w.spec.log_file:
+            return Path(w.spec.log_file)
+        return self.log_dir / f"{w.name}.log" if self.log_dir is not None else None
+
+    def _follow_log(self, w: Worker) -> None:
+        """A detached worker's output is its log file: follow it into the ring buffer."""
+        path = self._log_path(w) if w.spec.detach else None
+        if path is not None and w.pid is not None and self._tg is not None:
+            self._tg.start_soon(w.tail_file, str(path), w.pid)
 
     async def _reconcile(self) -> None:
         """Broker start: each worker's leftovers from an earlier run are adopted, waited for

@@ -43,11 +43,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -72,7 +69,6 @@ from gpubroker.events import (
 )
 from gpubroker.statefile import StateFile
 from gpubroker.telemetry.base import TelemetrySnapshot
-from gpubroker.workers import deathsig
 from gpubroker.workers.adopt import Leftovers, stop_stray
 from gpubroker.workers.parts import LOG_LINES, Backoff
 from gpubroker.workers.procs import (
@@ -86,12 +82,8 @@ from gpubroker.workers.procs import (
     process_tree,
     stop_tree,
 )
-from gpubroker.workers.records import (
-    WorkerRecord,
-    parse_records,
-    start_time,
-    still_running,
-)
+from gpubroker.workers.records import WorkerRecord, start_time
+from gpubroker.workers.spawn import not_runnable, spawn
 from gpubroker.workers.worker import Worker, WorkerState, upstream_address
 
 # What other modules import from here (the verbs' callers and the server's wiring).
@@ -191,79 +183,6 @@ class Supervisor(Leftovers):
             await http.aclose()
         if self.state is not None:
             await self.state.save()
-
-    # --- the state file's records -------------------------------------------------------------
-
-    def _earlier_records(self, loaded: Any) -> dict[str, WorkerRecord]:
-        """The records an earlier run left; none while the broker that wrote them still runs
-        (two brokers on one state directory: its workers are not ours to judge)."""
-        if not isinstance(loaded, dict):
-            return {}
-        owner = loaded.get("broker")
-        if isinstance(owner, dict) and owner.get("pid") not in (None, os.getpid()):
-            pid, started = owner.get("pid"), owner.get("started")
-            if isinstance(pid, int) and isinstance(started, int | float):
-                probe = WorkerRecord(pid, float(started), ("?",), "", "", 0, False, False)
-                if still_running(probe):
-                    log.warning(
-                        "state file: the broker that wrote it (pid %d) still runs; its workers "
-                        "are left to it",
-                        pid,
-                    )
-                    return {}
-        return parse_records(loaded.get("workers"))
-
-    def _records_json(self) -> dict[str, Any]:
-        pid, started = self._me
-        return {
-            "broker": {"pid": pid, "started": started},
-            "workers": {name: r.to_json() for name, r in sorted(self.records.items())},
-        }
-
-    def _remember(self, w: Worker) -> None:
-        """``w``'s process changed (spawned, adopted, gone): its record follows."""
-        if w.pid is None:
-            self.records.pop(w.name, None)
-        else:
-            self.records[w.name] = WorkerRecord(
-                pid=w.pid,
-                started=w.created if w.created is not None else w.started_at or time.time(),
-                argv=tuple(w.argv),
-                gpu=",".join(w.gpu_ids),
-                upstream=w.spec.upstream,
-                port=w.port,
-                detach=w.spec.detach,
-                tied=w.tied,
-            )
-        if self._section is not None:
-            self._section.changed(urgent=True)
-
-    async def _stop_unknown(self) -> None:
-        """An earlier run's worker whose backend is gone from the config (or is no longer
-        managed) holds VRAM nobody owns: stop it."""
-        for name, record in list(self.records.items()):
-            if name in self.workers:
-                continue
-            del self.records[name]
-            if await anyio.to_thread.run_sync(still_running, record):
-                log.info("stopping pid %d: worker %r of an earlier run is no longer configured",
-                         record.pid, name)  # fmt: skip
-                with anyio.CancelScope(shield=True):
-                    await stop_tree(record.pid, 10.0, telemetry=self.telemetry)
-        if self._section is not None:
-            self._section.changed()
-
-    def _log_path(self, w: Worker) -> Path | None:
-        """Where a detached worker writes its output: ``logFile``, else the state directory."""
-        if w.spec.log_file:
-            return Path(w.spec.log_file)
-        return self.log_dir / f"{w.name}.log" if self.log_dir is not None else None
-
-    def _follow_log(self, w: Worker) -> None:
-        """A detached worker's output is its log file: follow it into the ring buffer."""
-        path = self._log_path(w) if w.spec.detach else None
-        if path is not None and w.pid is not None and self._tg is not None:
-            self._tg.start_soon(w.tail_file, str(path), w.pid)
 
     async def _autostart(self, w: Worker) -> None:
         try:
@@ -421,11 +340,14 @@ class Supervisor(Leftovers):
             return claimed
         if not w.want_running:
             return "stopped while starting"
-        missing = _not_runnable(argv[0], env, w.spec.cwd)
+        missing = not_runnable(argv[0], env, w.spec.cwd)
         if missing is not None:
             return missing
+        path = self._log_path(w) if w.spec.detach else None
+        if path is not None:
+            w.log.add(f"[gpubroker] detached: its output goes to {path}")
         try:
-            proc = await self._spawn(w, argv, env)
+            proc, w.tied = await spawn(w.spec, argv, env, path)
         except OSError as exc:
             return f"cannot run {argv[0]!r}: {exc.strerror or exc}"
         w.proc, w.pid, w.adopted = proc, proc.pid, False
@@ -467,47 +389,6 @@ class Supervisor(Leftovers):
         log.info("%s: ready after %.0f ms", w.name, round(took * 1000, 1))
         self._emit(WorkerReady, w, pid=w.pid, took=took)
         return None
-
-    async def _spawn(self, w: Worker, argv: list[str], env: dict[str, str]) -> Child:
-        """Run the command in its own session (a stop's signal reaches its whole group): tied
-        to this broker through the parent-death wrapper (``deathsig.py``), or, detached, as a
-        plain process writing to its log file, which outlives us."""
-        if not w.spec.detach:
-            w.tied = deathsig.SUPPORTED
-            return await anyio.open_process(
-                deathsig.wrap(argv, w.spec.stop_timeout),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=w.spec.cwd,
-                env=env,
-                start_new_session=True,  # its own process group: a stop reaches every child
-            )
-        w.tied = False
-        path = self._log_path(w)
-
-        def spawn() -> subprocess.Popen[bytes]:
-            sink = None
-            if path is not None:
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                sink = path.open("ab")
-            try:
-                return subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=sink if sink is not None else subprocess.DEVNULL,
-                    stderr=subprocess.STDOUT,
-                    cwd=w.spec.cwd,
-                    env=env,
-                    start_new_session=True,
-                )
-            finally:
-                if sink is not None:
-                    sink.close()
-
-        if path is not None:
-            w.log.add(f"[gpubroker] detached: its output goes to {path}")
-        return DetachedChild(await anyio.to_thread.run_sync(spawn))
 
     async def _await_health(self, w: Worker, proc: Child) -> str | None:
         started = time.monotonic()
@@ -712,17 +593,3 @@ class Supervisor(Leftovers):
         runs = ("command", "env", "cwd", "upstream", "gpu", "log_file", "detach")
         changed = any(getattr(before, a) != getattr(spec, a) for a in runs)
         return changed and w.pid is not None
-
-
-def _not_runnable(program: str, env: dict[str, str], cwd: str | None) -> str | None:
-    """Why ``program`` cannot be run, found before spawning (the wrapper would only exit 127),
-    or None."""
-    if os.sep in program:
-        path = os.path.join(cwd or ".", program)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return None
-        why = "No such file or directory" if not os.path.exists(path) else "Permission denied"
-        return f"cannot run {program!r}: {why}"
-    if shutil.which(program, path=env.get("PATH", os.defpath)) is None:
-        return f"cannot run {program!r}: not found on PATH"
-    return None
