@@ -4,9 +4,10 @@
 is the one entry point; ``worker`` the record of one worker (its state, command and log);
 ``adopt`` what an earlier run left (adopted, waited for or stopped, by one rule: ``judge``) and
 strays (``stop --pid``); ``records`` the state file's record of each worker's process;
-``deathsig`` the wrapper that makes a worker die with its broker (Linux); ``procs`` the
-process-tree work (signals, reaping, port checks), run in threads; ``parts`` the log ring buffer
-and restart backoff; ``start`` the one on-demand start.
+``deathsig`` the wrapper that makes a worker die with its broker (Linux); ``spawn`` starting a
+process, tied or detached; ``procs`` the process-tree work (signals, reaping, port checks), run
+in threads; ``parts`` the log ring buffer and restart backoff; ``start`` the one on-demand
+start. The start-up ``preload:`` of a worker is a preload too (``scheduling/preload.py``).
 
 **Who starts a worker.** On demand, exactly one path: the broker's load effect calls
 ``start.start_before_load`` (the one call of ``Supervisor.start`` outside the supervisor)
