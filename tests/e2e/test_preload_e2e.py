@@ -16,6 +16,7 @@ import pytest
 
 from gpubroker.sim import GiB, OllamaEmulator, SimGPU, VLLMEmulator, running
 from gpubroker.testing import broker_running, make_config
+from processes import FAKE, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -155,3 +156,22 @@ async def _failing_and_unfitting(gpu: SimGPU, o: str, b: str, s: str) -> None:
     assert warned["small"]["backend"] == "small"
     assert served.status_code == 200 and small_asleep  # the skipped one was never woken
     assert gpu.oom_count == 0
+
+
+async def test_a_managed_worker_is_started_by_its_preload() -> None:
+    port = free_port()
+    worker = {
+        "upstream": f"http://127.0.0.1:{port}",
+        "unloadStrategy": "process",
+        "command": [*FAKE, "--start-delay", "0.3"],
+        "healthPath": "/v1/models",
+        "startTimeout": "20s",
+        "stopTimeout": "2s",
+    }
+    cfg = make_config({"w": worker}, preload=["w"])
+    async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=20) as client:
+        st = await until(client, ep.status_url, finished)
+        workers = (await client.get(ep.status_url + "/api/workers")).json()["workers"]
+    assert st["preload"] == [{"target": "w", "state": "done", "error": None}]
+    assert workers[0]["state"] == "ready" and st["backends"]["w"]["state"] == "resident"
+    assert st["gpuRequests"] == {"w": 0}  # a preload is no request
