@@ -175,3 +175,17 @@ async def test_a_managed_worker_is_started_by_its_preload() -> None:
     assert st["preload"] == [{"target": "w", "state": "done", "error": None}]
     assert workers[0]["state"] == "ready" and st["backends"]["w"]["state"] == "resident"
     assert st["gpuRequests"] == {"w": 0}  # a preload is no request
+
+
+async def test_under_exclusive_an_ollama_model_is_loaded_inside_its_backends_lease() -> None:
+    gpu = SimGPU(24 * GiB)
+    ollama = OllamaEmulator(gpu, {"llama3.1:8b": 9 * GiB, "qwen:7b": 6 * GiB}, owner="chat")
+    async with running(ollama.app) as o:
+        cfg = make_config(
+            {"chat": {"upstream": o, "unloadStrategy": "ollama"}}, preload=["chat/qwen:7b"]
+        )
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=20) as client:
+            st = await until(client, ep.status_url, finished)
+            ps = (await client.get(o + "/api/ps")).json()["models"]
+    assert st["preload"] == [{"target": "chat/qwen:7b", "state": "done", "error": None}]
+    assert [m["name"] for m in ps] == ["qwen:7b"] and st["backends"]["chat"]["state"] == "resident"
