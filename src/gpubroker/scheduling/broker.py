@@ -320,7 +320,7 @@ class Broker:
             self._publish(ev.Admitted, backend=backend, lease=lease, queued=queued)
             try:
                 if self.supervisor is not None and self.supervisor.recovering(backend):
-                    await self._worker_back(backend, now)  # a crashed worker's restart
+                    await self._worker_back(backend, lease, now)  # a crashed worker's restart
                 yield Grant(lease, backend, self.clock() - now, pending.admit.swap)
             finally:
                 if backend in self.jobs and self._tg is not None:
@@ -416,22 +416,23 @@ class Broker:
         evicting (``scheduling/preload.py``); progress in :attr:`preloads` and on the bus."""
         await preload_all(self, targets)
 
-    async def _worker_back(self, backend: str, since: float) -> None:
+    async def _worker_back(self, backend: str, lease: int, since: float) -> None:
         """``backend``'s managed worker crashed and waits for its restart: wait for it (within
         what is left of ``queueTimeout``), or refuse with 503 once it is marked failed."""
         assert self.supervisor is not None
         left = max(0.0, self.config.queue_timeout - (self.clock() - since))
+        code = "queue_timeout"
+        message = f"{backend} crashed and is still restarting after queueTimeout"
         with anyio.move_on_after(left):
             if await self.supervisor.wait_recovered(backend):
                 return
             w = self.supervisor.worker(backend)
-            why = w.error or f"it is {w.state.value}"
-            self.counters[backend]["refused"] += 1
-            message = f"{backend} crashed and did not come back: {why}"
-            raise Refused.of(Refuse(0, backend, 503, "worker_failed", message, RETRY_FAILED))
+            code = "worker_failed"
+            message = f"{backend} crashed and did not come back: {w.error or w.state.value}"
         self.counters[backend]["refused"] += 1
-        message = f"{backend} crashed and is still restarting after queueTimeout"
-        raise Refused.of(Refuse(0, backend, 503, "queue_timeout", message, RETRY_FAILED))
+        refusal = Refuse(lease, backend, 503, code, message, RETRY_FAILED)
+        self._publish(ev.LeaseRefused, backend=backend, lease=lease, status=503, reason=code)
+        raise Refused.of(refusal)
 
     @property
     def swaps_before(self) -> int:
