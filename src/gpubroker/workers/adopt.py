@@ -230,12 +230,23 @@ class Leftovers:
         still runs (None else)."""
         found = set(await anyio.to_thread.run_sync(marked, w.name, w.spec.upstream))
         record = self.records.get(w.name)
-        if record is not None and (
-            record.upstream != w.spec.upstream
-            or record.pid == os.getpid()
-            or not await anyio.to_thread.run_sync(still_running, record)
+        if (
+            record is not None
+            and w.pid is None
+            and (
+                record.upstream != w.spec.upstream
+                or not await anyio.to_thread.run_sync(still_running, record)
+            )
         ):
+            log.info(
+                "%s: pid %d of an earlier run is gone (or is another process now); its record "
+                "is dropped",
+                w.name,
+                record.pid,
+            )
             record = None
+        elif record is not None and w.pid is not None:
+            record = None  # this run's own process: not a leftover
         if record is not None:
             found.add(record.pid)
         return found, record
