@@ -50,6 +50,7 @@ WIRE: dict[str, list[str]] = {
     "worker_crashed": ["code", "restartIn"],
     "worker_stopping": ["pid"],
     "worker_stopped": ["signal", "ms"],  # the stop report, spread
+    "preload": ["target", "state", "error"],
 }
 
 

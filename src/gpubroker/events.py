@@ -488,6 +488,27 @@ class WorkerStopped(WireEvent):
         return dict(self.report)
 
 
+# --- preload ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Preload(WireEvent):
+    """A step of the start-up ``preload:``: ``target`` (a backend, or ``backend/model``) is
+    ``pending``, ``loading``, ``done``, ``skipped`` (it did not fit beside what is resident)
+    or ``failed`` (``error`` says why)."""
+
+    kind: ClassVar[str] = "preload"
+    target: str
+    state: str
+    error: str | None = None
+
+    def detail(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"target": self.target, "state": self.state}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
 # --- the stream itself ----------------------------------------------------------------------
 
 
@@ -585,5 +606,6 @@ WIRE_KINDS: tuple[type[WireEvent], ...] = (
     WorkerCrashed,
     WorkerStopping,
     WorkerStopped,
+    Preload,
     Dropped,
 )

@@ -53,6 +53,7 @@ from typing import Any
 
 import anyio
 
+from gpubroker.config.load import state_path
 from gpubroker.config.model import BackendConfig, Config
 from gpubroker.events import EventBus
 from gpubroker.observe.guard import HostPolicy, ListenerGuard
@@ -76,6 +77,7 @@ from gpubroker.runtime.reload import ApiParts, Parts, Reloader
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.domains import build_scheduler, capacities
 from gpubroker.scheduling.footprints import FootprintBook
+from gpubroker.statefile import StateFile
 from gpubroker.telemetry.gpus import backend_gpus
 from gpubroker.telemetry.sampler import Sampler
 from gpubroker.workers.supervisor import Supervisor
@@ -132,8 +134,10 @@ async def run_broker(
     first = await sampler.sample()  # bounded; GPU sizes and UUIDs for the scheduler's domains
 
     bus = EventBus()
+    state = StateFile.in_dir(state_path(config, os.environ))  # what a restart must not forget
+    await state.load()  # a corrupt file is ignored, logged
     # the monitor's samples: the supervisor never reads the GPUs itself
-    supervisor = Supervisor(config, bus=bus, telemetry=lambda: sampler.latest)
+    supervisor = Supervisor(config, bus=bus, telemetry=lambda: sampler.latest, state=state)
     seen = first if first.gpus else None
     caps = capacities(config, seen, less_reserve=False)  # what a service itself sees
 
@@ -164,6 +168,7 @@ async def run_broker(
         supervisor=supervisor,
         confirm_freed=monitor if sampler.source.name != "none" else None,
         footprints=book,
+        state=state,
     )
     upstreams = {b.name: make_upstream(b, config) for b in config.backends}
     proxies = {
@@ -197,6 +202,7 @@ async def run_broker(
         async with anyio.create_task_group() as tg:
             await tg.start(supervisor.run)  # leftovers adopted or stopped before reconciling
             await tg.start(broker.run)
+            tg.start_soon(broker.preload_all, config.preload)  # made resident before requests
             stopped = anyio.Event()
             server = partial(
                 serve,

@@ -9,9 +9,10 @@ the GPUs they share and builds the scheduler for a config (``build_scheduler``);
 runs each effect (drain, unload, load) in its own time-bounded task and feeds the outcome
 back, with ``jobs`` (its ``JobFollower``) following the services' own queues, ``notes``
 naming the scheduler's notes as events and ``swaplog`` logging each swap's phases with their
-timings.
+timings; ``preload`` makes the start-up ``preload:`` resident and ``memory`` is what a restart
+keeps of the broker (the state file's ``broker`` section).
 
-May import ``config``, ``errors``, ``events``, ``logs``, ``vram``, ``telemetry``, ``plugins`` (the
-strategy base type) and ``workers`` (to start a managed worker); never ``proxy``, ``observe`` or
-``cli``.
+May import ``config``, ``errors``, ``events``, ``logs``, ``vram``, ``statefile``, ``telemetry``,
+``plugins`` (the strategy base type) and ``workers`` (to start a managed worker); never
+``proxy``, ``observe`` or ``cli``.
 """

@@ -26,6 +26,7 @@ from gpubroker.config.model import Config
 from gpubroker.errors import Refused, SwapInProgress
 from gpubroker.logs import request_id
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy
+from gpubroker.scheduling import memory
 from gpubroker.scheduling.effects import (
     Admit,
     CancelSwap,
@@ -41,10 +42,12 @@ from gpubroker.scheduling.effects import (
 )
 from gpubroker.scheduling.jobs import JobFollower
 from gpubroker.scheduling.notes import note_event
+from gpubroker.scheduling.preload import PreloadStep, preload_all
 from gpubroker.scheduling.scheduler import Scheduler, State
 from gpubroker.scheduling.swaplog import SwapLog
 from gpubroker.scheduling.units import Footprints, Placed, Units, model_spec
 from gpubroker.scheduling.waiting import wait_note
+from gpubroker.statefile import StateFile
 from gpubroker.workers.start import start_before_load
 
 if TYPE_CHECKING:
@@ -59,6 +62,8 @@ CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload fr
 FORGET_TRIES = 100  # a worker gone for good: evict it, retrying past a swap in progress…
 FORGET_RETRY = 0.1  # …this often (a plan on the same GPU ends within its own timeouts)
 SAVE_GRACE = 2.0  # seconds the last write of learned footprints may take as the broker stops
+RETRY_FAILED = 5.0  # Retry-After for a worker that failed while its request waited: the next
+# request starts it afresh
 REMOVED = "{} was removed from the config (gpubroker reload); try again later"
 
 
@@ -120,11 +125,14 @@ class Broker:
         supervisor: Supervisor | None = None,
         confirm_freed: FreedConfirmer | None = None,
         footprints: Footprints | None = None,
+        state: StateFile | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``supervisor``: managed workers (``command:``), started before their load.
         ``confirm_freed``: given when telemetry runs, to check what an unload freed.
-        ``footprints``: learned footprints, kept across restarts."""
+        ``footprints``: learned footprints, kept across restarts. ``state``: the state file,
+        loaded: the swap history and counters an earlier run left continue here
+        (``scheduling/memory.py``)."""
         self.config = config
         self.strategies = dict(strategies)
         self.clock = clock
@@ -165,6 +173,15 @@ class Broker:
         bus.subscribe(self._on_event, (ev.Measured, ev.Unmanaged, ev.WorkerGone))
         self._draining: set[str] = set()  # backends a reload removes: refused, then forgotten
         self._models_followed = bool(self.units.per_model)  # run() follows them from the start
+        self.preloads: list[PreloadStep] = []  # the start-up preload's progress
+        self.state = state
+        self._memory = (
+            None
+            if state is None
+            else memory.Memory(
+                state.section("broker"), self.history, self.counters, lambda: self.sched.swap_count
+            )
+        )
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -178,6 +195,8 @@ class Broker:
             self._tg = None  # leases that end from now on are released at once
             with anyio.CancelScope(shield=True), anyio.move_on_after(SAVE_GRACE):
                 await self.units.save()  # what this run learned, for the next
+                if self.state is not None:
+                    await self.state.save()
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
@@ -187,6 +206,8 @@ class Broker:
             if self.units.per_model:
                 tg.start_soon(self.units.follow_all)
             tg.start_soon(self.units.keep_saved)
+            if self._memory is not None:
+                tg.start_soon(self._memory.keep)
             task_status.started()
             await self._clock_loop()
 
@@ -298,6 +319,8 @@ class Broker:
             queued = self.clock() - now
             self._publish(ev.Admitted, backend=backend, lease=lease, queued=queued)
             try:
+                if self.supervisor is not None and self.supervisor.recovering(backend):
+                    await self._worker_back(backend, lease, now)  # a crashed worker's restart
                 yield Grant(lease, backend, self.clock() - now, pending.admit.swap)
             finally:
                 if backend in self.jobs and self._tg is not None:
@@ -387,6 +410,34 @@ class Broker:
         """Admin swap: take and at once release a lease, so ``backend`` becomes the owner."""
         async with self.lease(backend, "(swap)", count=False) as grant:
             return grant
+
+    async def preload_all(self, targets: tuple[str, ...] | list[str]) -> None:
+        """Start-up ``preload:``: make ``targets`` resident in order, within the budget, never
+        evicting (``scheduling/preload.py``); progress in :attr:`preloads` and on the bus."""
+        await preload_all(self, targets)
+
+    async def _worker_back(self, backend: str, lease: int, since: float) -> None:
+        """``backend``'s managed worker crashed and waits for its restart: wait for it (within
+        what is left of ``queueTimeout``), or refuse with 503 once it is marked failed."""
+        assert self.supervisor is not None
+        left = max(0.0, self.config.queue_timeout - (self.clock() - since))
+        code = "queue_timeout"
+        message = f"{backend} crashed and is still restarting after queueTimeout"
+        with anyio.move_on_after(left):
+            if await self.supervisor.wait_recovered(backend):
+                return
+            w = self.supervisor.worker(backend)
+            code = "worker_failed"
+            message = f"{backend} crashed and did not come back: {w.error or w.state.value}"
+        self.counters[backend]["refused"] += 1
+        refusal = Refuse(lease, backend, 503, code, message, RETRY_FAILED)
+        self._publish(ev.LeaseRefused, backend=backend, lease=lease, status=503, reason=code)
+        raise Refused.of(refusal)
+
+    @property
+    def swaps_before(self) -> int:
+        """Swaps of earlier runs (the state file): ``swapCount`` continues from them."""
+        return self._memory.before if self._memory is not None else 0
 
     # --- effects --------------------------------------------------------------------------
 
@@ -530,6 +581,8 @@ class Broker:
         self._swaplog.done(effect)
         if info.evicted:
             self.history.appendleft(SwapRecord(time.time(), info))
+            if self._memory is not None:
+                self._memory.swapped()
             target = self.sched.slots[info.target].spec if info.target is not None else None
             self._publish(
                 ev.Swapped,
