@@ -100,9 +100,11 @@ def reload(
     token: TokenOption = None,
     json_: JsonOption = False,
 ) -> None:
-    """Make the running broker re-read its config file and apply what changed, keeping every
-    connection (a broken file changes nothing: its error is printed, exit code 2). The broker
-    reads the file it was started with; --config only says where to find the broker."""
+    """Make the running broker re-read its config file and apply what changed.
+
+    Every connection is kept; a broken file changes nothing (its error is printed, exit code
+    2). The broker reads the file it was started with; --config only says where to find the
+    broker."""
     from gpubroker.cli.client import broker_target, call
     from gpubroker.errors import ConfigError
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gpubroker.cli import admin, doctor, serve, workers
-from gpubroker.cli.common import ConfigOption, fail, friendly
+from gpubroker.cli.common import ConfigOption, fail, friendly, reflowed
 from gpubroker.errors import GPUBrokerError
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ for command in (
     admin.reload,
     doctor.doctor,
 ):
-    app.command()(friendly(command))
+    app.command(help=reflowed(command.__doc__))(friendly(command))
 app.add_typer(workers.app)
 
 

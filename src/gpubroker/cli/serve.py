@@ -40,8 +40,9 @@ def serve(
         ),
     ] = "text",
 ) -> None:
-    """Run the broker: a proxy port per backend and the status port, until Ctrl-C or SIGTERM
-    (SIGHUP re-reads the config file and applies what changed)."""
+    """Run the broker: a proxy port per backend and the status port, until Ctrl-C or SIGTERM.
+
+    SIGHUP (or `gpubroker reload`) re-reads the config file and applies what changed."""
     import json
     import signal
 
