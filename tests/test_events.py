@@ -40,6 +40,7 @@ WIRE: dict[str, list[str]] = {
     "swapped": ["evicted", "total_ms", "swap", "drainMs", "unloadMs", "loadMs", "totalMs"],
     "warning": ["code", "subject", "message"],
     "warning_cleared": ["code", "subject"],
+    "config_reloaded": ["added", "removed", "changed", "needsRestart", "summary"],
     "worker_starting": ["pid"],
     "worker_progress": ["elapsedMs"],
     "worker_ready": ["pid", "startMs"],
@@ -49,6 +50,7 @@ WIRE: dict[str, list[str]] = {
     "worker_crashed": ["code", "restartIn"],
     "worker_stopping": ["pid"],
     "worker_stopped": ["signal", "ms"],  # the stop report, spread
+    "preload": ["target", "state", "error"],
 }
 
 

@@ -47,12 +47,17 @@ A ``ClientError`` reaches the client as ``{"error": code, "message": …, "backe
     502 load_failed            the service could not be made ready after a swap (retryable)
     503 queue_timeout          waited past queueTimeout for the GPU (retryable, Retry-After)
     503 shutting_down          the broker is stopping (retryable, Retry-After)
+    503 worker_failed          its worker crashed and failed (retryable, Retry-After): it was
+                               marked failed (or stopped) while the request waited for its
+                               restart; the next request starts it afresh
+    503 backend_removed        a reload removed the backend; it drains (retryable, Retry-After)
     504 upstream_timeout       no response headers within upstreamTimeout (retryable)
     507 never_fits             the request can never fit on its GPU
     508 loop_detected          the request already passed 4 brokers (an upstream loop)
 
-load_failed, queue_timeout, shutting_down and never_fits are the scheduler's refusals of a
-lease (:class:`Refused`). ``tests/test_errors.py`` holds the classes to this table.
+load_failed, queue_timeout, shutting_down, worker_failed, backend_removed and never_fits are
+the scheduler's refusals of a lease (:class:`Refused`). ``tests/test_errors.py`` holds the classes
+to this table.
 """
 
 from __future__ import annotations
@@ -336,6 +341,14 @@ class QueueTimeout(Refused):
 
 class ShuttingDown(Refused):
     code = "shutting_down"
+
+
+class WorkerDown(Refused):
+    code = "worker_failed"
+
+
+class BackendRemoved(Refused):
+    code = "backend_removed"
 
 
 class NeverFits(Refused):

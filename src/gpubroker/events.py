@@ -372,6 +372,32 @@ class WarningCleared(WireEvent):
         return {"code": self.code, "subject": self.subject}
 
 
+# --- the config ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigReloaded(WireEvent):
+    """A reload applied the config file again (``gpubroker reload``, SIGHUP, a watched edit):
+    the backends added, removed and changed, and the keys that wait for a restart. A reload
+    that failed changes nothing and raises a ``config_reload_failed`` warning instead."""
+
+    kind: ClassVar[str] = "config_reloaded"
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    restart: tuple[str, ...] = ()
+    summary: str = ""  # one line, as the log and ``gpubroker reload`` say it
+
+    def detail(self) -> dict[str, Any]:
+        return {
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "changed": list(self.changed),
+            "needsRestart": list(self.restart),
+            "summary": self.summary,
+        }
+
+
 # --- managed workers (anyone may read these: a state and why, never output nor argv) ---------
 
 
@@ -462,6 +488,27 @@ class WorkerStopped(WireEvent):
         return dict(self.report)
 
 
+# --- preload ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Preload(WireEvent):
+    """A step of the start-up ``preload:``: ``target`` (a backend, or ``backend/model``) is
+    ``pending``, ``loading``, ``done``, ``skipped`` (it did not fit beside what is resident)
+    or ``failed`` (``error`` says why)."""
+
+    kind: ClassVar[str] = "preload"
+    target: str
+    state: str
+    error: str | None = None
+
+    def detail(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"target": self.target, "state": self.state}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
 # --- the stream itself ----------------------------------------------------------------------
 
 
@@ -549,6 +596,7 @@ WIRE_KINDS: tuple[type[WireEvent], ...] = (
     Swapped,
     WarningRaised,
     WarningCleared,
+    ConfigReloaded,
     WorkerStarting,
     WorkerProgress,
     WorkerReady,
@@ -558,5 +606,6 @@ WIRE_KINDS: tuple[type[WireEvent], ...] = (
     WorkerCrashed,
     WorkerStopping,
     WorkerStopped,
+    Preload,
     Dropped,
 )

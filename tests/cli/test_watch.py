@@ -254,6 +254,20 @@ def test_render_without_gpus_or_activity_is_short_and_honest() -> None:
     assert "No requests in flight or queued." in text and "No warnings." in text
 
 
+def test_render_shows_the_preload_while_it_runs_and_nothing_after() -> None:
+    status = copy.deepcopy(STATUS)
+    status["preload"] = [
+        {"target": "ollama/llama3.1:8b", "state": "done", "error": None},
+        {"target": "vllm", "state": "loading", "error": None},
+        {"target": "comfy", "state": "pending", "error": None},
+    ]
+    text = render_text(render(status, url=URL, now=1090.0), width=140)
+    assert "Preload: ollama/llama3.1:8b done, vllm loading…, comfy pending" in text
+    for step in status["preload"]:
+        step["state"] = "done"
+    assert "Preload" not in render_text(render(status, url=URL, now=1090.0), width=140)
+
+
 def test_render_marks_stale_data_while_reconnecting() -> None:
     text = render_text(render(STATUS, url=URL, error="ConnectError", stale_s=12))
     assert "reconnecting: ConnectError (last seen 12s ago)" in text

@@ -592,12 +592,10 @@ def test_upstream_with_a_path_is_refused(tmp_path: Path) -> None:
 def test_resolved_config_loads_back_as_the_same_config() -> None:
     import dataclasses
 
+    from example_configs import CONFIGS, EXAMPLE_ENV
     from gpubroker.config.load import parse_config
 
-    examples = Path(__file__).resolve().parents[2] / "examples"
-    for path in sorted(examples.glob("*.yaml")):
-        if path.name == "prometheus-alerts.yaml":  # a Prometheus rule file, not a config
-            continue
-        cfg = load_config_file(path)
-        again = parse_config(cfg.to_dict(), source="again")
+    for path in CONFIGS:
+        cfg = load_config_file(path, env=EXAMPLE_ENV)
+        again = parse_config(cfg.to_dict(), source="again", env=EXAMPLE_ENV)
         assert dataclasses.replace(again, source=cfg.source) == cfg, path.name

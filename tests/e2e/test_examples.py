@@ -6,22 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from example_configs import CONFIGS, EXAMPLE_ENV, EXAMPLES
 from gpubroker.config.load import load_config_file
 from gpubroker.plugins.manager import check_config_names, create_plugins
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# YAML in examples/ that is not a gpubroker config (e.g. a compose file) is named here; the
-# Prometheus rule file has tests of its own (tests/observe/test_operator_examples.py).
-NOT_CONFIGS = {
-    "compose.yaml",
-    "compose.yml",
-    "docker-compose.yaml",
-    "docker-compose.yml",
-    "prometheus-alerts.yaml",
-}
-CONFIGS = sorted(
-    p for p in [*EXAMPLES.rglob("*.yaml"), *EXAMPLES.rglob("*.yml")] if p.name not in NOT_CONFIGS
-)
 
 
 def test_there_are_examples() -> None:
@@ -30,7 +17,7 @@ def test_there_are_examples() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_example_loads_and_names_known_plugins(path: Path) -> None:
-    cfg = load_config_file(path)
+    cfg = load_config_file(path, env=EXAMPLE_ENV)
     assert cfg.backends, f"{path.name} declares no backends"
     # Builtins only: an example must not need a third-party plugin to load.
     check_config_names(cfg, create_plugins(env={}, entry_points=False))

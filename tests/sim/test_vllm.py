@@ -188,8 +188,20 @@ async def test_sleep_routes_are_404_without_dev_mode() -> None:
             ("POST", "/wake_up"),
             ("GET", "/is_sleeping"),
             ("POST", "/collective_rpc"),
+            ("GET", "/server_info"),
         ]:
             assert (await client.request(method, path)).status_code == 404
+
+
+@pytest.mark.parametrize("sleep_mode", [True, False])
+async def test_server_info_says_whether_sleep_mode_is_on(sleep_mode: bool) -> None:
+    async with vllm(sleep_mode=sleep_mode) as (_emu, client):
+        info = (await client.get("/server_info", params={"config_format": "json"})).json()
+        assert info["vllm_config"]["model_config"]["enable_sleep_mode"] is sleep_mode
+        assert info["vllm_env"]["VLLM_SERVER_DEV_MODE"] is True
+        text = (await client.get("/server_info")).json()["vllm_config"]
+        assert isinstance(text, str) and "sleep" not in text  # str(VllmConfig) never says
+        assert (await client.get("/version")).json() == {"version": "0.33.0"}
 
 
 async def test_sleep_with_requests_in_flight_is_a_counted_fault() -> None:

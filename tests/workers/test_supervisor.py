@@ -5,6 +5,7 @@ Every test checks with psutil that the processes it caused are gone afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,6 +30,7 @@ from gpubroker.plugins.strategies.base import Strategy, StrategyContext
 from gpubroker.plugins.strategies.process import STOP_SHARE, ProcessStrategy
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.domains import build_scheduler
+from gpubroker.statefile import StateFile
 from gpubroker.telemetry.base import GpuSample, TelemetrySnapshot
 from gpubroker.testing import make_config
 from gpubroker.workers.parts import Backoff, LogBuffer
@@ -528,3 +531,37 @@ async def test_an_eviction_stop_keeps_to_its_share_of_unload_timeout() -> None:
         assert report["vramFreed"] is False  # not confirmed by the deadline, and said so
         assert w.state is WorkerState.STOPPED
     assert await all_gone(pids)
+
+
+# --- the state file's records ------------------------------------------------------------------
+
+
+async def test_a_recorded_worker_no_longer_configured_is_stopped_and_a_live_one_adopted(
+    tmp_path: Path,
+) -> None:
+    """An earlier run's worker whose backend left the config would hold VRAM with nobody
+    owning it: stopped. One still configured, unmarked (found by its record alone), adopted."""
+    port, gone_port = free_port(), free_port()
+    cfg = worker_config(port=port)
+    with stray(port) as mine, stray(gone_port) as orphan:
+        started = {p.pid: psutil.Process(p.pid).create_time() for p in (mine, orphan)}
+
+        def record(pid: int, port_: int) -> dict[str, Any]:
+            argv = [render(a, port=port_, gpu="0", name="w") for a in FAKE]
+            upstream = f"http://127.0.0.1:{port_}"
+            return {"pid": pid, "started": started[pid], "argv": argv, "gpu": "0",
+                    "upstream": upstream, "port": port_, "detach": True, "tied": False}  # fmt: skip
+
+        state = StateFile(tmp_path / "state.json")
+        section = {"workers": {"w": record(mine.pid, port), "old": record(orphan.pid, gone_port)}}
+        doc = {"version": 1, "sections": {"workers": section}}
+        (tmp_path / "state.json").write_text(json.dumps(doc))
+        await state.load()
+        async with supervising(cfg, state=state) as sup:
+            w = sup.workers["w"]
+            assert w.state is WorkerState.READY and w.adopted and w.pid == mine.pid
+            assert orphan.wait(timeout=5) == 0  # SIGTERM: it shut down cleanly
+            await sup.stop("w")
+        assert mine.wait(timeout=5) == 0
+    saved = json.loads((tmp_path / "state.json").read_text())["sections"]["workers"]
+    assert saved["workers"] == {} and saved["broker"]["pid"] == os.getpid()

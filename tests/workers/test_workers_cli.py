@@ -17,7 +17,6 @@ from typing import Any
 
 import anyio
 import httpx
-import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -504,66 +503,7 @@ async def test_logs_follow_prints_new_lines_and_ends_cleanly_on_ctrl_c() -> None
     assert b"Traceback" not in seen
 
 
-# --- gpubroker serve: no orphans, leftovers adopted ------------------------------------------
-
-
-def _serve_config(tmp_path: Path, status_port: int, worker: dict[str, Any]) -> Path:
-    cmd = json.dumps(worker["command"])
-    text = (
-        f"statusPort: {status_port}\nbackends:\n"
-        f"  - name: w\n    proxyPort: {free_port()}\n    upstream: {worker['upstream']}\n"
-        f"    unloadStrategy: process\n    command: {cmd}\n    healthPath: /v1/models\n"
-        "    autostart: true\n    stopTimeout: 2s\n"
-    )
-    path = tmp_path / "gpubroker.yaml"
-    path.write_text(text)
-    return path
-
-
-async def _wait_worker(status_port: int, state: str = "ready") -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=5) as client:
-        with anyio.fail_after(20):
-            while True:
-                try:
-                    r = await client.get(f"http://127.0.0.1:{status_port}/api/workers")
-                    worker = r.json()["workers"][0]
-                    if worker["state"] == state:
-                        return worker  # type: ignore[no-any-return]
-                except httpx.HTTPError:
-                    pass
-                await anyio.sleep(0.05)
-
-
-async def test_serve_adopts_a_leftover_after_a_crash_and_leaves_no_orphan(
-    tmp_path: Path,
-) -> None:
-    status_port = free_port()
-    path = _serve_config(tmp_path, status_port, managed())
-    exe = Path(sys.executable).with_name("gpubroker")
-    env = {**os.environ, "GPUBROKER_DISABLE_PLUGINS": ""}
-    argv = [str(exe), "serve", "-c", str(path)]
-    worker_pid = None
-    try:
-        async with await anyio.open_process(argv, env=env) as first:
-            worker_pid = (await _wait_worker(status_port))["pid"]
-            first.kill()  # the broker dies hard: its worker is orphaned
-            await first.wait()
-        assert alive(worker_pid)
-        async with await anyio.open_process(argv, env=env) as second:
-            adopted = await _wait_worker(status_port)
-            assert adopted["pid"] == worker_pid and adopted["adopted"] is True  # no duplicate
-            second.send_signal(signal.SIGTERM)
-            with anyio.fail_after(20):
-                assert await second.wait() == 0
-        assert await all_gone([worker_pid])  # stopped with its broker
-    finally:
-        if worker_pid and alive(worker_pid):
-            os.killpg(worker_pid, signal.SIGKILL)
-    assert not any(
-        "gpubroker.sim.fake_worker" in " ".join(p.info["cmdline"] or [])
-        and str(status_port) in str(p.info["environ"] or "")
-        for p in psutil.process_iter(["cmdline", "environ"])
-    )
+# --- gpubroker serve killed and started again: tests/workers/test_broker_crash.py ------------
 
 
 def test_process_strategy_without_a_command_is_a_config_error(tmp_path: Path) -> None:

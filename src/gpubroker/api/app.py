@@ -23,6 +23,7 @@ from gpubroker.api.body import Read, Replay, boundary_of, read_json, read_multip
 from gpubroker.api.catalogue import Catalogue, Route, is_ollama
 from gpubroker.api.errors import ollama_error, openai_error
 from gpubroker.api.keys import ApiKeys
+from gpubroker.api.occupancy import Occupancy
 from gpubroker.errors import (
     ClientError,
     ClientGone,
@@ -84,8 +85,10 @@ class ApiApp:
         *,
         body_limit: int,
         client: httpx.AsyncClient,
+        occupancy: Occupancy | None = None,
     ) -> None:
         self.proxies = proxies
+        self.occupancy = occupancy  # each model's residency in /v1/models, where given
         self.catalogue = catalogue
         self.keys = keys
         self.body_limit = body_limit
@@ -245,7 +248,7 @@ class ApiApp:
     async def _models(self, caller: str) -> list[dict[str, Any]]:
         listing = await self.catalogue.listing()
         return [
-            _model_entry(name, route, ok)
+            _model_entry(name, route, ok, self.occupancy)
             for name, route, ok in listing
             if self._allows(caller, name, route)
         ]
@@ -254,7 +257,7 @@ class ApiApp:
         route = await self._resolve(name, caller, None)
         if not self._allows(caller, name, route):  # as unknown: a key hears of no other
             raise ModelNotFound(f"the model {name!r} is served by no backend")
-        return _model_entry(name, route, self.catalogue.reachable(route.backend))
+        return _model_entry(name, route, self.catalogue.reachable(route.backend), self.occupancy)
 
     async def _union(self, path: str) -> dict[str, Any]:
         """Ollama's model list (``/api/tags``) or loaded list (``/api/ps``) over every Ollama
@@ -295,10 +298,16 @@ class ApiApp:
         return {"version": "0.0.0"}
 
 
-def _model_entry(name: str, route: Any, reachable: bool) -> dict[str, Any]:
+def _model_entry(
+    name: str, route: Route, reachable: bool, occupancy: Occupancy | None = None
+) -> dict[str, Any]:
+    """OpenAI's model object, and ours under ``gpubroker``: the backend, whether it answers,
+    and (``occupancy``) whether the model is resident and how many wait for it."""
     info: dict[str, Any] = {"backend": route.backend, "reachable": reachable}
     if route.alias_of is not None:
         info["aliasOf"] = route.alias_of
+    if occupancy is not None:
+        info.update(occupancy.of(route))
     return {
         "id": name,
         "object": "model",

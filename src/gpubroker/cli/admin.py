@@ -1,12 +1,13 @@
-"""Commands that talk to a running broker: ``status``, ``unload``, ``swap``.
+"""Commands that talk to a running broker: ``status``, ``unload``, ``swap``, ``reload``.
 
-Exit codes: 0 done, 1 the broker said no or the action failed, 2 usage or config error,
-3 no broker reachable.
+Exit codes: 0 done, 1 the broker said no or the action failed, 2 usage or config error (a
+reload of a broken file among them), 3 no broker reachable.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -91,3 +92,60 @@ def swap(
     data = call("POST", base, "/api/swap", token=tok, json={"backend": name})
     evicted = ", ".join(data.get("evicted", [])) or "nothing"
     _print(data, json_, f"{name} owns the GPU (evicted {evicted}) after {data.get('ms', 0):.0f} ms")
+
+
+def reload(
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_: JsonOption = False,
+) -> None:
+    """Make the running broker re-read its config file and apply what changed.
+
+    Every connection is kept; a broken file changes nothing (its error is printed, exit code
+    2). The broker reads the file it was started with; --config only says where to find the
+    broker."""
+    from gpubroker.cli.client import broker_target, call
+    from gpubroker.errors import ConfigError
+
+    try:
+        base, tok = broker_target(url, config, token)
+    except ConfigError as error:  # broken: the broker is told (it logs it), found by the file
+        if config is None:
+            raise
+        base, tok = _target_of_broken(url, config, token, error)
+    data = call("POST", base, "/api/reload", token=tok, json={}, timeout=60.0)
+    if not data.get("ok", False):
+        if json_:
+            typer.echo(json.dumps(data, indent=2))
+        raise ConfigError(str(data.get("error") or "the broker could not reload its config"))
+    changes = data.get("changes") or {}
+    text = f"reloaded: {data.get('summary', 'done')}"
+    if changes.get("needsRestart"):
+        text += "\n(the keys that need a restart keep their running values until then)"
+    _print(data, json_, text)
+
+
+def _target_of_broken(
+    url: str | None, config: Path, token: str | None, error: Exception
+) -> tuple[str, str | None]:
+    """The status URL and token a file that does not validate still names (its YAML read
+    as it is); raises ``error`` when it cannot even be read."""
+    import os
+
+    from ruamel.yaml import YAML
+
+    from gpubroker.config.model import DEFAULT_STATUS_PORT
+
+    try:
+        data = YAML(typ="safe").load(config.read_text(encoding="utf-8"))
+    except Exception:
+        raise error from None
+    data = data if isinstance(data, dict) else {}
+    port = data.get("statusPort", DEFAULT_STATUS_PORT)
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise error
+    url = url or os.environ.get("GPUBROKER_URL") or f"http://127.0.0.1:{port}"
+    found = data.get("adminToken")
+    token = token or os.environ.get("GPUBROKER_TOKEN")
+    return url.rstrip("/"), token or (found if isinstance(found, str) else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -50,6 +51,15 @@ def fail(error: GPUBrokerError) -> NoReturn:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reflowed(doc: str | None) -> str | None:
+    """A command's docstring as its help: each paragraph one line, for the terminal to wrap
+    (Typer keeps a docstring's own line breaks, which a narrower or wider terminal breaks up)."""
+    if doc is None:
+        return None
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
 
 
 def friendly(fn: F) -> F:

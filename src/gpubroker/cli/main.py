@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gpubroker.cli import admin, serve, workers
-from gpubroker.cli.common import ConfigOption, fail, friendly
+from gpubroker.cli import admin, doctor, serve, workers
+from gpubroker.cli.common import ConfigOption, fail, friendly, reflowed
 from gpubroker.errors import GPUBrokerError
 
 if TYPE_CHECKING:
@@ -153,8 +153,16 @@ def plugins_(
         typer.echo(f"disabled: {', '.join(plugins.disabled)}")
 
 
-for command in (serve.serve, serve.demo, admin.status, admin.unload, admin.swap):
-    app.command()(friendly(command))
+for command in (
+    serve.serve,
+    serve.demo,
+    admin.status,
+    admin.unload,
+    admin.swap,
+    admin.reload,
+    doctor.doctor,
+):
+    app.command(help=reflowed(command.__doc__))(friendly(command))
 app.add_typer(workers.app)
 
 

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import logging
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from gpubroker.cli.common import ConfigOption
+from gpubroker.logs import LogFormat, configure
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("httpx", "httpcore", "hypercorn.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _logging(verbose: bool, log_format: LogFormat = "text") -> None:
+    """Text lines for people, or one JSON object per line for log shippers (gpubroker.logs)."""
+    configure(verbose=verbose, fmt=log_format)
 
 
 def loop_options() -> dict[str, Any]:
@@ -34,8 +30,27 @@ def serve(
         bool, typer.Option("--check", help="Validate the config, print it resolved, and exit.")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every decision.")] = False,
+    watch_config: Annotated[
+        bool,
+        typer.Option(
+            "--watch-config",
+            help="Reload the config file when it changes (checked every second); SIGHUP and "
+            "`gpubroker reload` reload it too.",
+        ),
+    ] = False,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            envvar="GPUBROKER_LOG_FORMAT",
+            help="text (for people) or json (one object per line on stderr: time, level, "
+            "logger, event, backend, requestId...).",
+        ),
+    ] = "text",
 ) -> None:
-    """Run the broker: a proxy port per backend and the status port, until Ctrl-C or SIGTERM."""
+    """Run the broker: a proxy port per backend and the status port, until Ctrl-C or SIGTERM.
+
+    SIGHUP (or `gpubroker reload`) re-reads the config file and applies what changed."""
     import json
     import signal
 
@@ -60,17 +75,25 @@ def serve(
         typer.echo(describe_config(cfg))
         typer.echo(json.dumps(cfg.to_dict(), indent=2))
         return
-    _logging(verbose)
+    _logging(verbose, log_format)
     typer.echo(describe_config(cfg), err=True)
 
     async def main() -> None:
         shutdown = anyio.Event()
         async with anyio.create_task_group() as tg:
+            reload: list[Any] = []  # the broker's reload, once it serves
 
             async def on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                wanted = [signal.SIGINT, signal.SIGTERM]
+                if hasattr(signal, "SIGHUP"):
+                    wanted.append(signal.SIGHUP)
+                with anyio.open_signal_receiver(*wanted) as signals:
                     async for signum in signals:
                         name = signal.Signals(signum).name
+                        if name == "SIGHUP":  # the reload logs what changed, or the error
+                            if reload and not shutdown.is_set():
+                                tg.start_soon(reload[0])
+                            continue
                         typer.echo(
                             f"{name}: stopping; in-flight requests get up to "
                             f"{cfg.shutdown_grace:g}s to finish (again to force).",
@@ -91,6 +114,13 @@ def serve(
                     done.set()
 
             endpoints = await tg.start(broker)
+            reload.append(endpoints.reload)
+            if watch_config and cfg.source in (None, "environment"):
+                typer.echo("--watch-config: no config file to watch (env-var mode)", err=True)
+            elif watch_config:
+                from gpubroker.runtime.watch import watch_config as watch
+
+                tg.start_soon(watch, Path(str(cfg.source)), endpoints.reload)
             typer.echo(f"gpubroker serving; status at {endpoints.status_url}", err=True)
             await done.wait()  # run_broker returns once in-flight responses have drained
             tg.cancel_scope.cancel()

@@ -318,6 +318,17 @@ def _swaps(data: StatusJson, limit: int = 5) -> RenderableType | None:
     return table
 
 
+def _preload(data: StatusJson) -> RenderableType | None:
+    """One line while the start-up preload runs (its failures are warnings); None after."""
+    steps = data.get("preload") or []
+    if not any(p["state"] in ("pending", "loading") for p in steps):
+        return None
+    said = ", ".join(
+        f"{p['target']} {p['state']}" + ("…" if p["state"] == "loading" else "") for p in steps
+    )
+    return Text(f"Preload: {said}", style="yellow")
+
+
 def _warnings(data: StatusJson, now: float) -> RenderableType:
     warnings: list[WarningJson] = data.get("warnings") or []
     if not warnings:
@@ -359,6 +370,7 @@ def render(
         )
     parts = [
         _header(data, url, error, stale_s),
+        _preload(data),
         _gpus(data),
         _backends(data),
         _requests(data),

@@ -213,6 +213,7 @@ BACKEND_KEYS: dict[str, Field] = {
     "upstreamIdleTimeout": Field("upstream_idle_timeout", parse_duration),
     "models": Field("models", lambda v: v),  # parsed by the loader, which needs locations
     "progress": Field("progress", _choice("comments", "off")),
+    "detach": Field("detach", _bool),
 }
 BACKEND_REQUIRED = ("name", "proxyPort", "upstream")
 
@@ -243,6 +244,7 @@ TOP_KEYS: dict[str, Field] = {
     "apiBodyLimit": Field("api_body_limit", parse_size),
     "modelRefresh": Field("model_refresh", _interval),
     "stateDir": Field("state_dir", _str),
+    "preload": Field("preload", _str_list),  # names checked by the loader (config/rules.py)
     "server": Field("server", _choice("hypercorn", "uvicorn")),
 }
 API_KEY_KEYS: dict[str, Field] = {

@@ -48,7 +48,7 @@ from gpubroker.config.model import (
     ModelSpec,
     parent_keypath,
 )
-from gpubroker.config.rules import check_residency, residency_notes
+from gpubroker.config.rules import check_preload, check_residency, residency_notes
 from gpubroker.config.units import format_duration
 from gpubroker.errors import ConfigError
 
@@ -236,6 +236,12 @@ class _Loader:
                     f"{path}.proxyPort", f"port {port} is already used by {seen_ports[port]}"
                 )
             seen_ports[port] = f"{path} ({name})"
+            if values.get("detach") and "command" not in values:
+                raise self.fail(
+                    f"{path}.detach",
+                    "detach is for a managed worker (a backend with `command:`): there is no "
+                    "process of ours to detach",
+                )
             out.append(BackendConfig(**values))
         check_residency(out, self.fail_near)
         return tuple(out)
@@ -253,6 +259,10 @@ def parse_config(
     top_spec = dict(TOP_KEYS, backends=Field("backends", lambda v: v))
     values = loader.mapping(data, "", top_spec)
     backends = loader.backends(values.pop("backends", []))
+    if "preload" in values:
+        for i in range(len(data["preload"])):
+            loader.note(data["preload"], i, f"preload[{i}]")
+        check_preload(backends, values["preload"], loader.fail_near)
     if "gpus" in values:
         values["gpus"] = loader.gpus(values["gpus"])
     if "api_keys" in values:
@@ -476,6 +486,8 @@ def describe_config(cfg: Config) -> str:
         )
     if cfg.api_keys:  # the names only: a key is never printed
         lines.append("apiKeys: " + ", ".join(_key_summary(k) for k in cfg.api_keys))
+    if cfg.preload:
+        lines.append("preload: " + ", ".join(cfg.preload))
     lines.extend(residency_notes(cfg))
     return "\n".join(lines)
 

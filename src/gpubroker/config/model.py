@@ -111,6 +111,9 @@ class BackendConfig:
     """``comments``: a streaming request that has to wait for the GPU gets its response head
     at once and an SSE comment a second saying why it waits (``X-GPUBroker-Progress: 1`` asks
     for the same per request; see ``proxy/progress.py``)."""
+    detach: bool = False
+    """A managed worker that outlives its broker (a crash or an ordinary stop) and is adopted by
+    the next start; False: it dies with the broker (Linux: a parent-death signal)."""
 
     @property
     def classifier_name(self) -> str:
@@ -151,6 +154,9 @@ class Config:
     state_dir: str | None = None
     """Where learned state (footprints) is kept; a relative path in a file is made relative to
     the file's folder when it loads. None: ``state_path``'s default (XDG_STATE_HOME)."""
+    preload: tuple[str, ...] = ()
+    """Backends and ``backend/model`` units made resident at start-up, in order, within the
+    budget (``Broker.preload_all``); names checked at load (:mod:`~gpubroker.config.rules`)."""
     server: Literal["hypercorn", "uvicorn"] = "hypercorn"
     """The HTTP server for every port; ``uvicorn`` (with httptools) needs the ``fast`` extra."""
     source: str | None = None

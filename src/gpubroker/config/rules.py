@@ -196,3 +196,44 @@ def residency_notes(cfg: Config) -> tuple[str, ...]:
         f"note: {' and '.join(used)} change nothing under policy: exclusive (one backend "
         "holds the GPU at a time); they apply under policy: budget",
     )
+
+
+def preload_ref(backends: Sequence[BackendConfig], entry: str) -> UnitRef | str:
+    """What a ``preload:`` entry names: a backend, or ``backend/model`` (a model the backend
+    declares, by name or alias, resolved to its name; any model where the backend declares none,
+    its models being discovered from the service); else why it names nothing (a message)."""
+    index = _Index(backends)
+    name, _, model = entry.partition("/")
+    if name not in index.backends:
+        known = list(index.backends)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown backend {name!r} in preload{hint}; backends are {', '.join(known)}"
+    if not model:
+        return UnitRef(name) if "/" not in entry else f"{entry!r} names no model after the /"
+    declared = index.backends[name].models
+    if declared is None:
+        return UnitRef(name, model)
+    for m in declared:
+        if model in m.names:
+            return UnitRef(name, m.name)
+    names = [n for m in declared for n in m.names]
+    close = difflib.get_close_matches(model, names, n=1)
+    hint = f" (did you mean {name}/{close[0]}?)" if close else ""
+    return (
+        f"{name} declares no model {model!r}{hint}; its models are {', '.join(names)} "
+        "(a backend that declares none takes any model name)"
+    )
+
+
+def check_preload(backends: Sequence[BackendConfig], entries: Sequence[str], fail: Fail) -> None:
+    """Raise the located error of the first ``preload:`` entry that names nothing, or a unit
+    named twice."""
+    seen: dict[UnitRef, int] = {}
+    for i, entry in enumerate(entries):
+        ref = preload_ref(backends, entry)
+        if isinstance(ref, str):
+            raise fail(f"preload[{i}]", ref)
+        if ref in seen:
+            raise fail(f"preload[{i}]", f"{str(ref)!r} is also preload[{seen[ref]}]")
+        seen[ref] = i

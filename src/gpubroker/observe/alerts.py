@@ -15,6 +15,8 @@ Codes (stable; dashboards and scripts may match on them):
 - ``unload_not_freed``: after an unload the backend still holds more than it may
   (:func:`gpubroker.vram.freed_goal`).
 - ``telemetry_failed``: the GPUs could not be read this time (e.g. NVML's GPU is lost).
+- ``preload_failed``: a ``preload:`` target failed to load, or was skipped (it did not fit);
+  it clears once its backend is resident.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ ALERT_CODES = (
     "vram_mismatch",
     "unload_not_freed",
     "telemetry_failed",
+    "preload_failed",
 )
 
 
@@ -78,6 +81,7 @@ class Facts:
     # resident model unit -> (backend, the model's declared vram, bytes measured for it)
     models: Mapping[str, tuple[str, int, int]] = field(default_factory=dict)
     split: frozenset[str] = frozenset()  # backends placed model by model
+    preload: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # target -> backend, why
 
 
 def _gib(nbytes: int) -> str:
@@ -121,6 +125,9 @@ class Alerts:
             found[(code, subject)] = (message, backend)
 
         self._health(facts, add)
+        for target, (owner, why) in facts.preload.items():
+            if facts.states.get(owner) != "resident":
+                add("preload_failed", target, f"preload of {target} {why}", owner or None)
         if facts.snapshot.error:
             add("telemetry_failed", "telemetry", f"GPU telemetry failed: {facts.snapshot.error}")
         else:

@@ -60,3 +60,10 @@ class HealthProbe:
                 "checkedAt": time.time(),
                 **detail,
             }
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: probe ``config``'s backends from now on; a removed one's result goes."""
+        self.config = config
+        names = {b.name for b in config.backends}
+        for name in [n for n in self._results if n not in names]:
+            del self._results[name]

@@ -5,6 +5,11 @@ brokers never collide. Gauges and counts the broker already keeps are read at sc
 one :mod:`~gpubroker.observe.readmodel` view; only what the broker does not keep (the queue wait,
 swap phases and first byte as distributions, evictions with why they happened) is observed as
 events happen. A reading telemetry cannot give is left out, never exported as zero.
+
+Counters continue across a restart: the broker's own (requests, refusals, upstream errors,
+swaps) through its part of the state file (``scheduling/memory.py``), and those kept only here
+(:data:`KEPT`: evictions, unload failures, OOMs avoided, api requests) through the ``metrics``
+section, saved whenever the state file is (the broker's counters move with them).
 """
 
 from __future__ import annotations
@@ -205,6 +210,9 @@ def _units(view: StatusView) -> Iterator[Metric]:
     yield from (vram, state, unmanaged, capacity, planned)
 
 
+KEPT = ("evictions", "unload_failures", "oom_avoided", "api_requests")  # kept across restarts
+
+
 class Metrics:
     """The registry for one broker, fed by its events."""
 
@@ -276,6 +284,10 @@ class Metrics:
         for unit in broker.sched.slots.values():
             for reason in REASONS:
                 self.evictions.labels(unit.spec.backend, unit.spec.model or "", reason)
+        self._section = broker.state.section("metrics") if broker.state is not None else None
+        if self._section is not None:
+            self._restore(self._section.loaded, set(names))
+            self._section.provide(self._kept)
         state = {} if health is None else health
         self.registry.register(_StateCollector(lambda: read(broker, monitor, state)))
         kinds = (Admitted, FirstByte, LeaseRefused, SwapStarted, Freed, UnloadFailed, Swapped)
@@ -326,6 +338,37 @@ class Metrics:
         keyed = event.model is not None and event.caller in self._key_names
         caller = event.caller if keyed else "other"
         self.api_requests.labels(event.backend, event.model or "", caller).inc()
+
+    def _counters(self) -> dict[str, Counter]:
+        return {name: getattr(self, name) for name in KEPT}
+
+    def _kept(self) -> dict[str, list[dict[str, Any]]]:
+        """Every labelled value of the kept counters, for the state file."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name, counter in self._counters().items():
+            rows = out[name] = []
+            for metric in counter.collect():
+                for sample in metric.samples:
+                    if sample.name.endswith("_total") and sample.value > 0:
+                        rows.append({"labels": dict(sample.labels), "value": sample.value})
+        return out
+
+    def _restore(self, loaded: Any, backends: set[str]) -> None:
+        """What an earlier run counted, added back, for the backends configured now (a
+        malformed row is skipped)."""
+        if not isinstance(loaded, dict):
+            return
+        for name, counter in self._counters().items():
+            rows = loaded.get(name)
+            for row in rows if isinstance(rows, list) else []:
+                try:
+                    labels, value = row["labels"], float(row["value"])
+                    if labels.get("backend") not in backends:
+                        continue
+                    if value > 0 and value != float("inf"):
+                        counter.labels(**{k: str(v) for k, v in labels.items()}).inc(value)
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    continue
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,6 +26,7 @@ from gpubroker.events import (
     EventBus,
     Freed,
     Measured,
+    Preload,
     Unmanaged,
     WarningCleared,
     WarningRaised,
@@ -103,7 +104,8 @@ class Monitor:
         self._strangers: set[int] = set()  # pids no tree held when the trees were last found
         self._told_untraced: frozenset[str] = frozenset()  # the untraced backends last logged
         self._refresh = SingleFlight(self._refresh_once)
-        bus.subscribe(self._on_event, (Freed,))
+        self.preload_problems: dict[str, tuple[str, str]] = {}  # target -> (backend, why)
+        bus.subscribe(self._on_event, (Freed, Preload))
 
     @property
     def snapshot(self) -> TelemetrySnapshot:
@@ -172,6 +174,7 @@ class Monitor:
                 and slot.measured
             },
             split=frozenset(slot.spec.backend for slot in slots.values() if slot.spec.group),
+            preload=dict(self.preload_problems),
         )
         raised, cleared = self.alerts.evaluate(facts)
         for a in raised:
@@ -241,5 +244,15 @@ class Monitor:
         return total_held(self.attribution.measured.get(backend))
 
     def _on_event(self, event: Event) -> None:
+        if isinstance(event, Preload):  # a preload that failed or was skipped is a warning
+            if event.state in ("failed", "skipped"):
+                why = f"{event.state}: {event.error}"
+                self.preload_problems[event.target] = (event.backend or "", why)
+            else:
+                self.preload_problems.pop(event.target, None)
         if isinstance(event, Freed) and event.backend is not None:
             self.alerts.unloaded(event.backend, event.at, event.held if event.measured else None)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: attribute and measure ``config``'s backends from the next sample on."""
+        self.config = config

@@ -45,6 +45,7 @@ from gpubroker.observe.views import (
 )
 from gpubroker.scheduling.broker import Broker
 from gpubroker.scheduling.effects import SwapRecord
+from gpubroker.scheduling.preload import PreloadStep
 from gpubroker.workers.supervisor import Supervisor, WorkerState
 
 Health = Mapping[str, Mapping[str, Any]]
@@ -82,6 +83,7 @@ class StatusView:
     processes: tuple[OwnedProcess, ...]  # every attributed GPU process
     warnings: tuple[Alert, ...]
     workers: tuple[WorkerView, ...]
+    preload: tuple[PreloadStep, ...] = ()  # the start-up preload's progress
 
     @property
     def jobs(self) -> tuple[JobView, ...]:
@@ -123,6 +125,9 @@ class StatusView:
             "gpus": [_gpu_json(g) for g in self.gpus],
             "gpuPlan": [plan_json(p) for p in self.gpu_plan],
             "warnings": [_warning_json(a) for a in self.warnings],
+            "preload": [
+                {"target": p.target, "state": p.state, "error": p.error} for p in self.preload
+            ],
         }
 
     def workers_json(self, *, admin: bool) -> list[WorkerJson]:
@@ -346,7 +351,7 @@ def read(
         started_at=broker.started_at,
         policy=broker.config.policy,
         owner=owner,
-        swap_count=sched.swap_count,
+        swap_count=sched.swap_count + broker.swaps_before,
         swapping=sched.swapping,
         backends=tuple(backends),
         leases=tuple(
@@ -380,6 +385,7 @@ def read(
         processes=tuple(monitor.attribution.processes) if monitor is not None else (),
         warnings=alerts,
         workers=_workers(broker, broker.supervisor, alerts, now),
+        preload=tuple(PreloadStep(p.target, p.state, p.error) for p in broker.preloads),
     )
 
 

@@ -22,6 +22,14 @@ class HealthJson(TypedDict):
     error: NotRequired[str]  # the probe's exception, by class name
 
 
+class PreloadJson(TypedDict):
+    """A ``preload:`` target and how far it got (``error``: why it was skipped or failed)."""
+
+    target: str
+    state: Literal["pending", "loading", "done", "skipped", "failed"]
+    error: str | None
+
+
 class BackendJobJson(TypedDict):
     id: str
     state: Literal["running", "pending"]
@@ -194,6 +202,7 @@ class StatusJson(TypedDict):
     gpus: list[GpuJson]
     gpuPlan: list[GpuPlanJson]
     warnings: list[WarningJson]
+    preload: list[PreloadJson]  # the start-up preload: each target, in order
 
 
 class WorkerJson(TypedDict):

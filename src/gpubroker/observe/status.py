@@ -6,6 +6,8 @@ and the active warnings; a browser asking for it is sent to the dashboard at ``/
 (``dashboard.py``). ``GET /metrics`` is the same in Prometheus' format and ``GET /events``
 streams every scheduler event as Server-Sent Events.
 
+``POST /api/reload`` re-reads the config file and applies it (``runtime/reload.py``).
+
 Admin verbs (these, and the ``/api/workers`` verbs of ``worker_routes``) pass one gate
 (``admin.py``): a bearer ``adminToken`` when one is set, refused outright when the port binds
 beyond loopback without one; read-only routes stay open. In front
@@ -15,7 +17,7 @@ this port answers to (DNS rebinding), no foreign Origin on a verb, no CORS, JSON
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -49,8 +51,12 @@ class StatusApp:
         bus: EventBus,
         monitor: Monitor | None = None,
         health: HealthProbe | None = None,
+        *,
+        reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
+        """``reload``: re-reads the config file and applies it (``POST /api/reload``)."""
         self.broker = broker
+        self._reload = reload
         self.monitor = monitor
         self.health: Mapping[str, Mapping[str, Any]] = health.results if health else {}
         self.metrics = Metrics(broker, bus, monitor, self.health)
@@ -65,6 +71,7 @@ class StatusApp:
                 Route("/api/status", self.index),
                 Route("/api/unload", self.unload, methods=["POST"]),
                 Route("/api/swap", self.swap, methods=["POST"]),
+                Route("/api/reload", self.reload, methods=["POST"]),
                 Route("/events", self.events.endpoint),
                 Route("/metrics", self.prometheus),
                 *workers.routes(),
@@ -136,3 +143,12 @@ class StatusApp:
                 "ms": round(grant.queued_s * 1000, 1),
             }
         )
+
+    async def reload(self, request: Request) -> Response:
+        """Re-read the config file and apply what changed (``gpubroker reload``): 200 with
+        ``ok`` and what changed, or ``ok: false`` and the file's error (nothing changed)."""
+        self.gate.check(request)
+        await json_object(request)
+        if self._reload is None:
+            return JSONResponse({"ok": False, "error": "this broker cannot reload its config"})
+        return JSONResponse(await self._reload())

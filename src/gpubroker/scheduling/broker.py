@@ -24,7 +24,9 @@ from anyio.abc import TaskGroup
 from gpubroker import events as ev
 from gpubroker.config.model import Config
 from gpubroker.errors import Refused, SwapInProgress
+from gpubroker.logs import request_id
 from gpubroker.plugins.strategies.base import FIRST_POLL, Job, Strategy
+from gpubroker.scheduling import memory
 from gpubroker.scheduling.effects import (
     Admit,
     CancelSwap,
@@ -40,9 +42,12 @@ from gpubroker.scheduling.effects import (
 )
 from gpubroker.scheduling.jobs import JobFollower
 from gpubroker.scheduling.notes import note_event
-from gpubroker.scheduling.scheduler import Scheduler
-from gpubroker.scheduling.units import Footprints, Placed, Units
+from gpubroker.scheduling.preload import PreloadStep, preload_all
+from gpubroker.scheduling.scheduler import Scheduler, State
+from gpubroker.scheduling.swaplog import SwapLog
+from gpubroker.scheduling.units import Footprints, Placed, Units, model_spec
 from gpubroker.scheduling.waiting import wait_note
+from gpubroker.statefile import StateFile
 from gpubroker.workers.start import start_before_load
 
 if TYPE_CHECKING:
@@ -57,6 +62,9 @@ CONFIRM_AFTER_FAILURE = 0.5  # seconds telemetry gets to show a failed unload fr
 FORGET_TRIES = 100  # a worker gone for good: evict it, retrying past a swap in progress…
 FORGET_RETRY = 0.1  # …this often (a plan on the same GPU ends within its own timeouts)
 SAVE_GRACE = 2.0  # seconds the last write of learned footprints may take as the broker stops
+RETRY_FAILED = 5.0  # Retry-After for a worker that failed while its request waited: the next
+# request starts it afresh
+REMOVED = "{} was removed from the config (gpubroker reload); try again later"
 
 
 class FreedConfirmer(Protocol):
@@ -117,11 +125,14 @@ class Broker:
         supervisor: Supervisor | None = None,
         confirm_freed: FreedConfirmer | None = None,
         footprints: Footprints | None = None,
+        state: StateFile | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``supervisor``: managed workers (``command:``), started before their load.
         ``confirm_freed``: given when telemetry runs, to check what an unload freed.
-        ``footprints``: learned footprints, kept across restarts."""
+        ``footprints``: learned footprints, kept across restarts. ``state``: the state file,
+        loaded: the swap history and counters an earlier run left continue here
+        (``scheduling/memory.py``)."""
         self.config = config
         self.strategies = dict(strategies)
         self.clock = clock
@@ -149,6 +160,7 @@ class Broker:
         self._wake = anyio.Event()
         self._armed: float | None = None  # the deadline the clock loop sleeps until
         self.closing = False
+        self._swaplog = SwapLog(sched, clock)  # the swap phases at info, with their timings
         self.units = Units(
             config,
             self.strategies,
@@ -159,6 +171,17 @@ class Broker:
             measured_total=self.measured_total,
         )
         bus.subscribe(self._on_event, (ev.Measured, ev.Unmanaged, ev.WorkerGone))
+        self._draining: set[str] = set()  # backends a reload removes: refused, then forgotten
+        self._models_followed = bool(self.units.per_model)  # run() follows them from the start
+        self.preloads: list[PreloadStep] = []  # the start-up preload's progress
+        self.state = state
+        self._memory = (
+            None
+            if state is None
+            else memory.Memory(
+                state.section("broker"), self.history, self.counters, lambda: self.sched.swap_count
+            )
+        )
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -172,6 +195,8 @@ class Broker:
             self._tg = None  # leases that end from now on are released at once
             with anyio.CancelScope(shield=True), anyio.move_on_after(SAVE_GRACE):
                 await self.units.save()  # what this run learned, for the next
+                if self.state is not None:
+                    await self.state.save()
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
@@ -181,6 +206,8 @@ class Broker:
             if self.units.per_model:
                 tg.start_soon(self.units.follow_all)
             tg.start_soon(self.units.keep_saved)
+            if self._memory is not None:
+                tg.start_soon(self._memory.keep)
             task_status.started()
             await self._clock_loop()
 
@@ -250,11 +277,14 @@ class Broker:
             raise Refused.of(
                 Refuse(0, backend, 503, "shutting_down", SHUTTING_DOWN, retry_after=5.0)
             )
+        if self._draining and backend in self._draining:
+            raise Refused.of(self._removed(0, backend))
         if placed.need == 0:  # it asks for no memory (an unload request): nothing to place
             self.record_passthrough(backend)
             yield Grant(0, backend, 0.0, None)
             return
         lease = next(self._ids)
+        request_id.set(lease)  # this request's task logs under its lease id (gpubroker.logs)
         now = self.clock()
         pending = _Pending()
         self._pending[lease] = pending
@@ -290,6 +320,8 @@ class Broker:
             queued = self.clock() - now
             self._publish(ev.Admitted, backend=backend, lease=lease, queued=queued)
             try:
+                if self.supervisor is not None and self.supervisor.recovering(backend):
+                    await self._worker_back(backend, lease, now)  # a crashed worker's restart
                 yield Grant(lease, backend, self.clock() - now, pending.admit.swap)
             finally:
                 if backend in self.jobs and self._tg is not None:
@@ -379,6 +411,34 @@ class Broker:
         """Admin swap: take and at once release a lease, so ``backend`` becomes the owner."""
         async with self.lease(backend, "(swap)", count=False) as grant:
             return grant
+
+    async def preload_all(self, targets: tuple[str, ...] | list[str]) -> None:
+        """Start-up ``preload:``: make ``targets`` resident in order, within the budget, never
+        evicting (``scheduling/preload.py``); progress in :attr:`preloads` and on the bus."""
+        await preload_all(self, targets)
+
+    async def _worker_back(self, backend: str, lease: int, since: float) -> None:
+        """``backend``'s managed worker crashed and waits for its restart: wait for it (within
+        what is left of ``queueTimeout``), or refuse with 503 once it is marked failed."""
+        assert self.supervisor is not None
+        left = max(0.0, self.config.queue_timeout - (self.clock() - since))
+        code = "queue_timeout"
+        message = f"{backend} crashed and is still restarting after queueTimeout"
+        with anyio.move_on_after(left):
+            if await self.supervisor.wait_recovered(backend):
+                return
+            w = self.supervisor.worker(backend)
+            code = "worker_failed"
+            message = f"{backend} crashed and did not come back: {w.error or w.state.value}"
+        self.counters[backend]["refused"] += 1
+        refusal = Refuse(lease, backend, 503, code, message, RETRY_FAILED)
+        self._publish(ev.LeaseRefused, backend=backend, lease=lease, status=503, reason=code)
+        raise Refused.of(refusal)
+
+    @property
+    def swaps_before(self) -> int:
+        """Swaps of earlier runs (the state file): ``swapCount`` continues from them."""
+        return self._memory.before if self._memory is not None else 0
 
     # --- effects --------------------------------------------------------------------------
 
@@ -519,8 +579,11 @@ class Broker:
     def _swap_done(self, effect: SwapDone) -> None:
         info = effect.info
         self._idle_scopes.pop(effect.swap, None)
+        self._swaplog.done(effect)
         if info.evicted:
             self.history.appendleft(SwapRecord(time.time(), info))
+            if self._memory is not None:
+                self._memory.swapped()
             target = self.sched.slots[info.target].spec if info.target is not None else None
             self._publish(
                 ev.Swapped,
@@ -543,6 +606,7 @@ class Broker:
 
         What a backend held as its unload began (measured, else None) is kept for its ``freed``.
         """
+        self._swaplog.note(note)
         held = None
         if note.backend is not None and note.kind == "unloading":
             self._held_before[note.backend] = self._held(note.backend)
@@ -610,3 +674,98 @@ class Broker:
 
     def record_upstream_error(self, backend: str) -> None:
         self.counters[backend]["upstream_errors"] += 1
+
+    # --- reload (``gpubroker reload``): the config changed under a running broker ----------
+
+    def reconfigure(
+        self, config: Config, strategies: Mapping[str, Strategy], plan: Scheduler | None = None
+    ) -> None:
+        """``config`` is what runs from now on (with any backend still draining in it) and
+        ``strategies`` every backend's strategy, new or replaced ones included. ``plan``: a
+        scheduler built from the new config, never run: its units are added (absent until
+        :meth:`welcome`) or respecified here, and its timings taken, for the next decisions."""
+        self.config = config
+        for name in [n for n in self.strategies if n not in strategies]:
+            del self.strategies[name]
+        self.strategies.update(strategies)  # the one dict Units reads too
+        for b in config.backends:
+            self.counters.setdefault(
+                b.name, {"gpu": 0, "passthrough": 0, "refused": 0, "upstream_errors": 0}
+            )
+        self._follower.track(self.strategies)
+        if plan is not None:
+            self.sched.retune(
+                queue_timeout=plan.queue_timeout,
+                hold_time=plan.hold_time,
+                min_residency=plan.min_residency,
+                aging=plan.aging,
+            )
+            effects: list[Effect] = []
+            for name, slot in plan.slots.items():
+                if name not in self.sched.slots:
+                    self.sched.add_unit(slot.spec)
+                elif self.sched.slots[name].spec != slot.spec:
+                    effects += self.sched.respec(slot.spec, self.clock())
+            for name, slot in list(self.sched.slots.items()):  # models found while running
+                base = plan.slots.get(slot.spec.group)
+                if name in plan.slots or base is None or slot.spec.model is None:
+                    continue
+                spec = model_spec(base.spec, slot.spec.model, declared=None, learned=None)
+                if spec != slot.spec:
+                    effects += self.sched.respec(spec, self.clock())
+            self._apply(effects)
+        self.units.reconfigure(config)
+        if self.units.per_model and not self._models_followed and self._tg is not None:
+            self._models_followed = True
+            self._tg.start_soon(self.units.follow_all)
+
+    def draining(self, backend: str) -> None:
+        """``backend`` is going away: its queued requests and every new one are refused (503,
+        Retry-After); what was admitted finishes. :meth:`idle` says when it has."""
+        self._draining.add(backend)
+        units = set(self.sched.units_of(backend))
+        for lease, pending in list(self._pending.items()):
+            live = self.live.get(lease)
+            if live is None or live.unit not in units or pending.event.is_set():
+                continue
+            self._apply(self.sched.cancel(lease, self.clock()))  # leaves the queue cleanly
+            self._carry_out([self._removed(lease, backend)])
+
+    def _removed(self, lease: int, backend: str) -> Refuse:
+        return Refuse(lease, backend, 503, "backend_removed", REMOVED.format(backend), 5.0)
+
+    def idle(self, backend: str) -> bool:
+        """Whether nothing of ``backend`` is in flight: no lease, job, queued request or plan
+        on any of its units (when a reload may restart its worker, or forget it)."""
+        sched = self.sched
+        if any(live.backend == backend for live in self.live.values()):
+            return False
+        return not any(
+            sched.slots[u].busy or sched.slots[u].plan is not None or sched.queued(u)
+            for u in sched.units_of(backend)
+        )
+
+    async def welcome(self, backend: str) -> None:
+        """A backend a reload added: it may hold VRAM until its strategy says what it holds
+        (asked now, bounded, as at start-up); a request that came meanwhile decides instead."""
+        self._apply(self.sched.reconciled(backend, None, self.clock()))
+        resident: bool | None = None
+        with anyio.move_on_after(self.config.unload_timeout):
+            try:
+                resident = await self.strategies[backend].resident()
+            except Exception as exc:  # a service that is down is simply unknown
+                log.info("%s: cannot tell what it holds (%s)", backend, exc)
+        slot = self.sched.slots.get(backend)
+        if slot is None or slot.state is not State.UNKNOWN or slot.plan is not None or slot.busy:
+            return
+        self._apply(self.sched.reconciled(backend, resident, self.clock()))
+        if backend in self.units.per_model:
+            await self.units.follow(backend)
+
+    def remove(self, backend: str) -> None:
+        """Forget a drained ``backend`` (RuntimeError while it is in use); its strategy goes
+        with the next :meth:`reconfigure`."""
+        self.sched.remove_backend(backend)
+        self._draining.discard(backend)
+        self.counters.pop(backend, None)
+        self.measured.pop(backend, None)

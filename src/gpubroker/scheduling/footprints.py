@@ -3,20 +3,17 @@
 The broker learns a footprint when telemetry measures a unit; the next time it starts, the book
 gives that size before anything is measured, so the first placement already knows it. The file
 is small JSON, ``{"version": 1, "footprints": {key: {"bytes": n, "at": unix_time}}}``, written
-atomically (temp file in the same directory, fsync, rename), so a crash mid-write leaves the
-previous file. The book is a cache, never a source of truth: a missing file is normal, a
-corrupt or unreadable one is one warning and an empty book, and a disk that refuses the write
-is logged, never raised (the broker serves on with what it has in memory).
+atomically by ``statefile.write_atomic`` (temp file in the same directory, fsync, rename), so a
+crash mid-write leaves the previous file. The book is a cache, never a source of truth: a
+missing file is normal, a corrupt or unreadable one is one warning and an empty book, and a
+disk that refuses the write is logged, never raised (the broker serves on with what it has
+in memory).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ import anyio.to_thread
 
 from gpubroker.config.load import state_path
 from gpubroker.config.model import Config
+from gpubroker.statefile import is_time, read_json, write_atomic
 
 log = logging.getLogger("gpubroker.scheduling.footprints")
 
@@ -128,7 +126,7 @@ class FootprintBook:
             data = _encode(self._entries)
             self._dirty = False
             try:
-                await anyio.to_thread.run_sync(_write, self.path, data)
+                await anyio.to_thread.run_sync(write_atomic, self.path, data)
             except OSError as exc:
                 self._dirty = True  # the next save tries again
                 seen = (exc.errno, exc.strerror)
@@ -156,19 +154,9 @@ def _read(path: Path, now: float) -> tuple[dict[str, _Entry], str | None]:
 
     Blocking: run it in a worker thread.
     """
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_FILE + 1)
-    except FileNotFoundError:
-        return {}, None
-    except OSError as exc:
-        return {}, f"unreadable: {exc.strerror or exc}"
-    if len(raw) > MAX_FILE:
-        return {}, f"larger than {MAX_FILE // 2**20} MiB"
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return {}, f"not JSON: {exc}"
+    data, problem = read_json(path, MAX_FILE)
+    if problem is not None or data is None:
+        return {}, problem
     try:
         entries = _parse(data)
     except ValueError as exc:
@@ -191,32 +179,7 @@ def _parse(data: Any) -> dict[str, _Entry]:
         nbytes, at = entry.get("bytes"), entry.get("at")
         if not _valid_bytes(nbytes):
             raise ValueError(f"entry {key!r}: bytes {nbytes!r} is not a size in 1..16 TiB")
-        if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
+        if not is_time(at):
             raise ValueError(f"entry {key!r}: at {at!r} is not a time")
         out[key] = _Entry(nbytes, float(at))
     return out
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically: a crash leaves the old file or the new one.
-
-    Blocking: run it in a worker thread.
-    """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # 0o600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
-        dirfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)

@@ -128,3 +128,16 @@ class JobFollower:
                 self._watch.discard(backend)
 
         tg.start_soon(follow)
+
+    def track(self, strategies: Mapping[str, Strategy]) -> None:
+        """A reload: the queues of ``strategies`` are followed from now on (a new one starts
+        empty); one no longer there is dropped, unless it is being followed right now."""
+        self.strategies = {n: s for n, s in strategies.items() if tracks_jobs(s)}
+        for name in self.strategies:
+            self.jobs.setdefault(name, [])
+            self._lock.setdefault(name, anyio.Lock())
+        for name in [n for n in self.jobs if n not in self.strategies and n not in self._watch]:
+            del self.jobs[name]
+            self._lock.pop(name, None)
+            self._failing.pop(name, None)
+            self._read_at.pop(name, None)

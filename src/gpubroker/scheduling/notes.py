@@ -37,7 +37,7 @@ def note_event(
         case "left":
             event = ev.Left
         case "swap_started":
-            queued = tuple(w.lease for w in sched.queue if w.backend == name)
+            queued = tuple(w.lease for w in sched.queue.of(name)) if name else ()
             event = ev.SwapStarted
             fields = {
                 "victims": tuple(cast(list[str], d["victims"])),

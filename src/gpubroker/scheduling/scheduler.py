@@ -30,161 +30,44 @@ A unit moves through these states::
     unknown ──► absent ──► loading ──► resident ──► draining ──► unloading ──► absent / asleep
                   ▲                                                               │
                   └───────────────────────────────────────────────────────────────┘
+
+The class is in three modules so each reads alone: this one holds the state and takes the
+events, :mod:`~gpubroker.scheduling.planning` decides (the pump every event ends with),
+:mod:`~gpubroker.scheduling.sizing` does the arithmetic. Nothing an event does walks the whole
+queue (issue 16, ``bench/scheduler_cost.py``): the waiters are indexed by unit with their
+deadlines in a heap (:mod:`~gpubroker.scheduling.waitqueue`), the units by GPU, conflict and
+idle timeout (:mod:`~gpubroker.scheduling.unitindex`), the leases admitted by lease.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Iterable, Mapping
 
 from gpubroker.config.model import Policy
 from gpubroker.errors import SwapInProgress
-from gpubroker.scheduling.effects import (
-    Admit,
-    CancelSwap,
-    Effect,
-    Load,
-    Note,
-    Refuse,
-    SwapDone,
-    SwapInfo,
-    Unload,
-    WaitIdle,
+from gpubroker.scheduling.effects import Effect, Note, Refuse, Unload
+from gpubroker.scheduling.planning import Planning
+from gpubroker.scheduling.slots import (
+    HOLDS_VRAM,
+    SHOWN_ORDER,
+    BackendSpec,
+    Chooser,
+    Plan,
+    Slot,
+    Source,
+    State,
+    Waiter,
 )
-from gpubroker.scheduling.victims import Candidate, choose_victims
+from gpubroker.scheduling.unitindex import UnitIndex, conflicts
+from gpubroker.scheduling.victims import choose_victims
+from gpubroker.scheduling.waitqueue import WaitQueue
 
-Chooser = Callable[[int, Sequence[Candidate], float], list[str] | None]
-"""Which candidates free ``shortfall`` bytes (given the time now), or None: the victim rule."""
-Source = Literal["declared", "backend", "measured", "unknown"]
-"""Where a unit's own footprint comes from: its config (``declared``), its backend's ``vram``
-standing in for a model's (``backend``), an earlier measurement (``measured``), or nowhere."""
+__all__ = ["HOLDS_VRAM", "BackendSpec", "Chooser", "Scheduler", "Source", "State"]
 
 
-class State(enum.Enum):
-    UNKNOWN = "unknown"  # may hold VRAM; we could not tell at start-up
-    ABSENT = "absent"
-    ASLEEP = "asleep"  # freed its VRAM by sleeping; wakes faster than a cold load
-    LOADING = "loading"
-    RESIDENT = "resident"
-    DRAINING = "draining"  # victim of a plan: no new leases, waiting for in-flight ones
-    UNLOADING = "unloading"
-
-
-HOLDS_VRAM = frozenset(
-    {State.UNKNOWN, State.LOADING, State.RESIDENT, State.DRAINING, State.UNLOADING}
-)
-# The state a backend shows when its units differ: the first of these any of them is in.
-_SHOWN_ORDER = (
-    State.LOADING,
-    State.UNLOADING,
-    State.DRAINING,
-    State.RESIDENT,
-    State.UNKNOWN,
-    State.ASLEEP,
-    State.ABSENT,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class BackendSpec:
-    """What the scheduler knows of a unit. ``need`` in bytes per GPU; None = unknown (the
-    whole GPU until a request or telemetry tells more); ``source`` says where it came from.
-
-    ``cost`` ranks how cheap the unit is to evict and bring back: 1 (vLLM, which wakes in
-    seconds), 2 (a cold load), 3 (a process to restart). ``sleeps`` says what its unload does
-    and so what state follows (asleep rather than absent): a different fact, not inferred from
-    the rank. ``group`` and ``model``: the backend and model of a model unit (empty for a
-    backend's own unit). ``exclusive``: units, or backends (all their units), never resident
-    together with this one.
-    """
-
-    name: str
-    gpus: tuple[str, ...] = ("0",)
-    need: int | None = None
-    priority: int = 0
-    pinned: bool = False
-    max_concurrency: int | None = None
-    cost: int = 2
-    idle_timeout: float | None = None
-    sleeps: bool = False  # its unload is a sleep: afterwards it is asleep, not absent
-    group: str = ""
-    model: str | None = None
-    exclusive: frozenset[str] = frozenset()
-    source: Source = "declared"
-
-    @property
-    def backend(self) -> str:
-        """The backend this unit belongs to (itself for a backend's own unit)."""
-        return self.group or self.name
-
-
-# --- state -----------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Slot:
-    spec: BackendSpec
-    state: State = State.UNKNOWN
-    active: set[int] = field(default_factory=set)
-    last_used: float = 0.0
-    loaded_at: float = float("-inf")
-    plan: int | None = None  # the plan this backend is a victim or target of
-    measured: dict[str, int] = field(default_factory=dict)  # GPU -> bytes telemetry saw held
-    jobs: int = 0  # work the service accepted and runs after its HTTP call ended (ComfyUI)
-    estimate: int | None = None  # the most its admitted requests asked for since it loaded
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def busy(self) -> int:
-        """GPU work in flight: leases held plus the service's own queued and running jobs."""
-        return len(self.active) + self.jobs
-
-    @property
-    def has_room(self) -> bool:
-        limit = self.spec.max_concurrency
-        return limit is None or self.busy < limit
-
-
-@dataclass(slots=True)
-class _Waiter:
-    """A queued request. ``backend`` is its unit; ``need``: bytes it asks its unit to hold
-    (None: the unit's footprint); ``fresh``: what it would need were its unit freed first
-    (a ComfyUI cache), where that is less."""
-
-    lease: int
-    backend: str
-    since: float
-    need: int | None = None
-    fresh: int | None = None
-
-
-@dataclass(slots=True)
-class _Plan:
-    id: int
-    target: str | None
-    victims: list[str]
-    gpus: frozenset[str]
-    started: float
-    reason: str = "request"
-    force: bool = False
-    asked: set[str] = field(default_factory=set)  # victims sent to the idle check
-    idle: set[str] = field(default_factory=set)  # victims whose busy() said idle
-    gone: set[str] = field(default_factory=set)  # victims unloaded (or failed trying)
-    failures: list[str] = field(default_factory=list)
-    prior: dict[str, State] = field(default_factory=dict)  # victims' states before the drain
-    drained_at: float | None = None
-    unloaded_at: float | None = None
-    unload_started: bool = False
-
-
-class Scheduler:
+class Scheduler(Planning):
     """The scheduler for every GPU domain of one broker. Times are seconds on any clock."""
 
     def __init__(
@@ -203,7 +86,7 @@ class Scheduler:
             b if isinstance(b, BackendSpec) else BackendSpec(b[0], max_concurrency=b[1])
             for b in backends
         ]
-        self.slots = {s.name: _Slot(s) for s in specs}
+        self.slots = {s.name: Slot(s) for s in specs}
         self.children: dict[str, list[str]] = {}  # backend -> its model units
         for s in specs:
             if s.group:
@@ -218,8 +101,10 @@ class Scheduler:
         self.aging = aging
         self.choose = choose
         self.unowned: dict[str, int] = {}  # GPU -> bytes held by processes no backend owns
-        self.queue: list[_Waiter] = []
-        self.plans: dict[int, _Plan] = {}
+        self.queue = WaitQueue()  # iterates in arrival order, as the list it replaced did
+        self.index = UnitIndex(self.slots)  # by GPU, by conflict, by idle timeout
+        self._holders: dict[int, Slot] = {}  # lease admitted -> the unit it holds
+        self.plans: dict[int, Plan] = {}
         self.hold_until: dict[str, float] = {}
         self.swap_count = 0
         self.last_swap_at: float | None = None
@@ -231,12 +116,16 @@ class Scheduler:
 
     def add_unit(self, spec: BackendSpec) -> None:
         """A unit found after start-up (a model first asked for, or seen loaded): absent until
-        told otherwise. Its GPUs must be ones the scheduler already plans for."""
+        told otherwise. Its GPUs must be ones the scheduler already plans for.
+
+        (A unit removed, or its spec replaced with other GPUs, conflicts or idle timeout,
+        calls ``self.index.rebuild(self.slots)`` once it is done: see ``unitindex``.)"""
         if spec.name in self.slots:
             return
-        self.slots[spec.name] = _Slot(spec, state=State.ABSENT)
+        slot = self.slots[spec.name] = Slot(spec, state=State.ABSENT)
         if spec.group:
             self.children.setdefault(spec.group, []).append(spec.name)
+        self.index.add(slot, self.slots)
 
     def units_of(self, backend: str) -> list[str]:
         """The backend's own unit, then its model units."""
@@ -246,78 +135,16 @@ class Scheduler:
         """One state for a backend and its model units: the busiest word among them (a swap
         step, else resident, asleep, unknown, absent)."""
         states = {self.slots[u].state for u in self.units_of(backend)}
-        for state in _SHOWN_ORDER:
+        for state in SHOWN_ORDER:
             if state in states:
                 return state
         return State.ABSENT
 
     def _conflicts(self, a: BackendSpec, b: BackendSpec) -> bool:
         """Whether ``a`` and ``b`` may never be resident together (either side names it)."""
-        return (
-            bool({b.name, b.backend} & a.exclusive or {a.name, a.backend} & b.exclusive)
-            and a.name != b.name
-        )
+        return conflicts(a, b)
 
     # --- sizes ----------------------------------------------------------------------------
-
-    def size(self, backend: str, gpu: str, need: int | None = None) -> int:
-        """Bytes unit ``backend`` takes on ``gpu`` when resident (the whole GPU where unknown);
-        with ``need``, once a request asking for that much is admitted too.
-
-        The largest of the declared (or learned) footprint, the estimate its requests brought
-        and what telemetry measured.
-        """
-        cap = self.capacity[gpu]
-        if self.policy == "exclusive" or cap is None:
-            return cap if cap is not None else 1
-        known = self._known_size(backend, gpu, need)
-        if known is not None:
-            return known
-        # Nothing known (what it held before it left is no measure of what it will): all the
-        # card has for it, which memory nobody owns is not, nor what pinned units hold.
-        pinned = sum(
-            self._known_size(s.name, gpu) or 0
-            for s in self.slots.values()
-            if s.spec.pinned and s.name != backend and s.state in HOLDS_VRAM and gpu in s.spec.gpus
-        )
-        return max(1, cap - self.unowned.get(gpu, 0) - pinned)
-
-    def _known_size(self, unit: str, gpu: str, need: int | None = None) -> int | None:
-        """``size`` where something is known of it (budget policy, a known capacity), else
-        None."""
-        slot = self.slots[unit]
-        known = [n for n in (slot.spec.need, slot.estimate, need) if n is not None]
-        held = slot.measured.get(gpu)
-        if not known and (held is None or slot.state not in HOLDS_VRAM):
-            return None
-        return max([*known, held or 0])
-
-    def footprint(self, unit: str, gpu: str) -> tuple[int, str]:
-        """What ``unit`` is planned to take on ``gpu`` and where that figure comes from:
-        ``declared`` (config), ``learned`` (measured on an earlier run), ``estimated`` (what its
-        requests asked: a context's KV cache, a workflow's files), ``measured`` (telemetry,
-        now) or ``unknown`` (the whole GPU, until something is known)."""
-        size = self.size(unit, gpu)
-        slot = self.slots[unit]
-        if self.policy == "exclusive" or self.capacity[gpu] is None:
-            return size, "exclusive"
-        if slot.measured.get(gpu, 0) >= size and size:
-            return size, "measured"
-        if slot.estimate is not None and slot.estimate >= size:
-            return size, "estimated"
-        if slot.spec.need is None:
-            return size, "unknown"
-        shown = {"measured": "learned", "backend": "declared"}
-        return size, shown.get(slot.spec.source, slot.spec.source)
-
-    def _fresh_size(self, unit: str, gpu: str, need: int | None) -> int:
-        """What ``unit`` would take on ``gpu`` loaded afresh for a request asking ``need``
-        (nothing it held before counts: not its estimate, not what was measured)."""
-        cap = self.capacity[gpu]
-        if self.policy == "exclusive" or cap is None:
-            return cap if cap is not None else 1
-        known = [n for n in (self.slots[unit].spec.need, need) if n is not None]
-        return max(known) if known else cap
 
     def settle(self, unit: str) -> None:
         """``unit`` is idle and its service just said what it holds: that reading, not the most
@@ -360,18 +187,6 @@ class Scheduler:
             slot.measured[gpu] = nbytes
         return self._pump(now) if self.size(backend, gpu) != before else []
 
-    def _cap(self, gpu: str) -> int:
-        cap = self.capacity[gpu]
-        return cap if cap is not None else 1
-
-    def used(self, gpu: str) -> int:
-        """Bytes planned as taken on ``gpu``: every unit holding memory, and what nobody owns."""
-        return self.unowned.get(gpu, 0) + sum(
-            self.size(s.name, gpu)
-            for s in self.slots.values()
-            if gpu in s.spec.gpus and s.state in HOLDS_VRAM
-        )
-
     # --- questions ------------------------------------------------------------------------
 
     def state(self, backend: str) -> State:
@@ -388,7 +203,7 @@ class Scheduler:
         return self.slots[backend].busy
 
     def queued(self, backend: str | None = None) -> int:
-        return sum(1 for w in self.queue if backend is None or w.backend == backend)
+        return self.queue.count(backend)
 
     def resident_units(self) -> list[str]:
         """Units admitting now, most recently used first."""
@@ -413,13 +228,14 @@ class Scheduler:
 
     def next_deadline(self) -> float | None:
         """When ``tick`` next has something to do."""
-        times = [w.since + self.queue_timeout for w in self.queue]
+        oldest = self.queue.oldest()
+        times = [oldest.since + self.queue_timeout] if oldest is not None else []
         # A hold already past (a waiter behind another plan on its GPU) needs no tick: the
         # plan's own end pumps the queue again.
         times += (t for t in self.hold_until.values() if t > self._pumped_at)
         if self._wake_at is not None:
             times.append(self._wake_at)
-        for s in self.slots.values():
+        for s in self.index.idlers:
             if s.spec.idle_timeout is not None and s.state is State.RESIDENT and not s.busy:
                 # Past, yet the last pump kept it (it has waiters, or its GPU is in a plan):
                 # whatever ends that pumps again.
@@ -475,7 +291,7 @@ class Scheduler:
         never = self._never_fits(backend, need if fresh is None else fresh)
         if never:
             return [*effects, Refuse(lease, backend, 507, "never_fits", never)]
-        self.queue.append(_Waiter(lease, backend, now, need, fresh))
+        self.queue.append(Waiter(lease, backend, now, need, fresh))
         effects.append(Note("queued", backend, lease, {"position": len(self.queue)}))
         return effects + self._pump(now)
 
@@ -484,12 +300,12 @@ class Scheduler:
 
     def released(self, lease: int, now: float) -> list[Effect]:
         """A lease ended: its response was fully sent, or its client went away."""
-        for slot in self.slots.values():
-            if lease in slot.active:
-                slot.active.discard(lease)
-                slot.last_used = now
-                return [Note("released", slot.name, lease), *self._pump(now)]
-        return []
+        slot = self._holders.pop(lease, None)
+        if slot is None or lease not in slot.active:
+            return []
+        slot.active.discard(lease)
+        slot.last_used = now
+        return [Note("released", slot.name, lease), *self._pump(now)]
 
     def jobs(self, backend: str, count: int, now: float) -> list[Effect]:
         """The service reports ``count`` jobs of its own queued or running (ComfyUI's queue).
@@ -507,10 +323,10 @@ class Scheduler:
 
     def cancel(self, lease: int, now: float) -> list[Effect]:
         """The client of ``lease`` went away: leave the queue, or end the lease if admitted."""
-        for i, waiter in enumerate(self.queue):
-            if waiter.lease == lease:
-                del self.queue[i]
-                return [Note("left", waiter.backend, lease), *self._after_leave(now)]
+        waiter = self.queue.get(lease)
+        if waiter is not None:
+            self.queue.remove(waiter)
+            return [Note("left", waiter.backend, lease), *self._after_leave(now)]
         return self.released(lease, now)
 
     def refuse_all(self, status: int, code: str, message: str, now: float) -> list[Effect]:
@@ -524,9 +340,8 @@ class Scheduler:
     def tick(self, now: float) -> list[Effect]:
         """The clock moved: time out waiters past ``queue_timeout``, end expired holds."""
         effects: list[Effect] = []
-        expired = [w for w in self.queue if now - w.since >= self.queue_timeout]
+        expired = self.queue.take_expired(now, self.queue_timeout)
         for waiter in expired:
-            self.queue.remove(waiter)
             effects.append(
                 Refuse(
                     waiter.lease,
@@ -570,16 +385,15 @@ class Scheduler:
         if holding:
             slot.state = State.RESIDENT
             if backend == plan.target:  # freeing it did not help: this request asks no more
-                for w in self.queue:
-                    if w.backend == backend:
-                        w.fresh = None
+                for w in self.queue.of(backend):
+                    w.fresh = None
         else:
             slot.state = State.ASLEEP if slot.spec.sleeps and error is None else State.ABSENT
             slot.estimate = None
             if backend == plan.target:  # freed to serve afresh: its cache no longer counts
                 slot.measured.clear()
-                for w in self.queue:
-                    if w.backend == backend and w.fresh is not None:
+                for w in self.queue.of(backend):
+                    if w.fresh is not None:
                         w.need, w.fresh = w.fresh, None
         if backend != plan.target:
             slot.plan = None
@@ -609,38 +423,6 @@ class Scheduler:
         )
         return effects + self._pump(now)
 
-    def _fits(self, backend: str, need: int | None = None) -> bool:
-        """Whether unit ``backend``, asked for ``need``, fits beside what is planned."""
-        holds = self.slots[backend].state in HOLDS_VRAM
-        return all(
-            self.used(g) - (self.size(backend, g) if holds else 0) + self.size(backend, g, need)
-            <= self._cap(g)
-            for g in self.slots[backend].spec.gpus
-        )
-
-    def _room_for(self, slot: _Slot, need: int | None) -> bool:
-        """Whether a request asking ``need`` of the resident ``slot`` fits as it stands: it
-        asks no more than the unit is sized for, or the growth fits."""
-        if need is None:
-            return True
-        gpus = slot.spec.gpus
-        if all(self.size(slot.name, g, need) <= self.size(slot.name, g) for g in gpus):
-            return True
-        return self._fits(slot.name, need)
-
-    def _want(self, unit: str) -> int | None:
-        """What the first request queued for ``unit`` asks of it."""
-        return next((w.need for w in self.queue if w.backend == unit), None)
-
-    def _load(self, plan: _Plan) -> list[Effect]:
-        """Bring the plan's target up; the note says whether it wakes from sleep."""
-        assert plan.target is not None
-        slot = self.slots[plan.target]
-        wake = slot.state is State.ASLEEP
-        slot.state = State.LOADING
-        detail: dict[str, object] = {"wake": wake, "swap": plan.id}
-        return [Note("loading", plan.target, detail=detail), Load(plan.id, plan.target)]
-
     def loaded(self, swap: int, backend: str, error: str | None, now: float) -> list[Effect]:
         """The target's ``load()`` finished; with ``error`` it could not be brought up."""
         plan = self.plans.get(swap)
@@ -657,7 +439,7 @@ class Scheduler:
         effects: list[Effect] = [
             Note("load_failed", backend, detail={"error": error, "swap": swap})
         ]
-        for waiter in [w for w in self.queue if w.backend == backend]:
+        for waiter in self.queue.of(backend):
             self.queue.remove(waiter)
             effects.append(
                 Refuse(
@@ -689,347 +471,43 @@ class Scheduler:
         plan, effects = self._start(None, victims, gpus, now, force=force, reason=reason)
         return plan.id, effects
 
-    # --- decisions ------------------------------------------------------------------------
+    # --- reload (``gpubroker reload``): the config changed under a running broker ----------
+    # ``self.index`` (units by GPU, conflict and idle timeout) follows ``add_unit`` by itself;
+    # ``respec`` (a changed rule or idle timeout) and ``remove_backend`` rebuild it. The queue
+    # needs nothing: a unit's index there exists only while it has waiters.
 
-    def _may_admit(self, slot: _Slot) -> bool:
-        return slot.state is State.RESIDENT and slot.plan is None and self._has_room(slot)
+    def respec(self, spec: BackendSpec, now: float) -> list[Effect]:
+        """Unit ``spec.name``'s new spec, for decisions from now on (a changed size, priority,
+        limit, idle timeout, cost or rule); what it holds and serves is unchanged. A footprint
+        learned while running stays unless the new spec declares one. Its GPUs cannot change
+        (ValueError): they are fixed at start-up."""
+        slot = self.slots[spec.name]
+        if spec.gpus != slot.spec.gpus:
+            raise ValueError(f"{spec.name}: its GPUs cannot change while running")
+        if spec.source != "declared" and slot.spec.source == "measured":
+            spec = dataclasses.replace(spec, need=slot.spec.need, source="measured")
+        slot.spec = spec
+        self.index.rebuild(self.slots)
+        return self._pump(now)
 
-    def _has_room(self, slot: _Slot) -> bool:
-        """``maxConcurrency`` counts the backend's work over all its units."""
-        limit = slot.spec.max_concurrency
-        if limit is None:
-            return True
-        group = slot.spec.backend
-        if group not in self.children:
-            return slot.busy < limit
-        return sum(self.slots[u].busy for u in self.units_of(group)) < limit
+    def remove_backend(self, backend: str) -> None:
+        """Forget ``backend`` and its model units. Refused (RuntimeError) while any of them
+        holds a lease or a job, has a request queued or is in a plan: drain it first."""
+        units = self.units_of(backend)
+        for unit in units:
+            slot = self.slots[unit]
+            if slot.busy or slot.plan is not None or self.queued(unit):
+                raise RuntimeError(f"{unit} is still in use: drain it before removing it")
+        for unit in units:
+            del self.slots[unit]
+        self.children.pop(backend, None)
+        self.index.rebuild(self.slots)
 
-    def _admit(
-        self,
-        lease: int,
-        slot: _Slot,
-        now: float,
-        swap: SwapInfo | None = None,
-        need: int | None = None,
-    ) -> Admit:
-        slot.active.add(lease)
-        slot.last_used = now
-        if need is not None:
-            slot.estimate = max(slot.estimate or 0, need)
-        return Admit(lease, slot.name, swap)
-
-    def _never_fits(self, backend: str, need: int | None = None) -> str | None:
-        """Why ``backend`` asked for ``need`` can never be admitted, or None (pinned residents
-        are immovable, and so is a pinned unit it may not be resident with)."""
-        spec = self.slots[backend].spec
-        for s in self.slots.values():
-            if s.spec.pinned and s.state in HOLDS_VRAM and self._conflicts(spec, s.spec):
-                return (
-                    f"{backend} may not be resident with {s.name} (exclusiveWith), which is "
-                    "pinned: it can never be loaded"
-                )
-        for gpu in spec.gpus:
-            cap = self._cap(gpu)
-            pinned = sum(
-                self.size(s.name, gpu)
-                for s in self.slots.values()
-                if s.name != backend
-                and s.spec.pinned
-                and gpu in s.spec.gpus
-                and s.state in HOLDS_VRAM
-            )
-            fresh = need is not None
-            asks = self._fresh_size(backend, gpu, need) if fresh else self.size(backend, gpu)
-            if asks > cap - pinned:
-                gib = 2**30
-                return (
-                    f"{backend} needs {asks / gib:.1f} GiB on GPU {gpu}, which has "
-                    f"{cap / gib:.1f} GiB with {pinned / gib:.1f} GiB pinned by others: it can "
-                    "never fit"
-                )
-        return None
-
-    def _after_leave(self, now: float) -> list[Effect]:
-        """A waiter left. A plan still draining for nobody is abandoned: nothing was freed yet."""
-        effects: list[Effect] = []
-        for plan in list(self.plans.values()):
-            if plan.target is None or plan.unload_started or self.queued(plan.target):
-                continue
-            for name in plan.victims:
-                self.slots[name].state = plan.prior[name]
-                self.slots[name].plan = None
-            self.slots[plan.target].plan = None
-            del self.plans[plan.id]
-            effects += [
-                CancelSwap(plan.id),
-                Note("swap_abandoned", plan.target, detail={"swap": plan.id}),
-            ]
-        return effects + self._pump(now)
-
-    def _pump(self, now: float) -> list[Effect]:
-        """Admit what may be admitted; make room where a waiter needs it."""
-        self._pumped_at = now
-        effects: list[Effect] = []
-        for plan in list(self.plans.values()):
-            effects += self._drain_progress(plan, now)
-        # 1. requests for resident backends, in arrival order
-        for waiter in list(self.queue):
-            slot = self.slots[waiter.backend]
-            if (
-                self._may_admit(slot)
-                and self._first_waiter(waiter)
-                and self._room_for(slot, waiter.need)
-            ):
-                self.queue.remove(waiter)
-                effects.append(self._admit(waiter.lease, slot, now, need=waiter.need))
-        # 2. targets needing room: highest aged priority first, one decision per GPU
-        self._wake_at = None
-        claimed = {g for p in self.plans.values() for g in p.gpus}
-        holds: dict[str, float] = {}
-        for target in self._targets(now):
-            gpus = self._plan_gpus(target)
-            if gpus & claimed:
-                key = min(gpus)  # still waiting: its hold keeps running
-                if key in self.hold_until:
-                    holds[key] = self.hold_until[key]
-                continue
-            claimed |= gpus
-            effects += self._make_room(target, gpus, now, holds)
-        self.hold_until = holds
-        # 3. idle timeouts
-        for slot in self.slots.values():
-            timeout = slot.spec.idle_timeout
-            gpus = frozenset(slot.spec.gpus)
-            if (
-                timeout is not None
-                and slot.state is State.RESIDENT
-                and slot.plan is None
-                and not slot.busy
-                and not self.queued(slot.name)
-                and not gpus & claimed
-                and now >= slot.last_used + timeout
-            ):
-                claimed |= gpus
-                _, started = self._start(None, [slot.name], gpus, now, reason="idle")
-                effects += started
-        # 4. memory nobody owns grew past what is free: reclaim, cheapest first
-        for gpu, unowned in self.unowned.items():
-            over = self.used(gpu) - self._cap(gpu)
-            if not unowned or over <= 0 or gpu in claimed:
-                continue
-            candidates, _ = self._candidates(gpu, (), now, resident_only=True)
-            chosen = self.choose(over, candidates, now)
-            if not chosen:
-                continue  # nothing movable covers it: requests wait for room instead
-            gpus = frozenset(g for v in chosen for g in self.slots[v].spec.gpus)
-            if gpus & claimed:
-                continue
-            claimed |= gpus
-            _, started = self._start(None, chosen, gpus, now, reason="unmanaged")
-            effects += started
-        return effects
-
-    def _plan_gpus(self, target: str) -> frozenset[str]:
-        """The GPUs a plan for ``target`` touches: its own, and those of any unit it may not
-        be resident with that holds memory now."""
-        spec = self.slots[target].spec
-        gpus = set(spec.gpus)
-        for s in self.slots.values():
-            if s.state in HOLDS_VRAM and self._conflicts(spec, s.spec):
-                gpus |= set(s.spec.gpus)
-        return frozenset(gpus)
-
-    def _first_waiter(self, waiter: _Waiter) -> bool:
-        return next(w for w in self.queue if w.backend == waiter.backend) is waiter
-
-    def _targets(self, now: float) -> list[str]:
-        """Backends with waiters that need room, by aged priority then arrival."""
-        oldest: dict[str, float] = {}
-        for w in self.queue:
-            slot = self.slots[w.backend]
-            if slot.plan is not None or w.backend in oldest:
-                continue
-            if slot.state is State.RESIDENT and (
-                not self._first_waiter(w) or self._room_for(slot, w.need)
-            ):
-                continue  # admitting: it waits for its own requests, not for room
-            oldest[w.backend] = w.since
-
-        def key(name: str) -> tuple[float, float]:
-            waited = now - oldest[name]
-            aged = self.slots[name].spec.priority + (waited / self.aging if self.aging else 0)
-            return (-aged, oldest[name])
-
-        return sorted(oldest, key=key)
-
-    def _candidates(
-        self, gpu: str, exclude: Iterable[str], now: float, *, resident_only: bool = False
-    ) -> tuple[list[Candidate], float | None]:
-        """The units on ``gpu`` that could make room, and when the first still inside its
-        minimum residency may go (None: none is)."""
-        skip = set(exclude)
-        out: list[Candidate] = []
-        protected_until: float | None = None
-        movable = (State.RESIDENT,) if resident_only else (State.RESIDENT, State.UNKNOWN)
-        for s in self.slots.values():
-            if s.name in skip or gpu not in s.spec.gpus:
-                continue
-            if s.state not in movable or s.plan is not None:
-                continue
-            young = s.state is State.RESIDENT and now < s.loaded_at + self.min_residency
-            if young:
-                until = s.loaded_at + self.min_residency
-                protected_until = min(until, protected_until or until)
-            out.append(
-                Candidate(
-                    name=s.name,
-                    frees=self.size(s.name, gpu),
-                    priority=s.spec.priority,
-                    cost=s.spec.cost,
-                    last_used=s.last_used,
-                    pinned=s.spec.pinned,
-                    protected=young,
-                )
-            )
-        return out, protected_until
-
-    def _make_room(
-        self, target: str, gpus: frozenset[str], now: float, holds: dict[str, float]
-    ) -> list[Effect]:
-        """Load (or grow) ``target`` now if it fits; else pick victims and drain them when
-        they may: first whatever it may not be resident with, then itself where freeing it
-        first is what its request asks (``fresh``), then the cheapest others."""
-        slot = self.slots[target]
-        waiter = next(w for w in self.queue if w.backend == target)
-        holding = slot.state in HOLDS_VRAM
-        key = min(gpus)
-        hold = self.hold_until.get(key, now + self.hold_time)  # runs from first blocked
-        victims: list[str] = []
-        protected_until: float | None = None
-        for s in self.slots.values():
-            if s.state in HOLDS_VRAM and self._conflicts(slot.spec, s.spec):
-                young = s.state is State.RESIDENT and now < s.loaded_at + self.min_residency
-                if s.plan is not None or s.spec.pinned or young:
-                    if young:
-                        self._wake_at = s.loaded_at + self.min_residency
-                    holds[key] = hold
-                    return []  # wait until it may go (a pinned one was refused on arrival)
-                victims.append(s.name)
-        flush = holding and waiter.fresh is not None and not self._fits(target, waiter.need)
-        if flush:
-            victims.insert(0, target)
-        for gpu in sorted(gpus):
-            freed = sum(self.size(v, gpu) for v in victims if gpu in self.slots[v].spec.gpus)
-            if gpu not in slot.spec.gpus:
-                adds = 0
-            elif flush:
-                adds = self._fresh_size(target, gpu, waiter.fresh)
-            elif holding:
-                adds = max(0, self.size(target, gpu, waiter.need) - self.size(target, gpu))
-            else:
-                adds = self.size(target, gpu, waiter.need)
-            shortfall = self.used(gpu) - freed + adds - self._cap(gpu)
-            if shortfall <= 0:
-                continue
-            candidates, young_until = self._candidates(gpu, [target, *victims], now)
-            chosen = self.choose(shortfall, candidates, now)
-            if chosen is None:
-                until = young_until if protected_until is None else protected_until
-                if until is not None:
-                    self._wake_at = until  # room appears once residency is served
-                holds[key] = hold
-                return []  # wait: what would make room is pinned, busy in a plan, or young
-            victims += chosen
-        if victims and any(self.slots[v].busy for v in victims) and now < hold:
-            holds[key] = hold  # the victims keep serving until the hold ends
-            return []
-        _, effects = self._start(target, victims, gpus, now)
-        return effects
-
-    def _start(
-        self,
-        target: str | None,
-        victims: list[str],
-        gpus: frozenset[str],
-        now: float,
-        *,
-        force: bool = False,
-        reason: str = "request",
-    ) -> tuple[_Plan, list[Effect]]:
-        for name in list(victims):  # a backend's own unit freed frees its models with it
-            for child in self.children.get(name, ()):
-                held = self.slots[child].state in HOLDS_VRAM and self.slots[child].plan is None
-                if held and child not in victims:
-                    victims.append(child)
-        plan = _Plan(next(self._ids), target, victims, gpus, now, reason=reason, force=force)
-        self.plans[plan.id] = plan
-        effects: list[Effect] = [
-            Note(
-                "swap_started",
-                target,
-                detail={"victims": list(victims), "swap": plan.id, "reason": reason},
-            )
-        ]
-        if target is not None:
-            self.slots[target].plan = plan.id
-        for name in victims:
-            slot = self.slots[name]
-            plan.prior[name] = slot.state
-            slot.state = State.DRAINING
-            slot.plan = plan.id
-            effects.append(Note("draining", name, detail={"active": slot.busy, "swap": plan.id}))
-        if victims:
-            return plan, effects + self._drain_progress(plan, now)
-        plan.drained_at = plan.unloaded_at = now
-        if target is not None and self.slots[target].state is not State.RESIDENT:
-            return plan, effects + self._load(plan)
-        return plan, effects + self._finish(plan, now)
-
-    def _drain_progress(self, plan: _Plan, now: float) -> list[Effect]:
-        """Victims whose in-flight leases have all ended go on to the idle check, once each."""
-        effects: list[Effect] = []
-        for name in plan.victims:
-            slot = self.slots[name]
-            if slot.state is not State.DRAINING or name in plan.asked:
-                continue
-            if slot.active and not plan.force:  # its own jobs: the idle check (busy()) waits
-                continue
-            plan.asked.add(name)
-            if plan.force:
-                effects += self.idle(plan.id, name, now)
-            else:
-                effects.append(WaitIdle(plan.id, name))
-        return effects
-
-    def _finish(self, plan: _Plan, now: float) -> list[Effect]:
-        del self.plans[plan.id]
-        drained = plan.drained_at or now
-        unloaded = plan.unloaded_at or now
-        info = SwapInfo(
-            target=plan.target,
-            evicted=tuple(plan.victims),
-            drain_s=drained - plan.started,
-            unload_s=unloaded - drained,
-            load_s=now - unloaded,
-            failures=tuple(plan.failures),
-            reason=plan.reason,
-        )
-        if plan.victims:
-            self.swap_count += 1
-            self.last_swap_at = now
-        effects: list[Effect] = [SwapDone(plan.id, info)]
-        if plan.target is None:
-            return effects
-        slot = self.slots[plan.target]
-        if slot.state is not State.RESIDENT:
-            slot.loaded_at = now
-        slot.state = State.RESIDENT
-        slot.plan = None
-        slot.last_used = now
-        for waiter in [w for w in self.queue if w.backend == plan.target]:
-            if not self._has_room(slot) or not self._room_for(slot, waiter.need):
-                break
-            self.queue.remove(waiter)
-            swap = info if plan.victims else None
-            effects.append(self._admit(waiter.lease, slot, now, swap, need=waiter.need))
-        return effects
+    def retune(
+        self, *, queue_timeout: float, hold_time: float, min_residency: float, aging: float
+    ) -> None:
+        """New timings, for every decision from now on (requests already queued included)."""
+        self.queue_timeout = queue_timeout
+        self.hold_time = hold_time
+        self.min_residency = min_residency
+        self.aging = aging

@@ -353,3 +353,12 @@ class Units:
             for backend in sorted(self.per_model):
                 await self.follow(backend)
             await anyio.sleep(self.config.telemetry_interval)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the config from now on, and which backends (their strategies may be new)
+        place requests by model or read their bodies."""
+        self.config = config
+        self.per_model = {n for n, s in self.strategies.items() if per_model(config, s)}
+        self._reads = {
+            n for n, s in self.strategies.items() if config.policy == "budget" and s.reads_demand
+        }

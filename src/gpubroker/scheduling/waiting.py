@@ -24,10 +24,10 @@ def wait_note(sched: Scheduler, lease: int, now: float) -> str | None:
     ``queued 2nd behind comfyui, 1.0 s``, behind what holds its GPUs (or its own backend's
     requests in flight, when ``maxConcurrency`` is what it waits for).
     """
-    place = next((i for i, w in enumerate(sched.queue) if w.lease == lease), None)
-    if place is None:
+    waiter = sched.queue.get(lease)
+    place = sched.queue.position(lease)
+    if waiter is None or place is None:
         return None
-    waiter = sched.queue[place]
     slot = sched.slots[waiter.backend]
     plan = sched.plans.get(slot.plan) if slot.plan is not None else None
     if plan is not None and plan.target == waiter.backend:
@@ -44,7 +44,7 @@ def wait_note(sched: Scheduler, lease: int, now: float) -> str | None:
         return f"swapping {gone}→{waiter.backend} ({phase}), {took}"
     waited = f"{now - waiter.since:.1f} s"
     if slot.state is State.RESIDENT:  # admitting, but full: its own requests go first
-        return f"queued {ordinal(place + 1)} behind {slot.busy} in flight on {slot.name}, {waited}"
+        return f"queued {ordinal(place)} behind {slot.busy} in flight on {slot.name}, {waited}"
     gpus = set(slot.spec.gpus)
     holders = [
         s.name
@@ -52,4 +52,4 @@ def wait_note(sched: Scheduler, lease: int, now: float) -> str | None:
         if s is not slot and s.state in HOLDS_VRAM and gpus & set(s.spec.gpus)
     ]
     behind = f" behind {', '.join(holders)}" if holders else ""
-    return f"queued {ordinal(place + 1)}{behind}, {waited}"
+    return f"queued {ordinal(place)}{behind}, {waited}"

@@ -27,6 +27,8 @@ commit fb30760: server/sched.go, server/routes.go, api/types.go, envconfig/confi
   ``.internal`` gets 403; the port is never looked at) and the CORS Origin allow-list of
   ``envconfig.AllowedOrigins`` (``origins`` = ``OLLAMA_ORIGINS``);
 - ``/api/*`` stream NDJSON, ``/v1/*`` stream SSE ending in ``[DONE]``;
+- ``GET``/``HEAD /api/version`` answers ``{"version"}`` (routes.go ``GenerateRoutes``), the one
+  way to tell an Ollama over HTTP (``gpubroker doctor`` and ``init`` probe it);
 - a loaded runner is reused only while the request's runner options match the ones it was
   loaded with (``(*runnerRef).needsReload``): a different ``num_ctx``, ``num_batch``,
   ``num_gpu``... expires it (once its requests end) and loads the model again;

@@ -30,7 +30,16 @@ paths under vllm/):
 - ``/collective_rpc`` takes ``{"method", "args"?, "kwargs"?, "timeout"?}``
   (entrypoints/serve/dev/rpc/api_router.py): 400 without ``method``, ``{"results": [null]}``
   for ``reload_weights``;
-- ``/health`` stays 200 while asleep (entrypoints/serve/instrumentator/health.py).
+- ``/health`` stays 200 while asleep (entrypoints/serve/instrumentator/health.py);
+  ``GET /version`` answers ``{"version"}`` (entrypoints/serve/instrumentator/basic.py);
+- ``GET /server_info?config_format=json|text`` exists in dev mode only (it is one of
+  entrypoints/serve/__init__.py: register_vllm_dev_api_routers; dev/server_info/api_router.py):
+  ``{"vllm_config", "vllm_env", "system_env"}``, the config as pydantic's JSON dump (its
+  ``model_config.enable_sleep_mode`` is ``--enable-sleep-mode``: config/model.py) or, by
+  default, as ``str(VllmConfig)`` (config/vllm.py: ``__str__``, which never names sleep mode);
+  the emulator fills only the fields named here. It is the one way to learn over HTTP whether
+  sleep mode is on: ``/is_sleeping`` and the ``vllm:engine_sleep_state`` gauge answer alike
+  without it.
 """
 
 from __future__ import annotations
@@ -184,6 +193,7 @@ class VLLMEmulator(EmulatedService):
             Route("/wake_up", self._wake_up, methods=["POST"]),
             Route("/is_sleeping", self._is_sleeping, methods=["GET"]),
             Route("/collective_rpc", self._collective_rpc, methods=["POST"]),
+            Route("/server_info", self._server_info, methods=["GET"]),
         ]
 
     async def _health(self, _request: Request) -> Response:
@@ -330,6 +340,28 @@ class VLLMEmulator(EmulatedService):
         if not self.dev_mode:
             return _not_found()
         return JSONResponse({"is_sleeping": self.is_sleeping})
+
+    async def _server_info(self, request: Request) -> Response:
+        if not self.dev_mode:
+            return _not_found()
+        config_format = request.query_params.get("config_format", "text")
+        if config_format not in ("text", "json"):
+            return _error(422, f"config_format must be text or json, not {config_format!r}")
+        model_config = {
+            "model": self.model,
+            "max_model_len": self.max_model_len,
+            "enable_sleep_mode": self.sleep_mode,
+        }
+        config: Any = {"model_config": model_config}
+        if config_format == "text":
+            config = f"model={self.model!r}, max_seq_len={self.max_model_len}"
+        return JSONResponse(
+            {
+                "vllm_config": config,
+                "vllm_env": {"VLLM_SERVER_DEV_MODE": True},
+                "system_env": {},
+            }
+        )
 
     async def _collective_rpc(self, request: Request) -> Response:
         if not self.dev_mode:

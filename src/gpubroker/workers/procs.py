@@ -14,12 +14,12 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
-import anyio.abc
 import anyio.to_thread
 import psutil
 
@@ -35,6 +35,40 @@ AFTER_GRACE = 10.0  # a stop's time after its grace for SIGKILL, reaping and its
 
 Telemetry = Callable[[], TelemetrySnapshot]
 """The latest shared telemetry snapshot (the monitor's); never triggers a driver call."""
+
+DETACHED_POLL = 0.1  # seconds between looks at a detached child's exit
+
+
+class Child(Protocol):
+    """A worker process we spawned: anyio's ``Process``, or :class:`DetachedChild`."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+    async def wait(self) -> int: ...
+
+
+class DetachedChild:
+    """A ``detach: true`` worker: a plain ``subprocess.Popen`` (spawned in a thread), which,
+    unlike an event loop's subprocess transport, nothing kills when the broker's loop closes;
+    its exit is polled (``waitpid`` with ``WNOHANG``, which never blocks)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    async def wait(self) -> int:
+        while (code := self.popen.poll()) is None:
+            await anyio.sleep(DETACHED_POLL)
+        return code
 
 
 def process(pid: int) -> psutil.Process | None:
@@ -187,7 +221,7 @@ async def stop_tree(
     grace: float,
     *,
     deadline: float | None = None,
-    child: anyio.abc.Process | None = None,
+    child: Child | None = None,
     address: tuple[str, int] | None = None,
     telemetry: Telemetry | None = None,
 ) -> dict[str, Any]:
@@ -231,9 +265,7 @@ async def stop_tree(
     }
 
 
-async def _gone(
-    members: list[psutil.Process], child: anyio.abc.Process | None, deadline: float
-) -> bool:
+async def _gone(members: list[psutil.Process], child: Child | None, deadline: float) -> bool:
     """Wait until ``deadline`` at most for every process of ``members`` to be gone. Our own
     child is reaped by the event loop (never by psutil, which would steal its exit status)."""
     others = [p for p in members if child is None or p.pid != child.pid]

@@ -42,7 +42,7 @@ operations that move them; crash recovery takes the same lock)::
 from __future__ import annotations
 
 import logging
-import subprocess
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -52,7 +52,7 @@ import anyio.abc
 import anyio.to_thread
 import httpx
 
-from gpubroker.config.model import Config
+from gpubroker.config.model import BackendConfig, Config
 from gpubroker.errors import WorkerError
 from gpubroker.events import (
     EventBus,
@@ -67,6 +67,7 @@ from gpubroker.events import (
     WorkerStopped,
     WorkerStopping,
 )
+from gpubroker.statefile import StateFile
 from gpubroker.telemetry.base import TelemetrySnapshot
 from gpubroker.workers.adopt import Leftovers, stop_stray
 from gpubroker.workers.parts import LOG_LINES, Backoff
@@ -74,12 +75,16 @@ from gpubroker.workers.procs import (
     AFTER_GRACE,
     MARKER,
     MARKER_UPSTREAM,
+    Child,
+    DetachedChild,
     Telemetry,
     port_open,
     process_tree,
     stop_tree,
 )
-from gpubroker.workers.worker import Worker, WorkerState
+from gpubroker.workers.records import WorkerRecord, start_time
+from gpubroker.workers.spawn import not_runnable, spawn
+from gpubroker.workers.worker import Worker, WorkerState, upstream_address
 
 # What other modules import from here (the verbs' callers and the server's wiring).
 __all__ = ["LOG_LINES", "MARKER", "MARKER_UPSTREAM", "Supervisor", "WorkerError", "WorkerState"]
@@ -108,14 +113,26 @@ class Supervisor(Leftovers):
         bus: EventBus,
         telemetry: Telemetry | None = None,
         backoff: Backoff | None = None,
+        state: StateFile | None = None,
     ) -> None:
         """``bus``: where worker events go (``/events``, and :class:`WorkerGone` for the
-        broker, so the next request starts a worker that ended for good, not a dead port)."""
+        broker, so the next request starts a worker that ended for good, not a dead port).
+        ``state``: the state file, loaded; its ``workers`` section says what an earlier run
+        left running (``records.py``) and is kept up to date here."""
         self.config = config
         self.bus = bus
         self.workers = {b.name: Worker(b) for b in config.backends if b.command is not None}
         self.telemetry = telemetry
         self.backoff = backoff or Backoff()
+        self.state = state
+        self._section = state.section("workers") if state is not None else None
+        self.records: dict[str, WorkerRecord] = {}  # an earlier run's, then this run's
+        self._me = (os.getpid(), start_time(os.getpid()))
+        if self._section is not None:
+            self.records = self._earlier_records(self._section.loaded)
+            self._section.provide(self._records_json)
+        path = state.path if state is not None else None
+        self.log_dir = path.parent / "workers" if path is not None else None  # detached logs
         self._tg: anyio.abc.TaskGroup | None = None
         self._http: httpx.AsyncClient | None = None  # for health checks, made on first use
 
@@ -134,7 +151,10 @@ class Supervisor(Leftovers):
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                if self.state is not None:
+                    tg.start_soon(self.state.keep_saved)
                 try:
+                    await self._stop_unknown()
                     await self._reconcile()
                     for w in self.workers.values():
                         if w.spec.autostart and w.state is WorkerState.STOPPED:
@@ -150,13 +170,19 @@ class Supervisor(Leftovers):
             self._tg = None
 
     async def _shutdown(self) -> None:
-        """Stop every worker (all at once) and release the health client."""
+        """Stop every worker (all at once) but the detached, release the health client, and
+        save which workers still run (the detached) for the next start."""
         async with anyio.create_task_group() as tg:
             for w in self.workers.values():
+                if w.spec.detach and w.pid is not None:
+                    log.info("%s: pid %d left running (detach: true)", w.name, w.pid)
+                    continue
                 tg.start_soon(self._stop_now, w)
         if self._http is not None:
             http, self._http = self._http, None
             await http.aclose()
+        if self.state is not None:
+            await self.state.save()
 
     async def _autostart(self, w: Worker) -> None:
         try:
@@ -185,6 +211,20 @@ class Supervisor(Leftovers):
         if w.state in (WorkerState.STOPPED, WorkerState.FAILED):
             return False
         return None
+
+    def recovering(self, name: str) -> bool:
+        """Whether ``name`` crashed and waits for its restart (backoff, then start): it is
+        not serving, though the scheduler keeps its room (the supervisor brings it back)."""
+        w = self.workers.get(name)
+        return w is not None and w.recovering
+
+    async def wait_recovered(self, name: str) -> bool:
+        """Wait for the restart of a crashed ``name``: True when it is ready again, False when
+        it was marked failed or stopped instead."""
+        w = self.worker(name)
+        if w.back is not None:
+            await w.back.wait()
+        return w.state is WorkerState.READY
 
     def roots(self) -> dict[str, list[int]]:
         """Each running worker's leader PID, for attributing GPU processes to backends."""
@@ -300,20 +340,20 @@ class Supervisor(Leftovers):
             return claimed
         if not w.want_running:
             return "stopped while starting"
+        missing = not_runnable(argv[0], env, w.spec.cwd)
+        if missing is not None:
+            return missing
+        path = self._log_path(w) if w.spec.detach else None
+        if path is not None:
+            w.log.add(f"[gpubroker] detached: its output goes to {path}")
         try:
-            proc = await anyio.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=w.spec.cwd,
-                env=env,
-                start_new_session=True,  # its own process group: a stop reaches every child
-            )
+            proc, w.tied = await spawn(w.spec, argv, env, path)
         except OSError as exc:
             return f"cannot run {argv[0]!r}: {exc.strerror or exc}"
         w.proc, w.pid, w.adopted = proc, proc.pid, False
         w.started_at, w.ready_at = time.time(), None
+        w.created = await anyio.to_thread.run_sync(start_time, proc.pid)
+        self._remember(w)
         w.log.add(f"[gpubroker] started pid {proc.pid}: {' '.join(argv)}")
         log.info(
             "%s: started pid %d (CUDA_VISIBLE_DEVICES=%s)",
@@ -323,8 +363,13 @@ class Supervisor(Leftovers):
         )
         self._emit(WorkerStarting, w, pid=proc.pid)
         assert self._tg is not None
-        w.output_done = anyio.Event()
-        self._tg.start_soon(w.pump_log, proc, w.output_done)
+        if isinstance(proc, DetachedChild):
+            w.output_done = None
+            self._follow_log(w)
+        else:
+            assert isinstance(proc, anyio.abc.Process)
+            w.output_done = anyio.Event()
+            self._tg.start_soon(w.pump_log, proc, w.output_done)
         self._tg.start_soon(self._monitor, w, proc)
         error: str | None = "stopped while starting"
         with anyio.CancelScope() as scope:
@@ -345,7 +390,7 @@ class Supervisor(Leftovers):
         self._emit(WorkerReady, w, pid=w.pid, took=took)
         return None
 
-    async def _await_health(self, w: Worker, proc: anyio.abc.Process) -> str | None:
+    async def _await_health(self, w: Worker, proc: Child) -> str | None:
         started = time.monotonic()
         deadline = started + w.spec.start_timeout
         last_progress = started
@@ -377,15 +422,30 @@ class Supervisor(Leftovers):
 
     # --- watching ---------------------------------------------------------------------------
 
-    async def _monitor(self, w: Worker, proc: anyio.abc.Process) -> None:
+    async def _monitor(self, w: Worker, proc: Child) -> None:
         """Notice the exit of a spawned worker; an exit while ``ready`` is a crash."""
         code = await proc.wait()
         if w.proc is proc and w.state is WorkerState.READY:
             assert self._tg is not None
+            w.back = anyio.Event()  # not serving from now: leases wait for the restart
             self._tg.start_soon(self._recover, w, proc, code)
 
-    async def _recover(self, w: Worker, proc: anyio.abc.Process | None, code: int | None) -> None:
-        """A worker exited unasked: clean up what is left, then restart with backoff or fail."""
+    async def _recover(self, w: Worker, proc: Child | None, code: int | None) -> None:
+        """A worker exited unasked: clean up what is left, then restart with backoff or fail.
+
+        From the moment the exit is seen until the restart ends, ``w.recovering`` holds: the
+        broker's leases wait for it (or are refused once it fails) rather than meeting a dead
+        port."""
+        if not w.recovering:
+            w.back = anyio.Event()
+        back = w.back
+        try:
+            await self._recover_locked(w, proc, code)
+        finally:
+            if back is not None:
+                back.set()
+
+    async def _recover_locked(self, w: Worker, proc: Child | None, code: int | None) -> None:
         async with w.lock:
             if w.proc is not proc or not w.want_running or w.state is not WorkerState.READY:
                 return
@@ -495,4 +555,41 @@ class Supervisor(Leftovers):
         if w.proc is not None and w.proc.returncode is not None:
             w.last_exit = {"code": w.proc.returncode, "at": time.time()}
         w.proc, w.pid, w.adopted = None, None, False
+        w.created, w.tied = None, False
+        self._remember(w)
         return report
+
+    # --- reload (``gpubroker reload``): workers added, removed, respecified ------------------
+
+    def add(self, spec: BackendConfig) -> None:
+        """A backend with ``command:`` the config gained: managed from now on (started on
+        demand, or now with ``autostart``)."""
+        if spec.name in self.workers:
+            raise WorkerError(f"{spec.name} is already a managed worker")
+        w = self.workers[spec.name] = Worker(spec)
+        if spec.autostart and self._tg is not None:
+            w.state, w.want_running = WorkerState.STARTING, True
+            self._tg.start_soon(self._autostart, w)
+
+    async def retire(self, name: str) -> None:
+        """Stop ``name`` (if it runs) and forget it: its backend left the config, or lost its
+        ``command:``."""
+        if name not in self.workers:
+            return
+        if self._tg is not None:
+            await self.stop(name)
+        self.workers.pop(name, None)
+
+    def respec(self, name: str, spec: BackendConfig) -> bool:
+        """``name``'s new config, used from its next start on. True when what its process runs
+        with changed (command, env, cwd, upstream, pin, log file) while a process runs: the
+        caller restarts it once its backend is idle. Where it listens changes only while no
+        process runs (a stop confirms the old port closed)."""
+        w = self.worker(name)
+        before = w.spec
+        w.spec = spec
+        if w.pid is None:
+            w.host, w.port = upstream_address(spec.upstream)
+        runs = ("command", "env", "cwd", "upstream", "gpu", "log_file", "detach")
+        changed = any(getattr(before, a) != getattr(spec, a) for a in runs)
+        return changed and w.pid is not None

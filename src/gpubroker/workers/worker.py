@@ -21,7 +21,9 @@ from gpubroker.config.model import BackendConfig
 from gpubroker.telemetry.base import TelemetrySnapshot
 from gpubroker.telemetry.gpus import cuda_devices
 from gpubroker.workers.parts import LOG_LINES, LogBuffer
-from gpubroker.workers.procs import AFTER_GRACE, MARKER, MARKER_UPSTREAM
+from gpubroker.workers.procs import AFTER_GRACE, MARKER, MARKER_UPSTREAM, Child
+
+TAIL_POLL = 0.25  # seconds between reads of a detached worker's log file
 
 
 class WorkerState(enum.Enum):
@@ -75,9 +77,12 @@ class Worker:
         self.host, self.port = upstream_address(spec.upstream)
         self.state = WorkerState.STOPPED
         self.pid: int | None = None
-        self.proc: anyio.abc.Process | None = None
+        self.proc: Child | None = None
         self.adopted = False
         self.started_at: float | None = None  # wall clock, for uptime
+        self.created: float | None = None  # the process's create_time (psutil), for its record
+        self.tied = False  # started through the parent-death wrapper (``deathsig.py``)
+        self.back: anyio.Event | None = None  # set when a crash's restart ended (or gave up)
         self.ready_at: float | None = None
         self.restarts = 0
         self.crashes: deque[float] = deque()
@@ -92,6 +97,11 @@ class Worker:
         self.backoff_scope: anyio.CancelScope | None = None
         self.output_done: anyio.Event | None = None  # set when its output is read to the end
         self.last_stop: dict[str, Any] | None = None  # the report of the last stop
+
+    @property
+    def recovering(self) -> bool:
+        """Crashed, and waiting for its restart (the backoff, then the start): not serving."""
+        return self.back is not None and not self.back.is_set()
 
     def command(self, snapshot: TelemetrySnapshot | None) -> tuple[list[str], dict[str, str]]:
         """The argv and environment of a start, pinned to the GPUs ``snapshot`` resolves
@@ -140,3 +150,23 @@ class Worker:
                     await sink.aclose()
                 with anyio.move_on_after(self.spec.stop_timeout + AFTER_GRACE):
                     await proc.aclose()
+
+    async def tail_file(self, path: str, pid: int) -> None:
+        """Copy what a detached worker (``pid``) appends to its log file ``path`` into the ring
+        buffer, while it is this worker's process (the file is the worker's own stdout)."""
+        try:
+            offset = (await anyio.Path(path).stat()).st_size
+        except OSError:
+            offset = 0
+        while self.pid == pid:
+            try:
+                async with await anyio.open_file(path, "rb") as f:
+                    await f.seek(offset)
+                    data = await f.read(1 << 20)
+            except OSError:
+                data = b""
+            if data:
+                offset += len(data)
+                self.log.feed(data)
+            else:
+                await anyio.sleep(TAIL_POLL)

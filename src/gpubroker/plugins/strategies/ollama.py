@@ -233,6 +233,21 @@ class OllamaStrategy(Strategy):
         key = model.casefold()
         return any((canonical_model(n) or "").casefold() == key for n in await self._loaded())
 
+    async def load_model(self, model: str) -> None:
+        """Load ``model`` now (``preload:``): a generate request with no prompt only loads the
+        model and answers ``done_reason: "load"`` once its runner is up (Ollama's
+        ``server/routes.go`` ``GenerateHandler``, the empty-prompt case). Unbounded here: the
+        broker bounds a load by the backend's ``startTimeout``."""
+        name = canonical_model(model) or model
+        body = {"model": name, "stream": False}
+        reply = await self.client.post("/api/generate", json=body, timeout=None)
+        if reply.status_code == 404:
+            raise StrategyFailed(f"Ollama does not know model {name!r} (404)")
+        if reply.status_code >= 400:
+            raise StrategyFailed(
+                f"POST /api/generate answered {reply.status_code}: {reply.text[:200]}"
+            )
+
     async def unload_model(self, model: str) -> None:
         """``keep_alive: 0`` for ``model`` only, then wait until ps no longer lists it.
 
