@@ -23,7 +23,8 @@ def test_the_heap_is_trimmed_once_it_has_slack_and_not_again_until_it_grows() ->
     del pairs
     before = memory._rss()
     assert trimmer.look()
-    assert memory._rss() < before - 8 * 2**20  # the holes' pages went back
+    # the holes' pages went back (how many depends on what the process's heap held before)
+    assert memory._rss() < before - 2**20
     assert not trimmer.look()  # nothing new: no collection, no trim
     assert len(kept) == 250
 
