@@ -207,7 +207,7 @@ class ProxyApp:
                 return  # the client left (while queued, or during a watched exchange)
             raise
         finally:
-            watch.close()
+            await watch.aclose()
 
     async def _leased(
         self,
@@ -256,7 +256,7 @@ class ProxyApp:
             # the whole exchange, so a client that leaves (even before the upstream's first
             # byte, as with a non-streaming generation) ends the lease at once. Otherwise it
             # stops here (forward() reads the rest of a body too big to read ahead).
-            watched = watch.decided(keep=grant is not None and body.complete)
+            watched = await watch.decided(keep=grant is not None and body.complete)
             if refusal is not None:
                 await errors(send, refusal, self.name)
             elif grant is not None:
@@ -517,21 +517,27 @@ class _QueueWatch:
             self.left = True
             self.task.cancel()
 
-    def decided(self, keep: bool) -> bool:
+    async def decided(self, keep: bool) -> bool:
         """The lease is decided: keep watching through the exchange (True: the watcher only
         waits for a disconnect now), or stop; whether the exchange is watched."""
         if not self.tasks:
             return False
         if keep:
             return True
-        self.close()
+        await self.aclose()
         return False
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Stop the watcher (and the comments) and wait until they have: as a task group
+        would, so none outlives the request (a connection the server closes after it)."""
         self.active = False  # never a cancel once the exchange is over
-        for task in self.tasks:
+        tasks = self.tasks
+        if not tasks:
+            return
+        self.tasks = []
+        for task in tasks:
             task.cancel()
-        self.tasks.clear()
+        await asyncio.wait(tasks)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
