@@ -60,7 +60,19 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = self.formatException(record.exc_info)
         elif record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        try:
+            return json.dumps(out, default=str, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError):  # NaN, a key JSON cannot name, a cycle: as text
+            return json.dumps({k: _plain(v) for k, v in out.items()}, ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as strict JSON holds it, else its ``str``: a log line must always parse."""
+    try:
+        json.dumps(value, default=str, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return str(value)
+    return value
 
 
 def _camel(key: str) -> str:

@@ -146,3 +146,35 @@ def test_an_unknown_log_format_is_a_usage_error() -> None:
     assert result.exit_code == 2 and "xml" in result.output
     result = CliRunner().invoke(app, ["serve"], env={"GPUBROKER_LOG_FORMAT": "yaml"})
     assert result.exit_code == 2 and "yaml" in result.output
+
+
+def test_json_formatter_writes_strict_json_for_any_extra() -> None:
+    """A value JSON cannot hold as such (NaN, a dict keyed by tuples, a cycle) is written as
+    text: the record is one strictly valid JSON line, never lost to a logging error."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("gpubroker.test.json_strict")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    cycle: dict[str, object] = {}
+    cycle["self"] = cycle
+    try:
+        log.info("nan", extra={"ratio": float("nan"), "backend": "x"})
+        log.info("tuple keys", extra={"per_gpu": {("gpu", 0): 1}})
+        log.info("cycle", extra={"cycle": cycle})
+    finally:
+        log.removeHandler(handler)
+
+    def strict(text: str) -> object:
+        def refuse(name: str) -> object:
+            raise ValueError(f"not JSON: {name}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    lines = [strict(line) for line in stream.getvalue().splitlines()]
+    assert [r["event"] for r in lines] == ["nan", "tuple keys", "cycle"]  # type: ignore[index]
+    assert lines[0]["ratio"] == "nan" and lines[0]["backend"] == "x"  # type: ignore[index]
+    assert "gpu" in lines[1]["perGpu"]  # type: ignore[index]
+    assert isinstance(lines[2]["cycle"], str)  # type: ignore[index]
