@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 from typer.testing import CliRunner
@@ -343,3 +344,39 @@ def test_help_lists_doctor() -> None:
     assert result.exit_code == 0 and "doctor" in result.stdout
     result = runner.invoke(app, ["doctor", "--help"])
     assert result.exit_code == 0 and "--json" in result.stdout and "Exit code" in result.stdout
+
+
+async def test_an_upstream_with_an_endless_body_is_read_only_so_far(clean_env: Path) -> None:
+    """A hostile or broken upstream answering its probe with a body that never ends costs the
+    doctor a bounded read (never its memory, nor the whole check's time limit)."""
+    sent = 0
+
+    async def endless(stream: anyio.abc.SocketStream) -> None:
+        nonlocal sent
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive()
+            await stream.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\n\r\n")
+            chunk = b"<p>" * 21845
+            try:
+                while True:
+                    await stream.send(chunk)
+                    sent += len(chunk)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                return
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, endless)
+        cfg = write(
+            clean_env / "gpubroker.yaml",
+            "telemetry: none\n",
+            backend("web", f"http://127.0.0.1:{port}", "generic", unloadEndpoint="/unload"),
+        )
+        _, findings, _ = await doctor(cfg)
+        tg.cancel_scope.cancel()
+    web = one(findings, check="upstream", backend="web")
+    assert web["severity"] == "ok" and "GET / -> 200" in web["message"], web
+    assert sent < 64 * 2**20  # read up to a bound, then the connection closed

@@ -20,6 +20,7 @@ from gpubroker.doctor.findings import Finding
 from gpubroker.doctor.local import Launch, launch_of
 
 NAMES = {"ollama": "Ollama", "vllm": "vLLM", "comfyui": "ComfyUI", "llamacpp": "llama-server"}
+MAX_BODY = 2**20  # bytes of an answer read: every probe's JSON is a few KiB; a page is cut here
 
 
 class Unreachable(Exception):
@@ -27,8 +28,21 @@ class Unreachable(Exception):
 
 
 async def fetch(client: httpx.AsyncClient, url: str) -> httpx.Response:
+    """``GET url``, its body read up to :data:`MAX_BODY` (an upstream that sends without end
+    costs a bounded read, then the connection is closed)."""
     try:
-        return await client.get(url)
+        async with client.stream("GET", url) as streamed:
+            body = bytearray()
+            async for chunk in streamed.aiter_bytes():
+                body += chunk
+                if len(body) >= MAX_BODY:
+                    del body[MAX_BODY:]
+                    break
+            drop = ("content-encoding", "content-length", "transfer-encoding")
+            headers = [(k, v) for k, v in streamed.headers.items() if k.lower() not in drop]
+            return httpx.Response(
+                streamed.status_code, headers=headers, content=bytes(body), request=streamed.request
+            )
     except httpx.TimeoutException:
         raise Unreachable("did not answer in time") from None
     except httpx.ConnectError:
