@@ -479,3 +479,45 @@ async def test_a_port_handed_from_a_removed_backend_to_a_new_one_stays_open(
             assert ep.broker is not None
             await until(lambda: "a" not in ep.broker.sched.slots)
             assert not refused(url)
+
+
+async def test_a_changed_detach_restarts_the_worker_tied_or_detached_as_asked(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+
+    def worker(**extra: Any) -> dict[str, Any]:
+        return {
+            "name": "w",
+            "proxyPort": free_port(),
+            "upstream": f"http://127.0.0.1:{port}",
+            "unloadStrategy": "process",
+            "classifier": "generic",
+            "healthPath": "/health",
+            "command": [*FAKE],
+            **extra,
+        }
+
+    spec = worker()
+    path = write(tmp_path / "gpubroker.yaml", [spec], stateDir=str(tmp_path / "state"))
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    async with serving(path) as ep, httpx.AsyncClient(timeout=30) as client:
+        assert ep.broker is not None and ep.broker.supervisor is not None
+        sup = ep.broker.supervisor
+        url = ep.proxies["w"] + "/v1/chat/completions"
+        assert (await client.post(url, json=chat)).status_code == 200
+        first = sup.workers["w"].pid
+        assert first is not None and sup.workers["w"].tied
+        write(path, [{**spec, "detach": True}], stateDir=str(tmp_path / "state"))
+        assert (await reload(ep))["changes"]["changed"] == {"w": ["detach"]}
+        await until(lambda: sup.workers["w"].pid not in (None, first), limit=20)
+        await until(lambda: sup.workers["w"].state.value == "ready", limit=20)
+        second = sup.workers["w"].pid
+        assert not alive(first) and not sup.workers["w"].tied
+        assert sup.records["w"].detach and sup.records["w"].pid == second
+        assert (await client.post(url, json=chat)).status_code == 200
+        write(path, [spec], stateDir=str(tmp_path / "state"))
+        assert (await reload(ep))["changes"]["changed"] == {"w": ["detach"]}
+        await until(lambda: sup.workers["w"].pid not in (None, second), limit=20)
+        await until(lambda: sup.workers["w"].state.value == "ready", limit=20)
+        assert second is not None and not alive(second) and sup.workers["w"].tied
