@@ -521,3 +521,49 @@ async def test_a_changed_detach_restarts_the_worker_tied_or_detached_as_asked(
         await until(lambda: sup.workers["w"].pid not in (None, second), limit=20)
         await until(lambda: sup.workers["w"].state.value == "ready", limit=20)
         assert second is not None and not alive(second) and sup.workers["w"].tied
+
+
+@pytest.mark.parametrize("when", ["ready", "starting"])
+async def test_a_managed_worker_moved_to_another_port_is_served_where_it_listens(
+    tmp_path: Path, when: str
+) -> None:
+    """A reload that changes a running (or starting) worker's ``upstream`` (its port) while a
+    request is in flight: that request and those that come meanwhile reach the worker where it
+    listens (the old port, until its restart on the new one), never a refused connection (502)
+    at a port nothing opened, nor a start that waits for health where nothing will answer."""
+    old, new = free_port(), free_port()
+
+    def worker(at: int) -> dict[str, Any]:
+        return {
+            "name": "w",
+            "proxyPort": 21011,
+            "upstream": f"http://127.0.0.1:{at}",
+            "unloadStrategy": "process",
+            "classifier": "generic",
+            "healthPath": "/health",
+            "command": [*FAKE, "--tokens", "60", "--start-delay", "0.5"],
+        }
+
+    path = write(tmp_path / "gpubroker.yaml", [worker(old)])
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    async with serving(path) as ep, httpx.AsyncClient(timeout=30) as client:
+        assert ep.broker is not None and ep.broker.supervisor is not None
+        sup = ep.broker.supervisor
+        url = ep.proxies["w"] + "/v1/chat/completions"
+        codes: list[int] = []
+
+        async def ask() -> None:
+            codes.append((await client.post(url, json=chat)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            await until(lambda: sup.workers["w"].state.value == when and not ep.broker.idle("w"))
+            first = sup.workers["w"].pid
+            write(path, [worker(new)])
+            assert (await reload(ep))["changes"]["changed"] == {"w": ["upstream"]}
+            await ask()  # while the first is still in flight: the worker listens on `old`
+        assert codes == [200, 200]
+        await until(lambda: sup.workers["w"].pid not in (None, first), limit=20)
+        await until(lambda: sup.workers["w"].state.value == "ready", limit=20)
+        assert sup.workers["w"].port == new
+        assert (await client.post(url, json=chat)).status_code == 200

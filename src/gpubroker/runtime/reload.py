@@ -12,7 +12,8 @@ other task runs in between, so every reader sees the old config or the new one, 
 - backends changed: units respecified for the next decisions (sizes, priorities, limits,
   rules), a new strategy where the backend's service or its handling changed, a new proxy app
   swapped in behind its port (requests in flight finish in the one they entered), a managed
-  worker whose command changed restarted once its backend is idle;
+  worker whose command changed restarted once its backend is idle (one whose ``upstream``
+  changed while it runs is still reached where it listens until then: :meth:`_hold_moves`);
 - backends removed: refused from now on (503 ``backend_removed``, Retry-After: queued ones
   too), their port closed once their in-flight responses end (up to ``shutdownGrace``), then
   unloaded as ``gpubroker unload`` would, their worker stopped and everything of them forgot;
@@ -202,6 +203,7 @@ class Reloader:
         changes = diff(self.config, new)  # what needs a restart is kept out of target
         if changes.empty:
             return changes
+        target, moving = self._hold_moves(target, changes)
         index = {b.name: i for i, b in enumerate(target.backends)}
         news = {b.name: b for b in target.backends}
         for name in changes.added:
@@ -249,7 +251,53 @@ class Reloader:
                     await strategy.client.aclose()
             raise
         self._switch(target, changes, fresh, plan, bound)
+        for name, b in moving.items():  # after _switch: it replaces a restart pending
+            self._later(name, self._move(b))
         return changes
+
+    def _hold_moves(
+        self, target: Config, changes: ConfigDiff
+    ) -> tuple[Config, dict[str, BackendConfig]]:
+        """A managed worker whose ``upstream`` changed while its process runs (or starts)
+        listens where it was started until it restarts: ``target`` keeps its old upstream for
+        now (the proxy, strategy, health checks and catalogue reach it there), and the new
+        one, returned by name, is applied by :meth:`_move` once the backend is idle."""
+        sup, olds = self.parts.supervisor, {b.name: b for b in self.config.backends}
+        moving: dict[str, BackendConfig] = {}
+        held = []
+        for b in target.backends:
+            old = olds.get(b.name)
+            if (
+                old is not None
+                and old.upstream != b.upstream
+                and b.command is not None
+                and sup.manages(b.name)
+                and sup.worker(b.name).pid is not None
+            ):
+                moving[b.name] = b
+                b = replace(b, upstream=old.upstream)
+            held.append(b)
+        if not moving:
+            return target, moving
+        return replace(target, backends=tuple(held)), moving
+
+    async def _move(self, b: BackendConfig) -> None:
+        """Once ``b``'s backend is idle: stop its worker, then apply its new ``upstream`` (a
+        reload of the running config with that one change: a new proxy upstream, strategy
+        and health checks), and start it there if it was running."""
+        p, name = self.parts, b.name
+        await self._until_idle(name)
+        state = p.supervisor.worker(name).state
+        await p.broker.forget(name)  # unloaded: the process strategy stops the worker
+        await p.supervisor.stop(name)
+        backends = tuple(b if x.name == name else x for x in self.config.backends)
+        await self.apply(replace(self.config, backends=backends))
+        if state in (WorkerState.READY, WorkerState.STARTING) and p.supervisor.manages(name):
+            log.info("%s: restarting where its new upstream listens", name)
+            try:
+                await preload(p.broker, p.supervisor, name)
+            except (WorkerError, GPUBrokerError) as exc:
+                log.warning("%s: restart on its new upstream failed: %s", name, exc)
 
     def _switch(
         self,
