@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import sys
+import threading
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
@@ -88,13 +89,22 @@ class _LinesToLog(io.TextIOBase):
         self._real = real
         self._buffer = ""
         self._log = logging.getLogger("gpubroker.stderr")
+        self._inside = threading.local()
 
     def write(self, text: str) -> int:
-        self._buffer += text
-        if self._buffer.endswith("\n"):
-            message, self._buffer = self._buffer.rstrip("\n"), ""
-            if message.strip():
-                self._log.info(message)
+        if getattr(self._inside, "busy", False):
+            # Written while logging a line: the handler's own error report (its stream broke).
+            # Straight to the real stream, whose OSError logging ignores: never round again.
+            return self._real.write(text)
+        self._inside.busy = True
+        try:
+            self._buffer += text
+            if self._buffer.endswith("\n"):
+                message, self._buffer = self._buffer.rstrip("\n"), ""
+                if message.strip():
+                    self._log.info(message)
+        finally:
+            self._inside.busy = False
         return len(text)
 
     def flush(self) -> None:

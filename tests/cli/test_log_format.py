@@ -178,3 +178,29 @@ def test_json_formatter_writes_strict_json_for_any_extra() -> None:
     assert lines[0]["ratio"] == "nan" and lines[0]["backend"] == "x"  # type: ignore[index]
     assert "gpu" in lines[1]["perGpu"]  # type: ignore[index]
     assert isinstance(lines[2]["cycle"], str)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_log_call_survives_a_stderr_that_broke(fmt: str) -> None:
+    """stderr a pipe whose reader went (``serve ... 2>&1 | head``, a journald restart): a log
+    call still returns. In JSON mode the logging error's own report went back through the
+    stderr stand-in, round and round, until RecursionError reached whoever logged."""
+    import subprocess
+
+    import gpubroker
+
+    script = (
+        "import logging, os, sys\n"
+        "r, w = os.pipe(); os.close(r); sys.stderr = os.fdopen(w, 'w')\n"
+        "from gpubroker.logs import configure\n"
+        f"configure(fmt={fmt!r})\n"
+        "logging.getLogger('gpubroker.test').warning('hello')\n"
+        "print('logged', file=sys.__stdout__, flush=True)\n"
+        "os._exit(0)  # the broken stderr is not flushed at exit\n"
+    )
+    src = str(Path(gpubroker.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "logged" in done.stdout, done.stdout[-2000:]
