@@ -380,3 +380,40 @@ async def test_an_upstream_with_an_endless_body_is_read_only_so_far(clean_env: P
     web = one(findings, check="upstream", backend="web")
     assert web["severity"] == "ok" and "GET / -> 200" in web["message"], web
     assert sent < 64 * 2**20  # read up to a bound, then the connection closed
+
+
+async def test_json_stays_strict_when_an_upstream_answers_nan(clean_env: Path) -> None:
+    """An upstream answering ``NaN`` where a version belongs (Python's JSON parser takes it,
+    strict JSON has no such value) still gets ``--json`` that any JSON parser reads."""
+
+    async def nan(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive()
+            body = b'{"version": NaN}'
+            await stream.send(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, nan)
+        cfg = write(
+            clean_env / "gpubroker.yaml",
+            "telemetry: none\n",
+            backend("odd", f"http://127.0.0.1:{port}", "ollama"),
+        )
+        result = await anyio.to_thread.run_sync(
+            lambda: runner.invoke(app, ["doctor", "-c", str(cfg), "--json"])
+        )
+        tg.cancel_scope.cancel()
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"not strict JSON: {name}")
+
+    findings = json.loads(result.stdout, parse_constant=refuse)
+    odd = one(findings, check="ollama", backend="odd")
+    assert odd["severity"] == "error" and "without a version" in odd["message"]

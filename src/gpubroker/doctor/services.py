@@ -10,6 +10,7 @@ not running is no error: gpubroker starts it on demand.
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import anyio.to_thread
@@ -52,10 +53,18 @@ async def fetch(client: httpx.AsyncClient, url: str) -> httpx.Response:
 
 
 def json_of(response: httpx.Response) -> Any:
+    """The answer's JSON, None when it is not strict JSON (``NaN``, which Python's parser
+    takes, would make ``--json`` unreadable where a fact quotes it)."""
     try:
-        return response.json()
-    except ValueError:
+        return json.loads(response.content, parse_constant=_not_json)
+    except ValueError:  # UnicodeDecodeError included
         return None
+    except RecursionError:
+        return None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def kind_of(backend: BackendConfig) -> str:
