@@ -567,3 +567,44 @@ async def test_a_managed_worker_moved_to_another_port_is_served_where_it_listens
         await until(lambda: sup.workers["w"].state.value == "ready", limit=20)
         assert sup.workers["w"].port == new
         assert (await client.post(url, json=chat)).status_code == 200
+
+
+async def test_a_move_taken_back_before_the_worker_was_idle_leaves_it_where_it_runs(
+    tmp_path: Path,
+) -> None:
+    old, new = free_port(), free_port()
+
+    def worker(at: int) -> dict[str, Any]:
+        return {
+            "name": "w",
+            "proxyPort": 21012,
+            "upstream": f"http://127.0.0.1:{at}",
+            "unloadStrategy": "process",
+            "classifier": "generic",
+            "healthPath": "/health",
+            "command": [*FAKE, "--tokens", "60"],
+        }
+
+    path = write(tmp_path / "gpubroker.yaml", [worker(old)])
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    async with serving(path) as ep, httpx.AsyncClient(timeout=30) as client:
+        assert ep.broker is not None and ep.broker.supervisor is not None
+        sup = ep.broker.supervisor
+        url = ep.proxies["w"] + "/v1/chat/completions"
+        codes: list[int] = []
+
+        async def ask() -> None:
+            codes.append((await client.post(url, json=chat)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            await until(lambda: sup.workers["w"].state.value == "ready" and not ep.broker.idle("w"))
+            first = sup.workers["w"].pid
+            write(path, [worker(new)])
+            assert (await reload(ep))["changes"]["changed"] == {"w": ["upstream"]}
+            write(path, [worker(old)])
+            assert (await reload(ep))["ok"]  # taken back while the request still runs
+        assert codes == [200]
+        await anyio.sleep(0.5)  # the idle restart that no longer has a reason
+        assert sup.workers["w"].pid == first and sup.workers["w"].port == old
+        assert (await client.post(url, json=chat)).status_code == 200

@@ -128,6 +128,7 @@ class Reloader:
         self._lock = anyio.Lock()
         self._leaving: dict[str, BackendConfig] = {}  # removed, still draining
         self._restarts: dict[str, anyio.CancelScope] = {}
+        self._moves: dict[str, BackendConfig] = {}  # workers to move to a new upstream (_move)
         self._retired: list[httpx.AsyncClient | Upstream] = []  # closed when idle, or at stop
         self._failing = False  # the last reload failed: its warning stands
 
@@ -156,11 +157,12 @@ class Reloader:
             return {"ok": False, "error": f"the reload failed: {type(exc).__name__}: {exc}"}
         return {"ok": True, "summary": changes.summary(), "changes": changes.to_json()}
 
-    async def apply(self, new: Config) -> ConfigDiff:
+    async def apply(self, new: Config, *, keep_moves: bool = False) -> ConfigDiff:
         """Apply ``new`` (validated already); raises a located ConfigError (or PluginError),
-        having changed nothing, when it cannot be."""
+        having changed nothing, when it cannot be. ``keep_moves``: ``new`` is the running
+        config with one worker moved (:meth:`_move`): the other moves still wait."""
         async with self._lock:
-            changes = await self._apply(new)
+            changes = await self._apply(new, keep_moves)
         log.info("config reloaded from %s: %s", new.source, changes.summary())
         self.parts.bus.publish(
             ev.ConfigReloaded(
@@ -196,12 +198,14 @@ class Reloader:
 
     # --- one reload -----------------------------------------------------------------------
 
-    async def _apply(self, new: Config) -> ConfigDiff:
+    async def _apply(self, new: Config, keep_moves: bool = False) -> ConfigDiff:
         p = self.parts
         check_config_names(new, p.plugins)
         target = applicable(self.config, new)
         changes = diff(self.config, new)  # what needs a restart is kept out of target
         if changes.empty:
+            if not keep_moves:
+                self._moves.clear()  # the file is what runs: a move still waiting is moot
             return changes
         target, moving = self._hold_moves(target, changes)
         index = {b.name: i for i, b in enumerate(target.backends)}
@@ -251,8 +255,11 @@ class Reloader:
                     await strategy.client.aclose()
             raise
         self._switch(target, changes, fresh, plan, bound)
+        for name in [n for n in self._moves if n not in moving and not keep_moves]:
+            del self._moves[name]  # moved back (or removed) by this reload: nothing to move
         for name, b in moving.items():  # after _switch: it replaces a restart pending
-            self._later(name, self._move(b))
+            self._moves[name] = b
+            self._later(name, self._move(name))
         return changes
 
     def _hold_moves(
@@ -281,17 +288,20 @@ class Reloader:
             return target, moving
         return replace(target, backends=tuple(held)), moving
 
-    async def _move(self, b: BackendConfig) -> None:
-        """Once ``b``'s backend is idle: stop its worker, then apply its new ``upstream`` (a
-        reload of the running config with that one change: a new proxy upstream, strategy
-        and health checks), and start it there if it was running."""
-        p, name = self.parts, b.name
+    async def _move(self, name: str) -> None:
+        """Once ``name`` is idle: stop its worker, then apply its new ``upstream`` (a reload
+        of the running config with that one change: a new proxy upstream, strategy and
+        health checks), and start it there if it was running."""
+        p = self.parts
         await self._until_idle(name)
+        b = self._moves.pop(name, None)
+        if b is None:  # a later reload took the move back
+            return
         state = p.supervisor.worker(name).state
         await p.broker.forget(name)  # unloaded: the process strategy stops the worker
         await p.supervisor.stop(name)
         backends = tuple(b if x.name == name else x for x in self.config.backends)
-        await self.apply(replace(self.config, backends=backends))
+        await self.apply(replace(self.config, backends=backends), keep_moves=True)
         if state in (WorkerState.READY, WorkerState.STARTING) and p.supervisor.manages(name):
             log.info("%s: restarting where its new upstream listens", name)
             try:
