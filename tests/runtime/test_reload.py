@@ -608,3 +608,39 @@ async def test_a_move_taken_back_before_the_worker_was_idle_leaves_it_where_it_r
         await anyio.sleep(0.5)  # the idle restart that no longer has a reason
         assert sup.workers["w"].pid == first and sup.workers["w"].port == old
         assert (await client.post(url, json=chat)).status_code == 200
+
+
+async def test_two_reloads_at_once_end_on_the_file_as_last_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload whose read of the file was slow (SIGHUP and --watch-config together, a second
+    `gpubroker reload`) never applies its older content over a newer one applied meanwhile."""
+    import time
+
+    from gpubroker.runtime import reload as reload_module
+
+    gpu = SimGPU(24 * GiB)
+    a_emu = GenericEmulator(gpu, 2 * GiB, owner="a")
+    async with running(a_emu.app) as a:
+        port = free_port()
+        path = write(tmp_path / "gpubroker.yaml", [generic("a", a, port, priority=1)])
+        real = reload_module.load_config_file
+        calls: list[int] = []
+
+        def load(p: Path) -> Any:
+            calls.append(1)
+            config = real(p)
+            if len(calls) == 1:
+                time.sleep(0.5)  # the first read is slow (in its thread)
+            return config
+
+        monkeypatch.setattr(reload_module, "load_config_file", load)
+        async with serving(path) as ep:
+            assert ep.broker is not None
+            write(path, [generic("a", a, port, priority=2)])
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reload, ep)  # reads priority 2, slowly
+                await until(lambda: bool(calls))
+                write(path, [generic("a", a, port, priority=3)])
+                tg.start_soon(reload, ep)  # reads priority 3 after it
+            assert ep.broker.config.backend("a").priority == 3

@@ -126,6 +126,7 @@ class Reloader:
         self.parts = parts
         self._tg = tg
         self._lock = anyio.Lock()
+        self._reading = anyio.Lock()  # one reload_file at a time, from its read of the file on
         self._leaving: dict[str, BackendConfig] = {}  # removed, still draining
         self._restarts: dict[str, anyio.CancelScope] = {}
         self._moves: dict[str, BackendConfig] = {}  # workers to move to a new upstream (_move)
@@ -144,10 +145,11 @@ class Reloader:
                     f"this broker was not started from a config file ({source or 'defaults'}): "
                     "nothing to reload"
                 )
-            new = await anyio.to_thread.run_sync(load_config_file, Path(source))
-            if not new.backends:
-                raise new.error("backends", "no backends to serve: add at least one")
-            changes = await self.apply(new)
+            async with self._reading:  # read and applied in turn: never an older read last
+                new = await anyio.to_thread.run_sync(load_config_file, Path(source))
+                if not new.backends:
+                    raise new.error("backends", "no backends to serve: add at least one")
+                changes = await self.apply(new)
         except GPUBrokerError as exc:
             self._failed(str(exc))
             return {"ok": False, "error": str(exc)}
