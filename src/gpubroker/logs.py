@@ -10,8 +10,9 @@ lease id that status, ``/events`` (``request``) and the ``X-GPUBroker-*`` header
 read from :data:`request_id`, which the broker sets for the task that holds the lease.
 
 In JSON mode whatever else reaches stderr (the start-up summary ``serve`` echoes, a library's
-stray print, a traceback) is turned into records of the ``gpubroker.stderr`` logger by
-:class:`_LinesToLog`, so a shipper never meets a line that is not JSON.
+stray print) is turned into records of the ``gpubroker.stderr`` logger by
+:class:`_LinesToLog`, so a shipper never meets a line that is not JSON; an exception nobody
+caught (in any thread) is one record of ``gpubroker.crash`` with its traceback.
 
 The bottom of the house: imports nothing of gpubroker's.
 """
@@ -117,6 +118,24 @@ class _LinesToLog(io.TextIOBase):
         return False
 
 
+def _crashed(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """JSON mode: an exception nobody caught is one record, its traceback in ``exception``
+    (Python's own hook writes it line by line, a record per line)."""
+    logging.getLogger("gpubroker.crash").critical(
+        "unhandled %s: %s", kind.__name__, exc, exc_info=(kind, exc, tb)
+    )
+
+
+def _thread_crashed(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("gpubroker.crash").error(
+        "thread %s: unhandled %s: %s", name, args.exc_type.__name__, args.exc_value,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )  # fmt: skip
+
+
 def configure(*, verbose: bool = False, fmt: LogFormat = "text") -> None:
     """Set up the root logger for ``serve`` (once: a process that has handlers keeps them)."""
     root = logging.getLogger()
@@ -129,6 +148,8 @@ def configure(*, verbose: bool = False, fmt: LogFormat = "text") -> None:
         root.addHandler(handler)
         if fmt == "json":
             sys.stderr = _LinesToLog(real)
+            sys.excepthook = _crashed
+            threading.excepthook = _thread_crashed
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in QUIET:
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -204,3 +204,33 @@ def test_a_log_call_survives_a_stderr_that_broke(fmt: str) -> None:
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and "logged" in done.stdout, done.stdout[-2000:]
+
+
+def test_an_unhandled_exception_is_one_json_record_with_its_traceback() -> None:
+    """What would have crashed to stderr as a traceback (the main thread's, another thread's)
+    is one error record each in JSON mode, its traceback in ``exception``, not a record per
+    line of it."""
+    import subprocess
+
+    import gpubroker
+
+    script = (
+        "import threading\n"
+        "from gpubroker.logs import configure\n"
+        "configure(fmt='json')\n"
+        "def boom():\n"
+        "    raise RuntimeError('a thread died')\n"
+        "t = threading.Thread(target=boom); t.start(); t.join()\n"
+        "raise ValueError('the main thread died')\n"
+    )
+    src = str(Path(gpubroker.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    assert len(records) == 2, records
+    thread, main = records
+    assert thread["level"] == "error" and "RuntimeError: a thread died" in thread["exception"]
+    assert main["level"] == "critical" and "ValueError: the main thread died" in main["exception"]
