@@ -10,8 +10,9 @@ lease id that status, ``/events`` (``request``) and the ``X-GPUBroker-*`` header
 read from :data:`request_id`, which the broker sets for the task that holds the lease.
 
 In JSON mode whatever else reaches stderr (the start-up summary ``serve`` echoes, a library's
-stray print, a traceback) is turned into records of the ``gpubroker.stderr`` logger by
-:class:`_LinesToLog`, so a shipper never meets a line that is not JSON.
+stray print) is turned into records of the ``gpubroker.stderr`` logger by
+:class:`_LinesToLog`, so a shipper never meets a line that is not JSON; an exception nobody
+caught (in any thread) is one record of ``gpubroker.crash`` with its traceback.
 
 The bottom of the house: imports nothing of gpubroker's.
 """
@@ -22,6 +23,7 @@ import io
 import json
 import logging
 import sys
+import threading
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
@@ -60,7 +62,19 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = self.formatException(record.exc_info)
         elif record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        try:
+            return json.dumps(out, default=str, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError):  # NaN, a key JSON cannot name, a cycle: as text
+            return json.dumps({k: _plain(v) for k, v in out.items()}, ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as strict JSON holds it, else its ``str``: a log line must always parse."""
+    try:
+        json.dumps(value, default=str, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return str(value)
+    return value
 
 
 def _camel(key: str) -> str:
@@ -76,13 +90,22 @@ class _LinesToLog(io.TextIOBase):
         self._real = real
         self._buffer = ""
         self._log = logging.getLogger("gpubroker.stderr")
+        self._inside = threading.local()
 
     def write(self, text: str) -> int:
-        self._buffer += text
-        if self._buffer.endswith("\n"):
-            message, self._buffer = self._buffer.rstrip("\n"), ""
-            if message.strip():
-                self._log.info(message)
+        if getattr(self._inside, "busy", False):
+            # Written while logging a line: the handler's own error report (its stream broke).
+            # Straight to the real stream, whose OSError logging ignores: never round again.
+            return self._real.write(text)
+        self._inside.busy = True
+        try:
+            self._buffer += text
+            if self._buffer.endswith("\n"):
+                message, self._buffer = self._buffer.rstrip("\n"), ""
+                if message.strip():
+                    self._log.info(message)
+        finally:
+            self._inside.busy = False
         return len(text)
 
     def flush(self) -> None:
@@ -93,6 +116,24 @@ class _LinesToLog(io.TextIOBase):
 
     def isatty(self) -> bool:
         return False
+
+
+def _crashed(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """JSON mode: an exception nobody caught is one record, its traceback in ``exception``
+    (Python's own hook writes it line by line, a record per line)."""
+    logging.getLogger("gpubroker.crash").critical(
+        "unhandled %s: %s", kind.__name__, exc, exc_info=(kind, exc, tb)
+    )
+
+
+def _thread_crashed(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("gpubroker.crash").error(
+        "thread %s: unhandled %s: %s", name, args.exc_type.__name__, args.exc_value,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )  # fmt: skip
 
 
 def configure(*, verbose: bool = False, fmt: LogFormat = "text") -> None:
@@ -107,6 +148,8 @@ def configure(*, verbose: bool = False, fmt: LogFormat = "text") -> None:
         root.addHandler(handler)
         if fmt == "json":
             sys.stderr = _LinesToLog(real)
+            sys.excepthook = _crashed
+            threading.excepthook = _thread_crashed
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in QUIET:
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -82,6 +82,8 @@ def read_json(path: Path, max_bytes: int = MAX_FILE) -> tuple[Any, str | None]:
         return json.loads(raw), None
     except (ValueError, UnicodeDecodeError) as exc:
         return None, f"not JSON: {exc}"
+    except RecursionError:  # nested deeper than the parser goes: no file of ours
+        return None, "not JSON: nested too deep"
 
 
 def is_time(value: object) -> TypeGuard[int | float]:

@@ -146,3 +146,91 @@ def test_an_unknown_log_format_is_a_usage_error() -> None:
     assert result.exit_code == 2 and "xml" in result.output
     result = CliRunner().invoke(app, ["serve"], env={"GPUBROKER_LOG_FORMAT": "yaml"})
     assert result.exit_code == 2 and "yaml" in result.output
+
+
+def test_json_formatter_writes_strict_json_for_any_extra() -> None:
+    """A value JSON cannot hold as such (NaN, a dict keyed by tuples, a cycle) is written as
+    text: the record is one strictly valid JSON line, never lost to a logging error."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("gpubroker.test.json_strict")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    cycle: dict[str, object] = {}
+    cycle["self"] = cycle
+    try:
+        log.info("nan", extra={"ratio": float("nan"), "backend": "x"})
+        log.info("tuple keys", extra={"per_gpu": {("gpu", 0): 1}})
+        log.info("cycle", extra={"cycle": cycle})
+    finally:
+        log.removeHandler(handler)
+
+    def strict(text: str) -> object:
+        def refuse(name: str) -> object:
+            raise ValueError(f"not JSON: {name}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    lines = [strict(line) for line in stream.getvalue().splitlines()]
+    assert [r["event"] for r in lines] == ["nan", "tuple keys", "cycle"]  # type: ignore[index]
+    assert lines[0]["ratio"] == "nan" and lines[0]["backend"] == "x"  # type: ignore[index]
+    assert "gpu" in lines[1]["perGpu"]  # type: ignore[index]
+    assert isinstance(lines[2]["cycle"], str)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_log_call_survives_a_stderr_that_broke(fmt: str) -> None:
+    """stderr a pipe whose reader went (``serve ... 2>&1 | head``, a journald restart): a log
+    call still returns. In JSON mode the logging error's own report went back through the
+    stderr stand-in, round and round, until RecursionError reached whoever logged."""
+    import subprocess
+
+    import gpubroker
+
+    script = (
+        "import logging, os, sys\n"
+        "r, w = os.pipe(); os.close(r); sys.stderr = os.fdopen(w, 'w')\n"
+        "from gpubroker.logs import configure\n"
+        f"configure(fmt={fmt!r})\n"
+        "logging.getLogger('gpubroker.test').warning('hello')\n"
+        "print('logged', file=sys.__stdout__, flush=True)\n"
+        "os._exit(0)  # the broken stderr is not flushed at exit\n"
+    )
+    src = str(Path(gpubroker.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "logged" in done.stdout, done.stdout[-2000:]
+
+
+def test_an_unhandled_exception_is_one_json_record_with_its_traceback() -> None:
+    """What would have crashed to stderr as a traceback (the main thread's, another thread's)
+    is one error record each in JSON mode, its traceback in ``exception``, not a record per
+    line of it."""
+    import subprocess
+
+    import gpubroker
+
+    script = (
+        "import threading\n"
+        "from gpubroker.logs import configure\n"
+        "configure(fmt='json')\n"
+        "def boom():\n"
+        "    raise RuntimeError('a thread died')\n"
+        "t = threading.Thread(target=boom); t.start(); t.join()\n"
+        "raise ValueError('the main thread died')\n"
+    )
+    src = str(Path(gpubroker.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    assert len(records) == 2, records
+    thread, main = records
+    assert thread["level"] == "error" and "RuntimeError: a thread died" in thread["exception"]
+    assert main["level"] == "critical" and "ValueError: the main thread died" in main["exception"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 from typer.testing import CliRunner
@@ -343,3 +344,76 @@ def test_help_lists_doctor() -> None:
     assert result.exit_code == 0 and "doctor" in result.stdout
     result = runner.invoke(app, ["doctor", "--help"])
     assert result.exit_code == 0 and "--json" in result.stdout and "Exit code" in result.stdout
+
+
+async def test_an_upstream_with_an_endless_body_is_read_only_so_far(clean_env: Path) -> None:
+    """A hostile or broken upstream answering its probe with a body that never ends costs the
+    doctor a bounded read (never its memory, nor the whole check's time limit)."""
+    sent = 0
+
+    async def endless(stream: anyio.abc.SocketStream) -> None:
+        nonlocal sent
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive()
+            await stream.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\n\r\n")
+            chunk = b"<p>" * 21845
+            try:
+                while True:
+                    await stream.send(chunk)
+                    sent += len(chunk)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                return
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, endless)
+        cfg = write(
+            clean_env / "gpubroker.yaml",
+            "telemetry: none\n",
+            backend("web", f"http://127.0.0.1:{port}", "generic", unloadEndpoint="/unload"),
+        )
+        _, findings, _ = await doctor(cfg)
+        tg.cancel_scope.cancel()
+    web = one(findings, check="upstream", backend="web")
+    assert web["severity"] == "ok" and "GET / -> 200" in web["message"], web
+    assert sent < 64 * 2**20  # read up to a bound, then the connection closed
+
+
+async def test_json_stays_strict_when_an_upstream_answers_nan(clean_env: Path) -> None:
+    """An upstream answering ``NaN`` where a version belongs (Python's JSON parser takes it,
+    strict JSON has no such value) still gets ``--json`` that any JSON parser reads."""
+
+    async def nan(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive()
+            body = b'{"version": NaN}'
+            await stream.send(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, nan)
+        cfg = write(
+            clean_env / "gpubroker.yaml",
+            "telemetry: none\n",
+            backend("odd", f"http://127.0.0.1:{port}", "ollama"),
+        )
+        result = await anyio.to_thread.run_sync(
+            lambda: runner.invoke(app, ["doctor", "-c", str(cfg), "--json"])
+        )
+        tg.cancel_scope.cancel()
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"not strict JSON: {name}")
+
+    findings = json.loads(result.stdout, parse_constant=refuse)
+    odd = one(findings, check="ollama", backend="odd")
+    assert odd["severity"] == "error" and "without a version" in odd["message"]

@@ -78,8 +78,14 @@ async def test_history_and_counters_continue_across_a_restart(own_state_dir: Pat
 
 @pytest.mark.parametrize(
     "text",
-    ['{"version": 1, "sections": [', '{"version": 99, "sections": {}}', "[1, 2]", "\x00\xff"],
-    ids=["truncated", "another-version", "not-ours", "binary"],
+    [
+        '{"version": 1, "sections": [',
+        '{"version": 99, "sections": {}}',
+        "[1, 2]",
+        "\x00\xff",
+        '{"version": 1, "sections": {"broker": ' + "[" * 100_000,
+    ],
+    ids=["truncated", "another-version", "not-ours", "binary", "nested-too-deep"],
 )
 async def test_a_corrupt_state_file_is_one_warning_and_rewritten(
     own_state_dir: Path, caplog: pytest.LogCaptureFixture, text: str
@@ -122,3 +128,19 @@ async def test_malformed_records_are_dropped_the_rest_kept(own_state_dir: Path) 
         st = (await c.get(ep.status_url + "/")).json()
     assert st["swapCount"] == 7 and len(st["swaps"]) == 1 and st["swaps"][0]["to"] == "a"
     assert st["gpuRequests"] == {"a": 5, "b": 0} and st["backends"]["a"]["refused"] == 0
+
+
+def test_a_history_of_junk_is_one_warning_not_one_per_entry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A state file full of malformed swaps (up to its 4 MiB) costs one log line, not a line for
+    each entry on every start."""
+    from gpubroker.scheduling.memory import decode
+
+    good = {"at": 1.0, "target": "a", "evicted": ["b"], "drain": 0, "unload": 0.1, "load": 0.2}
+    data = {"history": [{"at": "x"}] * 10_000 + [good]}
+    with caplog.at_level(logging.WARNING, "gpubroker.scheduling.broker"):
+        got = decode(data, ["a"], 50)
+    assert [r.info.target for r in got.history] == ["a"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "10000" in lines[0], lines[:3]

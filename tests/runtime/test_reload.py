@@ -479,3 +479,168 @@ async def test_a_port_handed_from_a_removed_backend_to_a_new_one_stays_open(
             assert ep.broker is not None
             await until(lambda: "a" not in ep.broker.sched.slots)
             assert not refused(url)
+
+
+async def test_a_changed_detach_restarts_the_worker_tied_or_detached_as_asked(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+
+    def worker(**extra: Any) -> dict[str, Any]:
+        return {
+            "name": "w",
+            "proxyPort": free_port(),
+            "upstream": f"http://127.0.0.1:{port}",
+            "unloadStrategy": "process",
+            "classifier": "generic",
+            "healthPath": "/health",
+            "command": [*FAKE],
+            **extra,
+        }
+
+    spec = worker()
+    path = write(tmp_path / "gpubroker.yaml", [spec], stateDir=str(tmp_path / "state"))
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    async with serving(path) as ep, httpx.AsyncClient(timeout=30) as client:
+        assert ep.broker is not None and ep.broker.supervisor is not None
+        sup = ep.broker.supervisor
+        url = ep.proxies["w"] + "/v1/chat/completions"
+        assert (await client.post(url, json=chat)).status_code == 200
+        first = sup.workers["w"].pid
+        assert first is not None and sup.workers["w"].tied
+        write(path, [{**spec, "detach": True}], stateDir=str(tmp_path / "state"))
+        assert (await reload(ep))["changes"]["changed"] == {"w": ["detach"]}
+        await until(lambda: sup.workers["w"].pid not in (None, first), limit=20)
+        await until(lambda: sup.workers["w"].state.value == "ready", limit=20)
+        second = sup.workers["w"].pid
+        assert not alive(first) and not sup.workers["w"].tied
+        assert sup.records["w"].detach and sup.records["w"].pid == second
+        assert (await client.post(url, json=chat)).status_code == 200
+        write(path, [spec], stateDir=str(tmp_path / "state"))
+        assert (await reload(ep))["changes"]["changed"] == {"w": ["detach"]}
+        await until(lambda: sup.workers["w"].pid not in (None, second), limit=20)
+        await until(lambda: sup.workers["w"].state.value == "ready", limit=20)
+        assert second is not None and not alive(second) and sup.workers["w"].tied
+
+
+@pytest.mark.parametrize("when", ["ready", "starting"])
+async def test_a_managed_worker_moved_to_another_port_is_served_where_it_listens(
+    tmp_path: Path, when: str
+) -> None:
+    """A reload that changes a running (or starting) worker's ``upstream`` (its port) while a
+    request is in flight: that request and those that come meanwhile reach the worker where it
+    listens (the old port, until its restart on the new one), never a refused connection (502)
+    at a port nothing opened, nor a start that waits for health where nothing will answer."""
+    old, new = free_port(), free_port()
+
+    def worker(at: int) -> dict[str, Any]:
+        return {
+            "name": "w",
+            "proxyPort": 21011,
+            "upstream": f"http://127.0.0.1:{at}",
+            "unloadStrategy": "process",
+            "classifier": "generic",
+            "healthPath": "/health",
+            "command": [*FAKE, "--tokens", "60", "--start-delay", "0.5"],
+        }
+
+    path = write(tmp_path / "gpubroker.yaml", [worker(old)])
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    async with serving(path) as ep, httpx.AsyncClient(timeout=30) as client:
+        assert ep.broker is not None and ep.broker.supervisor is not None
+        sup = ep.broker.supervisor
+        url = ep.proxies["w"] + "/v1/chat/completions"
+        codes: list[int] = []
+
+        async def ask() -> None:
+            codes.append((await client.post(url, json=chat)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            await until(lambda: sup.workers["w"].state.value == when and not ep.broker.idle("w"))
+            first = sup.workers["w"].pid
+            write(path, [worker(new)])
+            assert (await reload(ep))["changes"]["changed"] == {"w": ["upstream"]}
+            await ask()  # while the first is still in flight: the worker listens on `old`
+        assert codes == [200, 200]
+        await until(lambda: sup.workers["w"].pid not in (None, first), limit=20)
+        await until(lambda: sup.workers["w"].state.value == "ready", limit=20)
+        assert sup.workers["w"].port == new
+        assert (await client.post(url, json=chat)).status_code == 200
+
+
+async def test_a_move_taken_back_before_the_worker_was_idle_leaves_it_where_it_runs(
+    tmp_path: Path,
+) -> None:
+    old, new = free_port(), free_port()
+
+    def worker(at: int) -> dict[str, Any]:
+        return {
+            "name": "w",
+            "proxyPort": 21012,
+            "upstream": f"http://127.0.0.1:{at}",
+            "unloadStrategy": "process",
+            "classifier": "generic",
+            "healthPath": "/health",
+            "command": [*FAKE, "--tokens", "60"],
+        }
+
+    path = write(tmp_path / "gpubroker.yaml", [worker(old)])
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    async with serving(path) as ep, httpx.AsyncClient(timeout=30) as client:
+        assert ep.broker is not None and ep.broker.supervisor is not None
+        sup = ep.broker.supervisor
+        url = ep.proxies["w"] + "/v1/chat/completions"
+        codes: list[int] = []
+
+        async def ask() -> None:
+            codes.append((await client.post(url, json=chat)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            await until(lambda: sup.workers["w"].state.value == "ready" and not ep.broker.idle("w"))
+            first = sup.workers["w"].pid
+            write(path, [worker(new)])
+            assert (await reload(ep))["changes"]["changed"] == {"w": ["upstream"]}
+            write(path, [worker(old)])
+            assert (await reload(ep))["ok"]  # taken back while the request still runs
+        assert codes == [200]
+        await anyio.sleep(0.5)  # the idle restart that no longer has a reason
+        assert sup.workers["w"].pid == first and sup.workers["w"].port == old
+        assert (await client.post(url, json=chat)).status_code == 200
+
+
+async def test_two_reloads_at_once_end_on_the_file_as_last_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload whose read of the file was slow (SIGHUP and --watch-config together, a second
+    `gpubroker reload`) never applies its older content over a newer one applied meanwhile."""
+    import time
+
+    from gpubroker.runtime import reload as reload_module
+
+    gpu = SimGPU(24 * GiB)
+    a_emu = GenericEmulator(gpu, 2 * GiB, owner="a")
+    async with running(a_emu.app) as a:
+        port = free_port()
+        path = write(tmp_path / "gpubroker.yaml", [generic("a", a, port, priority=1)])
+        real = reload_module.load_config_file
+        calls: list[int] = []
+
+        def load(p: Path) -> Any:
+            calls.append(1)
+            config = real(p)
+            if len(calls) == 1:
+                time.sleep(0.5)  # the first read is slow (in its thread)
+            return config
+
+        monkeypatch.setattr(reload_module, "load_config_file", load)
+        async with serving(path) as ep:
+            assert ep.broker is not None
+            write(path, [generic("a", a, port, priority=2)])
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reload, ep)  # reads priority 2, slowly
+                await until(lambda: bool(calls))
+                write(path, [generic("a", a, port, priority=3)])
+                tg.start_soon(reload, ep)  # reads priority 3 after it
+            assert ep.broker.config.backend("a").priority == 3

@@ -71,6 +71,7 @@ async def test_a_missing_file_is_an_empty_book_and_no_log_line(
 CORRUPT: dict[str, bytes | str] = {
     "not JSON": b'{"version": 1, "footprints": {',
     "not UTF-8": b"\xff\xfe\x00junk",
+    "nested too deep": b"[" * 100_000,  # json.loads raises RecursionError, not ValueError
     "a list": b"[1, 2]",
     "version 2": json.dumps({"version": 2, "footprints": {}}).encode(),
     "no version": json.dumps({"footprints": {}}).encode(),

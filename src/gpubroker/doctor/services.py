@@ -10,6 +10,7 @@ not running is no error: gpubroker starts it on demand.
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import anyio.to_thread
@@ -20,6 +21,7 @@ from gpubroker.doctor.findings import Finding
 from gpubroker.doctor.local import Launch, launch_of
 
 NAMES = {"ollama": "Ollama", "vllm": "vLLM", "comfyui": "ComfyUI", "llamacpp": "llama-server"}
+MAX_BODY = 2**20  # bytes of an answer read: every probe's JSON is a few KiB; a page is cut here
 
 
 class Unreachable(Exception):
@@ -27,8 +29,21 @@ class Unreachable(Exception):
 
 
 async def fetch(client: httpx.AsyncClient, url: str) -> httpx.Response:
+    """``GET url``, its body read up to :data:`MAX_BODY` (an upstream that sends without end
+    costs a bounded read, then the connection is closed)."""
     try:
-        return await client.get(url)
+        async with client.stream("GET", url) as streamed:
+            body = bytearray()
+            async for chunk in streamed.aiter_bytes():
+                body += chunk
+                if len(body) >= MAX_BODY:
+                    del body[MAX_BODY:]
+                    break
+            drop = ("content-encoding", "content-length", "transfer-encoding")
+            headers = [(k, v) for k, v in streamed.headers.items() if k.lower() not in drop]
+            return httpx.Response(
+                streamed.status_code, headers=headers, content=bytes(body), request=streamed.request
+            )
     except httpx.TimeoutException:
         raise Unreachable("did not answer in time") from None
     except httpx.ConnectError:
@@ -38,10 +53,18 @@ async def fetch(client: httpx.AsyncClient, url: str) -> httpx.Response:
 
 
 def json_of(response: httpx.Response) -> Any:
+    """The answer's JSON, None when it is not strict JSON (``NaN``, which Python's parser
+    takes, would make ``--json`` unreadable where a fact quotes it)."""
     try:
-        return response.json()
-    except ValueError:
+        return json.loads(response.content, parse_constant=_not_json)
+    except ValueError:  # UnicodeDecodeError included
         return None
+    except RecursionError:
+        return None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def kind_of(backend: BackendConfig) -> str:

@@ -12,7 +12,8 @@ other task runs in between, so every reader sees the old config or the new one, 
 - backends changed: units respecified for the next decisions (sizes, priorities, limits,
   rules), a new strategy where the backend's service or its handling changed, a new proxy app
   swapped in behind its port (requests in flight finish in the one they entered), a managed
-  worker whose command changed restarted once its backend is idle;
+  worker whose command changed restarted once its backend is idle (one whose ``upstream``
+  changed while it runs is still reached where it listens until then: :meth:`_hold_moves`);
 - backends removed: refused from now on (503 ``backend_removed``, Retry-After: queued ones
   too), their port closed once their in-flight responses end (up to ``shutdownGrace``), then
   unloaded as ``gpubroker unload`` would, their worker stopped and everything of them forgot;
@@ -125,8 +126,10 @@ class Reloader:
         self.parts = parts
         self._tg = tg
         self._lock = anyio.Lock()
+        self._reading = anyio.Lock()  # one reload_file at a time, from its read of the file on
         self._leaving: dict[str, BackendConfig] = {}  # removed, still draining
         self._restarts: dict[str, anyio.CancelScope] = {}
+        self._moves: dict[str, BackendConfig] = {}  # workers to move to a new upstream (_move)
         self._retired: list[httpx.AsyncClient | Upstream] = []  # closed when idle, or at stop
         self._failing = False  # the last reload failed: its warning stands
 
@@ -142,10 +145,11 @@ class Reloader:
                     f"this broker was not started from a config file ({source or 'defaults'}): "
                     "nothing to reload"
                 )
-            new = await anyio.to_thread.run_sync(load_config_file, Path(source))
-            if not new.backends:
-                raise new.error("backends", "no backends to serve: add at least one")
-            changes = await self.apply(new)
+            async with self._reading:  # read and applied in turn: never an older read last
+                new = await anyio.to_thread.run_sync(load_config_file, Path(source))
+                if not new.backends:
+                    raise new.error("backends", "no backends to serve: add at least one")
+                changes = await self.apply(new)
         except GPUBrokerError as exc:
             self._failed(str(exc))
             return {"ok": False, "error": str(exc)}
@@ -155,11 +159,12 @@ class Reloader:
             return {"ok": False, "error": f"the reload failed: {type(exc).__name__}: {exc}"}
         return {"ok": True, "summary": changes.summary(), "changes": changes.to_json()}
 
-    async def apply(self, new: Config) -> ConfigDiff:
+    async def apply(self, new: Config, *, keep_moves: bool = False) -> ConfigDiff:
         """Apply ``new`` (validated already); raises a located ConfigError (or PluginError),
-        having changed nothing, when it cannot be."""
+        having changed nothing, when it cannot be. ``keep_moves``: ``new`` is the running
+        config with one worker moved (:meth:`_move`): the other moves still wait."""
         async with self._lock:
-            changes = await self._apply(new)
+            changes = await self._apply(new, keep_moves)
         log.info("config reloaded from %s: %s", new.source, changes.summary())
         self.parts.bus.publish(
             ev.ConfigReloaded(
@@ -195,13 +200,16 @@ class Reloader:
 
     # --- one reload -----------------------------------------------------------------------
 
-    async def _apply(self, new: Config) -> ConfigDiff:
+    async def _apply(self, new: Config, keep_moves: bool = False) -> ConfigDiff:
         p = self.parts
         check_config_names(new, p.plugins)
         target = applicable(self.config, new)
         changes = diff(self.config, new)  # what needs a restart is kept out of target
         if changes.empty:
+            if not keep_moves:
+                self._moves.clear()  # the file is what runs: a move still waiting is moot
             return changes
+        target, moving = self._hold_moves(target, changes)
         index = {b.name: i for i, b in enumerate(target.backends)}
         news = {b.name: b for b in target.backends}
         for name in changes.added:
@@ -249,7 +257,59 @@ class Reloader:
                     await strategy.client.aclose()
             raise
         self._switch(target, changes, fresh, plan, bound)
+        for name in [n for n in self._moves if n not in moving and not keep_moves]:
+            del self._moves[name]  # moved back (or removed) by this reload: nothing to move
+        for name, b in moving.items():  # after _switch: it replaces a restart pending
+            self._moves[name] = b
+            self._later(name, self._move(name))
         return changes
+
+    def _hold_moves(
+        self, target: Config, changes: ConfigDiff
+    ) -> tuple[Config, dict[str, BackendConfig]]:
+        """A managed worker whose ``upstream`` changed while its process runs (or starts)
+        listens where it was started until it restarts: ``target`` keeps its old upstream for
+        now (the proxy, strategy, health checks and catalogue reach it there), and the new
+        one, returned by name, is applied by :meth:`_move` once the backend is idle."""
+        sup, olds = self.parts.supervisor, {b.name: b for b in self.config.backends}
+        moving: dict[str, BackendConfig] = {}
+        held = []
+        for b in target.backends:
+            old = olds.get(b.name)
+            if (
+                old is not None
+                and old.upstream != b.upstream
+                and b.command is not None
+                and sup.manages(b.name)
+                and sup.worker(b.name).pid is not None
+            ):
+                moving[b.name] = b
+                b = replace(b, upstream=old.upstream)
+            held.append(b)
+        if not moving:
+            return target, moving
+        return replace(target, backends=tuple(held)), moving
+
+    async def _move(self, name: str) -> None:
+        """Once ``name`` is idle: stop its worker, then apply its new ``upstream`` (a reload
+        of the running config with that one change: a new proxy upstream, strategy and
+        health checks), and start it there if it was running."""
+        p = self.parts
+        await self._until_idle(name)
+        b = self._moves.pop(name, None)
+        if b is None:  # a later reload took the move back
+            return
+        state = p.supervisor.worker(name).state
+        await p.broker.forget(name)  # unloaded: the process strategy stops the worker
+        await p.supervisor.stop(name)
+        backends = tuple(b if x.name == name else x for x in self.config.backends)
+        await self.apply(replace(self.config, backends=backends), keep_moves=True)
+        if state in (WorkerState.READY, WorkerState.STARTING) and p.supervisor.manages(name):
+            log.info("%s: restarting where its new upstream listens", name)
+            try:
+                await preload(p.broker, p.supervisor, name)
+            except (WorkerError, GPUBrokerError) as exc:
+                log.warning("%s: restart on its new upstream failed: %s", name, exc)
 
     def _switch(
         self,

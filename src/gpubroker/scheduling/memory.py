@@ -126,13 +126,16 @@ def decode(data: Any, backends: Iterable[str], limit: int) -> Remembered:
                     if k in COUNTERS and isinstance(v, int) and not isinstance(v, bool) and v >= 0
                 }
     history = data.get("history")
+    bad, why = 0, ""
     for raw in history if isinstance(history, list) else []:
         try:
             out.history.append(_record(raw))
         except (TypeError, ValueError) as exc:
-            log.warning("state file: a swap of the history is ignored (%s)", exc)
+            bad, why = bad + 1, why or str(exc)
         if len(out.history) >= limit:
             break
+    if bad:  # one line, however many: a file of junk must not flood the log at each start
+        log.warning("state file: %d swap(s) of the history ignored (the first: %s)", bad, why)
     return out
 
 
