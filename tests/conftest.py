@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
@@ -68,3 +69,25 @@ async def _running(app: Any) -> AsyncIterator[Listener]:
 def loopback() -> Callable[[Any], AbstractAsyncContextManager[Listener]]:
     """``async with loopback(app) as listener``: serve an ASGI app on a free 127.0.0.1 port."""
     return _running
+
+
+SERVERS = ["hypercorn"]
+if importlib.util.find_spec("uvicorn") and importlib.util.find_spec("httptools"):
+    SERVERS.append("uvicorn")  # the `fast` extra
+
+
+@pytest.fixture(params=SERVERS)
+def broker_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per HTTP server the broker can serve with (the config's ``server``):
+    every config made by ``gpubroker.testing.make_config`` gets it, unless it names its own.
+    Use it with ``pytestmark = pytest.mark.usefixtures("broker_server")``."""
+    import gpubroker.testing
+
+    server: str = request.param
+    original = gpubroker.testing.parse_config
+
+    def parse(raw: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        return original({"server": server, **raw}, *args, **kwargs)
+
+    monkeypatch.setattr(gpubroker.testing, "parse_config", parse)
+    return server

@@ -28,14 +28,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_sigterm_lets_in_flight_streams_finish_then_exits_0(tmp_path: Path) -> None:
+async def test_sigterm_lets_in_flight_streams_finish_then_exits_0(
+    tmp_path: Path, broker_server: str
+) -> None:
     gpu = SimGPU(8 * GiB)
     gen = GenericEmulator(gpu, 2 * GiB, token_interval=0.05, tokens=30)
     async with running(gen.app) as upstream:
         status_port, proxy_port = free_port(), free_port()
         cfg = tmp_path / "gpubroker.yaml"
         cfg.write_text(
-            f"statusPort: {status_port}\nshutdownGrace: 10s\nbackends:\n"
+            f"statusPort: {status_port}\nshutdownGrace: 10s\nserver: {broker_server}\n"
+            "backends:\n"
             f"  - name: gen\n    proxyPort: {proxy_port}\n    upstream: {upstream}\n"
             "    unloadStrategy: generic\n"
         )

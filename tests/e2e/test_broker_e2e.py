@@ -26,7 +26,7 @@ from gpubroker.sim import (
 )
 from gpubroker.testing import broker_running, make_config
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("broker_server")]
 
 MODEL = "llama3.2:latest"
 

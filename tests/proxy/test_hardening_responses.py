@@ -19,7 +19,7 @@ from anyio.abc import SocketStream
 from gpubroker.sim import GenericEmulator, GiB, SimGPU, running
 from gpubroker.testing import broker_running, make_config
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("broker_server")]
 
 Respond = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK_EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"

@@ -28,7 +28,7 @@ from gpubroker.runtime import Endpoints
 from gpubroker.sim import GenericEmulator, GiB, OllamaEmulator, SimGPU, VLLMEmulator, running
 from gpubroker.testing import broker_running, make_config
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("broker_server")]
 
 MODEL = "llama3.2:latest"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}

@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from gpubroker.sim import GenericEmulator, GiB, SimGPU, running
 from gpubroker.testing import broker_running, make_config
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("broker_server")]
 
 
 def ws_upstream(seen: dict[str, Any]) -> Starlette:

@@ -277,6 +277,8 @@ async def _until_stopped() -> None:
 
 
 def run_demo(*, keep: bool = False, requests: int = 24) -> None:
-    code = anyio.run(run, keep, requests)
+    from gpubroker.cli.serve import loop_options
+
+    code = anyio.run(run, keep, requests, backend_options=loop_options())
     if code:
         raise typer.Exit(code)

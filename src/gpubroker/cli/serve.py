@@ -16,6 +16,14 @@ def _logging(verbose: bool, log_format: LogFormat = "text") -> None:
     configure(verbose=verbose, fmt=log_format)
 
 
+def loop_options() -> dict[str, Any]:
+    """anyio's asyncio options: uvloop when installed (the ``fast`` extra), ~1.3-2x less event
+    loop CPU per proxied request than the stock loop."""
+    import importlib.util
+
+    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
+
+
 def serve(
     config: ConfigOption = None,
     check: Annotated[
@@ -57,6 +65,12 @@ def serve(
         raise cfg.error("backends", "no backends to serve: add at least one (`gpubroker init`)")
     plugins = create_plugins(cfg.disable_plugins)
     check_config_names(cfg, plugins)
+    if cfg.server == "uvicorn":
+        from gpubroker.proxy.uvicorn_server import available
+
+        missing = available()
+        if missing is not None:
+            raise cfg.error("server", missing)
     if check:
         typer.echo(describe_config(cfg))
         typer.echo(json.dumps(cfg.to_dict(), indent=2))
@@ -111,7 +125,7 @@ def serve(
             await done.wait()  # run_broker returns once in-flight responses have drained
             tg.cancel_scope.cancel()
 
-    anyio.run(main)
+    anyio.run(main, backend_options=loop_options())
     typer.echo("gpubroker stopped.", err=True)
 
 

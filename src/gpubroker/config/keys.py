@@ -245,6 +245,7 @@ TOP_KEYS: dict[str, Field] = {
     "modelRefresh": Field("model_refresh", _interval),
     "stateDir": Field("state_dir", _str),
     "preload": Field("preload", _str_list),  # names checked by the loader (config/rules.py)
+    "server": Field("server", _choice("hypercorn", "uvicorn")),
 }
 API_KEY_KEYS: dict[str, Field] = {
     "name": Field("name", _str),

@@ -470,6 +470,7 @@ def describe_config(cfg: Config) -> str:
             else ""
         ),
         f"status: http://{f'[{cfg.bind}]' if ':' in cfg.bind else cfg.bind}:{cfg.status_port}",
+        f"server: {cfg.server}",
     ]
     if cfg.api_port is not None:
         host = f"[{cfg.bind}]" if ":" in cfg.bind else cfg.bind

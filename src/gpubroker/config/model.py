@@ -157,6 +157,8 @@ class Config:
     preload: tuple[str, ...] = ()
     """Backends and ``backend/model`` units made resident at start-up, in order, within the
     budget (``Broker.preload_all``); names checked at load (:mod:`~gpubroker.config.rules`)."""
+    server: Literal["hypercorn", "uvicorn"] = "hypercorn"
+    """The HTTP server for every port; ``uvicorn`` (with httptools) needs the ``fast`` extra."""
     source: str | None = None
     locations: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
 

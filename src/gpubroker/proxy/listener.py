@@ -41,6 +41,7 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 
 from gpubroker.errors import HeadersTooLarge, RequestTimeout
+from gpubroker.proxy.memory import trimming
 from gpubroker.proxy.target import MAX_HEAD, head_size
 from gpubroker.responses import send_error
 
@@ -331,6 +332,7 @@ async def serve(
     own_headers: bool = True,
     header_timeout: float | None = 10.0,
     client_idle_timeout: float | None = 60.0,
+    server: str = "hypercorn",
 ) -> None:
     """Serve ``app`` on ``listener`` until ``shutdown_trigger`` returns, then drain in-flight work.
 
@@ -338,10 +340,31 @@ async def serve(
     to finish after the trigger fires. ``own_headers=False`` leaves out Hypercorn's Date and
     Server headers (for the proxy ports, which pass the upstream's own). ``header_timeout`` and
     ``client_idle_timeout`` (None: unbounded) are the config's headerTimeout and
-    clientIdleTimeout, described in the module docstring.
+    clientIdleTimeout, described in the module docstring. ``server``: the config's ``server``,
+    ``hypercorn`` or ``uvicorn`` (:mod:`~gpubroker.proxy.uvicorn_server`, the same bounds).
     """
     if client_idle_timeout is not None:
         app = _BodyIdleGuard(app, client_idle_timeout)
+    async with trimming():  # memory a burst freed goes back to the system (memory.py)
+        await SERVERS[server](
+            _HeadLimit(app),
+            listener,
+            shutdown_trigger,
+            graceful_timeout=graceful_timeout,
+            own_headers=own_headers,
+            header_timeout=header_timeout,
+        )
+
+
+async def _serve_hypercorn(
+    app: Any,
+    listener: Listener,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    *,
+    graceful_timeout: float,
+    own_headers: bool,
+    header_timeout: float | None,
+) -> None:
     config = _Config()
     config.bind = [f"fd://{listener.sock.detach()}"]
     config.graceful_timeout = graceful_timeout
@@ -355,4 +378,34 @@ async def serve(
     config.gpubroker_header_timeout = header_timeout
     config.h11_max_incomplete_size = MAX_HEAD  # a head still arriving; _HeadLimit does the rest
     config.websocket_ping_interval = None
-    await hypercorn_serve(_HeadLimit(app), config, shutdown_trigger=shutdown_trigger)
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
+
+
+async def _serve_uvicorn(
+    app: Any,
+    listener: Listener,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    *,
+    graceful_timeout: float,
+    own_headers: bool,
+    header_timeout: float | None,
+) -> None:
+    from gpubroker.proxy.uvicorn_server import serve_uvicorn
+
+    await serve_uvicorn(
+        app,
+        listener.sock,
+        shutdown_trigger,
+        graceful_timeout=graceful_timeout,
+        own_headers=own_headers,
+        header_timeout=header_timeout,
+        keep_alive_timeout=KEEP_ALIVE_TIMEOUT,
+        max_head=MAX_HEAD,
+    )
+
+
+# The servers ``serve`` runs, by the config's ``server`` name (tests run both through this).
+SERVERS: dict[str, Callable[..., Awaitable[None]]] = {
+    "hypercorn": _serve_hypercorn,
+    "uvicorn": _serve_uvicorn,
+}

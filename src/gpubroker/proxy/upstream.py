@@ -240,7 +240,7 @@ class Upstream:
         *,
         response_timeout: float = 600.0,
         idle_timeout: float | None = None,
-        max_connections: int = 512,
+        max_connections: int = 4096,
         max_idle: int = 64,
         keepalive_expiry: float = 4.0,
     ) -> None:

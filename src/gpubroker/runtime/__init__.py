@@ -209,6 +209,7 @@ async def run_broker(
                 graceful_timeout=config.shutdown_grace,
                 header_timeout=config.header_timeout,
                 client_idle_timeout=config.client_idle_timeout,
+                server=config.server,
             )
 
             async def serve_all(*, task_status: anyio.abc.TaskStatus[Ports]) -> None:

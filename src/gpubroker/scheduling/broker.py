@@ -304,7 +304,8 @@ class Broker:
             if on_queued is not None and not pending.event.is_set():
                 on_queued(lease)
             try:
-                await pending.event.wait()
+                if not pending.event.is_set():  # (set: admitted at once, no loop round trip)
+                    await pending.event.wait()
             except BaseException:
                 self._apply(self.sched.cancel(lease, self.clock()))
                 raise

@@ -1,0 +1,121 @@
+"""Giving memory back after a burst: glibc's free heap returned to the system when it grows.
+
+Why RSS stayed at its peak after 1,000 concurrent streams ended (measured, 2-core box): nothing
+is kept (no live lease, no buffer; a census of objects shows only the 64 pooled idle upstream
+connections left), it is the allocators. CPython's small-object allocator (pymalloc) returns a
+1 MiB arena only when every block in it is free, and a few objects that outlive the burst pin
+most arenas (56 arenas, 26 MB in use, 28 MB of free pools inside them); the rest is glibc's
+heap, whose freed pages stay mapped until ``malloc_trim``, and cyclic garbage the burst left
+that waits for a full collection. So :class:`Trimmer` collects and trims once memory grew.
+Run the broker with ``PYTHONMALLOC=malloc`` (all objects on glibc's heap) and that gives
+back nearly all of it (96 -> 61 MiB against a 56 MiB baseline after 1,000 streams); with
+pymalloc, what its pinned arenas hold stays. Off where glibc is not the C library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import logging
+import os
+from collections.abc import AsyncIterator
+
+log = logging.getLogger("gpubroker.proxy.memory")
+
+INTERVAL = 5.0  # s between looks at the heap (one mallinfo2 call: microseconds)
+SLACK = 4 * 2**20  # free heap bytes worth a trim
+GROWTH = 16 * 2**20  # RSS grown since the last trim worth a look for garbage
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallinfo2.restype = _MallInfo2
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):  # not glibc (musl, macOS), or glibc before 2.33
+        return None
+    return libc
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class Trimmer:
+    """Looks every ``INTERVAL`` s: once glibc's free heap grew by ``SLACK`` bytes, or RSS by
+    ``GROWTH``, since the last trim, collects cyclic garbage (a burst's requests leave some,
+    which only a full collection frees: that is what kept glibc from giving pages back) and
+    returns the free heap with ``malloc_trim``. A full collection costs milliseconds, at most
+    once per look, and only after memory grew."""
+
+    def __init__(self, libc: ctypes.CDLL) -> None:
+        self.libc = libc
+        self.since = _rss()  # RSS after the last trim
+        self.free = 0  # glibc's free heap bytes after it (trimmed pages still count as free)
+
+    def look(self) -> bool:
+        free = self.libc.mallinfo2().fordblks
+        if free <= self.free + SLACK and _rss() < self.since + GROWTH:
+            return False
+        gc.collect()
+        self.libc.malloc_trim(0)
+        self.since = _rss()
+        self.free = self.libc.mallinfo2().fordblks
+        return True
+
+
+_users = 0
+_task: asyncio.Task[None] | None = None
+
+
+async def _trim_loop(libc: ctypes.CDLL) -> None:
+    trimmer = Trimmer(libc)
+    while True:
+        await asyncio.sleep(INTERVAL)
+        trimmer.look()
+
+
+@contextlib.asynccontextmanager
+async def trimming() -> AsyncIterator[None]:
+    """While any server runs: one trimming task per process (servers share it)."""
+    global _task, _users
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    _users += 1
+    if _task is None or _task.done():
+        _task = asyncio.get_running_loop().create_task(_trim_loop(libc))
+    try:
+        yield
+    finally:
+        _users -= 1
+        if _users == 0 and _task is not None:
+            _task.cancel()
+            _task = None

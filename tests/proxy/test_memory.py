@@ -1,0 +1,41 @@
+"""Memory a burst freed goes back to the system (proxy/memory.py), where the C library is glibc."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gpubroker.proxy import memory
+
+pytestmark = pytest.mark.anyio
+
+
+def test_the_heap_is_trimmed_once_it_has_slack_and_not_again_until_it_grows() -> None:
+    libc = memory._libc()
+    if libc is None:
+        pytest.skip("not glibc 2.33+")
+    trimmer = memory.Trimmer(libc)
+    # ~25 MB of 100 KiB blocks on glibc's heap, each followed by a small survivor, then the
+    # big ones freed: holes in the middle of the heap, which free() never gives back itself
+    pairs = [(bytearray(100 * 1024), bytearray(2048)) for _ in range(250)]
+    kept = [small for _, small in pairs]
+    del pairs
+    before = memory._rss()
+    assert trimmer.look()
+    # the holes' pages went back (how many depends on what the process's heap held before)
+    assert memory._rss() < before - 2**20
+    assert not trimmer.look()  # nothing new: no collection, no trim
+    assert len(kept) == 250
+
+
+async def test_servers_share_one_trimming_task_that_ends_with_the_last() -> None:
+    if memory._libc() is None:
+        pytest.skip("not glibc 2.33+")
+    async with memory.trimming():
+        first = memory._task
+        async with memory.trimming():
+            assert memory._task is first and first is not None
+        assert memory._task is first and not first.done()
+    await asyncio.sleep(0)
+    assert memory._task is None and first.cancelled()
