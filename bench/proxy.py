@@ -300,6 +300,13 @@ async def broker_child(options: dict[str, str]) -> None:
     from gpubroker.config.load import parse_config
     from gpubroker.plugins.manager import create_plugins
 
+    try:
+        from gpubroker.proxy.memory import settle_heap
+    except ImportError:  # an older tree (--broker NAME=src=...)
+
+        def settle_heap() -> None:
+            pass
+
     client = options.get("client")
     if client is not None:
         import proxy_clients
@@ -332,6 +339,7 @@ async def broker_child(options: dict[str, str]) -> None:
                 task_status=task_status,
             )
         )
+        settle_heap()  # as `gpubroker serve` does once it serves
         print(json.dumps({"proxy": endpoints.proxies["bench"], "api": endpoints.api_url}),
               flush=True)  # fmt: skip
         await anyio.to_thread.run_sync(sys.stdin.read)

@@ -39,3 +39,21 @@ async def test_servers_share_one_trimming_task_that_ends_with_the_last() -> None
         assert memory._task is first and not first.done()
     await asyncio.sleep(0)
     assert memory._task is None and first.cancelled()
+
+
+def test_a_serving_process_freezes_its_start_up_heap_and_collects_rarely() -> None:
+    """`gpubroker serve` once built: what is alive is frozen (no later pass walks it) and the
+    thresholds raised; run in a child, since it changes the interpreter's collector for good."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, json; from gpubroker.proxy import memory; "
+        "before = gc.get_freeze_count(); memory.settle_heap(); "
+        "print(json.dumps([before, gc.get_freeze_count(), gc.get_threshold()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, timeout=60)
+    before, frozen, thresholds = json.loads(out.stdout)
+    assert before == 0 and frozen > 1000  # the imported modules at least
+    assert tuple(thresholds) == memory.SERVING_GC_THRESHOLDS

@@ -58,6 +58,7 @@ def serve(
 
     from gpubroker.config.load import describe_config, resolve_config
     from gpubroker.plugins.manager import check_config_names, create_plugins
+    from gpubroker.proxy.memory import settle_heap
     from gpubroker.runtime import run_broker
 
     cfg = resolve_config(config)
@@ -114,6 +115,7 @@ def serve(
                     done.set()
 
             endpoints = await tg.start(broker)
+            settle_heap()  # built and serving: what is alive now is never garbage
             reload.append(endpoints.reload)
             if watch_config and cfg.source in (None, "environment"):
                 typer.echo("--watch-config: no config file to watch (env-var mode)", err=True)
