@@ -188,3 +188,19 @@ async def test_a_length_framed_body_cut_short_reaches_the_client_as_truncated(lo
                 await client.get(ep.proxies["svc"] + "/x")
             status = (await client.get(ep.status_url + "/")).json()
     assert status["backends"]["svc"]["upstreamErrors"] == 1
+
+
+async def test_a_websocket_handshake_with_a_big_cookie_is_proxied() -> None:
+    """A browser's Cookie header can pass 8 KiB on its own (many sites' cookies together); the
+    head is within the 64 KiB bound, so the upgrade goes through under either server."""
+    seen: dict[str, Any] = {}
+    cookie = "session=" + "c" * 12_000
+    async with running(ws_upstream(seen)) as up:
+        cfg = make_config({"svc": {"upstream": up, "unloadStrategy": "generic"}})
+        async with broker_running(cfg) as ep:
+            url = ep.proxies["svc"].replace("http://", "ws://") + "/ws"
+            with anyio.fail_after(10):
+                async with connect(url, additional_headers={"Cookie": cookie}) as ws:
+                    await ws.send("hello")
+                    assert await ws.recv() == "HELLO"
+    assert dict(seen["headers"])["cookie"] == cookie

@@ -22,7 +22,8 @@ What ``listener.serve`` promises holds here too, with uvicorn's own parts where 
   ``X-Forwarded-For`` rewriting of the client address (uvicorn's ``proxy_headers`` is off: the
   proxy appends to that header itself and must see the real peer);
 - WebSockets: uvicorn's sans-I/O websockets protocol, with the denial response
-  (``websocket.http.response.*``) the proxy sends for a refused upgrade, no pings of its own.
+  (``websocket.http.response.*``) the proxy sends for a refused upgrade, no pings of its own,
+  the same head bound as HTTP (:func:`_ws_protocol_class`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
 
         _head_timer: asyncio.TimerHandle | None = None
         _head_bytes = -1  # -1: not inside a head
+        _head_size = 0  # the last complete head's
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -95,11 +97,18 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
 
         def on_headers_complete(self) -> None:
             self._stop_head_timer()
-            self._head_bytes = -1
+            self._head_size, self._head_bytes = self._head_bytes, -1
             super().on_headers_complete()
             cycle = self.cycle
             if cycle is not None and cycle.transport is self.transport:  # (not an upgrade)
                 cycle.transport = _Cork(self.transport, self.loop)  # type: ignore[assignment]
+
+        def handle_websocket_upgrade(self) -> None:
+            if self._head_size > max_head:  # arrived whole in one read: refused as above
+                self.transport.write(TOO_LARGE)
+                self.transport.close()
+                return
+            super().handle_websocket_upgrade()
 
         def _stop_head_timer(self) -> None:
             if self._head_timer is not None:
@@ -112,6 +121,34 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
                 self.transport.close()
 
     return _Protocol
+
+
+def _ws_protocol_class(max_head: int) -> type[asyncio.Protocol]:
+    """uvicorn's sans-I/O websockets protocol, taking every head the HTTP protocol let through
+    and answering the handshakes it still refuses.
+
+    uvicorn hands the upgrade's head, re-serialised, to the ``websockets`` parser, whose own
+    bounds (a line of 8 KiB, 128 headers) are below ours: a browser's Cookie over 8 KiB was
+    refused there, and the refusal (a 431 the parser queues) was never written, so the client
+    waited with no answer until it gave up. Its bounds are raised to ours (module globals it
+    reads at each parse: the only way to set them, which also applies to the proxy's upstream
+    WebSocket client, harmlessly), and any handshake it refuses gets its answer and a close.
+    """
+    import websockets.http11
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    websockets.http11.MAX_LINE_LENGTH = max(websockets.http11.MAX_LINE_LENGTH, max_head)
+    websockets.http11.MAX_NUM_HEADERS = max(websockets.http11.MAX_NUM_HEADERS, max_head // 4)
+
+    class _WebSocketProtocol(WebSocketsSansIOProtocol):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            refused = self.conn.handshake_exc is not None and not self.handshake_initiated
+            if refused and not self.transport.is_closing():
+                self.transport.write(b"".join(self.conn.data_to_send()))
+                self.transport.close()
+
+    return _WebSocketProtocol
 
 
 class _Cork:
@@ -177,7 +214,7 @@ async def serve_uvicorn(
     config = uvicorn.Config(
         app,
         http=_protocol_class(header_timeout, max_head),
-        ws="websockets-sansio",
+        ws=_ws_protocol_class(max_head),
         ws_ping_interval=None,
         lifespan="auto",
         log_config=None,
