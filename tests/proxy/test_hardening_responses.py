@@ -269,6 +269,35 @@ async def test_a_client_dribbling_its_request_head_is_cut_off_after_header_timeo
     assert answer == b""  # cut off, nothing served
 
 
+async def test_a_client_sending_only_blank_lines_is_cut_off_after_header_timeout() -> None:
+    """Blank lines before a request line are skipped by the HTTP parsers (RFC 9112 §2.2), so no
+    head ever begins; the connection must still not be held for ever by a byte at a time."""
+    cfg = make_config(
+        {"svc": {"upstream": "http://127.0.0.1:9", "unloadStrategy": "generic"}},
+        telemetry="none",
+        headerTimeout="1s",
+    )
+    async with broker_running(cfg) as ep:
+        host, p = hostport(ep.proxies["svc"])
+        closed = anyio.Event()
+        async with await anyio.connect_tcp(host, p) as stream:
+
+            async def dribble() -> None:
+                try:
+                    while not closed.is_set():
+                        await stream.send(b"\r\n")
+                        await anyio.sleep(0.2)
+                except (anyio.BrokenResourceError, ConnectionError):
+                    pass
+
+            with anyio.fail_after(8):  # keep-alive alone would have cut it at 15 s
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(dribble)
+                    answer = await read_until_closed(stream)
+                    closed.set()
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400 ")  # (h11 refuses them: fine too)
+
+
 async def test_a_client_closing_its_idle_connection_is_closed_at_once() -> None:
     cfg = make_config(
         {"svc": {"upstream": "http://127.0.0.1:9", "unloadStrategy": "generic"}}, telemetry="none"

@@ -62,6 +62,7 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
         _head_timer: asyncio.TimerHandle | None = None
         _head_bytes = -1  # -1: not inside a head
         _head_size = 0  # the last complete head's
+        _in_message = False  # between a request's first byte and its body's end
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -75,6 +76,11 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if header_timeout is not None and self._head_timer is None and not self._in_message:
+                # Bytes between requests: a head begins, or blank lines before one, which the
+                # parser skips without beginning a message (RFC 9112 §2.2) while uvicorn stops
+                # its keep-alive timer for any data: the head deadline runs either way.
+                self._head_timer = self.loop.call_later(header_timeout, self._head_expired)
             super().data_received(data)
             if self._head_bytes > max_head and not self.transport.is_closing():
                 self._stop_head_timer()
@@ -82,6 +88,7 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
                 self.transport.close()
 
         def on_message_begin(self) -> None:
+            self._in_message = True
             super().on_message_begin()
             self._head_bytes = 0
             if header_timeout is not None and self._head_timer is None:
@@ -109,6 +116,10 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
                 self.transport.close()
                 return
             super().handle_websocket_upgrade()
+
+        def on_message_complete(self) -> None:
+            self._in_message = False
+            super().on_message_complete()
 
         def _stop_head_timer(self) -> None:
             if self._head_timer is not None:
