@@ -235,6 +235,35 @@ async def test_an_upstream_breaking_off_a_chunked_body_aborts_the_client_connect
     no_errors_logged(caplog)
 
 
+async def test_an_http_1_0_client_gets_a_streamed_body_close_delimited_not_chunked(
+    loopback: Any,
+) -> None:
+    """An HTTP/1.0 client does not know chunked coding (RFC 9112 §6.1: never sent to it): a
+    body of unknown length goes to it as is, delimited by the connection's close."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/x-ndjson")]})  # fmt: skip
+        for part in (b'{"a": 1}\n', b'{"b": 2}\n'):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with loopback(app) as up:
+        cfg = make_config({"svc": {"upstream": up.url, "unloadStrategy": "generic"}})
+        async with broker_running(cfg) as ep:
+            host, port = hostport(ep.proxies["svc"])
+            with anyio.fail_after(10):
+                async with await anyio.connect_tcp(host, port) as stream:
+                    await stream.send(b"GET /stream HTTP/1.0\r\n\r\n")
+                    answer = await read_until_closed(stream)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"200"
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b'{"a": 1}\n{"b": 2}\n'
+
+
 # --- 4. slow and stalled clients ------------------------------------------------------------
 
 

@@ -109,6 +109,8 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
             cycle = self.cycle
             if cycle is not None and cycle.transport is self.transport:  # (not an upgrade)
                 cycle.transport = _Cork(self.transport, self.loop)  # type: ignore[assignment]
+                if cycle.scope["http_version"] == "1.0":  # (run_asgi reads .send later)
+                    cycle.send = _CloseDelimited(cycle)  # type: ignore[method-assign]
 
         def handle_websocket_upgrade(self) -> None:
             if self._head_size > max_head:  # arrived whole in one read: refused as above
@@ -160,6 +162,40 @@ def _ws_protocol_class(max_head: int) -> type[asyncio.Protocol]:
                 self.transport.close()
 
     return _WebSocketProtocol
+
+
+class _CloseDelimited:
+    """The ``send`` of an HTTP/1.0 request's cycle: a body of unknown length goes out as is,
+    ended by closing the connection, as h11 does. uvicorn chunks it whatever the request's
+    version, and a 1.0 client, which knows no chunked coding (RFC 9112 §6.1: it must not get
+    it), read the chunk sizes as part of the body.
+
+    It presets the cycle's framing before the head (not chunked, no keep-alive: uvicorn then
+    adds ``connection: close``) and lets each body write pass uvicorn's length check."""
+
+    __slots__ = ("cycle", "delimited", "send")
+
+    def __init__(self, cycle: Any) -> None:
+        self.cycle = cycle
+        self.send = cycle.send
+        self.delimited = False
+
+    async def __call__(self, message: Any) -> None:
+        cycle = self.cycle
+        kind = message["type"]
+        if kind == "http.response.start" and not cycle.response_started:
+            framed = any(
+                k.lower() in (b"content-length", b"transfer-encoding")
+                for k, _ in message.get("headers", ())
+            )
+            status = message["status"]
+            if not framed and cycle.scope["method"] != "HEAD" and status not in (204, 304):
+                self.delimited = True
+                cycle.chunked_encoding = False
+                cycle.keep_alive = False
+        elif kind == "http.response.body" and self.delimited and not cycle.response_complete:
+            cycle.expected_content_length = len(message.get("body", b""))
+        await self.send(message)
 
 
 class _Cork:
