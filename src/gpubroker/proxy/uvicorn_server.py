@@ -290,10 +290,19 @@ async def serve_uvicorn(
 class _OnPurpose(logging.Filter):
     """Drops uvicorn's error line for a response left unfinished: the proxy does that on purpose
     (an upstream that broke off a body: the client must see the truncation, app.py), and
-    logs why itself."""
+    logs why itself. A request cancelled when ``shutdownGrace`` ran out is no error either:
+    its traceback is dropped, and the line counting them is a warning, as a routine restart
+    with streams open is (Hypercorn says nothing)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "ASGI callable returned without completing response."
+        message = record.getMessage()
+        if message == "ASGI callable returned without completing response.":
+            return False
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            return not message.startswith("Exception in ASGI application")
+        if message.endswith("timeout graceful shutdown exceeded"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def _server_class() -> type:
