@@ -327,6 +327,36 @@ async def test_a_client_sending_only_blank_lines_is_cut_off_after_header_timeout
     assert answer == b"" or answer.startswith(b"HTTP/1.1 400 ")  # (h11 refuses them: fine too)
 
 
+async def test_a_body_stalling_after_its_answer_went_out_is_not_held_for_ever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker answers some requests before reading their body (a refused loop: 508). A
+    client that then stops sending the rest holds a connection nobody reads: the keep-alive
+    bound must still close it."""
+    from gpubroker.proxy import listener
+
+    monkeypatch.setattr(listener, "KEEP_ALIVE_TIMEOUT", 1.0)
+    cfg = make_config(
+        {"svc": {"upstream": "http://127.0.0.1:9", "unloadStrategy": "generic"}},
+        telemetry="none",
+    )
+    async with broker_running(cfg) as ep:
+        host, p = hostport(ep.proxies["svc"])
+        via = b", ".join([b"1.1 gpubroker"] * 10)
+        with anyio.fail_after(8):
+            async with await anyio.connect_tcp(host, p) as stream:
+                await stream.send(
+                    b"POST /x HTTP/1.1\r\nhost: x\r\nvia: " + via
+                    + b"\r\ncontent-length: 100\r\n\r\n0123456789"
+                )  # fmt: skip
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    answer += await stream.receive()
+                await stream.send(b"more bytes")  # after the answer, then nothing
+                answer += await read_until_closed(stream)
+    assert answer.startswith(b"HTTP/1.1 508 ")
+
+
 async def test_a_client_closing_its_idle_connection_is_closed_at_once() -> None:
     cfg = make_config(
         {"svc": {"upstream": "http://127.0.0.1:9", "unloadStrategy": "generic"}}, telemetry="none"

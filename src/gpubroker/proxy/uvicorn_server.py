@@ -86,6 +86,22 @@ def _protocol_class(header_timeout: float | None, max_head: int) -> type[asyncio
                 self._stop_head_timer()
                 self.transport.write(TOO_LARGE)
                 self.transport.close()
+            cycle = self.cycle
+            if (
+                self.timeout_keep_alive_task is None
+                and self._head_timer is None
+                and cycle is not None
+                and cycle.response_complete
+                and not self.pipeline
+                and self.transport.get_protocol() is self  # (not handed to a WebSocket)
+                and not self.transport.is_closing()
+            ):
+                # The rest of a body whose answer went out already, read and dropped: uvicorn
+                # stops its keep-alive timer for any bytes and starts it only at a response's
+                # end, so a client stalling here had no bound at all. It is idle: keep-alive.
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
 
         def on_message_begin(self) -> None:
             self._in_message = True
