@@ -734,13 +734,12 @@ async def test_websocket_handshakes_past_the_bounds_are_refused_before_any_upstr
     async with broker_for() as (rec, ep):
         url = ep.proxies["svc"]
         looped = await exchange(url, websocket_upgrade(b"Via: " + b", ".join([VIA] * MAX_HOPS)))
-        if broker_server == "uvicorn":  # its websockets handshake parser takes no 100 KB line
-            assert looped.status == 508 and rec.seen == []
-            return
         big = await exchange(url, websocket_upgrade(b"X-Big: " + b"a" * 100_000))
+        many = await exchange(url, websocket_upgrade(*[b"X-%d: 1" % i for i in range(20_000)]))
     assert looped.status == 508
-    assert big.status == 431
-    assert big.json()["error"] == "headers_too_large"
+    assert big.status == many.status == 431
+    if broker_server == "hypercorn":  # uvicorn's protocol answers it in plain text, as for HTTP
+        assert big.json()["error"] == "headers_too_large"
     assert rec.seen == []
 
 

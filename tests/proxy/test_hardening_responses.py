@@ -235,6 +235,35 @@ async def test_an_upstream_breaking_off_a_chunked_body_aborts_the_client_connect
     no_errors_logged(caplog)
 
 
+async def test_an_http_1_0_client_gets_a_streamed_body_close_delimited_not_chunked(
+    loopback: Any,
+) -> None:
+    """An HTTP/1.0 client does not know chunked coding (RFC 9112 §6.1: never sent to it): a
+    body of unknown length goes to it as is, delimited by the connection's close."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/x-ndjson")]})  # fmt: skip
+        for part in (b'{"a": 1}\n', b'{"b": 2}\n'):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with loopback(app) as up:
+        cfg = make_config({"svc": {"upstream": up.url, "unloadStrategy": "generic"}})
+        async with broker_running(cfg) as ep:
+            host, port = hostport(ep.proxies["svc"])
+            with anyio.fail_after(10):
+                async with await anyio.connect_tcp(host, port) as stream:
+                    await stream.send(b"GET /stream HTTP/1.0\r\n\r\n")
+                    answer = await read_until_closed(stream)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"200"
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b'{"a": 1}\n{"b": 2}\n'
+
+
 # --- 4. slow and stalled clients ------------------------------------------------------------
 
 
@@ -267,6 +296,65 @@ async def test_a_client_dribbling_its_request_head_is_cut_off_after_header_timeo
                     answer = await read_until_closed(stream)
                     closed.set()
     assert answer == b""  # cut off, nothing served
+
+
+async def test_a_client_sending_only_blank_lines_is_cut_off_after_header_timeout() -> None:
+    """Blank lines before a request line are skipped by the HTTP parsers (RFC 9112 §2.2), so no
+    head ever begins; the connection must still not be held for ever by a byte at a time."""
+    cfg = make_config(
+        {"svc": {"upstream": "http://127.0.0.1:9", "unloadStrategy": "generic"}},
+        telemetry="none",
+        headerTimeout="1s",
+    )
+    async with broker_running(cfg) as ep:
+        host, p = hostport(ep.proxies["svc"])
+        closed = anyio.Event()
+        async with await anyio.connect_tcp(host, p) as stream:
+
+            async def dribble() -> None:
+                try:
+                    while not closed.is_set():
+                        await stream.send(b"\r\n")
+                        await anyio.sleep(0.2)
+                except (anyio.BrokenResourceError, ConnectionError):
+                    pass
+
+            with anyio.fail_after(8):  # keep-alive alone would have cut it at 15 s
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(dribble)
+                    answer = await read_until_closed(stream)
+                    closed.set()
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400 ")  # (h11 refuses them: fine too)
+
+
+async def test_a_body_stalling_after_its_answer_went_out_is_not_held_for_ever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker answers some requests before reading their body (a refused loop: 508). A
+    client that then stops sending the rest holds a connection nobody reads: the keep-alive
+    bound must still close it."""
+    from gpubroker.proxy import listener
+
+    monkeypatch.setattr(listener, "KEEP_ALIVE_TIMEOUT", 1.0)
+    cfg = make_config(
+        {"svc": {"upstream": "http://127.0.0.1:9", "unloadStrategy": "generic"}},
+        telemetry="none",
+    )
+    async with broker_running(cfg) as ep:
+        host, p = hostport(ep.proxies["svc"])
+        via = b", ".join([b"1.1 gpubroker"] * 10)
+        with anyio.fail_after(8):
+            async with await anyio.connect_tcp(host, p) as stream:
+                await stream.send(
+                    b"POST /x HTTP/1.1\r\nhost: x\r\nvia: " + via
+                    + b"\r\ncontent-length: 100\r\n\r\n0123456789"
+                )  # fmt: skip
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    answer += await stream.receive()
+                await stream.send(b"more bytes")  # after the answer, then nothing
+                answer += await read_until_closed(stream)
+    assert answer.startswith(b"HTTP/1.1 508 ")
 
 
 async def test_a_client_closing_its_idle_connection_is_closed_at_once() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -57,3 +59,36 @@ def test_a_serving_process_freezes_its_start_up_heap_and_collects_rarely() -> No
     before, frozen, thresholds = json.loads(out.stdout)
     assert before == 0 and frozen > 1000  # the imported modules at least
     assert tuple(thresholds) == memory.SERVING_GC_THRESHOLDS
+
+
+class _FakeLibc:
+    """mallinfo2 and malloc_trim as the Trimmer calls them, with a free heap that stays put."""
+
+    def __init__(self) -> None:
+        self.trims = 0
+
+    def mallinfo2(self) -> Any:
+        return SimpleNamespace(fordblks=2**20)
+
+    def malloc_trim(self, pad: int) -> int:
+        self.trims += 1
+        return 1
+
+
+def test_memory_still_growing_is_not_collected_until_it_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A queue or a burst still growing holds its memory: no full collection (a stall of the
+    whole loop on a large heap) at each look while it grows, one once it has stopped."""
+    rss = [100 * 2**20]
+    monkeypatch.setattr(memory, "_rss", lambda: rss[0])
+    collections: list[int] = []
+    monkeypatch.setattr(memory.gc, "collect", lambda: collections.append(1) or 0)
+    libc = _FakeLibc()
+    trimmer = memory.Trimmer(libc)  # type: ignore[arg-type]
+    for _ in range(5):  # 40 MiB more at every look
+        rss[0] += 40 * 2**20
+        assert not trimmer.look()
+    assert trimmer.look()  # it stopped growing: now
+    assert collections == [1] and libc.trims == 1
+    assert not trimmer.look()  # and not again at the same size

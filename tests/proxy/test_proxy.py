@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 from typing import Any
 
@@ -188,3 +189,54 @@ async def test_a_length_framed_body_cut_short_reaches_the_client_as_truncated(lo
                 await client.get(ep.proxies["svc"] + "/x")
             status = (await client.get(ep.status_url + "/")).json()
     assert status["backends"]["svc"]["upstreamErrors"] == 1
+
+
+async def test_a_websocket_handshake_with_a_big_cookie_is_proxied() -> None:
+    """A browser's Cookie header can pass 8 KiB on its own (many sites' cookies together); the
+    head is within the 64 KiB bound, so the upgrade goes through under either server."""
+    seen: dict[str, Any] = {}
+    cookie = "session=" + "c" * 12_000
+    async with running(ws_upstream(seen)) as up:
+        cfg = make_config({"svc": {"upstream": up, "unloadStrategy": "generic"}})
+        async with broker_running(cfg) as ep:
+            url = ep.proxies["svc"].replace("http://", "ws://") + "/ws"
+            with anyio.fail_after(10):
+                async with connect(url, additional_headers={"Cookie": cookie}) as ws:
+                    await ws.send("hello")
+                    assert await ws.recv() == "HELLO"
+    assert dict(seen["headers"])["cookie"] == cookie
+
+
+async def test_a_stream_past_shutdown_grace_is_cut_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Stopping with a stream longer than ``shutdownGrace``: the stream is cut at the grace,
+    and the broker says so without an error traceback per stream (a restart is routine)."""
+    caplog.set_level(logging.WARNING)
+    gpu = SimGPU(8 * GiB)
+    gen = GenericEmulator(gpu, 2 * GiB, token_interval=0.05, tokens=400)  # 20 s of tokens
+    lines: list[str] = []
+    async with running(gen.app) as upstream:
+        cfg = make_config(
+            {"gen": {"upstream": upstream, "unloadStrategy": "generic"}}, shutdownGrace="1s"
+        )
+        async with httpx.AsyncClient(timeout=30) as client, anyio.create_task_group() as tg:
+
+            async def read(url: str) -> None:
+                try:
+                    async with client.stream("POST", url, json={"format": "sse"}) as r:
+                        async for line in r.aiter_lines():
+                            lines.append(line)
+                except httpx.HTTPError:
+                    lines.append("cut")
+
+            with anyio.fail_after(15):
+                async with broker_running(cfg) as ep:
+                    tg.start_soon(read, ep.proxies["gen"] + "/generate")
+                    while len([x for x in lines if '"token"' in x]) < 2:
+                        await anyio.sleep(0.02)
+                while not lines or lines[-1] not in ("cut", "data: [DONE]"):
+                    await anyio.sleep(0.02)
+    assert len([x for x in lines if '"token"' in x]) < 400  # cut, not waited out
+    noisy = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not noisy, [r.getMessage() for r in noisy]

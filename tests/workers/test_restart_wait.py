@@ -107,3 +107,33 @@ async def test_once_the_restart_fails_waiting_requests_get_503_with_retry_after(
         assert "crash loop" in body["message"] and "\n" not in body["message"]
         assert int(r.headers["retry-after"]) >= 1
     assert status["backends"]["w"]["upstreamErrors"] == 0  # no request met the dead port
+
+
+async def test_a_client_leaving_during_the_restart_wait_ends_its_lease_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait for a restart is a wait like the queue's: a client that walks away ends its
+    lease at once, not when the worker is back (its slot and the GPU held for nobody)."""
+    monkeypatch.setattr(
+        supervisor_module,
+        "Backoff",
+        lambda: Backoff(first=30.0, factor=1.0, limit=30.0, max_crashes=3, window=60.0),
+    )
+    cfg = make_config({"w": flagged(tmp_path / "flag")})
+    async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=30) as client:
+        assert (await chat(client, ep.proxies["w"])).status_code == 200  # starts it
+        sup = ep.broker.supervisor if ep.broker else None
+        assert sup is not None
+        await crash(sup)  # its restart is 30 s away
+        host, port = ep.proxies["w"].removeprefix("http://").rsplit(":", 1)
+        body = b'{"model": "m", "messages": [], "stream": true}'
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+        with anyio.fail_after(10):
+            async with await anyio.connect_tcp(host, int(port)) as stream:
+                await stream.send(head + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+                while not (await client.get(ep.status_url + "/")).json()["totals"]["inFlight"]:
+                    await anyio.sleep(0.02)
+            # the client is gone: its lease ends now, 30 s before the restart
+            while (await client.get(ep.status_url + "/")).json()["totals"]["inFlight"]:
+                await anyio.sleep(0.05)
+        assert sup.recovering("w")  # still waiting for the restart: the lease did not wait

@@ -47,7 +47,7 @@ class LeaseBroker(Protocol):
         (where known) are shown with the lease. ``body``: the request's whole body where
         :meth:`wants_body` asked for it (None: not read, or past the read-ahead bound).
         ``on_queued(id)``: called (at once, from inside the call) only when the lease is not
-        admitted at once."""
+        admitted at once, or waits after its admission (a crashed worker's restart), once."""
         ...
 
     def wants_body(self, backend: str) -> bool:

@@ -144,6 +144,17 @@ class _TCPServer(HypercornTCPServer):
         self.eof = False
         self._header_s: float | None = None
 
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except asyncio.CancelledError:
+            # A connection still busy when shutdownGrace ran out is cancelled by Hypercorn.
+            # Its task is asyncio's client_connected_cb, which before Python 3.13 calls
+            # task.exception() on it when done and logs the CancelledError that raises as an
+            # error with a traceback, one per connection cut. Nothing awaits this task and its
+            # connection is closed by now, so it ends normally instead.
+            pass
+
     async def _read_data(self) -> None:
         header_timeout = self._header_s = getattr(self.config, "gpubroker_header_timeout", None)
         while not self.reader.at_eof():

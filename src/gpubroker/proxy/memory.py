@@ -69,23 +69,30 @@ def _rss() -> int:
 
 class Trimmer:
     """Looks every ``INTERVAL`` s: once glibc's free heap grew by ``SLACK`` bytes, or RSS by
-    ``GROWTH``, since the last trim, collects cyclic garbage (a burst's requests leave some,
-    which only a full collection frees: that is what kept glibc from giving pages back) and
-    returns the free heap with ``malloc_trim``. A full collection costs milliseconds, at most
-    once per look, and only after memory grew."""
+    ``GROWTH`` and then stopped growing, since the last trim, collects cyclic garbage (a
+    burst's requests leave some, which only a full collection frees: that is what kept glibc
+    from giving pages back) and returns the free heap with ``malloc_trim``. A full collection
+    costs milliseconds (more on a large heap), at most once per look, only after memory grew,
+    and not while it still grows."""
 
     def __init__(self, libc: ctypes.CDLL) -> None:
         self.libc = libc
-        self.since = _rss()  # RSS after the last trim
+        self.since = self.last = _rss()  # RSS after the last trim; at the last look
         self.free = 0  # glibc's free heap bytes after it (trimmed pages still count as free)
 
     def look(self) -> bool:
         free = self.libc.mallinfo2().fordblks
-        if free <= self.free + SLACK and _rss() < self.since + GROWTH:
+        rss, last = _rss(), self.last
+        self.last = rss
+        # RSS that grew counts once it stops growing: while a burst or a queue still grows,
+        # the memory is in use, and a full collection of a large heap at every look would
+        # stall the loop (every stream's latency) for nothing to give back.
+        grown = rss >= self.since + GROWTH and rss <= last
+        if free <= self.free + SLACK and not grown:
             return False
         gc.collect()
         self.libc.malloc_trim(0)
-        self.since = _rss()
+        self.since = self.last = _rss()
         self.free = self.libc.mallinfo2().fordblks
         return True
 

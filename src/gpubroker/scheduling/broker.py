@@ -264,8 +264,8 @@ class Broker:
         ``caller`` and ``model`` are shown with the lease (status, its events). ``body``: the
         request's body where :meth:`wants_body` asked for it, read for the model and memory
         it asks for. ``on_queued`` is called with the lease's id when it is not admitted at
-        once (it queues, or a swap runs for it), and only then: ``progress(id)`` says what it
-        waits for.
+        once (it queues, a swap runs for it, or its crashed worker's restart is awaited), and
+        only then, once: ``progress(id)`` says what it waits for.
         """
         spec = self.sched.slots[backend].spec
         backend = spec.backend
@@ -301,7 +301,8 @@ class Broker:
         deferred = False  # the release (and the live entry) passed on to _settle
         try:
             self._apply(self.sched.request(lease, placed.unit, now, placed.need, placed.fresh))
-            if on_queued is not None and not pending.event.is_set():
+            waits = not pending.event.is_set()
+            if on_queued is not None and waits:
                 on_queued(lease)
             try:
                 if not pending.event.is_set():  # (set: admitted at once, no loop round trip)
@@ -321,6 +322,8 @@ class Broker:
             self._publish(ev.Admitted, backend=backend, lease=lease, queued=queued)
             try:
                 if self.supervisor is not None and self.supervisor.recovering(backend):
+                    if on_queued is not None and not waits:  # it waits after all: watched too
+                        on_queued(lease)
                     await self._worker_back(backend, lease, now)  # a crashed worker's restart
                 yield Grant(lease, backend, self.clock() - now, pending.admit.swap)
             finally:
