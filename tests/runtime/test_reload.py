@@ -39,6 +39,21 @@ def generic(name: str, upstream: str, port: int, **extra: Any) -> dict[str, Any]
     }
 
 
+def managed(port: int, at: int, *args: str, name: str = "w", **extra: Any) -> dict[str, Any]:
+    """A managed fake worker (``FAKE`` with ``args``) on proxy port ``port``, listening at
+    ``at``."""
+    return {
+        "name": name,
+        "proxyPort": port,
+        "upstream": f"http://127.0.0.1:{at}",
+        "unloadStrategy": "process",
+        "classifier": "generic",
+        "healthPath": "/health",
+        "command": [*FAKE, *args],
+        **extra,
+    }
+
+
 def write(path: Path, backends: list[dict[str, Any]], **top: Any) -> Path:
     """The config file (JSON is YAML too)."""
     path.write_text(json.dumps({"telemetry": "none", **top, "backends": backends}, indent=2))
@@ -305,15 +320,7 @@ async def test_a_changed_command_restarts_the_managed_worker_once_idle(tmp_path:
     port, other = free_port(), free_port()
 
     def worker(*args: str, name: str = "w", at: int = port) -> dict[str, Any]:
-        return {
-            "name": name,
-            "proxyPort": 21001 if name == "w" else 21002,
-            "upstream": f"http://127.0.0.1:{at}",
-            "unloadStrategy": "process",
-            "classifier": "generic",
-            "healthPath": "/health",
-            "command": [*FAKE, *args],
-        }
+        return managed(21001 if name == "w" else 21002, at, *args, name=name)
 
     path = write(tmp_path / "gpubroker.yaml", [worker()])
     async with serving(path) as ep, httpx.AsyncClient(timeout=30) as client:
@@ -487,16 +494,7 @@ async def test_a_changed_detach_restarts_the_worker_tied_or_detached_as_asked(
     port = free_port()
 
     def worker(**extra: Any) -> dict[str, Any]:
-        return {
-            "name": "w",
-            "proxyPort": free_port(),
-            "upstream": f"http://127.0.0.1:{port}",
-            "unloadStrategy": "process",
-            "classifier": "generic",
-            "healthPath": "/health",
-            "command": [*FAKE],
-            **extra,
-        }
+        return managed(free_port(), port, **extra)
 
     spec = worker()
     path = write(tmp_path / "gpubroker.yaml", [spec], stateDir=str(tmp_path / "state"))
@@ -534,15 +532,7 @@ async def test_a_managed_worker_moved_to_another_port_is_served_where_it_listens
     old, new = free_port(), free_port()
 
     def worker(at: int) -> dict[str, Any]:
-        return {
-            "name": "w",
-            "proxyPort": 21011,
-            "upstream": f"http://127.0.0.1:{at}",
-            "unloadStrategy": "process",
-            "classifier": "generic",
-            "healthPath": "/health",
-            "command": [*FAKE, "--tokens", "60", "--start-delay", "0.5"],
-        }
+        return managed(21011, at, "--tokens", "60", "--start-delay", "0.5")
 
     path = write(tmp_path / "gpubroker.yaml", [worker(old)])
     chat = {"messages": [{"role": "user", "content": "hi"}]}
@@ -575,15 +565,7 @@ async def test_a_move_taken_back_before_the_worker_was_idle_leaves_it_where_it_r
     old, new = free_port(), free_port()
 
     def worker(at: int) -> dict[str, Any]:
-        return {
-            "name": "w",
-            "proxyPort": 21012,
-            "upstream": f"http://127.0.0.1:{at}",
-            "unloadStrategy": "process",
-            "classifier": "generic",
-            "healthPath": "/health",
-            "command": [*FAKE, "--tokens", "60"],
-        }
+        return managed(21012, at, "--tokens", "60")
 
     path = write(tmp_path / "gpubroker.yaml", [worker(old)])
     chat = {"messages": [{"role": "user", "content": "hi"}]}
