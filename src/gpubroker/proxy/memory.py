@@ -99,17 +99,20 @@ class Trimmer:
 
 # The collector's thresholds once serving: (gen0, gen1, gen2). Most of a request's objects are
 # freed by reference counting; a young-generation pass every 700 allocations (CPython's
-# default) runs several times per request, and every full pass walks the whole heap.
-SERVING_GC_THRESHOLDS = (10_000, 50, 1_000)
+# default) runs several times per request, and every full pass walks the whole heap. A full
+# pass still comes every ~50M allocations (tens of thousands of requests): cyclic garbage stays
+# bounded where no Trimmer runs (not glibc) or while memory keeps growing.
+SERVING_GC_THRESHOLDS = (10_000, 50, 100)
 
 
 def settle_heap() -> None:
     """Once a broker process is up: collect, freeze what is alive (modules, apps, the config:
     never garbage) so later passes do not walk it, and raise the collector's thresholds, so
-    full passes are rare and cyclic garbage waits for the :class:`Trimmer`'s collection after
-    memory grew. For a process that serves (``gpubroker serve``, the bench's brokers), not a
-    library call: it changes the interpreter's collector for good. Measured in one run of
-    ``bench/proxy.py`` (uvicorn, 64 connections, small GET): p99 50 -> 12 ms, req/s +30%."""
+    full passes are rare (cyclic garbage waits for them, or for the :class:`Trimmer`'s
+    collection after memory grew). For a process that serves (``gpubroker serve``, the
+    bench's brokers), not a library call: it changes the interpreter's collector for good.
+    Measured in one run of ``bench/proxy.py`` (uvicorn, 64 connections, small GET): p99 50 ->
+    12 ms, req/s +30%."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*SERVING_GC_THRESHOLDS)
