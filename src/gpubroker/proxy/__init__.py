@@ -6,7 +6,8 @@ passthrough (``websocket``), the header rules shared by both (``forwarding``), r
 checks (``target``), the name a request's caller is shown by (``caller``), the SSE comments a
 waiting stream gets (``progress``), the hardened listeners every port is served by
 (``listener``: Hypercorn, or uvicorn with ``server: uvicorn``, ``uvicorn_server``) and the
-giving back of memory a burst freed (``memory``). It asks the broker for a lease
+serving process's memory (``memory``: the start-up heap frozen, the collector's thresholds,
+the free heap given back after a burst). It asks the broker for a lease
 through the one ``LeaseBroker`` interface (``lease``) and knows nothing else of it.
 
 May import ``config``, ``errors``, ``responses`` and the classifier base type
