@@ -34,13 +34,14 @@ import gc
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from replay_report import git_rev  # (bench/ is on the path, as these run)
 
 from gpubroker.scheduling.effects import Unload, WaitIdle
 from gpubroker.scheduling.scheduler import BackendSpec, Scheduler
@@ -221,20 +222,6 @@ def table(results: dict[tuple[str, int, str, int], float], sizes: list[int]) -> 
 
 def fmt(us: float) -> str:
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.1f} µs"
-
-
-def git_rev() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=False,
-        )
-    except OSError:
-        return "?"
-    return out.stdout.strip() or "?"
 
 
 def ints(text: str) -> list[int]:

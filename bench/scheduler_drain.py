@@ -36,11 +36,11 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import wraps
-from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio.abc import ByteStream
+from replay_report import git_rev  # (bench/ is on the path, as these run)
 
 from gpubroker.sim import GenericEmulator, GiB, SimGPU, running
 
@@ -250,20 +250,6 @@ def raise_open_files(need: int) -> None:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft < need:
         sys.exit(f"{need} open files needed, the limit is {soft} (ulimit -n)")
-
-
-def git_rev() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=False,
-        )
-    except OSError:
-        return "?"
-    return out.stdout.strip() or "?"
 
 
 def main(argv: list[str] | None = None) -> int:
