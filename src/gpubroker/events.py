@@ -62,13 +62,24 @@ class EventBus:
 
         return unsubscribe
 
-    def publish(self, event: Event) -> None:
-        kind = type(event)
+    def _handlers(self, kind: type[Event]) -> tuple[Handler, ...]:
         handlers = self._by_type.get(kind)
         if handlers is None:
             handlers = self._by_type[kind] = tuple(
                 h for h, kinds in self._subscribers if issubclass(kind, kinds)
             )
+        return handlers
+
+    def wants(self, kind: type[Event]) -> bool:
+        """Whether an event of ``kind`` would reach anyone (a subscriber, or the debug log):
+        a publisher may skip building one that would not."""
+        if self._handlers(kind):
+            return True
+        return issubclass(kind, WireEvent) and log.isEnabledFor(logging.DEBUG)
+
+    def publish(self, event: Event) -> None:
+        kind = type(event)
+        handlers = self._handlers(kind)
         if isinstance(event, WireEvent):  # news between objects (a sample's Measured) stays quiet
             log.debug("%s", event)
         for handler in handlers:

@@ -3,6 +3,7 @@ scheduler's notes it publishes as typed events."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
@@ -74,3 +75,30 @@ async def test_a_worker_gone_for_good_is_evicted_by_force() -> None:
     wire: dict[str, Any] = freed.to_json()
     # nothing measured: the declared size, in MiB, as before
     assert (wire["measured"], wire["mib"]) == (False, 1024)
+
+
+async def test_lease_steps_nobody_subscribed_to_are_logged_and_reach_a_later_subscriber(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker skips building the events nobody reads; the debug log, and a reader that
+    comes later, still get every one."""
+    cfg = make_config({"a": {"upstream": "http://127.0.0.1:9", "vram": "1GiB"}})
+    strategy = Counting()
+    bus = ev.EventBus()
+    broker = Broker(cfg, {"a": strategy}, build_scheduler(cfg, {"a": strategy}, None), bus)
+    released: list[ev.Event] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(broker.run)
+        async with broker.lease("a", "/gpu"):  # nobody reads: nothing to see
+            pass
+        with caplog.at_level(logging.DEBUG, logger="gpubroker.events"):
+            async with broker.lease("a", "/gpu") as logged:
+                pass
+        bus.subscribe(released.append, (ev.Released,))
+        async with broker.lease("a", "/gpu") as read:
+            pass
+        tg.cancel_scope.cancel()
+    messages = [r.getMessage() for r in caplog.records if r.name == "gpubroker.events"]
+    for kind in ("Admitted", "Released"):
+        assert sum(kind in m and f"lease={logged.lease}," in m for m in messages) == 1, messages
+    assert [e.lease for e in released if isinstance(e, ev.Released)] == [read.lease]

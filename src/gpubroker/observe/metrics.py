@@ -273,6 +273,7 @@ class Metrics:
             registry=self.registry,
         )
         self._reasons: dict[int, str] = {}  # swap id -> why, while it runs
+        self._labelled: dict[tuple[Histogram | Counter, tuple[str | None, ...]], Any] = {}
         self._key_names = frozenset(k.name for k in broker.config.api_keys)
         for name in names:  # every series exists from the start, at zero
             self.queue_wait.labels(name)
@@ -296,11 +297,11 @@ class Metrics:
     def on_event(self, event: Event) -> None:
         match event:
             case Admitted():
-                self.queue_wait.labels(event.backend).observe(event.queued)
+                self._series(self.queue_wait, event.backend).observe(event.queued)
                 if event.caller is not None:  # a request's (the broker's own swaps have none)
                     self._count_request(event)
             case FirstByte(elapsed=float() as elapsed):
-                self.first_byte.labels(event.backend).observe(elapsed)
+                self._series(self.first_byte, event.backend).observe(elapsed)
             case Swapped():
                 phases = zip(
                     PHASES, (event.drain, event.unload, event.load, event.total), strict=True
@@ -323,6 +324,15 @@ class Metrics:
             case SwapFailed() | SwapAbandoned() | SwapLoadFailed():  # ends without "swapped"
                 self._reasons.pop(event.swap, None)
 
+    def _series(self, metric: Histogram | Counter, *labels: str | None) -> Any:
+        """``metric.labels(*labels)``, kept: each GPU request asks for the same few series,
+        and prometheus_client's lookup validates and takes a lock every time."""
+        key = (metric, labels)
+        series = self._labelled.get(key)
+        if series is None:
+            series = self._labelled[key] = metric.labels(*labels)
+        return series
+
     def _evicted(self, backend: str | None, model: str | None, swap: int) -> None:
         """A unit a swap freed: counted once, when its memory went (a swap whose target then
         fails to load evicted its victims all the same), with the reason its swap began for."""
@@ -337,7 +347,7 @@ class Metrics:
         # (X-GPUBroker-Client on a proxy port), which must not pass for a key.
         keyed = event.model is not None and event.caller in self._key_names
         caller = event.caller if keyed else "other"
-        self.api_requests.labels(event.backend, event.model or "", caller).inc()
+        self._series(self.api_requests, event.backend, event.model or "", caller).inc()
 
     def _counters(self) -> dict[str, Counter]:
         return {name: getattr(self, name) for name in KEPT}

@@ -86,11 +86,24 @@ class Grant:
 
 @dataclass(slots=True)
 class _Pending:
-    """A lease waiting for the scheduler's answer."""
+    """A lease waiting for the scheduler's answer. ``event`` is made only for a lease that
+    has to wait: most are answered within ``Scheduler.request`` itself."""
 
-    event: anyio.Event = field(default_factory=anyio.Event)
     admit: Admit | None = None
     refuse: Refuse | None = None
+    event: anyio.Event | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self.admit is not None or self.refuse is not None
+
+    def answer(self, effect: Admit | Refuse) -> None:
+        if isinstance(effect, Admit):
+            self.admit = effect
+        else:
+            self.refuse = effect
+        if self.event is not None:
+            self.event.set()
 
 
 @dataclass(slots=True)
@@ -301,11 +314,12 @@ class Broker:
         deferred = False  # the release (and the live entry) passed on to _settle
         try:
             self._apply(self.sched.request(lease, placed.unit, now, placed.need, placed.fresh))
-            waits = not pending.event.is_set()
+            waits = not pending.answered  # (answered: admitted at once, no loop round trip)
             if on_queued is not None and waits:
                 on_queued(lease)
             try:
-                if not pending.event.is_set():  # (set: admitted at once, no loop round trip)
+                if not pending.answered:
+                    pending.event = anyio.Event()
                     await pending.event.wait()
             except BaseException:
                 self._apply(self.sched.cancel(lease, self.clock()))
@@ -459,10 +473,7 @@ class Broker:
                 pending = self._pending.get(effect.lease)
                 if pending is None:
                     continue
-                if isinstance(effect, Admit):
-                    pending.admit = effect
-                else:
-                    pending.refuse = effect
+                if isinstance(effect, Refuse):
                     self._publish(
                         ev.LeaseRefused,
                         backend=effect.backend,
@@ -470,7 +481,7 @@ class Broker:
                         status=effect.status,
                         reason=effect.code,
                     )
-                pending.event.set()
+                pending.answer(effect)
             elif isinstance(effect, WaitIdle):
                 self._spawn(self._wait_idle, effect)
             elif isinstance(effect, Unload):
@@ -633,7 +644,10 @@ class Broker:
 
     def _publish(self, event: type[ev.WireEvent], **fields: Any) -> None:
         """Publish ``event``, stamped with the time and, where known, how long its lease (or
-        else its swap) has been going; a lease's steps also say whose it is."""
+        else its swap) has been going; a lease's steps also say whose it is. An event nobody
+        reads (a lease's ``released`` with no ``/events`` reader) is not built."""
+        if not self.bus.wants(event):
+            return
         at = time.time()
         lease, swap = fields.get("lease"), fields.get("swap")
         elapsed = None
@@ -729,7 +743,7 @@ class Broker:
         units = set(self.sched.units_of(backend))
         for lease, pending in list(self._pending.items()):
             live = self.live.get(lease)
-            if live is None or live.unit not in units or pending.event.is_set():
+            if live is None or live.unit not in units or pending.answered:
                 continue
             self._apply(self.sched.cancel(lease, self.clock()))  # leaves the queue cleanly
             self._carry_out([self._removed(lease, backend)])
