@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import psutil
 from proxy_load import POST_BODY, load, openai_rounds, python_upstream, sse
 from proxy_node import NODE_PEER, NODE_UPSTREAM, install_http_proxy, node
@@ -244,6 +245,12 @@ class Runner:
             proc = await self.spawn(cmd, stdout=None if self.args.peer_logs else subprocess.DEVNULL)
             url = f"http://127.0.0.1:{int(await _first_line(proc.stderr))}"
             peers.append(Target(name, "peer", url, proc))
+        # Their first GPU request sets the owner after a 1 s settle, and the GPU requests
+        # arriving meanwhile wait for all leases to end: one now, so no case starts cold (as
+        # a broker in use would not; ours admits at once).
+        async with httpx.AsyncClient(timeout=30) as client:
+            for peer in peers:
+                (await client.post(peer.url + "/gpu", content=POST_BODY)).raise_for_status()
         return peers
 
     async def start_broker(self, name: str, spec: str, upstream: str) -> Target:

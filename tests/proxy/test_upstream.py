@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -547,3 +548,29 @@ async def test_aclose_closes_idle_connections() -> None:
         await upstream.aclose()
         with anyio.fail_after(2):
             await closed.wait()
+
+
+async def test_idle_connections_are_closed_when_they_expire_not_at_the_next_request() -> None:
+    """A burst's connections go once idle for ``keepalive_expiry``: kept until some later
+    request, a few of them would pin the memory the burst took."""
+    closed: list[float] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await answering(OK, OK, keep_open=True)(reader, writer)  # until the client closes
+        closed.append(time.monotonic())
+
+    async with raw_server(handle) as raw, client(raw.url, keepalive_expiry=1.0) as upstream:
+        await asyncio.gather(*(fetch(upstream) for _ in range(3)))  # three connections
+        assert raw.connections == 3
+        await asyncio.sleep(0.5)
+        assert (await fetch(upstream))[1] == b"ok"  # one is used again: its idle time restarts
+        freed = time.monotonic()
+        with anyio.fail_after(2):
+            while len(closed) < 2:
+                await asyncio.sleep(0.01)
+        assert time.monotonic() - freed < 0.9  # the two unused ones, at their own expiry
+        with anyio.fail_after(2):
+            while len(closed) < 3:
+                await asyncio.sleep(0.01)
+        assert time.monotonic() - freed >= 0.95  # the reused one a full expiry after its use
+        assert raw.connections == 3

@@ -22,7 +22,9 @@ The contract the proxy relies on:
   hands over a small body that arrived with the head, in one piece.
 - A connection goes back to the pool (LIFO, bounded) only when its body was read to the end and
   neither side asked to close it. Idle connections expire after ``keepalive_expiry`` seconds,
-  before common upstream idle timeouts (uvicorn, Node: 5 s) can race a new request.
+  before common upstream idle timeouts (uvicorn, Node: 5 s) can race a new request, and are
+  closed then (one timer per pool), so a burst's connections do not outlive it: a few idle
+  ones kept for good would pin the memory the burst took (allocator arenas).
 - A pooled connection that turns out dead before any response byte is retried once on a fresh
   one, only when the request had no body or an empty one: a body chunk once read cannot be
   sent again.
@@ -257,7 +259,8 @@ class Upstream:
         self._netloc = parts.netloc.encode()
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._slots = asyncio.Semaphore(max_connections)
-        self._idle: list[Connection] = []
+        self._idle: list[Connection] = []  # oldest first: reused from the end
+        self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
     async def open(
@@ -383,12 +386,37 @@ class Upstream:
         if reuse and not self._closed and conn.usable and len(self._idle) < self.max_idle:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
+            if self._sweep is None:
+                self._arm(conn.idle_since)
         else:
             conn.close()
+
+    def _arm(self, oldest: float) -> None:
+        """Sweep when the oldest idle connection expires."""
+        loop = asyncio.get_running_loop()
+        delay = oldest + self.keepalive_expiry - time.monotonic()
+        self._sweep = loop.call_later(max(delay, 0.0), self._expire)
+
+    def _expire(self) -> None:
+        """Close the idle connections that expired (or that the upstream closed)."""
+        self._sweep = None
+        deadline = time.monotonic() - self.keepalive_expiry
+        keep = []
+        for conn in self._idle:
+            if conn.usable and conn.idle_since > deadline:
+                keep.append(conn)
+            else:
+                conn.close()
+        self._idle = keep
+        if keep and not self._closed:
+            self._arm(keep[0].idle_since)
 
     async def aclose(self) -> None:
         """Close the idle connections; connections still in use close when released."""
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         while self._idle:
             self._idle.pop().close()
 
