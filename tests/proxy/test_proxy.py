@@ -173,6 +173,57 @@ async def test_client_leaving_before_the_first_byte_ends_the_lease_at_once() -> 
     assert released_after < 1.0  # not when the upstream would have answered
 
 
+async def test_clients_leaving_silent_gpu_streams_end_their_leases_and_upstream_streams(
+    loopback: Any,
+) -> None:
+    """After the first event the upstream goes quiet (a model thinking): each client that
+    hangs up ends its lease and its upstream stream at once, not when the next event comes."""
+    streams = 20
+    disconnected: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):  # the request's body
+            pass
+        if scope["path"] != "/gen":  # the warm-up, and the broker's health probe
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        with anyio.move_on_after(30):  # the broker closing our connection ends this
+            if (await receive())["type"] == "http.disconnect":
+                disconnected.append(1)
+
+    async with loopback(app) as up:
+        cfg = make_config(
+            {"svc": {"upstream": up.url, "unloadStrategy": "generic", "gpuPaths": ["POST /*"]}}
+        )
+        async with broker_running(cfg) as ep, httpx.AsyncClient(timeout=10) as status:
+            async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=50)) as c:
+                # Resident first, so each stream is admitted at once, never queued: what
+                # watches it is the stream's own watcher, not the queue's.
+                (await c.post(ep.proxies["svc"] + "/warm")).raise_for_status()
+
+                async def one() -> None:
+                    async with c.stream("POST", ep.proxies["svc"] + "/gen", json={}) as r:
+                        async for chunk in r.aiter_raw():
+                            assert chunk.startswith(b"data: 1")
+                            return  # ... and hang up
+
+                with anyio.fail_after(10):
+                    async with anyio.create_task_group() as tg:
+                        for _ in range(streams):
+                            tg.start_soon(one)
+            with anyio.fail_after(5):  # not the 30 s the upstream would stay quiet
+                while (await status.get(ep.status_url + "/")).json()["totals"]["inFlight"]:
+                    await anyio.sleep(0.02)
+                while len(disconnected) < streams:
+                    await anyio.sleep(0.02)
+
+
 async def test_a_length_framed_body_cut_short_reaches_the_client_as_truncated(loopback) -> None:  # type: ignore[no-untyped-def]
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         if scope["type"] != "http":
