@@ -29,7 +29,8 @@ Pieces, each in its own process so none shares a GIL (or a Node event loop) with
 - load: ``wrk`` when installed, else this script's asyncio client; the SSE client and the
   ``openai`` client are always ours (``bench/proxy_load.py``).
 - a real model server, when llama-cpp-python[server], openai and the Gemma 3 270M GGUF package
-  are installed: the llama.cpp server (CPU), streamed chat completions with the ``openai``
+  are installed: the llama.cpp server (one thread on a CPU of its own), streamed chat
+  completions with the ``openai``
   client, interleaved rounds, medians of TTFT and tokens/s.
 
 Prints markdown tables: per case and target req/s, p50/p99 latency, the target process's CPU per
@@ -250,7 +251,7 @@ class Runner:
         # a broker in use would not; ours admits at once).
         async with httpx.AsyncClient(timeout=30) as client:
             for peer in peers:
-                (await client.post(peer.url + "/gpu", content=POST_BODY)).raise_for_status()
+                await client.post(peer.url + "/gpu", content=POST_BODY)  # (any answer will do)
         return peers
 
     async def start_broker(self, name: str, spec: str, upstream: str) -> Target:
@@ -497,8 +498,20 @@ async def run_llama(runner: Runner) -> list[str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(cache), "--model_alias",
            "gemma", "--host", "127.0.0.1", "--port", str(port), "--chat_format", "gemma",
-           "--n_ctx", "512", "--n_gpu_layers", "0"]  # fmt: skip
-    proc = await runner.spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "--n_ctx", "512", "--n_gpu_layers", "0", "--n_threads", "1",
+           "--n_threads_batch", "1"]  # fmt: skip
+    # The model gets a CPU of its own (as on a GPU box its compute is not on the CPUs the
+    # proxy uses); the client and every target share the others. Otherwise what a target
+    # adds is lost in which process the scheduler runs on the model's core.
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    model_cpu = {max(cpus)} if len(cpus) >= 2 else cpus
+    if model_cpu != cpus:
+        os.sched_setaffinity(0, model_cpu)  # children inherit it at their start
+    try:
+        proc = await runner.spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        if model_cpu != cpus:
+            os.sched_setaffinity(0, cpus - model_cpu)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while not await _reachable("127.0.0.1", port):
@@ -515,12 +528,17 @@ async def run_llama(runner: Runner) -> list[str]:
     await runner.child("--openai", json.dumps([url]), "1", str(a.max_tokens))  # warm the cache
     results = await runner.child("--openai", json.dumps(list(names)), str(a.rounds),
                                  str(a.max_tokens))  # fmt: skip
+    pinned = (
+        f"; the model on CPU {min(model_cpu)}, the client and targets on the others"
+        if model_cpu != cpus
+        else ""
+    )
     return [
         "",
         *report_llama(results, names),
         "",
-        f"(llama-cpp-python server, Gemma 3 270M Q4_K_M on the CPU, {a.max_tokens} tokens per "
-        f"completion, {a.rounds} interleaved rounds)",
+        f"(llama-cpp-python server, Gemma 3 270M Q4_K_M on the CPU, one thread{pinned}; "
+        f"{a.max_tokens} tokens per completion, {a.rounds} interleaved rounds)",
     ]
 
 
@@ -590,7 +608,7 @@ def main() -> None:
     p.add_argument(
         "--settle", type=float, default=6.0, help="s after the lease streams end, before RSS"
     )
-    p.add_argument("--rounds", type=int, default=10, help="llama.cpp rounds per target")
+    p.add_argument("--rounds", type=int, default=16, help="llama.cpp rounds per target")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument(
         "--broker", action="append", metavar="NAME=SPEC", help="a broker to measure (repeat)"
