@@ -209,6 +209,7 @@ async def test_clients_leaving_silent_gpu_streams_end_their_leases_and_upstream_
 
                 async def one() -> None:
                     async with c.stream("POST", ep.proxies["svc"] + "/gen", json={}) as r:
+                        assert r.headers["x-gpubroker-queue-ms"] == "0"  # admitted at once
                         async for chunk in r.aiter_raw():
                             assert chunk.startswith(b"data: 1")
                             return  # ... and hang up

@@ -130,8 +130,10 @@ class RequestBody:
                 self.disconnected = True
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        while self._buffered:
-            yield self._buffered.pop(0)
+        if self._buffered:  # handed over whole: popping a list's front is quadratic
+            chunks, self._buffered = self._buffered, []
+            for piece in chunks:
+                yield piece
         while not self.complete:
             chunk = await self._next()
             if chunk:
@@ -433,24 +435,27 @@ class ProxyApp:
         # Nothing left to read but a disconnect: notice the client leaving (a stream that
         # outlasts WATCH_AFTER gets a watcher task; one that ends sooner, none).
         watcher = _LeaveWatch(body, False) if watch else None
+        tail: bytes | None = None
         try:
-            async for chunk in response.body():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if lease is not None:  # once per GPU request: the event stream's first byte
-                    self.broker.first_byte(lease)
-                    lease = None
-        except UpstreamError as exc:
-            self.broker.record_upstream_error(self.name)
-            log.warning("%s: upstream failed mid-stream: %s", self.name, exc)
-            tail = _stream_error_tail(response.headers, str(exc))
-            if not tail or any(k == b"content-length" for k, _ in response.headers):
-                # Leaving the response unfinished makes the server drop the connection
-                # (no terminating chunk, or short of the Content-Length), so the client
-                # sees the truncation just as it would from the upstream itself, never a
-                # complete-looking wrong body.
-                return
-            # An event stream's client reads the error event; then the stream ends cleanly.
-            await send({"type": "http.response.body", "body": tail, "more_body": True})
+            try:
+                async for chunk in response.body():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if lease is not None:  # once per GPU request: the event stream's first byte
+                        self.broker.first_byte(lease)
+                        lease = None
+            except UpstreamError as exc:
+                self.broker.record_upstream_error(self.name)
+                log.warning("%s: upstream failed mid-stream: %s", self.name, exc)
+                tail = _stream_error_tail(response.headers, str(exc))
+                if not tail or any(k == b"content-length" for k, _ in response.headers):
+                    # Leaving the response unfinished makes the server drop the connection
+                    # (no terminating chunk, or short of the Content-Length), so the client
+                    # sees the truncation just as it would from the upstream itself, never a
+                    # complete-looking wrong body.
+                    return
+            if tail is not None:  # (outside the handler: a client leaving now is caught below)
+                # An event stream's client reads the error event; then the stream ends cleanly.
+                await send({"type": "http.response.body", "body": tail, "more_body": True})
         except asyncio.CancelledError:
             if watcher is not None and watcher.left and watcher.task.uncancel() == 0:
                 return  # the client left: ours alone (forward() closes the upstream's side)
