@@ -576,7 +576,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
         targets += await runner.start_peers(direct.url)
         print(
             f"upstream: {kind}; load: {'wrk' if runner.wrk else 'python asyncio'}; "
-            f"{os.cpu_count()} CPUs; {args.duration}s per case ({args.tail_duration}s at 64 connections); targets: "
+            f"{os.cpu_count()} CPUs; {args.duration}s per case "
+            f"({args.tail_duration}s at 64 connections); targets: "
             + ", ".join(t.name for t in targets),
             file=sys.stderr,
         )
