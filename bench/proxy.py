@@ -1,7 +1,7 @@
 """How much does gpubroker's proxy cost? Direct, through gpubroker, and through two Node peers,
 on loopback, every case measured against each in turn in one run (so drift falls on all alike).
 
-    .venv/bin/python bench/proxy.py                      # everything, ~6 min on 2 cores
+    .venv/bin/python bench/proxy.py                      # everything, ~10 min on 2 cores
     .venv/bin/python bench/proxy.py --only "c16|c64"     # some cases (a regex on the labels)
     .venv/bin/python bench/proxy.py --only SSE --streams 512
     .venv/bin/python bench/proxy.py --broker before=src=/path/to/old/src --broker after=
@@ -30,13 +30,14 @@ Pieces, each in its own process so none shares a GIL (or a Node event loop) with
   ``openai`` client are always ours (``bench/proxy_load.py``).
 - a real model server, when llama-cpp-python[server], openai and the Gemma 3 270M GGUF package
   are installed: the llama.cpp server (one thread on a CPU of its own), streamed chat
-  completions with the ``openai``
-  client, interleaved rounds, medians of TTFT and tokens/s.
+  completions with the ``openai`` client, interleaved rounds; what each target adds to TTFT
+  and tokens/s, paired per round.
 
-Prints markdown tables: per case and target req/s, p50/p99 latency, the target process's CPU per
-request, and each broker's ratios to direct and to the peers; for SSE, events delivered, the
-time to deliver them, event latency from upstream write to client read, and the target
-process's RSS before, at the peak and after the streams end.
+Prints markdown tables: per case and target req/s, p50/p99 latency (medians over interleaved
+trials, the p99's range beside it), the target process's CPU per request, and each broker's
+ratios to direct and to the peers; for SSE, events delivered, the time to deliver them, event
+latency from upstream write to client read, and the target process's RSS before, at the peak
+and after the streams end.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class Case:
     def label(self) -> str:
         return f"{self.name} c{self.connections}"
 
+
+MEDIANS = ("rps", "p50", "p99", "cpu_us")  # a case's figures over its trials
 
 CASES = [
     Case("GET passthrough", "GET", "/small", 1),
@@ -180,20 +183,35 @@ class Runner:
         }
 
     async def run_case(self, case: Case, targets: list[Target]) -> None:
+        """Each target warmed, then ``--trials`` rounds of every target in turn (the order
+        rotated per round), so a stall of this shared VM falls on one trial of one target, not
+        on its whole case; each figure is the median over the trials."""
+        urls = {}
         for t in targets:
             if case.port == "api" and t.kind != "direct" and t.api is None:
                 continue  # a peer has no api port
-            url = (t.api if case.port == "api" and t.api else t.url) + case.path
-            await self.measure(url, case, 1)  # warm up: connections, pools, caches
-            # A p99 at 64 connections rests on a few loop batches: a longer case for it.
-            duration = self.args.duration
-            if case.connections >= 64:
-                duration = max(duration, self.args.tail_duration)
-            cpu = t.cpu()
-            result = await self.measure(url, case, duration)
-            cpu = t.cpu() - cpu
-            result["cpu_us"] = cpu / max(1.0, result["rps"] * duration) * 1e6
-            t.results[case.label] = result
+            urls[t.name] = (t.api if case.port == "api" and t.api else t.url) + case.path
+            await self.measure(urls[t.name], case, 1)  # warm up: connections, pools, caches
+        # A p99 at 64 connections rests on a few loop batches: a longer case for it.
+        duration = self.args.duration
+        if case.connections >= 64:
+            duration = max(duration, self.args.tail_duration)
+        live = [t for t in targets if t.name in urls]
+        trials: dict[str, list[dict[str, Any]]] = {t.name: [] for t in live}
+        for n in range(self.args.trials):
+            for t in live[n % len(live) :] + live[: n % len(live)]:
+                cpu = t.cpu()
+                result = await self.measure(urls[t.name], case, duration)
+                result["cpu_us"] = (t.cpu() - cpu) / max(1.0, result["rps"] * duration) * 1e6
+                trials[t.name].append(result)
+        for t in live:
+            runs = trials[t.name]
+            t.results[case.label] = {
+                **{k: statistics.median(r[k] for r in runs) for k in MEDIANS},
+                "errors": sum(r["errors"] for r in runs),
+                "socket_errors": "; ".join(e for r in runs if (e := r.get("socket_errors"))),
+                "p99s": [r["p99"] for r in runs],
+            }
 
     async def run_sse(self, case: SseCase, targets: list[Target]) -> None:
         for t in targets:
@@ -415,12 +433,19 @@ def report_cases(cases: list[Case], targets: list[Target]) -> list[str]:
                 ratios = [_x(r["rps"], d["rps"]), "", "", f"{r['p50'] - d['p50']:+.3f}"]
             rows.append(
                 f"| {case.label if first else ''} | {t.name} | {r['rps']:,.0f}{err} "
-                f"| {r['p50']:.3f} | {r['p99']:.2f} | {r['cpu_us']:.0f} | "
+                f"| {r['p50']:.3f} | {_spread(r['p99'], r['p99s'])} | {r['cpu_us']:.0f} | "
                 + " | ".join(ratios)
                 + " |"
             )
             first = False
     return rows
+
+
+def _spread(median: float, values: list[float]) -> str:
+    """A median with the range it came from, when there was more than one trial."""
+    if len(values) < 2:
+        return f"{median:.2f}"
+    return f"{median:.2f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def report_sse(cases: list[SseCase], targets: list[Target]) -> list[str]:
@@ -468,20 +493,22 @@ def report_api(cases: list[Case], targets: list[Target]) -> list[str]:
 
 
 def report_llama(results: dict[str, list[dict[str, float]]], names: dict[str, str]) -> list[str]:
+    """What a target adds, paired: per round, its TTFT less direct's in the same round and its
+    tokens/s over direct's, then the median of those, so drift in the model's own speed from
+    round to round (it is several ms of TTFT on this VM) cancels instead of landing on one."""
     rows = [
-        "| llama.cpp, openai client | rounds | TTFT median ms | added TTFT ms | tokens/s median "
-        "| x direct (tokens/s) |",
+        "| llama.cpp, openai client | rounds | TTFT median ms | added TTFT ms (paired median) "
+        "| tokens/s median | x direct (tokens/s, paired median) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    direct = None
+    direct = next(iter(results.values()))
     for url, runs in results.items():
-        ttft = statistics.median(r["ttft"] for r in runs)
-        tps = statistics.median(r["tps"] for r in runs)
-        if direct is None:
-            direct = (ttft, tps)
+        pairs = list(zip(runs, direct, strict=True))
+        added = statistics.median(r["ttft"] - d["ttft"] for r, d in pairs)
+        ratio = statistics.median(r["tps"] / d["tps"] for r, d in pairs if d["tps"])
         rows.append(
-            f"| {names[url]} | {len(runs)} | {ttft:.1f} | {ttft - direct[0]:+.1f} | {tps:.1f} "
-            f"| {_x(tps, direct[1])} |"
+            f"| {names[url]} | {len(runs)} | {statistics.median(r['ttft'] for r in runs):.1f} "
+            f"| {added:+.1f} | {statistics.median(r['tps'] for r in runs):.1f} | {ratio:.2f}x |"
         )
     return rows
 
@@ -576,7 +603,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
         targets += await runner.start_peers(direct.url)
         print(
             f"upstream: {kind}; load: {'wrk' if runner.wrk else 'python asyncio'}; "
-            f"{os.cpu_count()} CPUs; {args.duration}s per case "
+            f"{os.cpu_count()} CPUs; {args.trials} trials of {args.duration}s per case "
             f"({args.tail_duration}s at 64 connections); targets: "
             + ", ".join(t.name for t in targets),
             file=sys.stderr,
@@ -603,9 +630,10 @@ async def orchestrate(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--duration", type=int, default=2, help="seconds per case and target")
+    p.add_argument("--duration", type=int, default=2, help="seconds per trial of a case")
+    p.add_argument("--trials", type=int, default=3, help="interleaved trials per case, median")
     p.add_argument(
-        "--tail-duration", type=int, default=5, help="at least this long for 64 connections"
+        "--tail-duration", type=int, default=3, help="at least this long for 64 connections"
     )
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--events", type=int, default=200, help="events per SSE stream")
@@ -616,8 +644,14 @@ def main() -> None:
     p.add_argument(
         "--settle", type=float, default=6.0, help="s after the lease streams end, before RSS"
     )
-    p.add_argument("--rounds", type=int, default=16, help="llama.cpp rounds per target")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=32, help="llama.cpp rounds per target")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=24,
+        help="per completion: short, so a target's next round comes within 4 s (the broker's "
+        "upstream pool expiry) and every hop reuses its connection, as a chat in use does",
+    )
     p.add_argument(
         "--broker", action="append", metavar="NAME=SPEC", help="a broker to measure (repeat)"
     )
