@@ -1,15 +1,18 @@
 """Giving memory back after a burst: glibc's free heap returned to the system when it grows.
 
-Why RSS stayed at its peak after 1,000 concurrent streams ended (measured, 2-core box): nothing
-is kept (no live lease, no buffer; a census of objects shows only the 64 pooled idle upstream
-connections left), it is the allocators. CPython's small-object allocator (pymalloc) returns a
-1 MiB arena only when every block in it is free, and a few objects that outlive the burst pin
-most arenas (56 arenas, 26 MB in use, 28 MB of free pools inside them); the rest is glibc's
-heap, whose freed pages stay mapped until ``malloc_trim``, and cyclic garbage the burst left
-that waits for a full collection. So :class:`Trimmer` collects and trims once memory grew.
-Run the broker with ``PYTHONMALLOC=malloc`` (all objects on glibc's heap) and that gives
-back nearly all of it (96 -> 61 MiB against a 56 MiB baseline after 1,000 streams); with
-pymalloc, what its pinned arenas hold stays. Off where glibc is not the C library.
+Why RSS stays above its baseline after 1,000 concurrent streams ended (measured, 2-core box,
+uvicorn): nothing of ours is kept (no lease, no buffer, and idle upstream connections close
+when they expire), it is the allocators. CPython's small-object allocator (pymalloc) returns a
+1 MiB arena only when every block in it is free. Of what the burst allocated, about a thousand
+small blocks (~90 KB) outlive it, most of them objects the C extensions keep for reuse (asyncio's
+future iterators, uvloop's timer and callback handles: ~250 of each), the rest live timers; a
+few pools of them in each arena pin all of the burst's arenas (none of 12-18 came back, with
+11-18 MB of free pools inside them). The rest is glibc's heap, whose freed pages stay mapped until
+``malloc_trim``, and cyclic garbage the burst left that waits for a full collection. So
+:class:`Trimmer` collects and trims once memory grew. Run the broker with ``PYTHONMALLOC=malloc``
+(all objects on glibc's heap) and that gives back nearly all of it (61 -> 87 -> 66 MiB after
+1,000 streams); with pymalloc, what its pinned arenas hold stays. Off where glibc is not the C
+library.
 """
 
 from __future__ import annotations
