@@ -370,8 +370,9 @@ async def broker_child(options: dict[str, str]) -> None:
             )
         )
         settle_heap()  # as `gpubroker serve` does once it serves
-        print(json.dumps({"proxy": endpoints.proxies["bench"], "api": endpoints.api_url}),
-              flush=True)  # fmt: skip
+        urls = {"proxy": endpoints.proxies["bench"], "api": endpoints.api_url,
+                "status": endpoints.status_url}  # fmt: skip
+        print(json.dumps(urls), flush=True)
         await anyio.to_thread.run_sync(sys.stdin.read)
         shutdown.set()
 
