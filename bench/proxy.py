@@ -629,10 +629,22 @@ async def orchestrate(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def _at_least_one(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
+    return n
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--duration", type=int, default=2, help="seconds per trial of a case")
-    p.add_argument("--trials", type=int, default=3, help="interleaved trials per case, median")
+    p.add_argument(
+        "--trials", type=_at_least_one, default=3, help="interleaved trials per case, median"
+    )
     p.add_argument(
         "--tail-duration", type=int, default=3, help="at least this long for 64 connections"
     )
