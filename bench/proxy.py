@@ -506,10 +506,11 @@ def report_llama(results: dict[str, list[dict[str, float]]], names: dict[str, st
     for url, runs in results.items():
         pairs = list(zip(runs, direct, strict=True))
         added = statistics.median(r["ttft"] - d["ttft"] for r, d in pairs)
-        ratio = statistics.median(r["tps"] / d["tps"] for r, d in pairs if d["tps"])
+        ratios = [r["tps"] / d["tps"] for r, d in pairs if d["tps"]]  # (0: one token or none)
+        ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
         rows.append(
             f"| {names[url]} | {len(runs)} | {statistics.median(r['ttft'] for r in runs):.1f} "
-            f"| {added:+.1f} | {statistics.median(r['tps'] for r in runs):.1f} | {ratio:.2f}x |"
+            f"| {added:+.1f} | {statistics.median(r['tps'] for r in runs):.1f} | {ratio} |"
         )
     return rows
 
